@@ -1,0 +1,47 @@
+# Third-party dependencies. LibTorch comes from the pip wheel (torch==2.11.0),
+# everything else from Debian packages; scripts/setup.sh installs all of it.
+find_package(Python3 REQUIRED COMPONENTS Interpreter)
+if(NOT Torch_DIR)
+  execute_process(
+    COMMAND ${Python3_EXECUTABLE} -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
+    OUTPUT_VARIABLE _torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE
+    ERROR_QUIET RESULT_VARIABLE _torch_rc)
+  if(NOT _torch_rc EQUAL 0)
+    message(FATAL_ERROR "python3 cannot import torch: run scripts/setup.sh first")
+  endif()
+  list(APPEND CMAKE_PREFIX_PATH ${_torch_prefix})
+endif()
+
+if(FMOE_CUDA)
+  set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc CACHE FILEPATH "")
+  set(CMAKE_CUDA_ARCHITECTURES 90 CACHE STRING "")
+  # CMake 3.25 knows no C++20 dialect flag for nvcc; kernels are C++17.
+  set(CMAKE_CUDA_STANDARD 17)
+  set(CMAKE_CUDA_EXTENSIONS OFF)
+  # Skip LibTorch's probe for installed GPUs (there are none on build machines).
+  set(TORCH_CUDA_ARCH_LIST "9.0")
+  enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+else()
+  # LibTorch's CMake config probes for a CUDA toolkit when the wheel is a CUDA build;
+  # without FMOE_CUDA we only link its CPU libraries.
+  set(USE_CUDA OFF)
+endif()
+
+find_package(Torch REQUIRED)
+# The CPU part of LibTorch: linking it alone keeps CUDA libraries out of CPU binaries.
+get_filename_component(FMOE_TORCH_LIB_DIR "${TORCH_LIBRARY}" DIRECTORY)
+add_library(fmoe_torch_cpu INTERFACE)
+target_include_directories(fmoe_torch_cpu SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS})
+target_link_libraries(fmoe_torch_cpu INTERFACE
+  ${FMOE_TORCH_LIB_DIR}/libtorch_cpu.so ${FMOE_TORCH_LIB_DIR}/libc10.so)
+target_link_options(fmoe_torch_cpu INTERFACE "-Wl,-rpath,${FMOE_TORCH_LIB_DIR}")
+
+find_package(MPI REQUIRED COMPONENTS C)
+find_package(yaml-cpp REQUIRED)
+find_package(absl REQUIRED)
+find_package(nlohmann_json REQUIRED)
+find_package(ZLIB REQUIRED)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
+find_package(Threads REQUIRED)

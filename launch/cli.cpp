@@ -1,0 +1,49 @@
+#include "launch/cli.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace fmoe::launch {
+
+bool Args::has(const std::string& key) const {
+  return std::any_of(options.begin(), options.end(), [&](const auto& o) { return o.first == key; });
+}
+
+std::string Args::get(const std::string& key, const std::string& fallback) const {
+  for (auto it = options.rbegin(); it != options.rend(); ++it) {
+    if (it->first == key) return it->second;
+  }
+  return fallback;
+}
+
+std::vector<std::string> Args::all(const std::string& key) const {
+  std::vector<std::string> values;
+  for (const auto& [k, v] : options) {
+    if (k == key) values.push_back(v);
+  }
+  return values;
+}
+
+Args parse_args(int argc, char** argv, int first, const std::vector<std::string>& flags) {
+  Args args;
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.rfind("--", 0) != 0) {
+      args.positional.push_back(arg);
+      continue;
+    }
+    std::string key = arg.substr(2);
+    std::string value;
+    if (const size_t eq = key.find('='); eq != std::string::npos && key.rfind("set", 0) != 0) {
+      value = key.substr(eq + 1);
+      key = key.substr(0, eq);
+    } else if (std::find(flags.begin(), flags.end(), key) == flags.end()) {
+      if (i + 1 >= argc) throw std::invalid_argument("option --" + key + " needs a value");
+      value = argv[++i];
+    }
+    args.options.emplace_back(key, value);
+  }
+  return args;
+}
+
+}  // namespace fmoe::launch

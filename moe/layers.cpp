@@ -1,0 +1,127 @@
+#include "moe/layers.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "moe/dispatch.h"
+#include "moe/grouped_swiglu.h"
+
+namespace fmoe::moe {
+
+std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta) {
+  const int64_t half = head_dim / 2;
+  const at::Tensor exponents = at::arange(half, at::kDouble) * (2.0 / static_cast<double>(head_dim));
+  const at::Tensor inv_freq = at::pow(theta, exponents).reciprocal();
+  const at::Tensor angles = at::outer(at::arange(seq_len, at::kDouble), inv_freq);
+  return {angles.cos().to(at::kFloat), angles.sin().to(at::kFloat)};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_TH, const at::Tensor& sin_TH) {
+  // x: [B, T, heads, head_dim]
+  const int64_t half = x.size(-1) / 2;
+  const at::Tensor cos = cos_TH.to(x.scalar_type()).unsqueeze(1);
+  const at::Tensor sin = sin_TH.to(x.scalar_type()).unsqueeze(1);
+  const at::Tensor x1 = x.narrow(-1, 0, half);
+  const at::Tensor x2 = x.narrow(-1, half, half);
+  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+}
+
+RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", at::ones({dim}));
+}
+
+at::Tensor RMSNorm::forward(const at::Tensor& x, at::ScalarType out_dtype) {
+  const at::Tensor scale = (x.square().mean(-1, true) + eps_).rsqrt();
+  return (x * scale * weight).to(out_dtype);
+}
+
+Attention::Attention(const ModelConfig& c) : num_heads_(c.num_heads), num_kv_heads_(c.num_kv_heads), head_dim_(c.head_dim) {
+  const double out_std = c.init_std / std::sqrt(2.0 * static_cast<double>(c.num_layers));
+  wqkv = register_parameter("wqkv", at::empty({(c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size}).normal_(0, c.init_std));
+  wo = register_parameter("wo", at::empty({c.hidden_size, c.num_heads * c.head_dim}).normal_(0, out_std));
+}
+
+at::Tensor Attention::forward(const at::Tensor& h, const ForwardContext& ctx) {
+  const int64_t b = ctx.batch, t = ctx.seq_len;
+  const at::Tensor qkv = at::linear(h, wqkv.to(ctx.compute_dtype)).view({b, t, num_heads_ + 2 * num_kv_heads_, head_dim_});
+  at::Tensor q = apply_rope(qkv.narrow(2, 0, num_heads_), ctx.rope_cos_TH, ctx.rope_sin_TH);
+  at::Tensor k = apply_rope(qkv.narrow(2, num_heads_, num_kv_heads_), ctx.rope_cos_TH, ctx.rope_sin_TH);
+  at::Tensor v = qkv.narrow(2, num_heads_ + num_kv_heads_, num_kv_heads_);
+  const at::Tensor context = at::scaled_dot_product_attention(
+      q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
+      /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/num_kv_heads_ != num_heads_);
+  return at::linear(context.transpose(1, 2).reshape({b * t, num_heads_ * head_dim_}), wo.to(ctx.compute_dtype));
+}
+
+DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
+  w13 = register_parameter("w13", at::empty({1, hidden, 2 * ffn_hidden}));
+  w2 = register_parameter("w2", at::empty({1, ffn_hidden, hidden}));
+}
+
+at::Tensor DenseFFN::forward(const at::Tensor& h, const ForwardContext& ctx) {
+  return grouped_swiglu(h, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), {h.size(0)});
+}
+
+namespace {
+
+void init_ffn(at::Tensor& w13, at::Tensor& w2, const ModelConfig& c) {
+  torch::NoGradGuard no_grad;
+  w13.normal_(0, c.init_std);
+  w2.normal_(0, c.init_std / std::sqrt(2.0 * static_cast<double>(c.num_layers)));
+}
+
+}  // namespace
+
+MoELayer::MoELayer(const ModelConfig& c) : config_(c), router_options_(RouterOptions::from(c)) {
+  const int64_t e = c.num_experts, d = c.hidden_size, f = c.moe_ffn_hidden_size;
+  router_weight = register_parameter("router_weight", at::empty({e, d}).normal_(0, c.init_std));
+  w13 = register_parameter("w13", at::empty({e, d, 2 * f}));
+  w2 = register_parameter("w2", at::empty({e, f, d}));
+  init_ffn(w13, w2, c);
+  expert_bias = register_buffer("expert_bias", at::zeros({e}));
+  step_load = register_buffer("step_load", at::zeros({e}, at::kLong));
+  if (c.num_shared_experts > 0) {
+    shared = register_module("shared", std::make_shared<DenseFFN>(d, c.num_shared_experts * f));
+    init_ffn(shared->w13, shared->w2, c);
+  }
+}
+
+at::Tensor MoELayer::forward(const at::Tensor& h, ForwardContext& ctx) {
+  // The router runs in fp32: its scores decide discrete choices.
+  const at::Tensor logits = at::linear(h.to(at::kFloat), router_weight);
+  const Routing routing = route(logits, expert_bias, router_options_);
+  const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts);
+  step_load.add_(plan.tokens_per_expert_E);
+
+  const at::Tensor x_sorted = permute_tokens(h, plan);
+  const at::Tensor y_sorted = grouped_swiglu(x_sorted, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), plan.rows_per_expert);
+  at::Tensor out = unpermute_and_combine(y_sorted, routing.probs_TK, plan);
+  if (shared) out = out + shared->forward(h, ctx).to(at::kFloat);
+
+  if (config_.aux_loss_coeff > 0) {
+    ctx.aux_loss = ctx.aux_loss + config_.aux_loss_coeff * sequence_balance_loss(routing.scores_TE, routing.experts_TK, ctx.batch);
+  }
+  if (config_.z_loss_coeff > 0) ctx.z_loss = ctx.z_loss + config_.z_loss_coeff * router_z_loss(logits);
+  return out;
+}
+
+TransformerLayer::TransformerLayer(const ModelConfig& c, int64_t layer_index) {
+  attention_norm = register_module("attention_norm", std::make_shared<RMSNorm>(c.hidden_size, c.norm_eps));
+  attention = register_module("attention", std::make_shared<Attention>(c));
+  ffn_norm = register_module("ffn_norm", std::make_shared<RMSNorm>(c.hidden_size, c.norm_eps));
+  if (c.is_moe_layer(layer_index)) {
+    moe = register_module("moe", std::make_shared<MoELayer>(c));
+  } else {
+    dense = register_module("ffn", std::make_shared<DenseFFN>(c.hidden_size, c.ffn_hidden_size));
+    init_ffn(dense->w13, dense->w2, c);
+  }
+}
+
+at::Tensor TransformerLayer::forward(const at::Tensor& x, ForwardContext& ctx) {
+  at::Tensor y = x + attention->forward(attention_norm->forward(x, ctx.compute_dtype), ctx).to(at::kFloat);
+  const at::Tensor h = ffn_norm->forward(y, ctx.compute_dtype);
+  return y + (moe ? moe->forward(h, ctx) : dense->forward(h, ctx).to(at::kFloat));
+}
+
+}  // namespace fmoe::moe

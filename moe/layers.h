@@ -1,0 +1,90 @@
+// Transformer building blocks. The residual stream is FP32 [tokens, hidden];
+// GEMM inputs are cast to the compute dtype (BF16 or FP32) at use, so FP32
+// master weights receive FP32 gradients through the cast's backward.
+#pragma once
+
+#include <torch/nn/module.h>
+
+#include <vector>
+
+#include "moe/model_config.h"
+#include "moe/router.h"
+
+namespace fmoe::moe {
+
+// What every layer needs to know about the current micro-batch.
+struct ForwardContext {
+  at::ScalarType compute_dtype = at::kFloat;
+  int64_t batch = 0;
+  int64_t seq_len = 0;
+  at::Tensor rope_cos_TH;   // fp32 [seq_len, head_dim / 2]
+  at::Tensor rope_sin_TH;
+  at::Tensor aux_loss;      // fp32 scalar, sum over MoE layers (with coefficients)
+  at::Tensor z_loss;
+};
+
+// cos/sin tables for rotary embeddings (half-split convention).
+std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta);
+at::Tensor apply_rope(const at::Tensor& x_BTHd, const at::Tensor& cos_TH, const at::Tensor& sin_TH);
+
+class RMSNorm : public torch::nn::Module {
+ public:
+  RMSNorm(int64_t dim, double eps);
+  // fp32 in, compute dtype out.
+  at::Tensor forward(const at::Tensor& x_ND, at::ScalarType out_dtype);
+  at::Tensor weight;
+
+ private:
+  double eps_;
+};
+
+class Attention : public torch::nn::Module {
+ public:
+  explicit Attention(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& h_ND, const ForwardContext& ctx);
+  at::Tensor wqkv;  // [(H + 2 * Hkv) * head_dim, D]
+  at::Tensor wo;    // [D, H * head_dim]
+
+ private:
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+};
+
+// SwiGLU FFN; also the shared experts of an MoE layer.
+class DenseFFN : public torch::nn::Module {
+ public:
+  DenseFFN(int64_t hidden, int64_t ffn_hidden);
+  at::Tensor forward(const at::Tensor& h_ND, const ForwardContext& ctx);
+  at::Tensor w13;  // [1, D, 2F]: gate and up projections fused
+  at::Tensor w2;   // [1, F, D]
+};
+
+class MoELayer : public torch::nn::Module {
+ public:
+  explicit MoELayer(const ModelConfig& config);
+  // Returns the fp32 [tokens, D] output; adds its aux and z losses to ctx.
+  at::Tensor forward(const at::Tensor& h_ND, ForwardContext& ctx);
+
+  at::Tensor router_weight;  // fp32 [E, D]
+  at::Tensor w13;            // [E, D, 2F]
+  at::Tensor w2;             // [E, F, D]
+  at::Tensor expert_bias;    // buffer, fp32 [E]
+  at::Tensor step_load;      // buffer, int64 [E]: tokens routed per expert since the last reset
+  std::shared_ptr<DenseFFN> shared;  // null without shared experts
+
+ private:
+  ModelConfig config_;
+  RouterOptions router_options_;
+};
+
+class TransformerLayer : public torch::nn::Module {
+ public:
+  TransformerLayer(const ModelConfig& config, int64_t layer_index);
+  at::Tensor forward(const at::Tensor& x_ND, ForwardContext& ctx);
+
+  std::shared_ptr<RMSNorm> attention_norm, ffn_norm;
+  std::shared_ptr<Attention> attention;
+  std::shared_ptr<DenseFFN> dense;  // exactly one of dense / moe is set
+  std::shared_ptr<MoELayer> moe;
+};
+
+}  // namespace fmoe::moe

@@ -1,0 +1,61 @@
+// The decoder as pipeline-ready stages: an embedding stage, a list of
+// transformer layers and a head stage. A pipeline stage later owns a contiguous
+// slice of this list; nothing here assumes one module holds the whole model.
+#pragma once
+
+#include <torch/nn/module.h>
+
+#include <vector>
+
+#include "moe/layers.h"
+#include "moe/model_config.h"
+
+namespace fmoe::moe {
+
+class EmbeddingStage : public torch::nn::Module {
+ public:
+  EmbeddingStage(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& tokens_BT);  // -> fp32 [B * T, D]
+  at::Tensor weight;  // [V, D]
+};
+
+class HeadStage : public torch::nn::Module {
+ public:
+  HeadStage(const ModelConfig& config);
+  // Mean next-token cross-entropy (natural log) over all positions, in fp32.
+  at::Tensor forward(const at::Tensor& x_ND, const at::Tensor& targets_BT, at::ScalarType compute_dtype);
+  std::shared_ptr<RMSNorm> norm;
+  at::Tensor weight;  // [V, D], untied from the embedding
+};
+
+struct ModelOutput {
+  at::Tensor loss;        // what backward runs on: cross-entropy + aux + z losses
+  at::Tensor ce_loss;     // detached, for logging
+  at::Tensor aux_loss;    // detached
+  at::Tensor z_loss;      // detached
+};
+
+class MoEModel : public torch::nn::Module {
+ public:
+  // Parameters are drawn from LibTorch's default generator: seed it first.
+  explicit MoEModel(const ModelConfig& config);
+
+  // tokens_BT1: int64 [B, T + 1]; inputs are [:, :-1], targets [:, 1:].
+  ModelOutput forward(const at::Tensor& tokens_BT1, at::ScalarType compute_dtype);
+
+  const ModelConfig& config() const { return config_; }
+  std::vector<std::shared_ptr<MoELayer>> moe_layers() const;
+  // Applies the aux-loss-free bias update with the given per-layer loads
+  // (already summed over data-parallel ranks) and clears step_load.
+  void update_expert_biases(const std::vector<at::Tensor>& loads_E);
+
+  std::shared_ptr<EmbeddingStage> embedding;
+  std::vector<std::shared_ptr<TransformerLayer>> layers;
+  std::shared_ptr<HeadStage> head;
+
+ private:
+  ModelConfig config_;
+  at::Tensor rope_cos_, rope_sin_;
+};
+
+}  // namespace fmoe::moe

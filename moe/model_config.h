@@ -1,0 +1,68 @@
+// The model's shape and routing hyper-parameters, and what follows from them
+// alone: parameter counts and training FLOPs per token. No LibTorch here, so the
+// planner and the config schema can use it cheaply.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fmoe::moe {
+
+enum class ScoreFunction { kSoftmax, kSigmoid };
+
+struct ModelConfig {
+  int64_t vocab_size = 8192;
+  int64_t hidden_size = 256;
+  int64_t num_layers = 6;
+  int64_t num_heads = 4;
+  int64_t num_kv_heads = 4;            // < num_heads: grouped-query attention
+  int64_t head_dim = 64;
+  int64_t ffn_hidden_size = 1024;      // dense SwiGLU layers
+  int64_t first_k_dense = 1;           // the first k layers are dense, the rest MoE
+  int64_t max_seq_len = 256;
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-6;
+  double init_std = 0.02;
+
+  // MoE (Megatron's key names)
+  int64_t num_experts = 16;
+  int64_t top_k = 4;
+  int64_t moe_ffn_hidden_size = 256;
+  int64_t num_shared_experts = 1;
+  ScoreFunction score_function = ScoreFunction::kSigmoid;
+  int64_t num_groups = 1;              // group-limited (node-limited) routing: expert groups
+  int64_t group_top_k = 1;             // groups a token may use
+  bool norm_topk_prob = true;          // renormalise the top-k weights to sum to 1
+  double route_scale = 1.0;
+  double expert_bias_update_rate = 1e-3;  // aux-loss-free balancing; 0 disables
+  double aux_loss_coeff = 1e-4;        // sequence-wise balance loss
+  double z_loss_coeff = 0.0;
+
+  // Empty when valid, else "field: why" naming the first bad field.
+  std::string validate() const;
+  int64_t num_moe_layers() const { return num_layers - first_k_dense; }
+  bool is_moe_layer(int64_t layer) const { return layer >= first_k_dense; }
+};
+
+struct ParameterCounts {
+  int64_t embedding = 0;
+  int64_t head = 0;
+  int64_t attention = 0;   // all layers, projections only
+  int64_t norms = 0;
+  int64_t dense_ffn = 0;
+  int64_t router = 0;
+  int64_t shared_experts = 0;
+  int64_t routed_experts = 0;
+  int64_t total = 0;
+  int64_t activated = 0;                 // per token: top_k routed experts of each MoE layer
+  int64_t activated_non_embedding = 0;   // activated minus embedding and head
+};
+
+ParameterCounts count_parameters(const ModelConfig& config);
+
+// Training FLOPs per token (forward + backward = 3 GEMM passes, 2 FLOPs per
+// multiply-add), Megatron-LM's accounting: every activated matrix, the router and
+// the head, plus causal attention scores and context at seq_len (halved for the mask).
+double training_flops_per_token(const ModelConfig& config, int64_t seq_len);
+
+}  // namespace fmoe::moe

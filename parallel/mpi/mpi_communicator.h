@@ -1,0 +1,31 @@
+// MPI backend for CPU tensors (fp32, fp64, int32, int64, uint8; bf16 for
+// data movement), built on non-blocking MPI so Work::wait can time out.
+#pragma once
+
+#include <memory>
+
+#include "parallel/communicator.h"
+
+namespace fmoe::parallel {
+
+// Owns MPI's lifetime: the first instance initialises MPI, the destructor finalises it.
+class MpiRuntime {
+ public:
+  MpiRuntime(int* argc, char*** argv);
+  ~MpiRuntime();
+  MpiRuntime(const MpiRuntime&) = delete;
+  MpiRuntime& operator=(const MpiRuntime&) = delete;
+  int world_rank() const { return rank_; }
+  int world_size() const { return size_; }
+  // Ends every rank of the job with the given exit code (after an error on one rank).
+  [[noreturn]] static void abort(int code);
+
+ private:
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+// A communicator over MPI_COMM_WORLD (split ones come with the mesh).
+std::unique_ptr<Communicator> make_mpi_world_communicator();
+
+}  // namespace fmoe::parallel

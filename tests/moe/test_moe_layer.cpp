@@ -1,0 +1,185 @@
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "moe/grouped_swiglu.h"
+#include "moe/model.h"
+
+namespace {
+
+using namespace fmoe::moe;
+
+double relative_error(const at::Tensor& a, const at::Tensor& b) {
+  return ((a - b).norm() / (b.norm() + 1e-30)).item<double>();
+}
+
+ModelConfig small_config() {
+  ModelConfig c;
+  c.vocab_size = 97;
+  c.hidden_size = 32;
+  c.num_layers = 3;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.ffn_hidden_size = 48;
+  c.first_k_dense = 1;
+  c.max_seq_len = 16;
+  c.num_experts = 8;
+  c.top_k = 3;
+  c.moe_ffn_hidden_size = 16;
+  c.num_shared_experts = 1;
+  c.num_groups = 4;
+  c.group_top_k = 2;
+  c.aux_loss_coeff = 0.01;
+  c.z_loss_coeff = 0.001;
+  return c;
+}
+
+TEST(GroupedSwiGLU, MatchesPerRowReferenceIncludingEmptyGroups) {
+  torch::manual_seed(3);
+  const std::vector<int64_t> rows = {3, 0, 5, 1, 0};
+  const at::Tensor x = at::randn({9, 12}, at::kDouble).requires_grad_();
+  const at::Tensor w13 = at::randn({5, 12, 14}, at::kDouble).requires_grad_();
+  const at::Tensor w2 = at::randn({5, 7, 12}, at::kDouble).requires_grad_();
+  const at::Tensor upstream = at::randn({9, 12}, at::kDouble);
+
+  const at::Tensor y = grouped_swiglu(x, w13, w2, rows);
+  const auto grads = torch::autograd::grad({y}, {x, w13, w2}, {upstream});
+  const at::Tensor y_ref = grouped_swiglu_reference(x, w13, w2, rows);
+  const auto grads_ref = torch::autograd::grad({y_ref}, {x, w13, w2}, {upstream});
+  EXPECT_LT(relative_error(y, y_ref), 1e-12);
+  for (size_t i = 0; i < 3; ++i) EXPECT_LT(relative_error(grads[i], grads_ref[i]), 1e-12) << "grad " << i;
+  EXPECT_TRUE(at::all(grads[1][1] == 0).item<bool>());  // an empty expert gets zero gradient
+}
+
+// The MoE layer against a loop over tokens that routes and runs experts one
+// token at a time with plain ops (FP32).
+TEST(MoELayer, OutputsAndGradientsMatchNaivePerTokenLoop) {
+  torch::manual_seed(11);
+  const ModelConfig c = small_config();
+  MoELayer layer(c);
+  {
+    torch::NoGradGuard no_grad;
+    layer.expert_bias.copy_(at::randn({c.num_experts}) * 0.05);
+  }
+  const int64_t batch = 2, seq = 6, tokens = batch * seq;
+  const at::Tensor h = at::randn({tokens, c.hidden_size}).requires_grad_();
+  const at::Tensor upstream = at::randn({tokens, c.hidden_size});
+
+  ForwardContext ctx;
+  ctx.batch = batch;
+  ctx.seq_len = seq;
+  ctx.aux_loss = at::zeros({});
+  ctx.z_loss = at::zeros({});
+  const at::Tensor out = layer.forward(h, ctx);
+  const std::vector<at::Tensor> inputs = {h, layer.router_weight, layer.w13, layer.w2, layer.shared->w13, layer.shared->w2};
+  const auto grads = torch::autograd::grad({out}, inputs, {upstream});
+
+  // Naive: per token, per chosen expert.
+  const int64_t per_group = c.num_experts / c.num_groups;
+  const int64_t f = c.moe_ffn_hidden_size;
+  std::vector<at::Tensor> rows;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const at::Tensor scores = at::matmul(layer.router_weight, h[t]).sigmoid();
+    const at::Tensor selection = scores.detach() + layer.expert_bias;
+    // Group scores: sum of each group's top-2 selection scores; keep the best group_top_k groups.
+    std::vector<std::pair<float, int64_t>> groups;
+    for (int64_t g = 0; g < c.num_groups; ++g) {
+      auto top = std::get<0>(selection.narrow(0, g * per_group, per_group).topk(std::min<int64_t>(2, per_group)));
+      groups.emplace_back(top.sum().item<float>(), g);
+    }
+    std::sort(groups.rbegin(), groups.rend());
+    std::vector<std::pair<float, int64_t>> candidates;
+    for (int64_t gi = 0; gi < c.group_top_k; ++gi) {
+      for (int64_t e = groups[gi].second * per_group; e < (groups[gi].second + 1) * per_group; ++e) {
+        candidates.emplace_back(selection[e].item<float>(), e);
+      }
+    }
+    std::sort(candidates.rbegin(), candidates.rend());
+    at::Tensor chosen_sum = at::zeros({});
+    for (int64_t k = 0; k < c.top_k; ++k) chosen_sum = chosen_sum + scores[candidates[k].second];
+    at::Tensor row = at::zeros({c.hidden_size});
+    for (int64_t k = 0; k < c.top_k; ++k) {
+      const int64_t e = candidates[k].second;
+      const at::Tensor hid = at::matmul(h[t], layer.w13[e]);
+      const at::Tensor act = at::silu(hid.narrow(0, 0, f)) * hid.narrow(0, f, f);
+      row = row + scores[e] / (chosen_sum + 1e-20) * at::matmul(act, layer.w2[e]);
+    }
+    const int64_t fs = c.num_shared_experts * f;
+    const at::Tensor sh = at::matmul(h[t], layer.shared->w13[0]);
+    row = row + at::matmul(at::silu(sh.narrow(0, 0, fs)) * sh.narrow(0, fs, fs), layer.shared->w2[0]);
+    rows.push_back(row);
+  }
+  const at::Tensor out_ref = at::stack(rows);
+  const auto grads_ref = torch::autograd::grad({out_ref}, inputs, {upstream});
+  EXPECT_LT(relative_error(out, out_ref), 1e-5);
+  for (size_t i = 0; i < inputs.size(); ++i) EXPECT_LT(relative_error(grads[i], grads_ref[i]), 1e-5) << "input " << i;
+  // Every token reached top_k experts.
+  EXPECT_EQ(layer.step_load.sum().item<int64_t>(), tokens * c.top_k);
+  EXPECT_GT(ctx.aux_loss.item<double>(), 0.0);
+  EXPECT_GT(ctx.z_loss.item<double>(), 0.0);
+}
+
+TEST(Model, ParameterCountsEqualModuleNumel) {
+  for (int64_t shared : {0, 2}) {
+    ModelConfig c = small_config();
+    c.num_shared_experts = shared;
+    const MoEModel model(c);
+    int64_t total = 0, experts = 0, embedding = 0;
+    for (const auto& p : model.named_parameters()) {
+      total += p.value().numel();
+      if (p.key().find(".moe.w") != std::string::npos) experts += p.value().numel();
+      if (p.key().rfind("embedding.", 0) == 0) embedding += p.value().numel();
+    }
+    const ParameterCounts counts = count_parameters(c);
+    EXPECT_EQ(counts.total, total);
+    EXPECT_EQ(counts.routed_experts, experts);
+    EXPECT_EQ(counts.embedding, embedding);
+    const int64_t per_expert = 3 * c.hidden_size * c.moe_ffn_hidden_size;
+    EXPECT_EQ(counts.activated, total - 2 * (c.num_experts - c.top_k) * per_expert);
+  }
+}
+
+TEST(Model, TrainingFlopsPerTokenHandComputed) {
+  const ModelConfig c = small_config();
+  const ParameterCounts p = count_parameters(c);
+  const double matmul = p.activated - p.embedding - p.norms;
+  const double attention = 12.0 * 16 * (4 * 8) * 3 / 2;  // 12 x seq x (H x hd) x layers, halved
+  EXPECT_DOUBLE_EQ(training_flops_per_token(c, 16), 6 * matmul + attention);
+}
+
+TEST(Model, ForwardBackwardProducesFiniteLossNearLogVocab) {
+  torch::manual_seed(5);
+  const ModelConfig c = small_config();
+  MoEModel model(c);
+  const at::Tensor tokens = at::randint(c.vocab_size, {2, 9}, at::kLong);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    const ModelOutput out = model.forward(tokens, dtype);
+    EXPECT_NEAR(out.ce_loss.item<double>(), std::log(97.0), 0.5);
+    out.loss.backward();
+    for (const auto& p : model.named_parameters()) {
+      ASSERT_TRUE(p.value().grad().defined()) << p.key();
+      EXPECT_TRUE(at::isfinite(p.value().grad()).all().item<bool>()) << p.key();
+    }
+    model.zero_grad();
+  }
+  EXPECT_THROW(model.forward(at::zeros({1, 40}, at::kLong), at::kFloat), std::invalid_argument);
+}
+
+TEST(ModelConfig, ValidationNamesTheField) {
+  ModelConfig c = small_config();
+  c.top_k = 9;
+  EXPECT_EQ(c.validate().rfind("top_k:", 0), 0u) << c.validate();
+  c = small_config();
+  c.num_groups = 3;
+  EXPECT_EQ(c.validate().rfind("num_groups:", 0), 0u);
+  c = small_config();
+  c.num_kv_heads = 3;
+  EXPECT_EQ(c.validate().rfind("num_kv_heads:", 0), 0u);
+  c = small_config();
+  c.group_top_k = 1;  // one group of 2 experts cannot supply top_k = 3
+  EXPECT_EQ(c.validate().rfind("group_top_k:", 0), 0u);
+  EXPECT_EQ(small_config().validate(), "");
+}
+
+}  // namespace

@@ -1,0 +1,138 @@
+#include <gtest/gtest.h>
+
+#include "trainer/config.h"
+#include "trainer/optimizer.h"
+
+namespace {
+
+using namespace fmoe::trainer;
+
+std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+  try {
+    parse_config(yaml, "run.yaml", overrides);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Config, DefaultsAreValid) { EXPECT_EQ(Config().validate(), ""); }
+
+TEST(Config, UnknownKeySuggestsNearest) {
+  EXPECT_EQ(error_of("model:\n  num_expert: 8\n"),
+            "run.yaml:2:3: unknown key 'model.num_expert'; did you mean 'model.num_experts'?");
+  EXPECT_EQ(error_of("trainin:\n  steps: 3\n"), "run.yaml:1:1: unknown key 'trainin'; did you mean 'training'?");
+}
+
+TEST(Config, WrongTypeReportsLineAndColumn) {
+  EXPECT_EQ(error_of("training:\n  steps: 3\n  seq_len: long\n"),
+            "run.yaml:3:12: training.seq_len: expected an integer, got 'long'");
+  EXPECT_EQ(error_of("optimizer:\n  lr: 1e-3x\n"), "run.yaml:2:7: optimizer.lr: expected a number, got '1e-3x'");
+  EXPECT_EQ(error_of("model:\n  norm_topk_prob: maybe\n"),
+            "run.yaml:2:19: model.norm_topk_prob: expected true or false, got 'maybe'");
+  EXPECT_EQ(error_of("model:\n  score_function: relu\n"),
+            "run.yaml:2:19: model.score_function: expected softmax or sigmoid, got 'relu'");
+  EXPECT_EQ(error_of("model: 3\n"), "run.yaml:1:8: model: expected a mapping of keys");
+}
+
+TEST(Config, RangesAreValidated) {
+  EXPECT_EQ(error_of("model:\n  top_k: 17\n"), "run.yaml: model.top_k: must be in [1, num_experts=16], got 17");
+  EXPECT_EQ(error_of("training:\n  steps: 0\n"), "run.yaml: training.steps: must be >= 1, got 0");
+  EXPECT_EQ(error_of("training:\n  seq_len: 512\n"), "run.yaml: training.seq_len: 512 exceeds model.max_seq_len 256");
+  EXPECT_EQ(error_of("parallel:\n  tp: 2\n"), "run.yaml: parallel.tp: tensor parallelism is not available in this build; set 1");
+}
+
+TEST(Config, SyntaxErrorHasLocation) {
+  const std::string message = error_of("model:\n  top_k: [1, 2\n");
+  EXPECT_EQ(message.rfind("run.yaml:", 0), 0u) << message;
+  EXPECT_NE(message.find("YAML syntax error"), std::string::npos) << message;
+}
+
+TEST(Config, SetOverridesApplyAndAreChecked) {
+  const Config c = parse_config("model:\n  top_k: 2\n", "run.yaml", {"model.top_k=3", "training.precision=fp32", "data.sources=[a, b]"});
+  EXPECT_EQ(c.model.top_k, 3);
+  EXPECT_EQ(c.training.precision, "fp32");
+  EXPECT_EQ(c.data.sources, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(error_of("", {"model.topk=3"}), "--set: unknown key 'model.topk'; did you mean 'model.top_k'?");
+  EXPECT_EQ(error_of("", {"model.top_k=x"}), "--set: model.top_k: expected an integer, got 'x'");
+  EXPECT_EQ(error_of("", {"model"}), "--set model: expected key.path=value");
+}
+
+TEST(Config, ResolvedYamlRoundTrips) {
+  Config c = parse_config("model:\n  score_function: softmax\n  route_scale: 2.5\noptimizer:\n  lr: 0.001\n", "a.yaml");
+  const std::string yaml = to_yaml(c);
+  const Config again = parse_config(yaml, "resolved.yaml");
+  EXPECT_EQ(to_yaml(again), yaml);
+  EXPECT_EQ(again.model.score_function, fmoe::moe::ScoreFunction::kSoftmax);
+  EXPECT_DOUBLE_EQ(again.model.route_scale, 2.5);
+  EXPECT_DOUBLE_EQ(again.optimizer.lr, 0.001);
+  EXPECT_EQ(again.model.num_experts, c.model.num_experts);
+}
+
+TEST(Config, EditDistance) {
+  EXPECT_EQ(edit_distance("kitten", "sitting"), 3u);
+  EXPECT_EQ(edit_distance("", "abc"), 3u);
+  EXPECT_EQ(edit_distance("top_k", "top_k"), 0u);
+}
+
+TEST(Schedule, WarmupCosineAndWsd) {
+  OptimizerConfig o;
+  o.lr = 1.0;
+  o.min_lr = 0.1;
+  o.warmup_steps = 10;
+  EXPECT_DOUBLE_EQ(learning_rate(o, 0, 110), 0.1);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 9, 110), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 10, 110), 1.0);
+  EXPECT_NEAR(learning_rate(o, 60, 110), 0.55, 1e-12);  // halfway through the cosine
+  EXPECT_NEAR(learning_rate(o, 110, 110), 0.1, 1e-12);
+  o.lr_schedule = "wsd";
+  o.wsd_decay_fraction = 0.2;  // decay over the last 22 of 110 steps
+  EXPECT_DOUBLE_EQ(learning_rate(o, 50, 110), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 88, 110), 1.0);
+  EXPECT_NEAR(learning_rate(o, 99, 110), 0.55, 1e-12);
+  o.lr_schedule = "constant";
+  EXPECT_DOUBLE_EQ(learning_rate(o, 100, 110), 1.0);
+}
+
+TEST(Optimizer, ParameterKindsAndDecay) {
+  EXPECT_EQ(classify_parameter("embedding.weight"), ParamKind::kEmbedding);
+  EXPECT_EQ(classify_parameter("head.weight"), ParamKind::kHead);
+  EXPECT_EQ(classify_parameter("head.norm.weight"), ParamKind::kNorm);
+  EXPECT_EQ(classify_parameter("layers.3.attention_norm.weight"), ParamKind::kNorm);
+  EXPECT_EQ(classify_parameter("layers.3.moe.router_weight"), ParamKind::kRouter);
+  EXPECT_EQ(classify_parameter("layers.3.moe.w13"), ParamKind::kExpert);
+  EXPECT_EQ(classify_parameter("layers.3.moe.shared.w13"), ParamKind::kDense);
+  OptimizerConfig o;
+  EXPECT_FALSE(decays(ParamKind::kNorm, o));
+  EXPECT_TRUE(decays(ParamKind::kExpert, o));
+  o.decay_norms = true;
+  EXPECT_TRUE(decays(ParamKind::kNorm, o));
+}
+
+TEST(Optimizer, AdamWFirstStepMatchesClosedForm) {
+  // After one step, m_hat = g and v_hat = g^2, so p -= lr * (g / (|g| + eps)) + lr * wd * p.
+  at::Tensor decayed = at::full({3}, 2.0f).requires_grad_();
+  at::Tensor plain = at::full({2}, 2.0f).requires_grad_();
+  decayed.mutable_grad() = at::tensor({0.5f, -2.0f, 0.0f});
+  plain.mutable_grad() = at::tensor({1.0f, -1.0f});
+  OptimizerConfig o;
+  o.weight_decay = 0.1;
+  o.eps = 1e-8;
+  AdamW adam({{"layers.0.moe.w13", decayed}, {"layers.0.attention_norm.weight", plain}}, o);
+  adam.step(0.01);
+  EXPECT_NEAR(decayed[0].item<double>(), 2.0 - 0.01 * 0.1 * 2.0 - 0.01, 1e-6);
+  EXPECT_NEAR(decayed[1].item<double>(), 2.0 - 0.01 * 0.1 * 2.0 + 0.01, 1e-6);
+  EXPECT_NEAR(decayed[2].item<double>(), 2.0 - 0.01 * 0.1 * 2.0, 1e-6);
+  EXPECT_NEAR(plain[0].item<double>(), 2.0 - 0.01, 1e-6);  // norms do not decay
+  EXPECT_EQ(adam.steps_taken(), 1);
+}
+
+TEST(Optimizer, ClipGradNorm) {
+  std::vector<at::Tensor> grads = {at::tensor({3.0f}), at::tensor({4.0f})};
+  EXPECT_DOUBLE_EQ(clip_grad_norm(grads, 10.0), 5.0);
+  EXPECT_FLOAT_EQ(grads[0].item<float>(), 3.0f);
+  EXPECT_NEAR(clip_grad_norm(grads, 1.0), 5.0, 1e-6);
+  EXPECT_NEAR(std::hypot(grads[0].item<double>(), grads[1].item<double>()), 1.0, 1e-5);
+}
+
+}  // namespace

@@ -1,0 +1,153 @@
+#include "trainer/checkpoint.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <vector>
+
+#include "data/file_util.h"
+
+namespace fmoe::trainer {
+namespace fs = std::filesystem;
+namespace {
+
+std::string step_name(int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof(name), "step_%08lld", static_cast<long long>(step));
+  return name;
+}
+
+// Test hook: FMOE_CRASH_AFTER_CHECKPOINT_FILES=n kills the process after n files
+// of a save, to prove that a save interrupted midway spoils nothing.
+void maybe_crash(int files_written) {
+  static const char* limit = std::getenv("FMOE_CRASH_AFTER_CHECKPOINT_FILES");
+  if (limit && files_written >= std::atoi(limit)) {
+    std::fprintf(stderr, "checkpoint: simulated crash after %d files\n", files_written);
+    std::_Exit(9);
+  }
+}
+
+nlohmann::json index_of(const TensorMap& tensors, const std::string& file) {
+  nlohmann::json index = nlohmann::json::object();
+  for (const auto& [name, tensor] : tensors) {
+    std::vector<std::vector<int64_t>> slice;
+    for (int64_t size : tensor.sizes()) slice.push_back({0, size});
+    index[name] = {{"file", file}, {"shape", tensor.sizes().vec()}, {"slice", slice}};
+  }
+  return index;
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& contents, int64_t keep) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  fs::create_directories(root);
+  const std::string name = step_name(contents.state.step);
+  const fs::path final_dir = root / name;
+  const fs::path tmp_dir = root / (name + ".tmp." + std::to_string(::getpid()));
+  fs::remove_all(tmp_dir);
+  fs::create_directories(tmp_dir);
+
+  const std::vector<std::pair<std::string, std::string>> files = {
+      {"model.safetensors", to_safetensors(contents.model, {{"format", "pt"}})},
+      {"optimizer.safetensors", to_safetensors(contents.optimizer, {{"format", "pt"}})},
+      {"config.yaml", contents.config_yaml},
+  };
+  nlohmann::json checksums = nlohmann::json::object();
+  int written = 0;
+  for (const auto& [file, bytes] : files) {
+    data::write_file_atomic((tmp_dir / file).string(), bytes);
+    checksums[file] = data::crc32_of(bytes);
+    maybe_crash(++written);
+  }
+  nlohmann::json index = index_of(contents.model, "model.safetensors");
+  index.update(index_of(contents.optimizer, "optimizer.safetensors"));
+  const std::string index_bytes = nlohmann::json{{"layout", {{"world_size", 1}}}, {"tensors", index}}.dump(1) + "\n";
+  data::write_file_atomic((tmp_dir / "index.json").string(), index_bytes);
+  checksums["index.json"] = data::crc32_of(index_bytes);
+
+  const nlohmann::json state = {
+      {"step", contents.state.step},
+      {"tokens_seen", contents.state.tokens_seen},
+      {"loader_seed", contents.state.loader_seed},
+      {"elapsed_seconds", contents.state.elapsed_seconds},
+      {"checksums", checksums},
+  };
+  data::write_file_atomic((tmp_dir / "trainer_state.json").string(), state.dump(2) + "\n");
+  maybe_crash(++written);
+
+  // Swap the directory in; an older save of the same step is replaced only now.
+  const fs::path old_dir = root / (name + ".old." + std::to_string(::getpid()));
+  if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
+  fs::rename(tmp_dir, final_dir);
+  data::fsync_directory(root.string());
+  data::write_file_atomic((root / "latest").string(), name + "\n");
+  fs::remove_all(old_dir);
+
+  // Retention: keep the newest `keep` complete checkpoints.
+  std::vector<fs::path> complete;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    const std::string entry_name = entry.path().filename().string();
+    if (entry.is_directory() && entry_name.rfind("step_", 0) == 0 && entry_name.find('.') == std::string::npos) {
+      complete.push_back(entry.path());
+    }
+  }
+  std::sort(complete.begin(), complete.end());
+  for (size_t i = 0; i + static_cast<size_t>(keep) < complete.size(); ++i) {
+    if (complete[i] != final_dir) fs::remove_all(complete[i]);
+  }
+  return final_dir.string();
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
+  const fs::path latest = fs::path(run_dir) / "checkpoints" / "latest";
+  if (!fs::exists(latest)) return std::nullopt;
+  std::string name = data::read_file(latest.string());
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  if (name.empty() || name.find('/') != std::string::npos) {
+    throw std::runtime_error(latest.string() + ": corrupt (expected a checkpoint directory name)");
+  }
+  return (latest.parent_path() / name).string();
+}
+
+CheckpointContents load_checkpoint(const std::string& directory) {
+  const fs::path dir(directory);
+  const std::string state_path = (dir / "trainer_state.json").string();
+  if (!fs::exists(state_path)) throw std::runtime_error(state_path + ": missing: not a complete checkpoint");
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(data::read_file(state_path));
+  } catch (const nlohmann::json::exception&) {
+    throw std::runtime_error(state_path + ": corrupt (not valid JSON)");
+  }
+  CheckpointContents contents;
+  try {
+    contents.state.step = state.at("step").get<int64_t>();
+    contents.state.tokens_seen = state.at("tokens_seen").get<int64_t>();
+    contents.state.loader_seed = state.at("loader_seed").get<uint64_t>();
+    contents.state.elapsed_seconds = state.at("elapsed_seconds").get<double>();
+  } catch (const nlohmann::json::exception&) {
+    throw std::runtime_error(state_path + ": corrupt (missing or mistyped fields)");
+  }
+  std::map<std::string, std::string> bytes;
+  for (const char* file : {"model.safetensors", "optimizer.safetensors", "config.yaml", "index.json"}) {
+    const std::string path = (dir / file).string();
+    if (!fs::exists(path)) throw std::runtime_error(path + ": missing from the checkpoint");
+    bytes[file] = data::read_file(path);
+    const auto expected = state["checksums"].value(file, uint32_t{0});
+    if (data::crc32_of(bytes[file]) != expected) {
+      throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+    }
+  }
+  contents.model = from_safetensors(bytes["model.safetensors"], (dir / "model.safetensors").string());
+  contents.optimizer = from_safetensors(bytes["optimizer.safetensors"], (dir / "optimizer.safetensors").string());
+  contents.config_yaml = bytes["config.yaml"];
+  return contents;
+}
+
+}  // namespace fmoe::trainer

@@ -1,0 +1,48 @@
+// Self-describing, atomic checkpoints.
+//
+//   <run_dir>/checkpoints/step_00000100/
+//       model.safetensors      parameters and persistent buffers (router biases)
+//       optimizer.safetensors  AdamW moments and step counts, RNG state
+//       index.json             every tensor: file, global shape, the slice stored
+//       trainer_state.json     step, tokens seen, loader state, file checksums
+//       config.yaml            the resolved config of the run
+//   <run_dir>/checkpoints/latest   the name of the newest complete checkpoint
+//
+// A checkpoint is written into a temporary directory, fsynced and renamed into
+// place; "latest" moves only afterwards, so a crash mid-save leaves the previous
+// checkpoint current and loadable. Loading verifies every file's CRC32.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "trainer/safetensors.h"
+
+namespace fmoe::trainer {
+
+struct TrainerState {
+  int64_t step = 0;            // optimizer steps completed
+  int64_t tokens_seen = 0;
+  uint64_t loader_seed = 0;    // the loader is stateless: (seed, step) is its whole state
+  double elapsed_seconds = 0;  // training wall time so far, carried over on resume
+};
+
+struct CheckpointContents {
+  TensorMap model;
+  TensorMap optimizer;
+  TrainerState state;
+  std::string config_yaml;
+};
+
+// Writes a checkpoint for state.step; returns its directory. Removes the
+// oldest complete checkpoints beyond keep.
+std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& contents, int64_t keep);
+
+// The directory named by <run_dir>/checkpoints/latest, if any.
+std::optional<std::string> latest_checkpoint(const std::string& run_dir);
+
+// Reads and verifies a checkpoint directory. Throws a one-line error naming the bad file.
+CheckpointContents load_checkpoint(const std::string& directory);
+
+}  // namespace fmoe::trainer

@@ -1,0 +1,95 @@
+// The typed run configuration: nested structs, one per component, each with
+// validate() naming the bad field. Loaded from YAML (unknown keys rejected with
+// the nearest valid name, wrong types reported as file:line:column), with
+// --set a.b=c overrides applied before parsing. The resolved config is written
+// beside every run and checkpoint.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "moe/model_config.h"
+
+namespace fmoe::trainer {
+
+// A bad config: the message is one line naming the file (or --set) and the key.
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct DataConfig {
+  std::string prefix = "corpus/gcide";          // <prefix>.bin / .idx / .meta.json
+  std::string tokenizer = "corpus/tokenizer.model";
+  std::vector<std::string> sources = {"gcide"};  // "gcide" or text files, for moe-data prepare
+  int64_t tokenizer_training_documents = 60000;
+  double val_fraction = 0.01;
+  int64_t split_seed = 20240521;
+  std::string validate() const;
+};
+
+struct OptimizerConfig {
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  bool decay_norms = false;
+  bool decay_embedding = false;
+  bool decay_router = false;
+  double grad_clip = 1.0;            // max global grad norm; 0 disables
+  std::string lr_schedule = "cosine";  // cosine | wsd | constant
+  int64_t warmup_steps = 100;
+  double wsd_decay_fraction = 0.2;   // wsd: last fraction of steps decays linearly to min_lr
+  std::string validate() const;
+};
+
+struct TrainingConfig {
+  int64_t steps = 1000;
+  int64_t seq_len = 256;
+  int64_t micro_batch_size = 16;     // rows per micro-batch per data-parallel rank
+  int64_t grad_accum_steps = 1;
+  int64_t seed = 1234;
+  std::string precision = "bf16";    // bf16 (FP32 master weights, BF16 GEMMs) | fp32
+  int64_t threads = 0;               // intra-op threads per rank; 0 = cores / local ranks
+  int64_t log_interval = 10;
+  int64_t eval_interval = 100;       // 0: only at the end
+  int64_t eval_batches = 16;
+  int64_t checkpoint_interval = 200;  // 0: only at the end
+  int64_t keep_checkpoints = 2;
+  std::string run_dir = "runs/tiny";
+  std::string validate() const;
+};
+
+struct ParallelConfig {
+  int64_t dp = 0;  // 0: the world size
+  int64_t tp = 1;
+  int64_t pp = 1;
+  int64_t ep = 1;
+  bool zero1 = false;
+  std::string validate() const;
+};
+
+struct Config {
+  moe::ModelConfig model;
+  DataConfig data;
+  OptimizerConfig optimizer;
+  TrainingConfig training;
+  ParallelConfig parallel;
+  // "section.field: why" for the first invalid field, or empty.
+  std::string validate() const;
+};
+
+// Loads path, applies overrides ("a.b=c"), parses and validates. Throws ConfigError.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Parses YAML text (source names it in messages).
+Config parse_config(const std::string& yaml_text, const std::string& source, const std::vector<std::string>& overrides = {});
+// The resolved config as YAML, every field present.
+std::string to_yaml(const Config& config);
+
+// Levenshtein distance, for "did you mean" suggestions.
+size_t edit_distance(const std::string& a, const std::string& b);
+
+}  // namespace fmoe::trainer

@@ -1,0 +1,310 @@
+#include "trainer/trainer.h"
+
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "data/file_util.h"
+#include "data/loader.h"
+#include "moe/model.h"
+#include "parallel/communicator.h"
+#include "trainer/checkpoint.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+
+namespace fmoe::trainer {
+namespace {
+
+std::atomic<bool> g_stop_requested{false};
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+int64_t default_threads(int world_size) {
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int64_t local_ranks = local ? std::max(1, std::atoi(local)) : world_size;
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return std::max<int64_t>(1, cores / local_ranks);
+}
+
+}  // namespace
+
+void request_stop() { g_stop_requested.store(true); }
+
+struct Trainer::Impl {
+  Config config;
+  TrainerOptions options;
+  int rank = 0;
+  int world_size = 1;
+  at::ScalarType dtype = at::kBFloat16;
+  std::shared_ptr<moe::MoEModel> model;
+  std::unique_ptr<data::TokenLoader> loader;
+  std::unique_ptr<AdamW> optimizer;
+  std::vector<NamedParameter> params;
+  TrainerState state;
+
+  void log(const std::string& line) const {
+    if (rank == 0) std::fprintf(stdout, "%s\n", line.c_str()), std::fflush(stdout);
+  }
+
+  // Sums a small fp32/int64 tensor over the data-parallel ranks.
+  void sum_over_ranks(at::Tensor& tensor) const {
+    if (world_size > 1) options.world->all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  }
+
+  void average_gradients() {
+    if (world_size == 1) return;
+    // One flat bucket: a single all-reduce per step instead of one per tensor.
+    std::vector<at::Tensor> grads;
+    for (const auto& p : params) grads.push_back(p.tensor.grad().reshape({-1}));
+    at::Tensor flat = at::cat(grads);
+    options.world->all_reduce(flat, {parallel::ReduceOp::kAvg})->wait();
+    int64_t offset = 0;
+    for (const auto& p : params) {
+      const int64_t n = p.tensor.numel();
+      p.tensor.grad().copy_(flat.narrow(0, offset, n).view_as(p.tensor));
+      offset += n;
+    }
+  }
+
+  TensorMap model_tensors() const {
+    TensorMap tensors;
+    for (const auto& item : model->named_parameters()) tensors[item.key()] = item.value();
+    for (const auto& item : model->named_buffers()) {
+      if (item.key().find("step_load") == std::string::npos) tensors[item.key()] = item.value();
+    }
+    return tensors;
+  }
+
+  void restore(const std::string& directory) {
+    const CheckpointContents contents = load_checkpoint(directory);
+    const std::string model_file = directory + "/model.safetensors";
+    torch::NoGradGuard no_grad;
+    for (auto& [name, tensor] : model_tensors()) {
+      const auto it = contents.model.find(name);
+      if (it == contents.model.end()) throw std::runtime_error(model_file + ": tensor '" + name + "' is missing");
+      if (!it->second.sizes().equals(tensor.sizes())) {
+        throw std::runtime_error(model_file + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) +
+                                 ", the configured model expects " + c10::str(tensor.sizes()));
+      }
+      tensor.copy_(it->second);
+    }
+    optimizer->load_state(contents.optimizer, directory + "/optimizer.safetensors");
+    const auto rng = contents.optimizer.find("rng.cpu");
+    if (rng != contents.optimizer.end()) {
+      at::Generator generator = at::detail::getDefaultCPUGenerator();
+      generator.set_state(rng->second);
+    }
+    state = contents.state;
+    log("resumed from " + directory + " at step " + std::to_string(state.step));
+  }
+
+  void save(const Config& cfg) {
+    if (rank == 0) {
+      CheckpointContents contents;
+      contents.model = model_tensors();
+      contents.optimizer = optimizer->state();
+      contents.optimizer["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+      contents.state = state;
+      contents.config_yaml = to_yaml(cfg);
+      const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints);
+      log("checkpoint saved: " + dir);
+    }
+    if (world_size > 1) options.world->barrier();
+  }
+
+  double evaluate() {
+    torch::NoGradGuard no_grad;
+    const int64_t batches = config.training.eval_batches;
+    at::Tensor sums = at::zeros({2}, at::kDouble);  // loss sum, batches
+    for (int64_t i = rank; i < batches; i += world_size) {
+      const moe::ModelOutput out = model->forward(loader->val_batch(i), dtype);
+      sums[0] += out.ce_loss.to(at::kDouble);
+      sums[1] += 1;
+    }
+    sum_over_ranks(sums);
+    for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
+    return (sums[0] / sums[1]).item<double>();
+  }
+
+  TrainResult run();
+};
+
+Trainer::Trainer(Config config, TrainerOptions options) : impl_(std::make_unique<Impl>()) {
+  impl_->config = std::move(config);
+  impl_->options = options;
+}
+
+Trainer::~Trainer() = default;
+
+TrainResult Trainer::run() { return impl_->run(); }
+
+TrainResult Trainer::Impl::run() {
+  const Config& cfg = config;
+  const TrainingConfig& tc = cfg.training;
+  if (options.world) {
+    rank = options.world->rank();
+    world_size = options.world->size();
+  }
+  if (cfg.parallel.dp != 0 && cfg.parallel.dp != world_size) {
+    throw ConfigError("parallel.dp: " + std::to_string(cfg.parallel.dp) + " does not match the " + std::to_string(world_size) +
+                      " ranks launched (dp x tp x pp must equal the world size)");
+  }
+  const int64_t threads = tc.threads > 0 ? tc.threads : default_threads(world_size);
+  at::set_num_threads(static_cast<int>(threads));
+  dtype = tc.precision == "bf16" ? at::kBFloat16 : at::kFloat;
+
+  // Every rank draws the same initial parameters from the shared seed.
+  torch::manual_seed(static_cast<uint64_t>(tc.seed));
+  model = std::make_shared<moe::MoEModel>(cfg.model);
+  for (const auto& item : model->named_parameters()) params.push_back({item.key(), item.value()});
+  optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
+
+  const auto dataset = data::IndexedDataset::open(cfg.data.prefix);
+  if (dataset->vocab_size() > cfg.model.vocab_size) {
+    throw ConfigError("data.prefix: " + cfg.data.prefix + " was tokenized with " + std::to_string(dataset->vocab_size()) +
+                      " tokens, more than model.vocab_size " + std::to_string(cfg.model.vocab_size));
+  }
+  data::LoaderOptions loader_options;
+  loader_options.seq_len = tc.seq_len;
+  loader_options.micro_batch_size = tc.micro_batch_size;
+  loader_options.num_micro_batches = tc.grad_accum_steps;
+  loader_options.dp_size = world_size;
+  loader_options.seed = static_cast<uint64_t>(tc.seed);
+  loader_options.val_fraction = cfg.data.val_fraction;
+  loader_options.split_seed = static_cast<uint64_t>(cfg.data.split_seed);
+  loader = std::make_unique<data::TokenLoader>(dataset, loader_options);
+  state.loader_seed = loader_options.seed;
+
+  if (options.resume) {
+    const auto latest = latest_checkpoint(tc.run_dir);
+    if (!latest) throw std::runtime_error(tc.run_dir + "/checkpoints: no checkpoint to resume from; run without --resume");
+    restore(*latest);
+  }
+
+  std::unique_ptr<MetricsWriter> metrics;
+  if (rank == 0) {
+    std::filesystem::create_directories(tc.run_dir);
+    data::write_file_atomic(tc.run_dir + "/config.yaml", to_yaml(cfg));
+    metrics = std::make_unique<MetricsWriter>(tc.run_dir + "/metrics.jsonl", options.resume ? state.step : -1);
+  }
+
+  const moe::ParameterCounts counts = moe::count_parameters(cfg.model);
+  const double flops_per_token = moe::training_flops_per_token(cfg.model, tc.seq_len);
+  const double peak_gflops = measure_peak_gflops(dtype) * world_size;
+  const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * world_size;
+  char summary[512];
+  std::snprintf(summary, sizeof(summary),
+                "model: %.2fM parameters, %.2fM activated per token | %.1f MFLOP/token | layout dp=%d | %lld threads/rank | %s\n"
+                "data: %lld train tokens, %lld validation tokens | %lld tokens/step | peak %.0f GFLOP/s (%s GEMM, all ranks)",
+                counts.total / 1e6, counts.activated / 1e6, flops_per_token / 1e6, world_size,
+                static_cast<long long>(threads), tc.precision.c_str(), static_cast<long long>(loader->train_tokens()),
+                static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
+                tc.precision.c_str());
+  log(summary);
+
+  TrainResult result;
+  const bool interactive = rank == 0 && isatty(STDERR_FILENO);
+  const auto moe_layers = model->moe_layers();
+  double train_seconds = 0;
+  int64_t timed_tokens = 0;
+
+  for (int64_t step = state.step; step < tc.steps; ++step) {
+    const auto step_start = Clock::now();
+    at::Tensor losses = at::zeros({3}, at::kDouble);  // ce, aux, z summed over micro-batches
+    for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
+      const moe::ModelOutput out = model->forward(loader->train_batch(step, micro, rank), dtype);
+      (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
+      losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
+    }
+    average_gradients();
+    std::vector<at::Tensor> grads;
+    for (const auto& p : params) grads.push_back(p.tensor.grad());
+    const double grad_norm = clip_grad_norm(grads, cfg.optimizer.grad_clip);
+    const double lr = learning_rate(cfg.optimizer, step, tc.steps);
+    optimizer->step(lr);
+    model->zero_grad(/*set_to_none=*/true);
+
+    std::vector<at::Tensor> loads;
+    for (const auto& layer : moe_layers) {
+      at::Tensor load = layer->step_load.clone();
+      sum_over_ranks(load);
+      loads.push_back(load);
+    }
+    model->update_expert_biases(loads);
+
+    sum_over_ranks(losses);
+    losses /= static_cast<double>(tc.grad_accum_steps * world_size);
+    const double loss = losses[0].item<double>();
+    state.step = step + 1;
+    state.tokens_seen += tokens_per_step;
+    const double step_seconds = seconds_since(step_start);
+    train_seconds += step_seconds;
+    timed_tokens += tokens_per_step;
+    state.elapsed_seconds += step_seconds;
+
+    StepRecord record{state.step, loss, -1};
+    const bool last = state.step == tc.steps;
+    if ((tc.eval_interval > 0 && state.step % tc.eval_interval == 0) || last) record.val_loss = evaluate();
+
+    const double tokens_per_second = timed_tokens / train_seconds;
+    const double mfu = flops_per_token * tokens_per_second / (peak_gflops * 1e9);
+    if (rank == 0) {
+      nlohmann::json line = {{"step", state.step}, {"loss", loss}, {"aux_loss", losses[1].item<double>()},
+                             {"z_loss", losses[2].item<double>()}, {"lr", lr}, {"grad_norm", grad_norm},
+                             {"tokens_seen", state.tokens_seen}, {"tokens_per_second", tokens_per_step / step_seconds},
+                             {"mfu", flops_per_token * tokens_per_step / step_seconds / (peak_gflops * 1e9)},
+                             {"step_seconds", step_seconds}};
+      if (record.val_loss >= 0) line["val_loss"] = record.val_loss;
+      nlohmann::json max_load = nlohmann::json::array(), mean_load = nlohmann::json::array();
+      for (const auto& load : loads) {
+        const at::Tensor f = load.to(at::kDouble);
+        max_load.push_back(f.max().item<double>());
+        mean_load.push_back(f.mean().item<double>());
+      }
+      line["expert_load_max"] = max_load;
+      line["expert_load_mean"] = mean_load;
+      metrics->write(line.dump());
+
+      ProgressLine progress{state.step, tc.steps, loss, lr, tokens_per_second, mfu,
+                            (tc.steps - state.step) * train_seconds / std::max<int64_t>(1, timed_tokens / tokens_per_step)};
+      if (interactive) {
+        std::fprintf(stderr, "\r%s", progress.format().c_str());
+        if (last) std::fprintf(stderr, "\n");
+      } else if (state.step % tc.log_interval == 0 || last) {
+        std::fprintf(stderr, "%s\n", progress.format().c_str());
+      }
+      if (record.val_loss >= 0) {
+        if (interactive) std::fprintf(stderr, "\n");
+        char text[128];
+        std::snprintf(text, sizeof(text), "eval step %lld: val_loss %.4f", static_cast<long long>(state.step), record.val_loss);
+        log(text);
+      }
+    }
+    result.steps.push_back(record);
+    if (record.val_loss >= 0) result.final_val_loss = record.val_loss;
+
+    // Every rank must agree to stop, or the next collective would hang.
+    const bool stop_here = g_stop_requested.load() || (options.stop_at_step > 0 && state.step >= options.stop_at_step);
+    at::Tensor stop = at::full({1}, stop_here ? 1L : 0L, at::kLong);
+    sum_over_ranks(stop);
+    const bool stopping = stop.item<int64_t>() > 0;
+    if (last || stopping || (tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0)) save(cfg);
+    if (stopping && !last) {
+      log("stopped at step " + std::to_string(state.step) + " on request; resume with --resume");
+      result.stopped_early = true;
+      break;
+    }
+  }
+  result.final_step = state.step;
+  return result;
+}
+
+}  // namespace fmoe::trainer

@@ -1,0 +1,53 @@
+// The training loop: config -> model, data, optimizer -> steps of gradient
+// accumulation over micro-batches, data-parallel gradient averaging, clipping,
+// AdamW, the router-bias update, periodic validation, metrics, checkpoints.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "trainer/config.h"
+
+namespace fmoe::parallel {
+class Communicator;
+}
+
+namespace fmoe::trainer {
+
+struct TrainerOptions {
+  bool resume = false;
+  // Stop (checkpoint, return) once this many steps are done, as on SIGTERM; 0: never.
+  int64_t stop_at_step = 0;
+  // Data-parallel group over all ranks; null means a single process.
+  parallel::Communicator* world = nullptr;
+};
+
+struct StepRecord {
+  int64_t step = 0;  // 1-based: the optimizer step just completed
+  double loss = 0;   // mean cross-entropy over the global batch
+  double val_loss = -1;  // < 0 when not evaluated at this step
+};
+
+struct TrainResult {
+  std::vector<StepRecord> steps;  // the steps run by this invocation
+  int64_t final_step = 0;
+  double final_val_loss = -1;
+  bool stopped_early = false;  // a stop was requested (SIGINT / SIGTERM)
+};
+
+// Async-signal-safe: asks the loop to finish the current step, checkpoint, and return.
+void request_stop();
+
+class Trainer {
+ public:
+  Trainer(Config config, TrainerOptions options);
+  ~Trainer();
+  TrainResult run();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fmoe::trainer
