@@ -1,5 +1,7 @@
 #include "launch/cli.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <stdexcept>
 
@@ -22,6 +24,11 @@ std::vector<std::string> Args::all(const std::string& key) const {
     if (k == key) values.push_back(v);
   }
   return values;
+}
+
+void configure_allocator() {
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
 Args parse_args(int argc, char** argv, int first, const std::vector<std::string>& flags) {

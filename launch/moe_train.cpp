@@ -25,6 +25,7 @@ constexpr const char* kUsage =
 }  // namespace
 
 int main(int argc, char** argv) {
+  fmoe::launch::configure_allocator();
   fmoe::parallel::MpiRuntime mpi(&argc, &argv);
   const int rank = mpi.world_rank();
   try {

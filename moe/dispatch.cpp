@@ -4,28 +4,49 @@
 
 namespace fmoe::moe {
 
-DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts) {
+DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts, int64_t pad_multiple) {
   DispatchPlan plan;
+  const int64_t tokens = experts_TK.size(0);
   const int64_t k = experts_TK.size(1);
   const at::Tensor flat = experts_TK.reshape({-1});
-  plan.sorted_slots_S = std::get<1>(flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  plan.source_tokens_S = plan.sorted_slots_S.div(k, "floor");
+  // One stable sort groups the (token, k) slots by expert.
+  const at::Tensor sorted_slots = std::get<1>(flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   plan.tokens_per_expert_E = at::bincount(flat, {}, num_experts);
+
   const at::Tensor counts = plan.tokens_per_expert_E.contiguous();
-  const int64_t* data = counts.data_ptr<int64_t>();
-  plan.rows_per_expert.assign(data, data + num_experts);
+  const int64_t* count = counts.data_ptr<int64_t>();
+  std::vector<int64_t> real_offset(static_cast<size_t>(num_experts) + 1, 0), padded_offset(real_offset);
+  plan.rows_per_expert.resize(static_cast<size_t>(num_experts));
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t padded = (count[e] + pad_multiple - 1) / pad_multiple * pad_multiple;
+    plan.rows_per_expert[static_cast<size_t>(e)] = padded;
+    real_offset[static_cast<size_t>(e) + 1] = real_offset[static_cast<size_t>(e)] + count[e];
+    padded_offset[static_cast<size_t>(e) + 1] = padded_offset[static_cast<size_t>(e)] + padded;
+  }
+  // Sorted position i of expert e lands at padded row i + (padded_offset[e] - real_offset[e]).
+  std::vector<int64_t> shift(static_cast<size_t>(num_experts));
+  for (size_t e = 0; e < shift.size(); ++e) shift[e] = padded_offset[e] - real_offset[e];
+  const at::Tensor shift_E = at::tensor(shift, at::kLong);
+  const at::Tensor sorted_experts = flat.index_select(0, sorted_slots);
+  const at::Tensor padded_rows_S = at::arange(flat.numel(), at::kLong) + shift_E.index_select(0, sorted_experts);
+
+  plan.gather_index_P = at::full({padded_offset.back()}, tokens, at::kLong);
+  plan.gather_index_P.index_put_({padded_rows_S}, sorted_slots.div(k, "floor"));
+  plan.slot_rows_TK = at::empty({flat.numel()}, at::kLong).index_put_({sorted_slots}, padded_rows_S).view({tokens, k});
   return plan;
 }
 
 at::Tensor permute_tokens(const at::Tensor& x_TD, const DispatchPlan& plan) {
-  return x_TD.index_select(0, plan.source_tokens_S);
+  // Row T of the extended input is the zero row that padding rows gather.
+  const at::Tensor extended = at::cat({x_TD, at::zeros({1, x_TD.size(1)}, x_TD.options())});
+  return extended.index_select(0, plan.gather_index_P);
 }
 
-at::Tensor unpermute_and_combine(const at::Tensor& y_SD, const at::Tensor& probs_TK, const DispatchPlan& plan) {
-  const int64_t tokens = probs_TK.size(0);
-  const at::Tensor weights_S = probs_TK.reshape({-1}).index_select(0, plan.sorted_slots_S).unsqueeze(1);
-  const at::Tensor weighted = y_SD.to(at::kFloat) * weights_S;
-  return at::zeros({tokens, y_SD.size(1)}, weighted.options()).index_add(0, plan.source_tokens_S, weighted);
+at::Tensor unpermute_and_combine(const at::Tensor& y_PD, const at::Tensor& probs_TK, const DispatchPlan& plan) {
+  const int64_t tokens = probs_TK.size(0), k = probs_TK.size(1);
+  // A gather and a batched [1, K] x [K, D] product per token: no scatter, no atomics.
+  const at::Tensor y_TKD = y_PD.index_select(0, plan.slot_rows_TK.reshape({-1})).view({tokens, k, y_PD.size(1)});
+  return at::bmm(probs_TK.unsqueeze(1), y_TKD.to(at::kFloat)).squeeze(1);
 }
 
 }  // namespace fmoe::moe

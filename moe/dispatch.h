@@ -12,18 +12,21 @@
 namespace fmoe::moe {
 
 struct DispatchPlan {
-  at::Tensor sorted_slots_S;      // int64 [T*K]: flat (token * K + k) slots, grouped by expert
-  at::Tensor source_tokens_S;     // int64 [T*K]: the token each sorted row comes from
-  at::Tensor tokens_per_expert_E; // int64 [E]
-  std::vector<int64_t> rows_per_expert;  // the same counts on the host, for the grouped GEMMs
+  at::Tensor tokens_per_expert_E;           // int64 [E]: real rows per expert
+  std::vector<int64_t> rows_per_expert;     // padded rows per expert (host): the grouped GEMM shapes
+  at::Tensor gather_index_P;                // int64 [P]: source token of each padded row; T for a padding row
+  at::Tensor slot_rows_TK;                  // int64 [T, K]: the padded row holding each (token, k) assignment
 };
 
-DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts);
+// Rows of each expert are padded up to a multiple of pad_multiple (1: no padding)
+// so the per-expert GEMM shapes repeat from step to step and the GEMM library's
+// kernel cache hits; padding rows are zeros and get zero gradient.
+DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts, int64_t pad_multiple = 1);
 
-// x_TD -> x_SD: each token's row repeated once per chosen expert, grouped by expert.
+// x_TD -> x_PD: each token's row once per chosen expert, grouped by expert, zero rows as padding.
 at::Tensor permute_tokens(const at::Tensor& x_TD, const DispatchPlan& plan);
 
-// y_SD (expert outputs in sorted order) -> out_TD = sum_k probs[t, k] * y[row of (t, k)], in fp32.
-at::Tensor unpermute_and_combine(const at::Tensor& y_SD, const at::Tensor& probs_TK, const DispatchPlan& plan);
+// y_PD (expert outputs, padded order) -> out_TD = sum_k probs[t, k] * y[slot_rows[t, k]], in fp32.
+at::Tensor unpermute_and_combine(const at::Tensor& y_PD, const at::Tensor& probs_TK, const DispatchPlan& plan);
 
 }  // namespace fmoe::moe

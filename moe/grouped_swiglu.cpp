@@ -54,12 +54,10 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     const at::Tensor dy = grad_outputs[0].contiguous();
     const int64_t ffn = w2.size(1);
 
-    // Element-wise SwiGLU derivative in fp32 for every row at once.
-    const at::Tensor gate = h.narrow(1, 0, ffn).to(at::kFloat);
-    const at::Tensor up = h.narrow(1, ffn, ffn).to(at::kFloat);
-    const at::Tensor sig = gate.sigmoid();
-    const at::Tensor silu = gate * sig;
-    const at::Tensor a = (silu * up).to(x.scalar_type());
+    const at::Tensor gate = h.narrow(1, 0, ffn);
+    const at::Tensor up = h.narrow(1, ffn, ffn);
+    const at::Tensor silu = at::silu(gate);
+    const at::Tensor a = silu * up;
 
     at::Tensor da = at::empty({x.size(0), ffn}, x.options());
     at::Tensor dw2 = at::zeros_like(w2);
@@ -68,10 +66,12 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
       mm_into(da.narrow(0, offset, rows), dy_g, w2[g].t());
       mm_into(dw2[g], a.narrow(0, offset, rows).t(), dy_g);
     });
-    const at::Tensor da32 = da.to(at::kFloat);
-    const at::Tensor dgate = da32 * up * sig * (1 + gate * (1 - sig));
-    const at::Tensor dup = da32 * silu;
-    const at::Tensor dh = at::cat({dgate, dup}, 1).to(x.scalar_type());
+    // d gate = silu'(gate) * (da * up), d up = da * silu(gate), written into one buffer.
+    at::Tensor dh = at::empty({x.size(0), 2 * ffn}, x.options());
+    at::Tensor dgate = dh.narrow(1, 0, ffn);
+    at::Tensor dup = dh.narrow(1, ffn, ffn);
+    at::silu_backward_out(dgate, da * up, gate);
+    at::mul_out(dup, da, silu);
 
     at::Tensor dx = at::empty_like(x);
     at::Tensor dw13 = at::zeros_like(w13);

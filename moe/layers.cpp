@@ -91,7 +91,7 @@ at::Tensor MoELayer::forward(const at::Tensor& h, ForwardContext& ctx) {
   // The router runs in fp32: its scores decide discrete choices.
   const at::Tensor logits = at::linear(h.to(at::kFloat), router_weight);
   const Routing routing = route(logits, expert_bias, router_options_);
-  const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts);
+  const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts, ctx.expert_pad_multiple);
   step_load.add_(plan.tokens_per_expert_E);
 
   const at::Tensor x_sorted = permute_tokens(h, plan);

@@ -15,6 +15,7 @@ namespace fmoe::moe {
 // What every layer needs to know about the current micro-batch.
 struct ForwardContext {
   at::ScalarType compute_dtype = at::kFloat;
+  int64_t expert_pad_multiple = 1;  // see make_dispatch_plan
   int64_t batch = 0;
   int64_t seq_len = 0;
   at::Tensor rope_cos_TH;   // fp32 [seq_len, head_dim / 2]

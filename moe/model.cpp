@@ -22,7 +22,10 @@ HeadStage::HeadStage(const ModelConfig& c) {
 
 at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT, at::ScalarType compute_dtype) {
   const at::Tensor logits = at::linear(norm->forward(x, compute_dtype), weight.to(compute_dtype));
-  return at::cross_entropy_loss(logits.to(at::kFloat), targets_BT.reshape({-1}));
+  // Log-softmax reads the BF16 logits and writes FP32 log-probabilities directly
+  // (half_to_float), so the loss keeps full precision without an FP32 copy of the logits.
+  const bool low_precision = logits.scalar_type() != at::kFloat;
+  return at::nll_loss(at::_log_softmax(logits, -1, /*half_to_float=*/low_precision), targets_BT.reshape({-1}));
 }
 
 MoEModel::MoEModel(const ModelConfig& config) : config_(config) {
@@ -46,6 +49,9 @@ ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_d
   }
   ForwardContext ctx;
   ctx.compute_dtype = compute_dtype;
+  // BF16 GEMMs go through oneDNN, which JIT-compiles a kernel per shape: padded
+  // expert groups keep the set of shapes small. FP32 runs unpadded.
+  ctx.expert_pad_multiple = compute_dtype == at::kBFloat16 ? 64 : 1;
   ctx.batch = tokens.size(0);
   ctx.seq_len = seq_len;
   ctx.rope_cos_TH = rope_cos_.narrow(0, 0, seq_len);

@@ -12,7 +12,7 @@ namespace fmoe::trainer {
 
 // GFLOP/s of a square GEMM in dtype with the current intra-op threads: the
 // peak this machine actually reaches, against which MFU is reported.
-double measure_peak_gflops(at::ScalarType dtype, int64_t size = 1024);
+double measure_peak_gflops(at::ScalarType dtype, int64_t size = 2048);
 
 std::string format_duration(double seconds);
 

@@ -120,6 +120,29 @@ TEST(MoELayer, OutputsAndGradientsMatchNaivePerTokenLoop) {
   EXPECT_GT(ctx.z_loss.item<double>(), 0.0);
 }
 
+TEST(MoELayer, PaddedExpertGroupsGiveTheSameResult) {
+  torch::manual_seed(12);
+  const ModelConfig c = small_config();
+  MoELayer layer(c);
+  const at::Tensor h = at::randn({16, c.hidden_size}).requires_grad_();
+  std::vector<at::Tensor> outs, grads;
+  for (int64_t pad : {1, 8, 64}) {
+    ForwardContext ctx;
+    ctx.batch = 2;
+    ctx.seq_len = 8;
+    ctx.expert_pad_multiple = pad;
+    ctx.aux_loss = at::zeros({});
+    ctx.z_loss = at::zeros({});
+    const at::Tensor out = layer.forward(h, ctx);
+    outs.push_back(out);
+    grads.push_back(torch::autograd::grad({out.square().sum()}, {layer.w13})[0]);
+  }
+  for (size_t i = 1; i < outs.size(); ++i) {
+    EXPECT_LT(relative_error(outs[i], outs[0]), 1e-6);
+    EXPECT_LT(relative_error(grads[i], grads[0]), 1e-6);
+  }
+}
+
 TEST(Model, ParameterCountsEqualModuleNumel) {
   for (int64_t shared : {0, 2}) {
     ModelConfig c = small_config();

@@ -98,20 +98,41 @@ TEST(Router, ZLoss) {
 }
 
 TEST(Dispatch, PlanGroupsByExpertStably) {
+  // Token 0 -> experts (2, 0), token 1 -> (0, 1), token 2 -> (1, 2).
   const at::Tensor experts = at::tensor({2L, 0L, 0L, 1L, 1L, 2L}).view({3, 2});
   const DispatchPlan plan = make_dispatch_plan(experts, 4);
-  EXPECT_TRUE(at::equal(plan.sorted_slots_S, at::tensor({1L, 2L, 3L, 4L, 0L, 5L})));
-  EXPECT_TRUE(at::equal(plan.source_tokens_S, at::tensor({0L, 1L, 1L, 2L, 0L, 2L})));
+  EXPECT_TRUE(at::equal(plan.tokens_per_expert_E, at::tensor({2L, 2L, 2L, 0L})));
   EXPECT_EQ(plan.rows_per_expert, (std::vector<int64_t>{2, 2, 2, 0}));
+  // Rows grouped by expert, stable in token order: e0 <- t0, t1; e1 <- t1, t2; e2 <- t0, t2.
+  EXPECT_TRUE(at::equal(plan.gather_index_P, at::tensor({0L, 1L, 1L, 2L, 0L, 2L})));
+  EXPECT_TRUE(at::equal(plan.slot_rows_TK, at::tensor({4L, 0L, 1L, 2L, 3L, 5L}).view({3, 2})));
 
   const at::Tensor x = at::tensor({1.0f, 2.0f, 3.0f}).view({3, 1});
   EXPECT_TRUE(at::equal(permute_tokens(x, plan).view({-1}), at::tensor({1.0f, 2.0f, 2.0f, 3.0f, 1.0f, 3.0f})));
   // Combine: y = 10 * row index, weights from probs.
   const at::Tensor y = at::arange(6, at::kFloat).mul(10).view({6, 1});
   const at::Tensor probs = at::tensor({0.5f, 0.25f, 1.0f, 2.0f, 3.0f, 4.0f}).view({3, 2});
-  // token 0: slot 0 (expert 2) -> row 4, slot 1 (expert 0) -> row 0: 0.5*40 + 0.25*0 = 20
-  // token 1: slots 2, 3 -> rows 1, 2: 1*10 + 2*20 = 50; token 2: slots 4, 5 -> rows 3, 5: 3*30 + 4*50 = 290
+  // token 0: rows 4, 0 -> 0.5*40 + 0.25*0 = 20; token 1: rows 1, 2 -> 10 + 40 = 50; token 2: rows 3, 5 -> 90 + 200 = 290
   EXPECT_TRUE(at::allclose(unpermute_and_combine(y, probs, plan).view({-1}), at::tensor({20.0f, 50.0f, 290.0f})));
+}
+
+TEST(Dispatch, PaddingRoundsGroupsUpWithZeroRows) {
+  const at::Tensor experts = at::tensor({2L, 0L, 0L, 1L, 1L, 2L}).view({3, 2});
+  const DispatchPlan plan = make_dispatch_plan(experts, 4, /*pad_multiple=*/4);
+  EXPECT_EQ(plan.rows_per_expert, (std::vector<int64_t>{4, 4, 4, 0}));
+  // Padding rows gather row T = 3 (the zero row).
+  EXPECT_TRUE(at::equal(plan.gather_index_P, at::tensor({0L, 1L, 3L, 3L, 1L, 2L, 3L, 3L, 0L, 2L, 3L, 3L})));
+  EXPECT_TRUE(at::equal(plan.slot_rows_TK, at::tensor({8L, 0L, 1L, 4L, 5L, 9L}).view({3, 2})));
+  const at::Tensor x = at::tensor({1.0f, 2.0f, 3.0f}).view({3, 1});
+  const at::Tensor permuted = permute_tokens(x, plan).view({-1});
+  EXPECT_TRUE(at::equal(permuted, at::tensor({1.0f, 2.0f, 0.0f, 0.0f, 2.0f, 3.0f, 0.0f, 0.0f, 1.0f, 3.0f, 0.0f, 0.0f})));
+  // Padded and unpadded plans combine to the same output.
+  const at::Tensor probs = at::rand({3, 2});
+  const at::Tensor y_unpadded = at::randn({6, 5});
+  const DispatchPlan dense = make_dispatch_plan(experts, 4);
+  at::Tensor y_padded = at::zeros({12, 5});
+  y_padded.index_copy_(0, plan.slot_rows_TK.reshape({-1}), y_unpadded.index_select(0, dense.slot_rows_TK.reshape({-1})));
+  EXPECT_TRUE(at::allclose(unpermute_and_combine(y_padded, probs, plan), unpermute_and_combine(y_unpadded, probs, dense)));
 }
 
 }  // namespace

@@ -1,0 +1,30 @@
+# Shared helpers for the end-to-end tests. Sourced; expects BIN_DIR and WORK_DIR.
+set -euo pipefail
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+TRAIN="$BIN_DIR/moe-train"
+DATA="$BIN_DIR/moe-data"
+CORPUS="$WORK_DIR/corpus"
+CONFIG="$(dirname "${BASH_SOURCE[0]}")/micro.yaml"
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# Common overrides pointing the micro config at the fixture corpus and a run dir.
+micro_args() {
+  echo --config "$CONFIG" --set "data.prefix=$CORPUS/gcide" --set "data.tokenizer=$CORPUS/tok.model" --set "training.run_dir=$1"
+}
+
+# The "loss" of each metrics line, one per line, full precision.
+losses() { python3 -c 'import json,sys; [print(repr(json.loads(l)["loss"])) for l in open(sys.argv[1])]' "$1"; }
+
+# Runs a command expected to fail: checks exit code != 0, a single stderr line containing $1.
+expect_error() {
+  local needle="$1"; shift
+  local err rc=0
+  err=$("$@" 2>&1 >/dev/null) || rc=$?
+  [ "$rc" -ne 0 ] || fail "expected failure: $*"
+  local lines
+  lines=$(printf '%s\n' "$err" | grep -c . || true)
+  [ "$lines" -eq 1 ] || fail "expected one error line, got $lines: $err"
+  case "$err" in *"$needle"*) ;; *) fail "error '$err' does not mention '$needle'";; esac
+  echo "ok: $needle"
+}
