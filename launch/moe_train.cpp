@@ -52,6 +52,10 @@ int main(int argc, char** argv) {
       std::printf("done: step %lld, final val_loss %.4f\n", static_cast<long long>(result.final_step), result.final_val_loss);
     }
     return 0;
+  } catch (const fmoe::trainer::ConfigError& e) {
+    // Every rank reads the same config and fails the same way: one report, no abort.
+    if (rank == 0) std::fprintf(stderr, "moe-train: error: %s\n", e.what());
+    return 1;
   } catch (const c10::Error& e) {
     // LibTorch errors carry a multi-line backtrace: report the message alone.
     std::fprintf(stderr, "moe-train: error (rank %d): %s\n", rank, e.what_without_backtrace());

@@ -22,10 +22,8 @@ HeadStage::HeadStage(const ModelConfig& c) {
 
 at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT, at::ScalarType compute_dtype) {
   const at::Tensor logits = at::linear(norm->forward(x, compute_dtype), weight.to(compute_dtype));
-  // Log-softmax reads the BF16 logits and writes FP32 log-probabilities directly
-  // (half_to_float), so the loss keeps full precision without an FP32 copy of the logits.
-  const bool low_precision = logits.scalar_type() != at::kFloat;
-  return at::nll_loss(at::_log_softmax(logits, -1, /*half_to_float=*/low_precision), targets_BT.reshape({-1}));
+  // The loss reduces in FP32: a BF16 log-softmax would round the reported loss to ~3 digits.
+  return at::cross_entropy_loss(logits.to(at::kFloat), targets_BT.reshape({-1}));
 }
 
 MoEModel::MoEModel(const ModelConfig& config) : config_(config) {

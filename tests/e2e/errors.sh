@@ -23,11 +23,15 @@ expect_error "--resume" "$TRAIN" $(micro_args "$dir/fresh") --resume
 
 # A corrupt checkpoint is refused by name on resume.
 run="$dir/ckpt"
-"$TRAIN" $(micro_args "$run") --set training.steps=4 --set training.eval_interval=0 > /dev/null 2>&1 || fail "setup run failed"
-truncate -s -10 "$run/checkpoints/step_00000004/model.safetensors"
-expect_error "$run/checkpoints/step_00000004/model.safetensors: checksum mismatch" "$TRAIN" $(micro_args "$run") --set training.steps=8 --resume
+"$TRAIN" $(micro_args "$run") --set training.steps=6 --set training.eval_interval=0 > /dev/null 2>&1 || fail "setup run failed"
+truncate -s -10 "$run/checkpoints/step_00000006/model.safetensors"
+expect_error "$run/checkpoints/step_00000006/model.safetensors: checksum mismatch" "$TRAIN" $(micro_args "$run") --set training.steps=9 --resume
 # A checkpoint from a different model shape is refused naming the tensor.
-"$TRAIN" $(micro_args "$dir/shape") --set training.steps=2 > /dev/null 2>&1 || fail "setup run failed"
-expect_error "has shape" "$TRAIN" $(micro_args "$dir/shape") --set training.steps=4 --set model.hidden_size=32 --resume
-# Several ranks: the failing rank is named and the job ends.
-expect_error "(rank 0)" mpirun -np 2 --bind-to none "$TRAIN" --config "$dir/unknown.yaml"
+"$TRAIN" $(micro_args "$dir/shape") --set training.steps=6 > /dev/null 2>&1 || fail "setup run failed"
+expect_error "has shape" "$TRAIN" $(micro_args "$dir/shape") --set training.steps=9 --set model.hidden_size=32 --resume
+# Several ranks: a bad config is reported once (not once per rank) and the job fails.
+rc=0; err=$(mpirun -np 2 --bind-to none "$TRAIN" --config "$dir/unknown.yaml" 2>&1 >/dev/null) || rc=$?
+[ "$rc" -ne 0 ] || fail "mpirun with a bad config exited 0"
+[ "$(printf '%s\n' "$err" | grep -c "moe-train: error: .*unknown key 'model.num_expert'")" -eq 1 ] || fail "expected one report: $err"
+# A runtime error names the rank.
+expect_error "moe-train: error (rank 0): $dir/nope.idx" "$TRAIN" $(micro_args "$dir/run") --set "data.prefix=$dir/nope"

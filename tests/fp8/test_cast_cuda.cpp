@@ -34,8 +34,8 @@ TEST(Fp8CudaCast, MatchesCpuCodec) {
   const int64_t n = static_cast<int64_t>(input.size());
   float* d_in = nullptr;
   uint8_t* d_out = nullptr;
-  ASSERT_EQ(cudaMalloc(&d_in, n * sizeof(float)), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_out, n), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_in), n * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_out), n), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(d_in, input.data(), n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
   for (bool saturate : {true, false}) {
     ASSERT_EQ(cuda::launch_encode_e4m3(d_in, d_out, n, saturate, nullptr), cudaSuccess);
