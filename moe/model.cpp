@@ -1,5 +1,7 @@
 #include "moe/model.h"
 
+#include "moe/cross_entropy.h"
+
 #include <ATen/ATen.h>
 #include <torch/nn/modules/container/modulelist.h>
 
@@ -22,8 +24,9 @@ HeadStage::HeadStage(const ModelConfig& c) {
 
 at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT, at::ScalarType compute_dtype) {
   const at::Tensor logits = at::linear(norm->forward(x, compute_dtype), weight.to(compute_dtype));
-  // The loss reduces in FP32: a BF16 log-softmax would round the reported loss to ~3 digits.
-  return at::cross_entropy_loss(logits.to(at::kFloat), targets_BT.reshape({-1}));
+  // The loss reduces in FP32 (a BF16 log-softmax would round it to ~3 digits),
+  // chunk by chunk, without an FP32 copy of the logits.
+  return chunked_cross_entropy(logits, targets_BT.reshape({-1}));
 }
 
 MoEModel::MoEModel(const ModelConfig& config) : config_(config) {

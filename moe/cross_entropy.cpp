@@ -1,0 +1,54 @@
+#include "moe/cross_entropy.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace fmoe::moe {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets, int64_t chunk) {
+    const int64_t rows = logits.size(0);
+    at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat));
+    for (int64_t start = 0; start < rows; start += chunk) {
+      const int64_t n = std::min(chunk, rows - start);
+      at::Tensor out = lse.narrow(0, start, n);
+      at::logsumexp_out(out, logits.narrow(0, start, n).to(at::kFloat), {1}, false);
+    }
+    const at::Tensor target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(at::kFloat);
+    ctx->save_for_backward({logits, targets, lse});
+    ctx->saved_data["chunk"] = chunk;
+    return (lse - target_logits).mean();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    const at::Tensor& targets = saved[1];
+    const at::Tensor& lse = saved[2];
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const int64_t rows = logits.size(0);
+    // d loss / d logits = (softmax - onehot) * grad / N
+    const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
+    at::Tensor grad = at::empty_like(logits);
+    for (int64_t start = 0; start < rows; start += chunk) {
+      const int64_t n = std::min(chunk, rows - start);
+      at::Tensor p = logits.narrow(0, start, n).to(at::kFloat).sub_(lse.narrow(0, start, n).unsqueeze(1)).exp_();
+      p.scatter_add_(1, targets.narrow(0, start, n).unsqueeze(1), at::full({n, 1}, -1.0f));
+      grad.narrow(0, start, n).copy_(p.mul_(scale));
+    }
+    return {grad, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor chunked_cross_entropy(const at::Tensor& logits_NV, const at::Tensor& targets_N, int64_t chunk_rows) {
+  return ChunkedCrossEntropy::apply(logits_NV.contiguous(), targets_N.contiguous(), chunk_rows);
+}
+
+}  // namespace fmoe::moe
