@@ -14,8 +14,12 @@
 namespace fmoe::moe {
 
 // x_SD, w13_GD2F, w2_GFD share one dtype; rows_per_group sums to x.size(0).
+// With fp8, every GEMM takes E4M3 operands (fp8/fp8_gemm.h): x, the activation
+// and the output gradients in 1 x 128 tiles along the reduction dim (128 x 1 along
+// the tokens of one group for the weight gradients), the FP32 master weights in
+// 128 x 128 blocks; FP32 accumulation; x may then be BF16 and the weights FP32.
 at::Tensor grouped_swiglu(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
-                          const std::vector<int64_t>& rows_per_group);
+                          const std::vector<int64_t>& rows_per_group, bool fp8 = false);
 
 // One token at a time, with plain autograd ops: the slow reference for tests.
 at::Tensor grouped_swiglu_reference(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "fp8/fp8_gemm.h"
 #include "moe/dispatch.h"
 #include "moe/grouped_swiglu.h"
 
@@ -27,6 +28,10 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_TH, const at::T
   return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }
 
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const ForwardContext& ctx) {
+  return ctx.fp8 ? fp8::fp8_linear(x, weight) : at::linear(x, weight.to(ctx.compute_dtype));
+}
+
 RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
   weight = register_parameter("weight", at::ones({dim}));
 }
@@ -44,14 +49,14 @@ Attention::Attention(const ModelConfig& c) : num_heads_(c.num_heads), num_kv_hea
 
 at::Tensor Attention::forward(const at::Tensor& h, const ForwardContext& ctx) {
   const int64_t b = ctx.batch, t = ctx.seq_len;
-  const at::Tensor qkv = at::linear(h, wqkv.to(ctx.compute_dtype)).view({b, t, num_heads_ + 2 * num_kv_heads_, head_dim_});
+  const at::Tensor qkv = project(h, wqkv, ctx).view({b, t, num_heads_ + 2 * num_kv_heads_, head_dim_});
   at::Tensor q = apply_rope(qkv.narrow(2, 0, num_heads_), ctx.rope_cos_TH, ctx.rope_sin_TH);
   at::Tensor k = apply_rope(qkv.narrow(2, num_heads_, num_kv_heads_), ctx.rope_cos_TH, ctx.rope_sin_TH);
   at::Tensor v = qkv.narrow(2, num_heads_ + num_kv_heads_, num_kv_heads_);
   const at::Tensor context = at::scaled_dot_product_attention(
       q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
       /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/num_kv_heads_ != num_heads_);
-  return at::linear(context.transpose(1, 2).reshape({b * t, num_heads_ * head_dim_}), wo.to(ctx.compute_dtype));
+  return project(context.transpose(1, 2).reshape({b * t, num_heads_ * head_dim_}), wo, ctx);
 }
 
 DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
@@ -60,6 +65,7 @@ DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
 }
 
 at::Tensor DenseFFN::forward(const at::Tensor& h, const ForwardContext& ctx) {
+  if (ctx.fp8) return grouped_swiglu(h, w13, w2, {h.size(0)}, /*fp8=*/true);
   return grouped_swiglu(h, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), {h.size(0)});
 }
 
@@ -95,7 +101,9 @@ at::Tensor MoELayer::forward(const at::Tensor& h, ForwardContext& ctx) {
   step_load.add_(plan.tokens_per_expert_E);
 
   const at::Tensor x_sorted = permute_tokens(h, plan);
-  const at::Tensor y_sorted = grouped_swiglu(x_sorted, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), plan.rows_per_expert);
+  const at::Tensor y_sorted =
+      ctx.fp8 ? grouped_swiglu(x_sorted, w13, w2, plan.rows_per_expert, /*fp8=*/true)
+              : grouped_swiglu(x_sorted, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), plan.rows_per_expert);
   at::Tensor out = unpermute_and_combine(y_sorted, routing.probs_TK, plan);
   if (shared) out = out + shared->forward(h, ctx).to(at::kFloat);
 

@@ -16,6 +16,9 @@ namespace fmoe::moe {
 struct ForwardContext {
   at::ScalarType compute_dtype = at::kFloat;
   int64_t expert_pad_multiple = 1;  // see make_dispatch_plan
+  // FP8 GEMMs for the attention projections, dense FFNs and experts; embedding,
+  // head, router, norms and the attention core stay in high precision.
+  bool fp8 = false;
   int64_t batch = 0;
   int64_t seq_len = 0;
   at::Tensor rope_cos_TH;   // fp32 [seq_len, head_dim / 2]
@@ -27,6 +30,9 @@ struct ForwardContext {
 // cos/sin tables for rotary embeddings (half-split convention).
 std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta);
 at::Tensor apply_rope(const at::Tensor& x_BTHd, const at::Tensor& cos_TH, const at::Tensor& sin_TH);
+
+// x W^T in the context's precision: an FP8 linear, or a GEMM in the compute dtype.
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const ForwardContext& ctx);
 
 class RMSNorm : public torch::nn::Module {
  public:

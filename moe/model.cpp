@@ -42,7 +42,7 @@ MoEModel::MoEModel(const ModelConfig& config) : config_(config) {
   std::tie(rope_cos_, rope_sin_) = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta);
 }
 
-ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_dtype) {
+ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_dtype, bool fp8) {
   const int64_t seq_len = tokens.size(1) - 1;
   if (seq_len > config_.max_seq_len) {
     throw std::invalid_argument("sequence length " + std::to_string(seq_len) + " exceeds model.max_seq_len " +
@@ -52,7 +52,8 @@ ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_d
   ctx.compute_dtype = compute_dtype;
   // BF16 GEMMs go through oneDNN, which JIT-compiles a kernel per shape: padded
   // expert groups keep the set of shapes small. FP32 runs unpadded.
-  ctx.expert_pad_multiple = compute_dtype == at::kBFloat16 ? 64 : 1;
+  ctx.expert_pad_multiple = compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1;
+  ctx.fp8 = fp8;
   ctx.batch = tokens.size(0);
   ctx.seq_len = seq_len;
   ctx.rope_cos_TH = rope_cos_.narrow(0, 0, seq_len);

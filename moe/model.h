@@ -41,7 +41,8 @@ class MoEModel : public torch::nn::Module {
   explicit MoEModel(const ModelConfig& config);
 
   // tokens_BT1: int64 [B, T + 1]; inputs are [:, :-1], targets [:, 1:].
-  ModelOutput forward(const at::Tensor& tokens_BT1, at::ScalarType compute_dtype);
+  // fp8: E4M3 GEMMs for the attention projections, FFNs and experts (see ForwardContext).
+  ModelOutput forward(const at::Tensor& tokens_BT1, at::ScalarType compute_dtype, bool fp8 = false);
 
   const ModelConfig& config() const { return config_; }
   std::vector<std::shared_ptr<MoELayer>> moe_layers() const;

@@ -65,6 +65,16 @@ void visit(V& v, OptimizerConfig& c) {
   v.field("lr_schedule", c.lr_schedule);
   v.field("warmup_steps", c.warmup_steps);
   v.field("wsd_decay_fraction", c.wsd_decay_fraction);
+  v.field("main_params_dtype", c.main_params_dtype);
+  v.field("exp_avg_dtype", c.exp_avg_dtype);
+  v.field("exp_avg_sq_dtype", c.exp_avg_sq_dtype);
+  v.field("grad_dtype", c.grad_dtype);
+  v.field("state_block_size", c.state_block_size);
+}
+
+template <class V>
+void visit(V& v, PrecisionConfig& c) {
+  v.field("fp8", c.fp8);
 }
 
 template <class V>
@@ -100,6 +110,7 @@ void visit(V& v, Config& c) {
   v.section("optimizer", c.optimizer);
   v.section("training", c.training);
   v.section("parallel", c.parallel);
+  v.section("precision", c.precision);
 }
 
 std::string location(const std::string& source, const YAML::Mark& mark) {
@@ -313,6 +324,19 @@ std::string OptimizerConfig::validate() const {
   }
   if (warmup_steps < 0) return "warmup_steps: must be >= 0";
   if (!(wsd_decay_fraction >= 0 && wsd_decay_fraction <= 1)) return "wsd_decay_fraction: must be in [0, 1]";
+  const auto one_of = [](const std::string& value, std::initializer_list<const char*> allowed) {
+    for (const char* a : allowed) {
+      if (value == a) return true;
+    }
+    return false;
+  };
+  if (!one_of(main_params_dtype, {"fp32", "bf16", "fp16"})) return "main_params_dtype: must be fp32, bf16 or fp16, got '" + main_params_dtype + "'";
+  if (!one_of(exp_avg_dtype, {"fp32", "bf16", "fp8"})) return "exp_avg_dtype: must be fp32, bf16 or fp8, got '" + exp_avg_dtype + "'";
+  if (!one_of(exp_avg_sq_dtype, {"fp32", "bf16", "fp16", "fp8"})) {
+    return "exp_avg_sq_dtype: must be fp32, bf16, fp16 or fp8, got '" + exp_avg_sq_dtype + "'";
+  }
+  if (!one_of(grad_dtype, {"fp32", "bf16", "fp8"})) return "grad_dtype: must be fp32, bf16 or fp8, got '" + grad_dtype + "'";
+  if (state_block_size < 1) return "state_block_size: must be >= 1";
   return "";
 }
 
@@ -344,7 +368,8 @@ std::string ParallelConfig::validate() const {
 std::string Config::validate() const {
   for (const std::string& error :
        {check("model", model.validate()), check("data", data.validate()), check("optimizer", optimizer.validate()),
-        check("training", training.validate()), check("parallel", parallel.validate())}) {
+        check("training", training.validate()), check("parallel", parallel.validate()),
+        check("precision", precision.validate())}) {
     if (!error.empty()) return error;
   }
   if (training.seq_len > model.max_seq_len) {

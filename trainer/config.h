@@ -43,7 +43,18 @@ struct OptimizerConfig {
   std::string lr_schedule = "cosine";  // cosine | wsd | constant
   int64_t warmup_steps = 100;
   double wsd_decay_fraction = 0.2;   // wsd: last fraction of steps decays linearly to min_lr
+  // Storage precision of the training state (fp8/low_precision_tensor.h).
+  std::string main_params_dtype = "fp32";  // fp32 | bf16 | fp16 (the master weights)
+  std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8
+  std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
+  std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8
+  int64_t state_block_size = 128;          // FP8 state tiles
   std::string validate() const;
+};
+
+struct PrecisionConfig {
+  bool fp8 = false;  // E4M3 GEMMs (1x128 / 128x128 scaling) for attention projections, FFNs, experts
+  std::string validate() const { return ""; }
 };
 
 struct TrainingConfig {
@@ -78,6 +89,7 @@ struct Config {
   OptimizerConfig optimizer;
   TrainingConfig training;
   ParallelConfig parallel;
+  PrecisionConfig precision;
   // "section.field: why" for the first invalid field, or empty.
   std::string validate() const;
 };

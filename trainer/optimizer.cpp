@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdio>
 #include <numbers>
 #include <stdexcept>
 
@@ -26,17 +27,50 @@ bool decays(ParamKind kind, const OptimizerConfig& config) {
   }
 }
 
+std::string StateBytes::format() const {
+  char text[320];
+  std::snprintf(text, sizeof(text),
+                "weights %.2f | master %.2f | grads %.2f | exp_avg %.2f | exp_avg_sq %.2f | training state %.2f B/param",
+                weights, master, grads, exp_avg, exp_avg_sq, training_state());
+  return text;
+}
+
 AdamW::AdamW(std::vector<NamedParameter> parameters, const OptimizerConfig& config)
-    : params_(std::move(parameters)), config_(config) {
+    : params_(std::move(parameters)), config_(config), grad_dtype_(fp8::parse_storage_dtype(config.grad_dtype)) {
+  const auto main_dtype = fp8::parse_storage_dtype(config.main_params_dtype);
+  const auto m_dtype = fp8::parse_storage_dtype(config.exp_avg_dtype);
+  const auto v_dtype = fp8::parse_storage_dtype(config.exp_avg_sq_dtype);
+  all_fp32_ = main_dtype == fp8::StorageDtype::kFp32 && m_dtype == fp8::StorageDtype::kFp32 &&
+              v_dtype == fp8::StorageDtype::kFp32;
+  const int64_t block = config.state_block_size;
   Group decay{config.weight_decay, {}}, no_decay{0.0, {}};
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i].tensor;
-    exp_avg_.push_back(at::zeros_like(p));
-    exp_avg_sq_.push_back(at::zeros_like(p));
+    exp_avg_.emplace_back(p.sizes(), m_dtype, block);
+    // FP8 second moments are stored as their square root (half the dynamic range).
+    exp_avg_sq_.emplace_back(p.sizes(), v_dtype, block, /*sqrt_transform=*/v_dtype == fp8::StorageDtype::kFp8);
+    if (main_dtype != fp8::StorageDtype::kFp32) {
+      master_.emplace_back(p.sizes(), main_dtype, block);
+      master_.back().store(p.detach());
+      at::NoGradGuard no_grad;
+      p.copy_(master_.back().load());  // the working copy starts from the rounded master
+    }
     (decays(classify_parameter(params_[i].name), config) ? decay : no_decay).members.push_back(i);
   }
   for (Group* group : {&decay, &no_decay}) {
     if (!group->members.empty()) groups_.push_back(std::move(*group));
+  }
+}
+
+void AdamW::quantize_gradients() {
+  if (grad_dtype_ == fp8::StorageDtype::kFp32) return;
+  at::NoGradGuard no_grad;
+  for (auto& p : params_) {
+    at::Tensor grad = p.tensor.grad();
+    if (!grad.defined()) continue;
+    fp8::LowPrecisionTensor stored(grad.sizes(), grad_dtype_, config_.state_block_size);
+    stored.store(grad);
+    grad.copy_(stored.load());
   }
 }
 
@@ -45,6 +79,15 @@ void AdamW::step(double lr) {
   const double step = static_cast<double>(steps_taken_ + 1);
   const double bias_correction1 = 1.0 - std::pow(config_.beta1, step);
   const double bias_correction2 = 1.0 - std::pow(config_.beta2, step);
+  if (all_fp32_) {
+    step_foreach(lr, bias_correction1, bias_correction2);
+  } else {
+    step_stored(lr, bias_correction1, bias_correction2);
+  }
+  ++steps_taken_;
+}
+
+void AdamW::step_foreach(double lr, double bias_correction1, double bias_correction2) {
   for (const Group& group : groups_) {
     std::vector<at::Tensor> p, g, m, v;
     for (size_t i : group.members) {
@@ -52,8 +95,8 @@ void AdamW::step(double lr) {
       if (!grad.defined()) continue;
       p.push_back(params_[i].tensor);
       g.push_back(grad);
-      m.push_back(exp_avg_[i]);
-      v.push_back(exp_avg_sq_[i]);
+      m.push_back(exp_avg_[i].load());  // FP32 storage: load() is the stored tensor itself
+      v.push_back(exp_avg_sq_[i].load());
     }
     if (p.empty()) continue;
     // Multi-tensor (foreach) kernels: a handful of passes over all tensors of the group.
@@ -66,34 +109,91 @@ void AdamW::step(double lr) {
     at::_foreach_add_(denom, config_.eps);
     at::_foreach_addcdiv_(p, m, denom, -lr / bias_correction1);
   }
-  ++steps_taken_;
 }
+
+void AdamW::step_stored(double lr, double bias_correction1, double bias_correction2) {
+  for (const Group& group : groups_) {
+    for (size_t i : group.members) {
+      at::Tensor& param = params_[i].tensor;
+      const at::Tensor& grad = param.grad();
+      if (!grad.defined()) continue;
+      at::Tensor m = exp_avg_[i].load().clone();
+      at::Tensor v = exp_avg_sq_[i].load().clone();
+      m.lerp_(grad, 1.0 - config_.beta1);
+      v.mul_(config_.beta2).addcmul_(grad, grad, 1.0 - config_.beta2);
+      at::Tensor master = master_.empty() ? param : master_[i].load().clone();
+      if (group.weight_decay > 0) master.mul_(1.0 - lr * group.weight_decay);
+      master.addcdiv_(m, v.sqrt().div_(std::sqrt(bias_correction2)).add_(config_.eps), -lr / bias_correction1);
+      exp_avg_[i].store(m);
+      exp_avg_sq_[i].store(v);
+      if (!master_.empty()) {
+        master_[i].store(master);
+        param.copy_(master_[i].load());
+      }
+    }
+  }
+}
+
+StateBytes AdamW::bytes_per_parameter() const {
+  StateBytes b;
+  double numel = 0, master = 0, m = 0, v = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    numel += static_cast<double>(params_[i].tensor.numel());
+    if (!master_.empty()) master += static_cast<double>(master_[i].bytes());
+    m += static_cast<double>(exp_avg_[i].bytes());
+    v += static_cast<double>(exp_avg_sq_[i].bytes());
+  }
+  if (numel == 0) return b;
+  b.weights = 4;
+  b.master = master / numel;
+  b.exp_avg = m / numel;
+  b.exp_avg_sq = v / numel;
+  switch (grad_dtype_) {
+    case fp8::StorageDtype::kFp8: b.grads = 1.0 + 4.0 / static_cast<double>(config_.state_block_size); break;
+    case fp8::StorageDtype::kFp32: b.grads = 4; break;
+    default: b.grads = 2; break;
+  }
+  return b;
+}
+
+namespace {
+
+void add_parts(TensorMap& state, const std::string& prefix, const fp8::LowPrecisionTensor& t) {
+  for (const auto& [part, tensor] : t.parts()) state[prefix + "." + part] = tensor;
+}
+
+void restore_parts(const TensorMap& state, const std::string& prefix, fp8::LowPrecisionTensor& t, const std::string& source) {
+  std::map<std::string, at::Tensor> parts;
+  for (const char* part : {"data", "scales"}) {
+    const auto it = state.find(prefix + "." + part);
+    if (it != state.end()) parts[part] = it->second;
+  }
+  if (parts.empty()) throw std::runtime_error(source + ": optimizer state '" + prefix + "' is missing");
+  t.restore(parts, source + " (" + prefix + ")");
+}
+
+}  // namespace
 
 TensorMap AdamW::state() const {
   TensorMap state;
   for (size_t i = 0; i < params_.size(); ++i) {
-    state["exp_avg." + params_[i].name] = exp_avg_[i];
-    state["exp_avg_sq." + params_[i].name] = exp_avg_sq_[i];
+    add_parts(state, "exp_avg." + params_[i].name, exp_avg_[i]);
+    add_parts(state, "exp_avg_sq." + params_[i].name, exp_avg_sq_[i]);
+    if (!master_.empty()) add_parts(state, "master." + params_[i].name, master_[i]);
   }
   state["optimizer_steps"] = at::full({}, steps_taken_, at::kLong);
   return state;
 }
 
 void AdamW::load_state(const TensorMap& state, const std::string& source) {
-  auto fetch = [&](const std::string& key, const at::Tensor& like) {
-    const auto it = state.find(key);
-    if (it == state.end()) throw std::runtime_error(source + ": optimizer state '" + key + "' is missing");
-    if (!it->second.sizes().equals(like.sizes()) || it->second.scalar_type() != like.scalar_type()) {
-      throw std::runtime_error(source + ": optimizer state '" + key + "' has the wrong shape or dtype");
-    }
-    return it->second;
-  };
-  at::NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) {
-    exp_avg_[i].copy_(fetch("exp_avg." + params_[i].name, exp_avg_[i]));
-    exp_avg_sq_[i].copy_(fetch("exp_avg_sq." + params_[i].name, exp_avg_sq_[i]));
+    restore_parts(state, "exp_avg." + params_[i].name, exp_avg_[i], source);
+    restore_parts(state, "exp_avg_sq." + params_[i].name, exp_avg_sq_[i], source);
+    if (!master_.empty()) restore_parts(state, "master." + params_[i].name, master_[i], source);
   }
-  steps_taken_ = fetch("optimizer_steps", at::zeros({}, at::kLong)).item<int64_t>();
+  const auto steps = state.find("optimizer_steps");
+  if (steps == state.end()) throw std::runtime_error(source + ": optimizer state 'optimizer_steps' is missing");
+  steps_taken_ = steps->second.item<int64_t>();
 }
 
 double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "fp8/low_precision_tensor.h"
 #include "trainer/config.h"
 #include "trainer/safetensors.h"
 
@@ -24,25 +25,49 @@ struct NamedParameter {
   at::Tensor tensor;
 };
 
+// Bytes per parameter of each part of the training state, for the memory report.
+struct StateBytes {
+  double weights = 0;     // the FP32 working copy the forward reads (autograd needs it on CPU)
+  double master = 0;      // master weights when stored apart from the working copy, else 0
+  double grads = 0;       // gradients in grad_dtype
+  double exp_avg = 0;
+  double exp_avg_sq = 0;
+  // master (or the working copy when it is the master) + grads + moments.
+  double training_state() const { return (master > 0 ? master : weights) + grads + exp_avg + exp_avg_sq; }
+  std::string format() const;
+};
+
+// AdamW whose master weights, moments and gradients are kept in the configured
+// storage dtypes. With everything FP32 it runs multi-tensor (foreach) kernels;
+// otherwise each parameter's state is loaded to FP32, updated and stored back,
+// and the working weights are refreshed from the (rounded) master copy.
 class AdamW {
  public:
   AdamW(std::vector<NamedParameter> parameters, const OptimizerConfig& config);
+  // Rounds the gradients to grad_dtype, as if they had been stored in it. Call before clipping.
+  void quantize_gradients();
   // One update with learning rate lr from the parameters' current .grad().
   void step(double lr);
   TensorMap state() const;
   // Restores state(); throws naming source and the missing or mismatched tensor.
   void load_state(const TensorMap& state, const std::string& source);
   int64_t steps_taken() const { return steps_taken_; }
+  StateBytes bytes_per_parameter() const;
 
  private:
   struct Group {
     double weight_decay;
     std::vector<size_t> members;
   };
+  void step_foreach(double lr, double bias_correction1, double bias_correction2);
+  void step_stored(double lr, double bias_correction1, double bias_correction2);
+
   std::vector<NamedParameter> params_;
-  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  std::vector<fp8::LowPrecisionTensor> exp_avg_, exp_avg_sq_, master_;  // master_ empty when FP32
   std::vector<Group> groups_;
   OptimizerConfig config_;
+  fp8::StorageDtype grad_dtype_;
+  bool all_fp32_;
   int64_t steps_taken_ = 0;
 };
 

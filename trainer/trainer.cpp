@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "data/file_util.h"
+#include "fp8/fp8_gemm.h"
 #include "data/loader.h"
 #include "moe/model.h"
 #include "parallel/communicator.h"
@@ -125,7 +126,7 @@ struct Trainer::Impl {
     const int64_t batches = config.training.eval_batches;
     at::Tensor sums = at::zeros({2}, at::kDouble);  // loss sum, batches
     for (int64_t i = rank; i < batches; i += world_size) {
-      const moe::ModelOutput out = model->forward(loader->val_batch(i), dtype);
+      const moe::ModelOutput out = model->forward(loader->val_batch(i), dtype, config.precision.fp8);
       sums[0] += out.ce_loss.to(at::kDouble);
       sums[1] += 1;
     }
@@ -209,6 +210,10 @@ TrainResult Trainer::Impl::run() {
                 static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
                 tc.precision.c_str());
   log(summary);
+  const StateBytes state_bytes = optimizer->bytes_per_parameter();
+  log("memory per parameter: " + state_bytes.format() + " (master " + cfg.optimizer.main_params_dtype + ", grads " +
+      cfg.optimizer.grad_dtype + ", exp_avg " + cfg.optimizer.exp_avg_dtype + ", exp_avg_sq " + cfg.optimizer.exp_avg_sq_dtype + ")");
+  if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(at::Device(at::kCPU)));
 
   TrainResult result;
   const bool interactive = rank == 0 && isatty(STDERR_FILENO);
@@ -220,11 +225,12 @@ TrainResult Trainer::Impl::run() {
     const auto step_start = Clock::now();
     at::Tensor losses = at::zeros({3}, at::kDouble);  // ce, aux, z summed over micro-batches
     for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
-      const moe::ModelOutput out = model->forward(loader->train_batch(step, micro, rank), dtype);
+      const moe::ModelOutput out = model->forward(loader->train_batch(step, micro, rank), dtype, cfg.precision.fp8);
       (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }
     average_gradients();
+    optimizer->quantize_gradients();
     std::vector<at::Tensor> grads;
     for (const auto& p : params) grads.push_back(p.tensor.grad());
     const double grad_norm = clip_grad_norm(grads, cfg.optimizer.grad_clip);
@@ -269,6 +275,7 @@ TrainResult Trainer::Impl::run() {
         max_load.push_back(f.max().item<double>());
         mean_load.push_back(f.mean().item<double>());
       }
+      line["state_bytes_per_param"] = state_bytes.training_state();
       line["expert_load_max"] = max_load;
       line["expert_load_mean"] = mean_load;
       metrics->write(line.dump());

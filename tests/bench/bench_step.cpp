@@ -49,13 +49,14 @@ int main(int argc, char** argv) {
         const at::Tensor batch = loader.train_batch(step, micro, 0);
         if (timed) t_data += seconds(t);
         t = Clock::now();
-        const moe::ModelOutput out = model->forward(batch, dtype);
+        const moe::ModelOutput out = model->forward(batch, dtype, cfg.precision.fp8);
         if (timed) t_fwd += seconds(t);
         t = Clock::now();
         out.loss.backward();
         if (timed) t_bwd += seconds(t);
       }
       auto t = Clock::now();
+      optimizer.quantize_gradients();
       std::vector<at::Tensor> grads;
       for (const auto& p : params) grads.push_back(p.tensor.grad());
       trainer::clip_grad_norm(grads, cfg.optimizer.grad_clip);

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "fp8/fp8_gemm.h"
 #include "moe/grouped_swiglu.h"
 #include "moe/model.h"
 
@@ -203,6 +204,52 @@ TEST(ModelConfig, ValidationNamesTheField) {
   c.group_top_k = 1;  // one group of 2 experts cannot supply top_k = 3
   EXPECT_EQ(c.validate().rfind("group_top_k:", 0), 0u);
   EXPECT_EQ(small_config().validate(), "");
+}
+
+}  // namespace
+
+namespace {
+
+TEST(GroupedSwiGLU, Fp8EmulationUsesQuantizedOperands) {
+  torch::manual_seed(21);
+  const std::vector<int64_t> rows = {130, 0, 70};
+  const at::Tensor x = at::randn({200, 128}).requires_grad_();
+  const at::Tensor w13 = (at::randn({3, 128, 256}) * 0.05).requires_grad_();
+  const at::Tensor w2 = (at::randn({3, 128, 128}) * 0.05).requires_grad_();
+  const at::Tensor y = fmoe::moe::grouped_swiglu(x, w13, w2, rows, /*fp8=*/true);
+  // Reference: each group's GEMMs on E4M3 fake-quantized operands.
+  const at::Tensor xq = fmoe::fp8::quantize_rowwise(x.detach());
+  for (auto [g, offset] : {std::pair<int64_t, int64_t>{0, 0}, {2, 130}}) {
+    const int64_t n = rows[static_cast<size_t>(g)];
+    const at::Tensor h = at::mm(xq.narrow(0, offset, n), fmoe::fp8::quantize_blockwise(w13.detach()[g]));
+    const at::Tensor a = at::silu(h.narrow(1, 0, 128)) * h.narrow(1, 128, 128);
+    const at::Tensor expected = at::mm(fmoe::fp8::quantize_rowwise(a), fmoe::fp8::quantize_blockwise(w2.detach()[g]));
+    EXPECT_TRUE(at::allclose(y.detach().narrow(0, offset, n), expected, 1e-5, 1e-5)) << "group " << g;
+  }
+  // Gradients stay close to the FP32 ones (E4M3 operands: a few percent).
+  const at::Tensor dy = at::randn({200, 128});
+  const auto grads = torch::autograd::grad({y}, {x, w13, w2}, {dy});
+  const at::Tensor y32 = fmoe::moe::grouped_swiglu(x, w13, w2, rows);
+  const auto grads32 = torch::autograd::grad({y32}, {x, w13, w2}, {dy});
+  EXPECT_LT(relative_error(y, y32), 0.1);
+  for (size_t i = 0; i < 3; ++i) EXPECT_LT(relative_error(grads[i], grads32[i]), 0.1) << i;
+}
+
+TEST(Model, Fp8ForwardBackwardIsCloseToFp32) {
+  torch::manual_seed(8);
+  ModelConfig c = small_config();
+  c.hidden_size = 128;
+  c.head_dim = 32;
+  MoEModel model(c);
+  const at::Tensor tokens = at::randint(c.vocab_size, {2, 17}, at::kLong);
+  const ModelOutput fp32 = model.forward(tokens, at::kFloat);
+  const ModelOutput fp8 = model.forward(tokens, at::kFloat, /*fp8=*/true);
+  EXPECT_NEAR(fp8.ce_loss.item<double>(), fp32.ce_loss.item<double>(), 0.02 * fp32.ce_loss.item<double>());
+  fp8.loss.backward();
+  for (const auto& p : model.named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_TRUE(at::isfinite(p.value().grad()).all().item<bool>()) << p.key();
+  }
 }
 
 }  // namespace

@@ -1,0 +1,34 @@
+// FP8 GEMM operands and the FP8 linear layer (DeepSeek-V3's recipe): E4M3
+// everywhere; activations and output gradients in 1 x 128 tiles along the
+// reduction dimension, weights in 128 x 128 blocks; FP32 accumulation.
+//
+// On CPU every FP8 GEMM is emulated exactly: both operands are quantized and
+// dequantized (fake_quantize), then multiplied by an FP32 GEMM. The same
+// emulation runs on CUDA tensors until a native block-scaled FP8 GEMM is wired
+// in; fp8_gemm_backend() says which one a device gets.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+namespace fmoe::fp8 {
+
+inline constexpr int64_t kTile = 128;
+
+// 1 x 128 tiles along the last dim (the reduction dim of x in x @ W).
+at::Tensor quantize_rowwise(const at::Tensor& x);
+// 128 x 1 tiles along dim -2 (the token dim: the reduction dim of x^T @ dy).
+at::Tensor quantize_colwise(const at::Tensor& x);
+// 128 x 128 blocks over the last two dims.
+at::Tensor quantize_blockwise(const at::Tensor& w);
+
+// y = x W^T with the three GEMMs (forward, input gradient, weight gradient) on
+// E4M3 operands. x: [..., K] any float dtype; w: [N, K] (FP32 master).
+// Returns x's dtype. Differentiable in x and w.
+at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w);
+
+// "emulated (FP32 GEMM on dequantized E4M3 operands)" and the reason, for the log.
+std::string fp8_gemm_backend(const at::Device& device);
+
+}  // namespace fmoe::fp8

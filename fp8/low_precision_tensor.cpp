@@ -1,0 +1,107 @@
+#include "fp8/low_precision_tensor.h"
+
+#include <ATen/ATen.h>
+
+#include <stdexcept>
+
+#include "fp8/block_quant.h"
+
+namespace fmoe::fp8 {
+namespace {
+
+constexpr double kFp16Target = 16384.0;  // scaled max-abs sits well inside FP16's range (max 65504)
+
+BlockQuantOptions state_tiles(int64_t block) {
+  BlockQuantOptions o;
+  o.block_rows = 1;
+  o.block_cols = block;
+  return o;
+}
+
+}  // namespace
+
+StorageDtype parse_storage_dtype(const std::string& name) {
+  if (name == "fp32") return StorageDtype::kFp32;
+  if (name == "bf16") return StorageDtype::kBf16;
+  if (name == "fp16") return StorageDtype::kFp16;
+  if (name == "fp8") return StorageDtype::kFp8;
+  throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16 or fp8)");
+}
+
+std::string storage_dtype_name(StorageDtype dtype) {
+  switch (dtype) {
+    case StorageDtype::kFp32: return "fp32";
+    case StorageDtype::kBf16: return "bf16";
+    case StorageDtype::kFp16: return "fp16";
+    case StorageDtype::kFp8: return "fp8";
+  }
+  return "?";
+}
+
+LowPrecisionTensor::LowPrecisionTensor(at::IntArrayRef shape, StorageDtype dtype, int64_t block_size, bool sqrt_transform)
+    : shape_(shape.vec()), dtype_(dtype), block_size_(block_size), sqrt_transform_(sqrt_transform) {
+  store(at::zeros(shape, at::kFloat));
+}
+
+void LowPrecisionTensor::store(const at::Tensor& value) {
+  const at::Tensor v = value.to(at::kFloat);
+  switch (dtype_) {
+    case StorageDtype::kFp32: data_ = v.clone(); break;
+    case StorageDtype::kBf16: data_ = v.to(at::kBFloat16); break;
+    case StorageDtype::kFp16: {
+      const double amax = v.abs().max().item<double>();
+      const double scale = amax > 0 ? std::exp2(std::ceil(std::log2(amax / kFp16Target))) : 1.0;
+      scales_ = at::full({1}, scale, at::kFloat);
+      data_ = (v / scale).to(at::kHalf);
+      break;
+    }
+    case StorageDtype::kFp8: {
+      const at::Tensor flat = (sqrt_transform_ ? v.clamp_min(0).sqrt() : v).reshape({-1});
+      const BlockQuantized q = quantize_blocks(flat, state_tiles(block_size_));
+      data_ = q.codes;
+      scales_ = q.scales;
+      break;
+    }
+  }
+}
+
+at::Tensor LowPrecisionTensor::load() const {
+  switch (dtype_) {
+    case StorageDtype::kFp32: return data_;
+    case StorageDtype::kBf16: return data_.to(at::kFloat).view(shape_);
+    case StorageDtype::kFp16: return (data_.to(at::kFloat) * scales_).view(shape_);
+    case StorageDtype::kFp8: {
+      BlockQuantized q{data_, scales_, state_tiles(block_size_)};
+      const at::Tensor v = dequantize_blocks(q).view(shape_);
+      return sqrt_transform_ ? v.square() : v;
+    }
+  }
+  return {};
+}
+
+int64_t LowPrecisionTensor::bytes() const {
+  return data_.numel() * data_.element_size() + (scales_.defined() ? scales_.numel() * 4 : 0);
+}
+
+std::map<std::string, at::Tensor> LowPrecisionTensor::parts() const {
+  std::map<std::string, at::Tensor> out{{"data", data_}};
+  if (scales_.defined()) out["scales"] = scales_;
+  return out;
+}
+
+void LowPrecisionTensor::restore(const std::map<std::string, at::Tensor>& parts, const std::string& source) {
+  const auto data = parts.find("data");
+  if (data == parts.end() || data->second.scalar_type() != data_.scalar_type() || !data->second.sizes().equals(data_.sizes())) {
+    throw std::runtime_error(source + ": stored " + storage_dtype_name(dtype_) + " state has the wrong dtype or shape");
+  }
+  data_ = data->second.clone();
+  if (scales_.defined()) {
+    const auto scales = parts.find("scales");
+    if (scales == parts.end() || !scales->second.sizes().equals(scales_.sizes())) {
+      throw std::runtime_error(source + ": stored " + storage_dtype_name(dtype_) + " state is missing its scales");
+    }
+    scales_ = scales->second.clone();
+  }
+}
+
+}  // namespace fmoe::fp8

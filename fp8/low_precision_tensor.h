@@ -1,0 +1,45 @@
+// Optimizer state kept in a storage dtype narrower than FP32, loaded to FP32
+// for the update and stored back after it:
+//   fp32 | bf16 | fp16 (with a per-tensor power-of-two scale that keeps the
+//   values inside FP16's normal range) | fp8 (E4M3 in 1 x block tiles of the
+//   flattened tensor, FP32 scale per tile; optionally square-root transformed,
+//   which halves the dynamic range of second moments).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+
+namespace fmoe::fp8 {
+
+enum class StorageDtype { kFp32, kBf16, kFp16, kFp8 };
+
+// "fp32" | "bf16" | "fp16" | "fp8"; throws std::invalid_argument otherwise.
+StorageDtype parse_storage_dtype(const std::string& name);
+std::string storage_dtype_name(StorageDtype dtype);
+
+class LowPrecisionTensor {
+ public:
+  LowPrecisionTensor() = default;
+  LowPrecisionTensor(at::IntArrayRef shape, StorageDtype dtype, int64_t block_size = 128, bool sqrt_transform = false);
+
+  void store(const at::Tensor& value);  // any float tensor of the shape
+  at::Tensor load() const;              // fp32, the shape
+  int64_t bytes() const;                // storage including scales
+  StorageDtype dtype() const { return dtype_; }
+
+  // The exact stored bytes (data and scales) for checkpoints, and their restore.
+  std::map<std::string, at::Tensor> parts() const;
+  void restore(const std::map<std::string, at::Tensor>& parts, const std::string& source);
+
+ private:
+  std::vector<int64_t> shape_;
+  StorageDtype dtype_ = StorageDtype::kFp32;
+  int64_t block_size_ = 128;
+  bool sqrt_transform_ = false;
+  at::Tensor data_;    // fp32 / bf16 / fp16 values, or uint8 E4M3 codes
+  at::Tensor scales_;  // fp16: one power-of-two scale; fp8: one per tile
+};
+
+}  // namespace fmoe::fp8

@@ -1,0 +1,135 @@
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "fp8/block_quant.h"
+#include "fp8/codec.h"
+#include "fp8/fp8_gemm.h"
+
+namespace {
+
+using namespace fmoe::fp8;
+
+// Every code's value, its float neighbours, midpoints, and log-uniform random values.
+at::Tensor probe_values(Format format) {
+  std::vector<float> values;
+  for (int code = 0; code < 256; ++code) {
+    const float v = decode(static_cast<uint8_t>(code), format);
+    if (std::isnan(v) || std::isinf(v)) continue;
+    values.push_back(v);
+    values.push_back(std::nextafter(v, INFINITY));
+    values.push_back(std::nextafter(v, -INFINITY));
+    const float next = decode(static_cast<uint8_t>(code + 1), format);
+    if (code != 0x7F && code != 0xFF && std::isfinite(next)) values.push_back((v + next) / 2);
+  }
+  for (float v : {INFINITY, -INFINITY, NAN, 1e30f, -1e30f, 0.0f, -0.0f, 1e-30f}) values.push_back(v);
+  torch::manual_seed(1);
+  const at::Tensor random = at::exp2(at::rand({4000}) * 50 - 30) * (at::rand({4000}) - 0.5).sign();
+  at::Tensor probes = at::tensor(values);
+  return at::cat({probes, random});
+}
+
+TEST(Fp8Vectorised, EncodeMatchesScalarCodecBitForBit) {
+  for (Format format : {Format::kE4M3, Format::kE5M2}) {
+    for (Overflow overflow : {Overflow::kSaturate, Overflow::kNonSaturating}) {
+      const at::Tensor x = probe_values(format);
+      const at::Tensor codes = encode_tensor(x, format, overflow);
+      const float* xs = x.data_ptr<float>();
+      const uint8_t* cs = codes.data_ptr<uint8_t>();
+      for (int64_t i = 0; i < x.numel(); ++i) {
+        const uint8_t expected = encode(xs[i], format, overflow);
+        if (std::isnan(xs[i])) {
+          EXPECT_TRUE(std::isnan(decode(cs[i], format)));
+        } else {
+          ASSERT_EQ(cs[i], expected) << "value " << xs[i] << " format " << int(format) << " overflow " << int(overflow);
+        }
+      }
+    }
+  }
+}
+
+TEST(Fp8Vectorised, DecodeMatchesScalarCodec) {
+  for (Format format : {Format::kE4M3, Format::kE5M2}) {
+    const at::Tensor codes = at::arange(256, at::kInt).to(at::kByte);
+    const at::Tensor values = decode_tensor(codes, format);
+    for (int c = 0; c < 256; ++c) {
+      const float expected = decode(static_cast<uint8_t>(c), format);
+      const float got = values[c].item<float>();
+      if (std::isnan(expected)) {
+        EXPECT_TRUE(std::isnan(got));
+      } else {
+        EXPECT_EQ(got, expected) << c;
+      }
+    }
+  }
+}
+
+TEST(BlockQuant, RelativeErrorWithinE4M3PrecisionAndScalesFromMaxAbs) {
+  torch::manual_seed(4);
+  const at::Tensor x = at::randn({3, 200, 300}) * at::exp2(at::randint(-8, 8, {3, 200, 1}).to(at::kFloat));
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 128}, {128, 128}, {128, 1}}) {
+    BlockQuantOptions o;
+    o.block_rows = rows;
+    o.block_cols = cols;
+    const BlockQuantized q = quantize_blocks(x, o);
+    EXPECT_EQ(q.codes.sizes(), x.sizes());
+    EXPECT_EQ(q.scales.size(1), (200 + rows - 1) / rows);
+    EXPECT_EQ(q.scales.size(2), (300 + cols - 1) / cols);
+    // The first block's scale is its max-abs / 448.
+    const double amax = x[0].narrow(0, 0, std::min<int64_t>(rows, 200)).narrow(1, 0, std::min<int64_t>(cols, 300)).abs().max().item<double>();
+    EXPECT_FLOAT_EQ(q.scales[0][0][0].item<float>(), static_cast<float>(amax / 448.0));
+    const at::Tensor back = dequantize_blocks(q);
+    EXPECT_TRUE(at::equal(back, fake_quantize(x, o)));
+    // Normal range of E4M3 after scaling: |x / scale| >= 2^-6. There the error is <= 2^-4 relative.
+    const at::Tensor scale_full = q.scales.repeat_interleave(rows, 1).repeat_interleave(cols, 2).narrow(1, 0, 200).narrow(2, 0, 300);
+    const at::Tensor normal = (x / scale_full).abs() >= std::ldexp(1.0, -6);
+    const at::Tensor rel = ((back - x).abs() / x.abs()).masked_select(normal);
+    EXPECT_LE(rel.max().item<double>(), std::ldexp(1.0, -4));
+    // Per-row tiles see one row's magnitude only, so nearly every value is normal;
+    // larger blocks mix rows 2^16 apart and push the small rows into subnormals.
+    if (rows == 1) EXPECT_GT(normal.to(at::kFloat).mean().item<double>(), 0.99);
+  }
+}
+
+TEST(BlockQuant, OutlierOnlyAffectsItsOwnBlockAndPowerOfTwoScales) {
+  at::Tensor x = at::ones({2, 256});
+  x[0][3] = 1e4;
+  BlockQuantOptions o;
+  const at::Tensor back = fake_quantize(x, o);
+  EXPECT_EQ(back[1][10].item<float>(), 1.0f);    // another row: untouched
+  EXPECT_EQ(back[0][200].item<float>(), 1.0f);   // same row, other tile: untouched
+  EXPECT_EQ(back[0][3].item<float>(), 1e4f);     // the max maps to 448 exactly
+  o.power_of_two_scales = true;
+  const BlockQuantized q = quantize_blocks(at::randn({4, 512}), o);
+  const at::Tensor log2 = at::log2(q.scales);
+  EXPECT_TRUE(at::equal(log2, at::round(log2)));
+}
+
+TEST(Fp8Linear, GemmsUseTheRecipeAndStayWithinTheQuantizationBound) {
+  torch::manual_seed(6);
+  const at::Tensor x = at::randn({2, 150, 300}).requires_grad_();
+  const at::Tensor w = (at::randn({200, 300}) * 0.05).requires_grad_();
+  const at::Tensor y = fp8_linear(x, w);
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{2, 150, 200}));
+  const at::Tensor x2 = x.detach().reshape({300, 300});
+  // Exactly the emulated recipe.
+  const at::Tensor expected = at::mm(quantize_rowwise(x2), quantize_blockwise(w.detach()).t());
+  EXPECT_TRUE(at::allclose(y.detach().reshape({300, 200}), expected, 1e-6, 1e-6));
+  // Against FP32: each product carries at most (1 + 2^-4)^2 - 1 relative error.
+  const at::Tensor exact = at::mm(x2, w.detach().t());
+  const at::Tensor bound = at::mm(x2.abs(), w.detach().abs().t()) * (std::pow(1 + std::ldexp(1.0, -4), 2) - 1) + 1e-6;
+  EXPECT_TRUE(((y.detach().reshape({300, 200}) - exact).abs() <= bound).all().item<bool>());
+
+  const at::Tensor dy = at::randn({2, 150, 200});
+  const auto grads = torch::autograd::grad({y}, {x, w}, {dy});
+  const at::Tensor dy2 = dy.reshape({300, 200});
+  const at::Tensor dx = at::mm(quantize_rowwise(dy2), quantize_blockwise(w.detach()));
+  const at::Tensor dw = at::mm(quantize_colwise(dy2).t(), quantize_colwise(x2));
+  EXPECT_TRUE(at::allclose(grads[0].reshape({300, 300}), dx, 1e-6, 1e-6));
+  EXPECT_TRUE(at::allclose(grads[1], dw, 1e-5, 1e-5));
+  EXPECT_LT(((grads[1] - at::mm(dy2.t(), x2)).norm() / at::mm(dy2.t(), x2).norm()).item<double>(), 0.05);
+}
+
+}  // namespace

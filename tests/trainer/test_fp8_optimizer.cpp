@@ -1,0 +1,92 @@
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "trainer/optimizer.h"
+
+namespace {
+
+using namespace fmoe::trainer;
+
+OptimizerConfig recipe(const std::string& main, const std::string& grad, const std::string& m, const std::string& v) {
+  OptimizerConfig o;
+  o.main_params_dtype = main;
+  o.grad_dtype = grad;
+  o.exp_avg_dtype = m;
+  o.exp_avg_sq_dtype = v;
+  o.weight_decay = 0.1;
+  return o;
+}
+
+std::vector<NamedParameter> params(int64_t n) {
+  torch::manual_seed(1);
+  return {{"layers.0.moe.w13", (at::randn({n, 128}) * 0.02).requires_grad_()},
+          {"layers.0.attention_norm.weight", at::ones({128}).requires_grad_()}};
+}
+
+TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
+  const auto bytes = [](const OptimizerConfig& o) { return AdamW(params(512), o).bytes_per_parameter(); };
+  EXPECT_NEAR(bytes(recipe("fp32", "fp32", "fp32", "fp32")).training_state(), 16.0, 1e-9);
+  EXPECT_NEAR(bytes(recipe("fp32", "fp32", "bf16", "bf16")).training_state(), 12.0, 1e-9);
+  // MS-AMP O2: FP16 master, FP8 gradients, FP8 first moment, FP16 second moment; the
+  // 1 x 128 FP8 tiles add 4 / 128 bytes of scale each.
+  const StateBytes c = bytes(recipe("fp16", "fp8", "fp8", "fp16"));
+  EXPECT_NEAR(c.master, 2.0, 0.01);
+  EXPECT_NEAR(c.grads, 1.0 + 4.0 / 128, 1e-9);
+  EXPECT_NEAR(c.exp_avg, 1.0 + 4.0 / 128, 0.01);
+  EXPECT_NEAR(c.exp_avg_sq, 2.0, 0.01);
+  EXPECT_NEAR(c.training_state(), 6.0625, 0.01);
+  EXPECT_NEAR(bytes(recipe("fp16", "fp8", "fp8", "fp8")).training_state(), 5.09, 0.01);
+}
+
+TEST(Fp8Optimizer, FirstStepMatchesClosedFormUpToStorageRounding) {
+  // After one step m_hat = g and v_hat = g^2: p -= lr * sign(g) + lr * wd * p.
+  auto ps = params(256);
+  AdamW adam(ps, recipe("fp16", "fp32", "fp8", "fp16"));
+  const at::Tensor p0 = ps[0].tensor.detach().clone();  // already rounded to the FP16 master
+  ps[0].tensor.mutable_grad() = at::randn({256, 128});
+  ps[1].tensor.mutable_grad() = at::randn({128});
+  const at::Tensor g = ps[0].tensor.grad().clone();
+  adam.step(1e-3);
+  const at::Tensor expected = p0 * (1 - 1e-3 * 0.1) - 1e-3 * g.sign();
+  // FP16 master: each weight rounded to 11 significant bits (relative 2^-11).
+  const at::Tensor error = (ps[0].tensor.detach() - expected).abs();
+  EXPECT_TRUE((error <= expected.abs() * std::ldexp(1.0, -11) + 1e-9).all().item<bool>()) << error.max();
+  EXPECT_GT(error.max().item<double>(), 0.0) << "the master is rounded, not FP32";
+}
+
+TEST(Fp8Optimizer, Fp8GradientsAreRoundedBeforeTheUpdate) {
+  auto ps = params(64);
+  ps[0].tensor.mutable_grad() = at::randn({64, 128}) * 1e-3;
+  ps[1].tensor.mutable_grad() = at::randn({128});
+  const at::Tensor before = ps[0].tensor.grad().clone();
+  AdamW adam(ps, recipe("fp32", "fp8", "fp32", "fp32"));
+  adam.quantize_gradients();
+  const at::Tensor after = ps[0].tensor.grad();
+  EXPECT_FALSE(at::equal(before, after));
+  EXPECT_LE(((after - before).norm() / before.norm()).item<double>(), 0.05);
+}
+
+TEST(Fp8Optimizer, StateRestoresExactly) {
+  const OptimizerConfig o = recipe("fp16", "fp8", "fp8", "fp8");
+  auto ps = params(128);
+  AdamW a(ps, o);
+  for (int step = 0; step < 3; ++step) {
+    ps[0].tensor.mutable_grad() = at::randn({128, 128});
+    ps[1].tensor.mutable_grad() = at::randn({128});
+    a.step(1e-3);
+  }
+  auto qs = params(128);
+  AdamW b(qs, o);
+  b.load_state(a.state(), "ckpt");
+  EXPECT_EQ(b.steps_taken(), 3);
+  const TensorMap sa = a.state(), sb = b.state();
+  ASSERT_EQ(sa.size(), sb.size());
+  for (const auto& [name, tensor] : sa) EXPECT_TRUE(at::equal(tensor, sb.at(name))) << name;
+  TensorMap broken = sa;
+  broken.erase("exp_avg.layers.0.moe.w13.scales");
+  AdamW c(params(128), o);
+  EXPECT_THROW(c.load_state(broken, "ckpt"), std::runtime_error);
+}
+
+}  // namespace
