@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "data/file_util.h"
+#include "data/json_file.h"
 
 namespace fmoe::data {
 namespace {
@@ -151,12 +152,7 @@ std::shared_ptr<const IndexedDataset> IndexedDataset::open(const std::string& pr
 
   const std::string meta_path = prefix + ".meta.json";
   if (std::filesystem::exists(meta_path)) {
-    nlohmann::json meta;
-    try {
-      meta = nlohmann::json::parse(read_file(meta_path));
-    } catch (const nlohmann::json::exception&) {
-      throw fail(meta_path, "corrupt dataset metadata (not JSON)");
-    }
+    const nlohmann::json meta = read_json_file(meta_path, "dataset metadata");
     const std::string_view bin_bytes(reinterpret_cast<const char*>(dataset->bin_), dataset->bin_size_);
     if (meta.value("bin_crc32", uint32_t{0}) != crc32_of(bin_bytes)) {
       throw fail(bin_path, "checksum mismatch: the token file is corrupt");

@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "data/file_util.h"
+#include "data/json_file.h"
 
 namespace fmoe::data {
 
@@ -58,12 +59,7 @@ Tokenizer Tokenizer::load(const std::string& model_path) {
   tokenizer.crc32_ = crc32_of(bytes);
   const std::string meta_path = model_path + ".meta.json";
   if (std::filesystem::exists(meta_path)) {
-    nlohmann::json meta;
-    try {
-      meta = nlohmann::json::parse(read_file(meta_path));
-    } catch (const nlohmann::json::exception&) {
-      throw std::runtime_error(meta_path + ": corrupt tokenizer metadata (not JSON)");
-    }
+    const nlohmann::json meta = read_json_file(meta_path, "tokenizer metadata");
     if (meta.value("crc32", uint32_t{0}) != tokenizer.crc32_) {
       throw std::runtime_error(model_path + ": checksum mismatch: the tokenizer file is truncated or corrupt");
     }

@@ -3,9 +3,10 @@
 // reduction dimension, weights in 128 x 128 blocks; FP32 accumulation.
 //
 // On CPU every FP8 GEMM is emulated exactly: both operands are quantized and
-// dequantized (fake_quantize), then multiplied by an FP32 GEMM. The same
-// emulation runs on CUDA tensors until a native block-scaled FP8 GEMM is wired
-// in; fp8_gemm_backend() says which one a device gets.
+// dequantized (fake_quantize), then multiplied by an FP32 GEMM. On CUDA tensors
+// the first use probes at::_scaled_mm with 1x128 / 128x128 block scales against
+// the emulation and uses it when they agree (dimensions multiples of 128),
+// otherwise the emulation; fp8_gemm_backend() says which, and why.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,7 +29,7 @@ at::Tensor quantize_blockwise(const at::Tensor& w);
 // Returns x's dtype. Differentiable in x and w.
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w);
 
-// "emulated (FP32 GEMM on dequantized E4M3 operands)" and the reason, for the log.
+// Which GEMM a device gets, and why, for the log.
 std::string fp8_gemm_backend(const at::Device& device);
 
 }  // namespace fmoe::fp8

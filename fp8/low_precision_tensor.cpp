@@ -79,6 +79,15 @@ at::Tensor LowPrecisionTensor::load() const {
   return {};
 }
 
+at::Tensor LowPrecisionTensor::round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size) {
+  LowPrecisionTensor stored;
+  stored.shape_ = value.sizes().vec();
+  stored.dtype_ = dtype;
+  stored.block_size_ = block_size;
+  stored.store(value);
+  return stored.load();
+}
+
 int64_t LowPrecisionTensor::bytes() const {
   return data_.numel() * data_.element_size() + (scales_.defined() ? scales_.numel() * 4 : 0);
 }

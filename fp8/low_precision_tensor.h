@@ -29,6 +29,9 @@ class LowPrecisionTensor {
   int64_t bytes() const;                // storage including scales
   StorageDtype dtype() const { return dtype_; }
 
+  // value as it reads back after a store in dtype (for gradients kept in a narrow dtype).
+  static at::Tensor round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size = 128);
+
   // The exact stored bytes (data and scales) for checkpoints, and their restore.
   std::map<std::string, at::Tensor> parts() const;
   void restore(const std::map<std::string, at::Tensor>& parts, const std::string& source);

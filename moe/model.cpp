@@ -31,6 +31,7 @@ at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT,
 
 MoEModel::MoEModel(const ModelConfig& config) : config_(config) {
   if (const std::string error = config.validate(); !error.empty()) throw std::invalid_argument("model." + error);
+  if (const std::string error = config.trainer_support(); !error.empty()) throw std::invalid_argument("model." + error);
   embedding = register_module("embedding", std::make_shared<EmbeddingStage>(config));
   // A ModuleList names parameters "layers.<i>.…", the names checkpoints use.
   auto list = register_module("layers", torch::nn::ModuleList());

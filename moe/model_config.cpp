@@ -47,30 +47,96 @@ std::string ModelConfig::validate() const {
   if (expert_bias_update_rate < 0) return "expert_bias_update_rate: must be >= 0";
   if (aux_loss_coeff < 0) return "aux_loss_coeff: must be >= 0";
   if (z_loss_coeff < 0) return "z_loss_coeff: must be >= 0";
+  if (attention != "mha" && attention != "mla") return "attention: must be mha or mla, got '" + attention + "'";
+  if (is_mla()) {
+    for (auto [name, value] : {std::pair{"kv_lora_rank", kv_lora_rank}, {"qk_nope_head_dim", qk_nope_head_dim},
+                               {"qk_rope_head_dim", qk_rope_head_dim}, {"v_head_dim", v_head_dim}}) {
+      if (auto error = positive(name, value); !error.empty()) return error;
+    }
+    if (q_lora_rank < 0) return "q_lora_rank: must be >= 0";
+  }
+  if (mtp_layers < 0) return "mtp_layers: must be >= 0";
   if (rope_theta <= 0) return "rope_theta: must be > 0";
   if (norm_eps <= 0) return "norm_eps: must be > 0";
   if (init_std <= 0) return "init_std: must be > 0";
   return "";
 }
 
+std::string ModelConfig::trainer_support() const {
+  if (is_mla()) return "attention: mla is not implemented by the trainer yet (moe-plan accepts it)";
+  if (mtp_layers > 0) return "mtp_layers: multi-token prediction is not implemented by the trainer yet (moe-plan accepts it)";
+  if (attention_bias) return "attention_bias: not implemented by the trainer yet (moe-plan accepts it)";
+  if (shared_expert_gate) return "shared_expert_gate: not implemented by the trainer yet (moe-plan accepts it)";
+  return "";
+}
+
+int64_t attention_parameters(const ModelConfig& c) {
+  const int64_t d = c.hidden_size, h = c.num_heads;
+  if (!c.is_mla()) {
+    const int64_t qkv = d * (h + 2 * c.num_kv_heads) * c.head_dim;
+    const int64_t bias = c.attention_bias ? (h + 2 * c.num_kv_heads) * c.head_dim : 0;
+    return qkv + bias + h * c.head_dim * d;
+  }
+  const int64_t qk = c.qk_head_dim();
+  // Queries: full rank, or down-projection + norm + up-projection.
+  const int64_t q = c.q_lora_rank > 0 ? d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk : d * h * qk;
+  // Keys/values: one down-projection to the latent plus the shared rotary key, a norm,
+  // and the up-projection to per-head non-rotary keys and values.
+  const int64_t kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank +
+                     c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim);
+  return q + kv + h * c.v_head_dim * d;
+}
+
+namespace {
+
+// One transformer layer's parameters: attention, two norms, and its FFN.
+struct LayerParameters {
+  int64_t attention, norms, dense_ffn, router, shared, routed, routed_activated;
+};
+
+LayerParameters layer_parameters(const ModelConfig& c, bool moe) {
+  const int64_t d = c.hidden_size;
+  const int64_t expert = 3 * d * c.moe_ffn_hidden_size;
+  LayerParameters l{attention_parameters(c), 2 * d, 0, 0, 0, 0, 0};
+  if (!moe) {
+    l.dense_ffn = 3 * d * c.ffn_hidden_size;
+    return l;
+  }
+  l.router = c.num_experts * d;
+  l.shared = c.num_shared_experts * expert + (c.shared_expert_gate && c.num_shared_experts > 0 ? d : 0);
+  l.routed = c.num_experts * expert;
+  l.routed_activated = c.top_k * expert;
+  return l;
+}
+
+}  // namespace
+
 ParameterCounts count_parameters(const ModelConfig& c) {
   ParameterCounts p;
   const int64_t d = c.hidden_size;
   p.embedding = c.vocab_size * d;
   p.head = c.vocab_size * d;
-  const int64_t qkv = d * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
-  const int64_t out = c.num_heads * c.head_dim * d;
-  p.attention = c.num_layers * (qkv + out);
-  p.norms = c.num_layers * 2 * d + d;  // two per layer plus the final norm
-  p.dense_ffn = c.first_k_dense * 3 * d * c.ffn_hidden_size;
-  const int64_t moe_layers = c.num_moe_layers();
-  const int64_t expert = 3 * d * c.moe_ffn_hidden_size;
-  p.router = moe_layers * c.num_experts * d;
-  p.shared_experts = moe_layers * c.num_shared_experts * expert;
-  p.routed_experts = moe_layers * c.num_experts * expert;
+  p.norms = d;  // the final norm
+  int64_t routed_activated = 0;
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    const LayerParameters l = layer_parameters(c, c.is_moe_layer(layer) && c.num_moe_layers() > 0);
+    p.attention += l.attention;
+    p.norms += l.norms;
+    p.dense_ffn += l.dense_ffn;
+    p.router += l.router;
+    p.shared_experts += l.shared;
+    p.routed_experts += l.routed;
+    routed_activated += l.routed_activated;
+  }
   p.total = p.embedding + p.head + p.attention + p.norms + p.dense_ffn + p.router + p.shared_experts + p.routed_experts;
-  p.activated = p.total - moe_layers * (c.num_experts - c.top_k) * expert;
+  p.activated = p.total - p.routed_experts + routed_activated;
   p.activated_non_embedding = p.activated - p.embedding - p.head;
+  if (c.mtp_layers > 0) {
+    // DeepSeek-V3's MTP module: two norms, a [2D -> D] projection and one (MoE) layer;
+    // it shares the embedding and the head with the main model.
+    const LayerParameters l = layer_parameters(c, c.num_moe_layers() > 0);
+    p.mtp = c.mtp_layers * (2 * d + 2 * d * d + l.attention + l.norms + l.dense_ffn + l.router + l.shared + l.routed);
+  }
   return p;
 }
 
@@ -79,11 +145,21 @@ double training_flops_per_token(const ModelConfig& c, int64_t seq_len) {
   // Matrices touched per token: everything activated except the embedding
   // lookup and the norms' element-wise scales.
   const double matmul_params = static_cast<double>(p.activated - p.embedding - p.norms);
-  const double dense = 6.0 * matmul_params;
-  // QK^T and attention x V: 2 GEMMs x 2 FLOPs x seq x (heads x head_dim), halved by the causal mask, x3 passes.
-  const double attention = 3.0 * 2.0 * 2.0 * static_cast<double>(seq_len) * static_cast<double>(c.num_heads * c.head_dim) / 2.0 *
-                           static_cast<double>(c.num_layers);
-  return dense + attention;
+  // Scores (QK^T: qk_head_dim) and context (x V: value_head_dim): 2 FLOPs x seq x heads x dims,
+  // halved by the causal mask, x3 passes.
+  const double attention_per_layer = 3.0 * 2.0 * static_cast<double>(seq_len) *
+                                     static_cast<double>(c.num_heads * (c.qk_head_dim() + c.value_head_dim())) / 2.0;
+  double flops = 6.0 * matmul_params + attention_per_layer * static_cast<double>(c.num_layers);
+  if (c.mtp_layers > 0) {
+    const int64_t d = c.hidden_size;
+    const bool moe = c.num_moe_layers() > 0;
+    const double expert = 3.0 * d * c.moe_ffn_hidden_size;
+    const double layer_matmul = attention_parameters(c) +
+                                (moe ? c.num_experts * d + (c.top_k + c.num_shared_experts) * expert : 3.0 * d * c.ffn_hidden_size);
+    // Per module: the projection, one layer, its attention core and one more logits GEMM.
+    flops += c.mtp_layers * (6.0 * (2.0 * d * d + layer_matmul + static_cast<double>(p.head)) + attention_per_layer);
+  }
+  return flops;
 }
 
 }  // namespace fmoe::moe

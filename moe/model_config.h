@@ -38,9 +38,27 @@ struct ModelConfig {
   double aux_loss_coeff = 1e-4;        // sequence-wise balance loss
   double z_loss_coeff = 0.0;
 
+  // Shapes the planner understands before the trainer implements them
+  // (MoEModel refuses a config that sets them).
+  std::string attention = "mha";       // mha (MHA / GQA) | mla (multi-head latent attention)
+  int64_t q_lora_rank = 0;             // mla: query down-projection rank; 0 = full-rank query
+  int64_t kv_lora_rank = 512;          // mla: compressed key/value rank
+  int64_t qk_nope_head_dim = 128;      // mla: per-head query/key dims without rotary
+  int64_t qk_rope_head_dim = 64;       // mla: per-head rotary dims (the key's are shared)
+  int64_t v_head_dim = 128;            // mla: per-head value dims
+  int64_t mtp_layers = 0;              // multi-token-prediction modules (DeepSeek-V3: 1)
+  bool attention_bias = false;         // biases on the query/key/value projections (Qwen2)
+  bool shared_expert_gate = false;     // a sigmoid gate on the shared experts' output (Qwen2)
+
   // Empty when valid, else "field: why" naming the first bad field.
   std::string validate() const;
   int64_t num_moe_layers() const { return num_layers - first_k_dense; }
+  bool is_mla() const { return attention == "mla"; }
+  // Per-head query/key and value widths of the attention core.
+  int64_t qk_head_dim() const { return is_mla() ? qk_nope_head_dim + qk_rope_head_dim : head_dim; }
+  int64_t value_head_dim() const { return is_mla() ? v_head_dim : head_dim; }
+  // Empty when MoEModel can build this config, else "field: why".
+  std::string trainer_support() const;
   bool is_moe_layer(int64_t layer) const { return layer >= first_k_dense; }
 };
 
@@ -53,6 +71,7 @@ struct ParameterCounts {
   int64_t router = 0;
   int64_t shared_experts = 0;
   int64_t routed_experts = 0;
+  int64_t mtp = 0;         // multi-token-prediction modules (not in total, as publishers count)
   int64_t total = 0;
   int64_t activated = 0;                 // per token: top_k routed experts of each MoE layer
   int64_t activated_non_embedding = 0;   // activated minus embedding and head
@@ -60,9 +79,14 @@ struct ParameterCounts {
 
 ParameterCounts count_parameters(const ModelConfig& config);
 
+// Parameters of one transformer layer's attention (projections, their biases and
+// MLA's latent norms).
+int64_t attention_parameters(const ModelConfig& config);
+
 // Training FLOPs per token (forward + backward = 3 GEMM passes, 2 FLOPs per
 // multiply-add), Megatron-LM's accounting: every activated matrix, the router and
-// the head, plus causal attention scores and context at seq_len (halved for the mask).
+// the head, plus causal attention scores and context at seq_len (halved for the
+// mask); with MTP modules, their layers, projections and an extra logits GEMM each.
 double training_flops_per_token(const ModelConfig& config, int64_t seq_len);
 
 }  // namespace fmoe::moe

@@ -18,9 +18,14 @@ cmake -S tests/gpu -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DCMAKE_PREFIX_PATH="$PWD/.deps/root/usr" >/dev/null
 ninja -C build-gpu >/dev/null
 built=$(date +%s)
-status=PASS
-build-gpu/test_fp8_cuda --gtest_brief=1 || status=FAIL
+cast=PASS; gemm=PASS
+build-gpu/test_fp8_cuda --gtest_brief=1 || cast=FAIL
+t1=$(date +%s)
+build-gpu/test_fp8_gemm_cuda --gtest_brief=1 | tee build-gpu/gemm.log || gemm=FAIL
+t2=$(date +%s)
 printf '\n| check | result | seconds |\n|---|---|---|\n'
 printf '| build CUDA path (sm_90) | ok | %d |\n' $((built - start))
-printf '| test_fp8_cuda (E4M3 cast vs CPU codec) | %s | %d |\n' "$status" $(( $(date +%s) - built ))
-[ "$status" = PASS ]
+printf '| test_fp8_cuda (E4M3 cast kernel vs CPU codec) | %s | %d |\n' "$cast" $((t1 - built))
+printf '| test_fp8_gemm_cuda (FP8 linear on GPU vs CPU emulation) | %s | %d |\n' "$gemm" $((t2 - t1))
+grep -m1 "backend" build-gpu/gemm.log || true
+[ "$cast" = PASS ] && [ "$gemm" = PASS ]

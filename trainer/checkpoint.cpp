@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "data/file_util.h"
+#include "data/json_file.h"
 
 namespace fmoe::trainer {
 namespace fs = std::filesystem;
@@ -119,12 +120,7 @@ CheckpointContents load_checkpoint(const std::string& directory) {
   const fs::path dir(directory);
   const std::string state_path = (dir / "trainer_state.json").string();
   if (!fs::exists(state_path)) throw std::runtime_error(state_path + ": missing: not a complete checkpoint");
-  nlohmann::json state;
-  try {
-    state = nlohmann::json::parse(data::read_file(state_path));
-  } catch (const nlohmann::json::exception&) {
-    throw std::runtime_error(state_path + ": corrupt (not valid JSON)");
-  }
+  const nlohmann::json state = data::read_json_file(state_path, "checkpoint state");
   CheckpointContents contents;
   try {
     contents.state.step = state.at("step").get<int64_t>();

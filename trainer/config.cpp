@@ -38,6 +38,15 @@ void visit(V& v, moe::ModelConfig& c) {
   v.field("expert_bias_update_rate", c.expert_bias_update_rate);
   v.field("aux_loss_coeff", c.aux_loss_coeff);
   v.field("z_loss_coeff", c.z_loss_coeff);
+  v.field("attention", c.attention);
+  v.field("q_lora_rank", c.q_lora_rank);
+  v.field("kv_lora_rank", c.kv_lora_rank);
+  v.field("qk_nope_head_dim", c.qk_nope_head_dim);
+  v.field("qk_rope_head_dim", c.qk_rope_head_dim);
+  v.field("v_head_dim", c.v_head_dim);
+  v.field("mtp_layers", c.mtp_layers);
+  v.field("attention_bias", c.attention_bias);
+  v.field("shared_expert_gate", c.shared_expert_gate);
 }
 
 template <class V>
@@ -92,6 +101,7 @@ void visit(V& v, TrainingConfig& c) {
   v.field("checkpoint_interval", c.checkpoint_interval);
   v.field("keep_checkpoints", c.keep_checkpoints);
   v.field("run_dir", c.run_dir);
+  v.field("recompute", c.recompute);
 }
 
 template <class V>
@@ -100,7 +110,16 @@ void visit(V& v, ParallelConfig& c) {
   v.field("tp", c.tp);
   v.field("pp", c.pp);
   v.field("ep", c.ep);
+  v.field("virtual_pp", c.virtual_pp);
   v.field("zero1", c.zero1);
+}
+
+template <class V>
+void visit(V& v, BudgetConfig& c) {
+  v.field("usd_per_gpu_hour", c.usd_per_gpu_hour);
+  v.field("max_usd", c.max_usd);
+  v.field("max_gpu_hours", c.max_gpu_hours);
+  v.field("max_tokens", c.max_tokens);
 }
 
 template <class V>
@@ -111,6 +130,7 @@ void visit(V& v, Config& c) {
   v.section("training", c.training);
   v.section("parallel", c.parallel);
   v.section("precision", c.precision);
+  v.section("budget", c.budget);
 }
 
 std::string location(const std::string& source, const YAML::Mark& mark) {
@@ -353,15 +373,36 @@ std::string TrainingConfig::validate() const {
   if (checkpoint_interval < 0) return "checkpoint_interval: must be >= 0";
   if (keep_checkpoints < 1) return "keep_checkpoints: must be >= 1";
   if (run_dir.empty()) return "run_dir: must not be empty";
+  if (recompute != "none" && recompute != "selective" && recompute != "full") {
+    return "recompute: must be none, selective or full, got '" + recompute + "'";
+  }
   return "";
 }
 
 std::string ParallelConfig::validate() const {
   if (dp < 0) return "dp: must be >= 0 (0 means the world size)";
-  if (tp != 1) return "tp: tensor parallelism is not available in this build; set 1";
-  if (pp != 1) return "pp: pipeline parallelism is not available in this build; set 1";
-  if (ep != 1) return "ep: expert parallelism is not available in this build; set 1";
-  if (zero1) return "zero1: ZeRO-1 sharding is not available in this build; set false";
+  for (auto [name, value] : {std::pair{"tp", tp}, {"pp", pp}, {"ep", ep}, {"virtual_pp", virtual_pp}}) {
+    if (value < 1) return std::string(name) + ": must be >= 1, got " + std::to_string(value);
+  }
+  if (dp > 0 && dp % ep != 0) return "ep: must divide dp (" + std::to_string(dp) + "), got " + std::to_string(ep);
+  return "";
+}
+
+std::string ParallelConfig::trainer_support() const {
+  if (tp != 1) return "tp: tensor parallelism is not available in moe-train yet; set 1";
+  if (pp != 1) return "pp: pipeline parallelism is not available in moe-train yet; set 1";
+  if (ep != 1) return "ep: expert parallelism is not available in moe-train yet; set 1";
+  if (virtual_pp != 1) return "virtual_pp: pipeline parallelism is not available in moe-train yet; set 1";
+  if (zero1) return "zero1: ZeRO-1 sharding is not available in moe-train yet; set false";
+  return "";
+}
+
+std::string BudgetConfig::validate() const {
+  for (auto [name, value] : {std::pair{"usd_per_gpu_hour", usd_per_gpu_hour}, {"max_usd", max_usd}, {"max_gpu_hours", max_gpu_hours}}) {
+    if (!(value >= 0)) return std::string(name) + ": must be >= 0";
+  }
+  if (max_tokens < 0) return "max_tokens: must be >= 0";
+  if (max_usd > 0 && usd_per_gpu_hour <= 0) return "max_usd: needs usd_per_gpu_hour > 0 to convert time into dollars";
   return "";
 }
 
@@ -369,7 +410,7 @@ std::string Config::validate() const {
   for (const std::string& error :
        {check("model", model.validate()), check("data", data.validate()), check("optimizer", optimizer.validate()),
         check("training", training.validate()), check("parallel", parallel.validate()),
-        check("precision", precision.validate())}) {
+        check("precision", precision.validate()), check("budget", budget.validate())}) {
     if (!error.empty()) return error;
   }
   if (training.seq_len > model.max_seq_len) {

@@ -71,6 +71,7 @@ struct TrainingConfig {
   int64_t checkpoint_interval = 200;  // 0: only at the end
   int64_t keep_checkpoints = 2;
   std::string run_dir = "runs/tiny";
+  std::string recompute = "none";    // none | selective | full (priced by moe-plan; moe-train keeps all activations)
   std::string validate() const;
 };
 
@@ -79,8 +80,21 @@ struct ParallelConfig {
   int64_t tp = 1;
   int64_t pp = 1;
   int64_t ep = 1;
+  int64_t virtual_pp = 1;
   bool zero1 = false;
   std::string validate() const;
+  // Empty when moe-train can run this layout, else "field: why" (moe-plan takes any).
+  std::string trainer_support() const;
+};
+
+// A run's spending limits. On CPU a rank counts as one device.
+struct BudgetConfig {
+  double usd_per_gpu_hour = 0;  // 0: no dollar accounting
+  double max_usd = 0;           // 0: no limit
+  double max_gpu_hours = 0;     // 0: no limit
+  int64_t max_tokens = 0;       // 0: no limit
+  std::string validate() const;
+  bool limited() const { return max_usd > 0 || max_gpu_hours > 0 || max_tokens > 0; }
 };
 
 struct Config {
@@ -90,6 +104,7 @@ struct Config {
   TrainingConfig training;
   ParallelConfig parallel;
   PrecisionConfig precision;
+  BudgetConfig budget;
   // "section.field: why" for the first invalid field, or empty.
   std::string validate() const;
 };

@@ -45,7 +45,7 @@ std::string ProgressLine::format() const {
   std::snprintf(text, sizeof(text), "step %lld/%lld | loss %.4f | lr %.2e | %.0f tok/s | MFU %.1f%% | ETA %s",
                 static_cast<long long>(step), static_cast<long long>(total_steps), loss, lr, tokens_per_second,
                 100.0 * mfu, format_duration(eta_seconds).c_str());
-  return text;
+  return spend.empty() ? std::string(text) : std::string(text) + " | " + spend;
 }
 
 MetricsWriter::MetricsWriter(const std::string& path, int64_t resume_step) {

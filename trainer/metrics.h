@@ -19,6 +19,7 @@ std::string format_duration(double seconds);
 struct ProgressLine {
   int64_t step = 0, total_steps = 0;
   double loss = 0, lr = 0, tokens_per_second = 0, mfu = 0, eta_seconds = 0;
+  std::string spend;  // "spent / projected" when a budget is configured
   std::string format() const;
 };
 

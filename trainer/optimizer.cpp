@@ -68,9 +68,7 @@ void AdamW::quantize_gradients() {
   for (auto& p : params_) {
     at::Tensor grad = p.tensor.grad();
     if (!grad.defined()) continue;
-    fp8::LowPrecisionTensor stored(grad.sizes(), grad_dtype_, config_.state_block_size);
-    stored.store(grad);
-    grad.copy_(stored.load());
+    grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, grad_dtype_, config_.state_block_size));
   }
 }
 

@@ -135,6 +135,38 @@ struct Trainer::Impl {
     return (sums[0] / sums[1]).item<double>();
   }
 
+  // GPU-hours so far (a CPU rank counts as one device) and their price.
+  double gpu_hours() const { return state.elapsed_seconds * world_size / 3600.0; }
+  double usd() const { return gpu_hours() * config.budget.usd_per_gpu_hour; }
+
+  // The first budget limit reached, or empty.
+  std::string budget_exhausted() const {
+    const BudgetConfig& b = config.budget;
+    char text[160] = "";
+    if (b.max_tokens > 0 && state.tokens_seen >= b.max_tokens) {
+      std::snprintf(text, sizeof(text), "%lld of budget.max_tokens %lld tokens", static_cast<long long>(state.tokens_seen),
+                    static_cast<long long>(b.max_tokens));
+    } else if (b.max_gpu_hours > 0 && gpu_hours() >= b.max_gpu_hours) {
+      std::snprintf(text, sizeof(text), "%.4g of budget.max_gpu_hours %.4g GPU-hours", gpu_hours(), b.max_gpu_hours);
+    } else if (b.max_usd > 0 && usd() >= b.max_usd) {
+      std::snprintf(text, sizeof(text), "$%.4g of budget.max_usd $%.4g", usd(), b.max_usd);
+    }
+    return text;
+  }
+
+  // "spent / projected" for the progress line, given the run's total steps.
+  std::string spend_text(int64_t total_steps) const {
+    if (!config.budget.limited() && config.budget.usd_per_gpu_hour <= 0) return "";
+    const double projected = state.step > 0 ? gpu_hours() / static_cast<double>(state.step) * static_cast<double>(total_steps) : 0;
+    char text[96];
+    if (config.budget.usd_per_gpu_hour > 0) {
+      std::snprintf(text, sizeof(text), "$%.4g / $%.4g projected", usd(), projected * config.budget.usd_per_gpu_hour);
+    } else {
+      std::snprintf(text, sizeof(text), "%.3g / %.3g GPU-h projected", gpu_hours(), projected);
+    }
+    return text;
+  }
+
   TrainResult run();
 };
 
@@ -154,6 +186,8 @@ TrainResult Trainer::Impl::run() {
     rank = options.world->rank();
     world_size = options.world->size();
   }
+  if (const std::string error = cfg.model.trainer_support(); !error.empty()) throw ConfigError("model." + error);
+  if (const std::string error = cfg.parallel.trainer_support(); !error.empty()) throw ConfigError("parallel." + error);
   if (cfg.parallel.dp != 0 && cfg.parallel.dp != world_size) {
     throw ConfigError("parallel.dp: " + std::to_string(cfg.parallel.dp) + " does not match the " + std::to_string(world_size) +
                       " ranks launched (dp x tp x pp must equal the world size)");
@@ -215,6 +249,20 @@ TrainResult Trainer::Impl::run() {
       cfg.optimizer.grad_dtype + ", exp_avg " + cfg.optimizer.exp_avg_dtype + ", exp_avg_sq " + cfg.optimizer.exp_avg_sq_dtype + ")");
   if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(at::Device(at::kCPU)));
 
+  const BudgetConfig& budget = cfg.budget;
+  if (budget.max_tokens > 0 && budget.max_tokens < tc.steps * tokens_per_step) {
+    log("budget warning: " + std::to_string(tc.steps * tokens_per_step) + " tokens planned, budget.max_tokens is " +
+        std::to_string(budget.max_tokens) + ": the run will stop near step " + std::to_string(budget.max_tokens / tokens_per_step));
+  }
+  bool projection_warned = false;
+  if (const std::string spent = budget_exhausted(); !spent.empty()) {
+    log("budget already spent at step " + std::to_string(state.step) + ": " + spent + "; raise the budget to continue");
+    TrainResult done;
+    done.final_step = state.step;
+    done.stopped_early = true;
+    return done;
+  }
+
   TrainResult result;
   const bool interactive = rank == 0 && isatty(STDERR_FILENO);
   const auto moe_layers = model->moe_layers();
@@ -254,11 +302,23 @@ TrainResult Trainer::Impl::run() {
     const double step_seconds = seconds_since(step_start);
     train_seconds += step_seconds;
     timed_tokens += tokens_per_step;
-    state.elapsed_seconds += step_seconds;
 
     StepRecord record{state.step, loss, -1};
     const bool last = state.step == tc.steps;
     if ((tc.eval_interval > 0 && state.step % tc.eval_interval == 0) || last) record.val_loss = evaluate();
+    // Spend counts the whole iteration (step and evaluation) and carries over on resume.
+    state.elapsed_seconds += seconds_since(step_start);
+    if (!projection_warned && (budget.max_gpu_hours > 0 || budget.max_usd > 0)) {
+      const double projected = gpu_hours() / static_cast<double>(state.step) * static_cast<double>(tc.steps);
+      if ((budget.max_gpu_hours > 0 && projected > budget.max_gpu_hours) ||
+          (budget.max_usd > 0 && projected * budget.usd_per_gpu_hour > budget.max_usd)) {
+        char text[200];
+        std::snprintf(text, sizeof(text), "budget warning: projected %.4g GPU-hours ($%.4g) for %lld steps exceeds the budget",
+                      projected, projected * budget.usd_per_gpu_hour, static_cast<long long>(tc.steps));
+        log(text);
+        projection_warned = true;
+      }
+    }
 
     const double tokens_per_second = timed_tokens / train_seconds;
     const double mfu = flops_per_token * tokens_per_second / (peak_gflops * 1e9);
@@ -267,7 +327,8 @@ TrainResult Trainer::Impl::run() {
                              {"z_loss", losses[2].item<double>()}, {"lr", lr}, {"grad_norm", grad_norm},
                              {"tokens_seen", state.tokens_seen}, {"tokens_per_second", tokens_per_step / step_seconds},
                              {"mfu", flops_per_token * tokens_per_step / step_seconds / (peak_gflops * 1e9)},
-                             {"step_seconds", step_seconds}};
+                             {"step_seconds", step_seconds}, {"gpu_hours", gpu_hours()}};
+      if (budget.usd_per_gpu_hour > 0) line["usd"] = usd();
       if (record.val_loss >= 0) line["val_loss"] = record.val_loss;
       nlohmann::json max_load = nlohmann::json::array(), mean_load = nlohmann::json::array();
       for (const auto& load : loads) {
@@ -276,12 +337,16 @@ TrainResult Trainer::Impl::run() {
         mean_load.push_back(f.mean().item<double>());
       }
       line["state_bytes_per_param"] = state_bytes.training_state();
+      line["memory_bytes_per_param"] = {{"weights", state_bytes.weights},       {"master", state_bytes.master},
+                                        {"grads", state_bytes.grads},           {"exp_avg", state_bytes.exp_avg},
+                                        {"exp_avg_sq", state_bytes.exp_avg_sq}};
       line["expert_load_max"] = max_load;
       line["expert_load_mean"] = mean_load;
       metrics->write(line.dump());
 
       ProgressLine progress{state.step, tc.steps, loss, lr, tokens_per_second, mfu,
-                            (tc.steps - state.step) * train_seconds / std::max<int64_t>(1, timed_tokens / tokens_per_step)};
+                            (tc.steps - state.step) * train_seconds / std::max<int64_t>(1, timed_tokens / tokens_per_step),
+                            spend_text(tc.steps)};
       if (interactive) {
         std::fprintf(stderr, "\r%s", progress.format().c_str());
         if (last) std::fprintf(stderr, "\n");
@@ -299,13 +364,27 @@ TrainResult Trainer::Impl::run() {
     if (record.val_loss >= 0) result.final_val_loss = record.val_loss;
 
     // Every rank must agree to stop, or the next collective would hang.
+    const std::string exhausted = budget_exhausted();
     const bool stop_here = g_stop_requested.load() || (options.stop_at_step > 0 && state.step >= options.stop_at_step);
-    at::Tensor stop = at::full({1}, stop_here ? 1L : 0L, at::kLong);
+    // Stop flags (request: 1, budget: 2) agree across ranks, or a collective would hang.
+    at::Tensor stop = at::full({2}, 0L, at::kLong);
+    stop[0] = stop_here ? 1L : 0L;
+    stop[1] = exhausted.empty() ? 0L : 1L;
     sum_over_ranks(stop);
-    const bool stopping = stop.item<int64_t>() > 0;
+    const bool stopping = stop[0].item<int64_t>() > 0 || stop[1].item<int64_t>() > 0;
     if (last || stopping || (tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0)) save(cfg);
     if (stopping && !last) {
-      log("stopped at step " + std::to_string(state.step) + " on request; resume with --resume");
+      if (stop[1].item<int64_t>() > 0) {
+        char text[320];
+        std::snprintf(text, sizeof(text),
+                      "budget reached at step %lld: spent %s (%.4g GPU-hours, %lld tokens); checkpoint saved; raise the "
+                      "budget and run with --resume to continue",
+                      static_cast<long long>(state.step), exhausted.empty() ? "the limit on another rank" : exhausted.c_str(),
+                      gpu_hours(), static_cast<long long>(state.tokens_seen));
+        log(text);
+      } else {
+        log("stopped at step " + std::to_string(state.step) + " on request; resume with --resume");
+      }
       result.stopped_early = true;
       break;
     }

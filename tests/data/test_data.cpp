@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <ATen/ATen.h>
 
 #include <filesystem>
@@ -56,16 +58,7 @@ void flip_byte(const std::string& path, size_t offset) {
   file.put(static_cast<char>(c ^ 0x5A));
 }
 
-void expect_error_mentions(const std::function<void()>& fn, const std::string& needle) {
-  try {
-    fn();
-    FAIL() << "expected an error mentioning " << needle;
-  } catch (const std::exception& e) {
-    const std::string message = e.what();
-    EXPECT_NE(message.find(needle), std::string::npos) << message;
-    EXPECT_EQ(message.find('\n'), std::string::npos) << "error must be one line: " << message;
-  }
-}
+using fmoe::testing::expect_error_mentions;
 
 TEST(Corpus, DictdNumbersAndWhitespace) {
   EXPECT_EQ(decode_dictd_number("A"), 0u);

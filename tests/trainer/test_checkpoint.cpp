@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <ATen/ATen.h>
 
 #include <filesystem>
@@ -37,14 +39,7 @@ class CheckpointTest : public ::testing::Test {
   std::string dir_;
 };
 
-void expect_error_mentions(const std::function<void()>& fn, const std::string& needle) {
-  try {
-    fn();
-    FAIL() << "expected an error mentioning " << needle;
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using fmoe::testing::expect_error_mentions;
 
 TEST(Safetensors, RoundTripAllDtypes) {
   TensorMap tensors = {{"f32", at::randn({2, 3})},          {"bf16", at::randn({5}).to(at::kBFloat16)},

@@ -39,7 +39,11 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("model:\n  top_k: 17\n"), "run.yaml: model.top_k: must be in [1, num_experts=16], got 17");
   EXPECT_EQ(error_of("training:\n  steps: 0\n"), "run.yaml: training.steps: must be >= 1, got 0");
   EXPECT_EQ(error_of("training:\n  seq_len: 512\n"), "run.yaml: training.seq_len: 512 exceeds model.max_seq_len 256");
-  EXPECT_EQ(error_of("parallel:\n  tp: 2\n"), "run.yaml: parallel.tp: tensor parallelism is not available in this build; set 1");
+  EXPECT_EQ(error_of("parallel:\n  dp: 4\n  ep: 3\n"), "run.yaml: parallel.ep: must divide dp (4), got 3");
+  EXPECT_EQ(error_of("budget:\n  max_usd: 5\n"), "run.yaml: budget.max_usd: needs usd_per_gpu_hour > 0 to convert time into dollars");
+  // moe-plan takes any layout; moe-train says what it cannot run yet.
+  const Config planned = parse_config("parallel:\n  tp: 2\n", "run.yaml");
+  EXPECT_EQ(planned.parallel.trainer_support(), "tp: tensor parallelism is not available in moe-train yet; set 1");
 }
 
 TEST(Config, SyntaxErrorHasLocation) {

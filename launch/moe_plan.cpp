@@ -1,0 +1,113 @@
+// moe-plan: prices a run before it starts.
+//
+//   moe-plan --config FILE --cluster NAME [--gpus G] [--tokens N] [--global-batch SEQS]
+//            [--mfu X] [--search [--top K]] [--json] [--set key.path=value]...
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <exception>
+
+#include "launch/cli.h"
+#include "trainer/config.h"
+#include "trainer/plan.h"
+
+namespace {
+
+using namespace fmoe;
+
+constexpr const char* kUsage =
+    "usage: moe-plan --config FILE --cluster NAME|FILE [--gpus G] [--tokens N] [--global-batch SEQUENCES]\n"
+    "                [--mfu X] [--search [--top K]] [--json] [--set key.path=value]...\n"
+    "  The layout comes from the config's parallel section (dp = gpus / (tp x pp)) and\n"
+    "  training.micro_batch_size x grad_accum_steps; --global-batch sets the accumulation.\n"
+    "  --mfu X also prices the tokens at a given model-FLOPs utilisation. --search ranks\n"
+    "  every layout that fits by cost.\n";
+
+double to_number(const std::string& text, const std::string& option) {
+  try {
+    size_t used = 0;
+    const double value = std::stod(text, &used);
+    if (used == text.size() && value > 0) return value;
+  } catch (const std::exception&) {
+  }
+  throw trainer::ConfigError("--" + option + ": expected a positive number, got '" + text + "'");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const auto args = launch::parse_args(argc, argv, 1, {"search", "json", "help"});
+    if (args.has("help")) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (!args.has("config") || !args.has("cluster") || !args.positional.empty()) {
+      std::fputs(kUsage, stderr);
+      return 2;
+    }
+    trainer::Config config = trainer::load_config(args.get("config"), args.all("set"));
+    const trainer::ClusterSpec cluster = trainer::load_cluster(args.get("cluster"));
+    const auto gpus = static_cast<int64_t>(to_number(args.get("gpus", "8"), "gpus"));
+    const double tokens = to_number(args.get("tokens", "1e12"), "tokens");
+    const trainer::Assumptions assumptions;
+    trainer::Layout layout = trainer::layout_from_config(config, gpus);
+    if (args.has("search")) {
+      const auto global = args.has("global-batch") ? static_cast<int64_t>(to_number(args.get("global-batch"), "global-batch"))
+                                                   : layout.micro_batch_size * layout.num_micro_batches * layout.dp;
+      const auto plans = trainer::search_plans(config, cluster, gpus, global, tokens, assumptions);
+      if (plans.empty()) throw trainer::ConfigError("no layout of " + std::to_string(gpus) + " x " + cluster.name + " fits this model");
+      const auto top = std::min(plans.size(), static_cast<size_t>(to_number(args.get("top", "10"), "top")));
+      if (args.has("json")) {
+        std::printf("[\n");
+        for (size_t i = 0; i < top; ++i) {
+          std::printf("%s%s\n", trainer::plan_json(plans[i], cluster, assumptions).c_str(), i + 1 < top ? "," : "");
+        }
+        std::printf("]\n");
+        return 0;
+      }
+      std::printf("%zu layouts fit on %lld x %s; cheapest first:\n", plans.size(), static_cast<long long>(gpus), cluster.name.c_str());
+      std::printf("  %-50s %10s %9s %7s %12s %12s\n", "layout", "memory", "step", "MFU", "GPU-hours", "cost");
+      for (size_t i = 0; i < top; ++i) {
+        const auto& p = plans[i];
+        std::printf("  %-50s %6.1f GiB %7.2f s %6.1f%% %12.4g  $%.4g\n", p.layout.describe().c_str(), p.memory.total() / (1 << 30),
+                    p.step_seconds, 100 * p.mfu, p.gpu_hours, p.usd);
+      }
+      return 0;
+    }
+    if (layout.gpus() != gpus) {
+      throw trainer::ConfigError("parallel: tp x pp x dp = " + std::to_string(layout.gpus()) + " does not use the " +
+                                 std::to_string(gpus) + " GPUs given by --gpus");
+    }
+    if (args.has("global-batch")) {
+      const auto sequences = static_cast<int64_t>(to_number(args.get("global-batch"), "global-batch"));
+      const int64_t per_micro = layout.micro_batch_size * layout.dp;
+      if (sequences % per_micro != 0) {
+        throw trainer::ConfigError("--global-batch: " + std::to_string(sequences) + " sequences is not a multiple of micro_batch_size x dp = " +
+                                   std::to_string(per_micro));
+      }
+      layout.num_micro_batches = sequences / per_micro;
+      config.training.grad_accum_steps = layout.num_micro_batches;
+    }
+    const trainer::Plan plan = trainer::make_plan(config, cluster, layout, tokens, assumptions);
+    if (args.has("json")) {
+      std::printf("%s\n", trainer::plan_json(plan, cluster, assumptions).c_str());
+      return 0;
+    }
+    std::fputs(trainer::format_plan(plan, cluster, assumptions).c_str(), stdout);
+    if (args.has("mfu")) {
+      const double mfu = to_number(args.get("mfu"), "mfu");
+      const double peak = (config.precision.fp8 ? cluster.peak_fp8_tflops : cluster.peak_bf16_tflops) * 1e12;
+      const double gpu_hours = plan.flops_per_token * tokens / (mfu * peak) / 3600.0;
+      std::printf("at MFU %.1f%% instead\n  %-34s %.4g\n  %-34s $%.4g\n", 100 * mfu, "GPU-hours", gpu_hours, "cost",
+                  gpu_hours * cluster.usd_per_gpu_hour);
+    }
+    return 0;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "moe-plan: error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe-plan: error: %s\n", e.what());
+    return 1;
+  }
+}

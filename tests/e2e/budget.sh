@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A budget stops the run with a checkpoint and exit 0; --resume with a raised
+# budget continues and reproduces the uninterrupted run's losses; spend carries over.
+source "$(dirname "$0")/common.sh"
+a="$WORK_DIR/budget_a"; b="$WORK_DIR/budget_b"; c="$WORK_DIR/budget_c"; rm -rf "$a" "$b" "$c"
+"$TRAIN" $(micro_args "$a") --set training.steps=20 > "$a.log" 2>&1 || { cat "$a.log"; fail "reference run failed"; }
+
+# A token budget of 8 steps (8 x 8 x 64 tokens): stops at step 8 exactly.
+"$TRAIN" $(micro_args "$b") --set training.steps=20 --set budget.max_tokens=4096 --set budget.usd_per_gpu_hour=2 > "$b.log" 2>&1 \
+  || { cat "$b.log"; fail "budgeted run exited non-zero"; }
+grep -q "budget warning: 10240 tokens planned" "$b.log" || fail "no warning at start"
+grep -q "budget reached at step 8: spent 4096 of budget.max_tokens 4096 tokens" "$b.log" || { cat "$b.log"; fail "no budget stop message"; }
+[ "$(cat "$b/checkpoints/latest")" = "step_00000008" ] || fail "no checkpoint at the budget stop"
+python3 - "$b/metrics.jsonl" <<'PY' || fail "spend missing from metrics"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert rows[-1]["gpu_hours"] > 0 and abs(rows[-1]["usd"] - 2 * rows[-1]["gpu_hours"]) < 1e-12
+PY
+spent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["elapsed_seconds"])' "$b/checkpoints/step_00000008/trainer_state.json")
+"$TRAIN" $(micro_args "$b") --set training.steps=20 --set budget.usd_per_gpu_hour=2 --resume > "$b.resume.log" 2>&1 \
+  || { cat "$b.resume.log"; fail "resume with a raised budget failed"; }
+diff <(losses "$a/metrics.jsonl") <(losses "$b/metrics.jsonl") || fail "losses differ after the budget stop"
+python3 - "$b/checkpoints/step_00000020/trainer_state.json" "$spent" <<'PY' || fail "spend did not carry over"
+import json, sys
+assert json.load(open(sys.argv[1]))["elapsed_seconds"] > float(sys.argv[2])
+PY
+
+# A GPU-hour budget smaller than one step: stops after the first step, and resumes.
+"$TRAIN" $(micro_args "$c") --set training.steps=20 --set budget.max_gpu_hours=1e-9 > "$c.log" 2>&1 || { cat "$c.log"; fail "GPU-hour budget run exited non-zero"; }
+grep -q "budget reached at step 1: spent .* of budget.max_gpu_hours" "$c.log" || { cat "$c.log"; fail "no GPU-hour budget stop"; }
+"$TRAIN" $(micro_args "$c") --set training.steps=20 --set budget.max_gpu_hours=1e-9 --resume > "$c.again.log" 2>&1 || fail "exhausted resume exited non-zero"
+grep -q "budget already spent at step 1" "$c.again.log" || { cat "$c.again.log"; fail "an exhausted budget should not train"; }
+"$TRAIN" $(micro_args "$c") --set training.steps=20 --set budget.max_gpu_hours=100 --resume > "$c.resume.log" 2>&1 || fail "resume failed"
+diff <(losses "$a/metrics.jsonl") <(losses "$c/metrics.jsonl") || fail "losses differ after the GPU-hour stop"
+echo "ok: budget stops, resumes and reproduces the losses"

@@ -1,0 +1,93 @@
+// The planner's arithmetic on hand-checkable cases, the DeepSeek-V3 plan on
+// DeepSeek's cluster, and the search. Runs with the source tree as cwd.
+#include <gtest/gtest.h>
+
+#include "moe/model_config.h"
+#include "trainer/config.h"
+#include "trainer/plan.h"
+
+namespace {
+
+using namespace fmoe::trainer;
+
+Layout layout(int64_t tp, int64_t pp, int64_t ep, int64_t dp, int64_t mb, int64_t micro, bool zero1) {
+  Layout l;
+  l.tp = tp, l.pp = pp, l.ep = ep, l.dp = dp, l.micro_batch_size = mb, l.num_micro_batches = micro, l.zero1 = zero1;
+  return l;
+}
+
+TEST(Plan, MemoryAndCommunicationByHand) {
+  const Config mixtral = load_config("configs/presets/mixtral-8x7b.yaml");
+  const ClusterSpec h100 = load_cluster("h100-sxm");
+  const Plan p = make_plan(mixtral, h100, layout(1, 1, 8, 8, 1, 4, true), 1e12, Assumptions());
+  const auto counts = fmoe::moe::count_parameters(mixtral.model);
+  const double experts = static_cast<double>(counts.routed_experts), dense = static_cast<double>(counts.total) - experts;
+  const double local = dense + experts / 8;
+  EXPECT_DOUBLE_EQ(p.memory.weights, 2 * local);
+  EXPECT_DOUBLE_EQ(p.memory.grads, 4 * local);
+  // ZeRO-1: dense state over dp = 8, expert state over expert-dp = dp / ep = 1.
+  EXPECT_DOUBLE_EQ(p.memory.master, 4 * (dense / 8 + experts / 8));
+  EXPECT_DOUBLE_EQ(p.memory.optimizer, 8 * (dense / 8 + experts / 8));
+  // All-to-all: 32 MoE layers x 4 exchanges (dispatch, combine; forward, backward) x 4 micro-batches
+  // x 4096 tokens x top-2 x 4096 hidden x 2 bytes x 7/8 leaving the GPU.
+  EXPECT_DOUBLE_EQ(p.comm.ep_bytes, 32.0 * 4 * 4 * 4096 * 2 * 4096 * 2 * 7 / 8);
+  EXPECT_DOUBLE_EQ(p.comm.tp_bytes, 0);
+  EXPECT_DOUBLE_EQ(p.bubble_fraction, 0);
+  EXPECT_DOUBLE_EQ(p.tokens_per_step, 4096.0 * 4 * 8);
+  EXPECT_NEAR(p.gpu_hours, 1e12 / p.tokens_per_step * p.step_seconds * 8 / 3600, 1e-6);
+  EXPECT_NEAR(p.usd, p.gpu_hours * 2.5, 1e-6);
+
+  const Plan piped = make_plan(mixtral, h100, layout(2, 4, 1, 1, 1, 12, false), 1e12, Assumptions());
+  EXPECT_DOUBLE_EQ(piped.bubble_fraction, 3.0 / 12);
+  EXPECT_GT(piped.comm.tp_bytes, 0);
+  EXPECT_GT(piped.comm.pp_bytes, 0);
+  EXPECT_THROW(make_plan(mixtral, h100, layout(3, 1, 1, 1, 1, 1, false), 1e12, Assumptions()), ConfigError);
+  EXPECT_THROW(make_plan(mixtral, h100, layout(1, 1, 3, 6, 1, 1, false), 1e12, Assumptions()), ConfigError);
+}
+
+TEST(Plan, DeepSeekV3OnDeepSeeksClusterFitsAndPricesTheRun) {
+  // pp16, ep64, ZeRO-1 data parallelism, no tp, on 2048 H800; 15360 sequences of 4096 per step.
+  Config v3 = load_config("configs/presets/deepseek-v3.yaml");
+  Layout deepseek = layout(1, 16, 64, 128, 1, 120, true);
+  deepseek.recompute = "selective";  // RMSNorm and MLA up-projections recomputed, as the report describes
+  const Plan p = make_plan(v3, load_cluster("h800"), deepseek, 14.8e12, Assumptions());
+  EXPECT_TRUE(p.fits) << p.memory.total() / (1 << 30) << " GiB";
+  deepseek.recompute = "none";  // keeping every activation does not fit in 80 GB
+  EXPECT_FALSE(make_plan(v3, load_cluster("h800"), deepseek, 14.8e12, Assumptions()).fits);
+  EXPECT_DOUBLE_EQ(p.tokens_per_step, 15360.0 * 4096);
+  EXPECT_NEAR(p.bubble_fraction, 15.0 / 120, 1e-12);
+  // DeepSeek's 2.664M H800 GPU-hours for 14.8T tokens imply ~20% of the FP8 peak
+  // (~40% of the BF16 peak) with these FLOPs per token.
+  const double implied_mfu = p.flops_per_token * 14.8e12 / (2.664e6 * 3600.0) / 1979e12;
+  EXPECT_GT(implied_mfu, 0.18);
+  EXPECT_LT(implied_mfu, 0.21);
+}
+
+TEST(Plan, SearchRanksFittingLayoutsByCost) {
+  const Config mixtral = load_config("configs/presets/mixtral-8x7b.yaml");
+  const auto plans = search_plans(mixtral, load_cluster("h100-sxm"), 64, 2048, 1e12, Assumptions());
+  ASSERT_FALSE(plans.empty());
+  for (size_t i = 0; i < plans.size(); ++i) {
+    EXPECT_TRUE(plans[i].fits);
+    EXPECT_EQ(plans[i].layout.gpus(), 64);
+    EXPECT_DOUBLE_EQ(plans[i].tokens_per_step, 2048.0 * 4096);
+    if (i > 0) EXPECT_LE(plans[i - 1].usd, plans[i].usd);
+  }
+}
+
+TEST(Plan, ClusterSpecsLoadAndRefuseBadFiles) {
+  for (const char* name : {"h800", "h100-sxm", "h200", "a100-80gb", "cpu-local"}) {
+    const ClusterSpec c = load_cluster(name);
+    EXPECT_GT(c.peak_bf16_tflops, 0) << name;
+    EXPECT_GT(c.usd_per_gpu_hour, 0) << name;
+  }
+  EXPECT_EQ(load_cluster("h200").hbm_gib, 131);
+  try {
+    load_cluster("tpu-v9");
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("tpu-v9: no such cluster spec"), std::string::npos);
+  }
+}
+
+}  // namespace

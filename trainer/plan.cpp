@@ -1,0 +1,368 @@
+#include "trainer/plan.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "moe/model_config.h"
+
+namespace fmoe::trainer {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+double dtype_bytes(const std::string& dtype, int64_t block) {
+  if (dtype == "fp32") return 4;
+  if (dtype == "fp8") return 1 + 4.0 / static_cast<double>(block);
+  return 2;  // bf16, fp16
+}
+
+std::string human_bytes(double bytes) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.2f GiB", bytes / kGiB);
+  return text;
+}
+
+std::string human_count(double n) {
+  char text[32];
+  if (n >= 1e12) {
+    std::snprintf(text, sizeof(text), "%.2fT", n / 1e12);
+  } else if (n >= 1e9) {
+    std::snprintf(text, sizeof(text), "%.2fB", n / 1e9);
+  } else {
+    std::snprintf(text, sizeof(text), "%.2fM", n / 1e6);
+  }
+  return text;
+}
+
+// Activation bytes one token leaves for backward in one layer, before
+// tensor-parallel sharding. BF16 elements; with FP8 GEMMs the inputs cached for
+// the expert GEMMs are FP8 (1 byte), as DeepSeek-V3 caches them; FP32 router scores.
+double activation_bytes_per_token_layer(const moe::ModelConfig& m, bool moe_layer, const std::string& recompute, bool fp8,
+                                        double imbalance) {
+  const double d = static_cast<double>(m.hidden_size), h = static_cast<double>(m.num_heads);
+  if (recompute == "full") return 2.0 * d;  // the layer input alone
+  const bool selective = recompute == "selective";
+  double latent = 0, expanded;  // MLA: compressed q / kv inputs, and the up-projected per-head q, k, v
+  if (m.is_mla()) {
+    latent = static_cast<double>(m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim);
+    expanded = h * m.qk_head_dim() + h * (m.qk_nope_head_dim + m.v_head_dim);
+  } else {
+    expanded = h * m.head_dim + 2.0 * m.num_kv_heads * m.head_dim;
+  }
+  // Residual and attention input; norm outputs unless recomputed; Q/K/V (MLA: recomputed from
+  // the latents under selective recompute); the attention output feeding the projection.
+  double bytes = 2.0 * (d + (selective ? 0 : 2 * d) + latent + (selective && m.is_mla() ? 0 : expanded) + h * m.value_head_dim());
+  if (!moe_layer) {
+    return bytes + 2.0 * (selective ? 2.0 : 3.0) * m.ffn_hidden_size;  // gate/up (and the activation)
+  }
+  const double fm = static_cast<double>(m.moe_ffn_hidden_size);
+  const double cached = fp8 ? 1.0 : 2.0;
+  // Per routed copy: the dispatched row and the activation (GEMM inputs) plus the gate/up output.
+  const double per_copy = cached * (d + (selective ? 0 : fm)) + 2.0 * 2 * fm;
+  bytes += imbalance * m.top_k * per_copy + m.num_shared_experts * per_copy;
+  bytes += 4.0 * m.num_experts;  // FP32 router scores
+  return bytes;
+}
+
+double link_gb_per_s(const ClusterSpec& c, int64_t span_gpus) {
+  return span_gpus <= c.gpus_per_node ? c.intra_node_gb_per_s : c.inter_node_gb_per_s;
+}
+
+}  // namespace
+
+std::string Layout::describe() const {
+  char text[160];
+  std::snprintf(text, sizeof(text), "tp%lld pp%lld ep%lld dp%lld%s mb%lld x%lld%s", static_cast<long long>(tp),
+                static_cast<long long>(pp), static_cast<long long>(ep), static_cast<long long>(dp), zero1 ? " zero1" : "",
+                static_cast<long long>(micro_batch_size), static_cast<long long>(num_micro_batches),
+                recompute == "none" ? "" : (" recompute=" + recompute).c_str());
+  return text;
+}
+
+ClusterSpec load_cluster(const std::string& name_or_path) {
+  std::string path = name_or_path;
+  if (!std::filesystem::exists(path)) path = "configs/clusters/" + name_or_path + ".yaml";
+  if (!std::filesystem::exists(path)) {
+    throw ConfigError(name_or_path + ": no such cluster spec (configs/clusters/ holds h800, h100-sxm, h200, a100-80gb, cpu-local)");
+  }
+  YAML::Node node;
+  try {
+    node = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(path + ":" + std::to_string(e.mark.line + 1) + ": YAML syntax error: " + e.msg);
+  }
+  ClusterSpec c;
+  const std::vector<std::pair<const char*, double*>> numbers = {
+      {"peak_bf16_tflops", &c.peak_bf16_tflops}, {"peak_fp8_tflops", &c.peak_fp8_tflops}, {"hbm_gib", &c.hbm_gib},
+      {"hbm_tb_per_s", &c.hbm_tb_per_s},         {"intra_node_gb_per_s", &c.intra_node_gb_per_s},
+      {"inter_node_gb_per_s", &c.inter_node_gb_per_s}, {"usd_per_gpu_hour", &c.usd_per_gpu_hour}};
+  for (const auto& entry : node) {
+    const std::string key = entry.first.as<std::string>();
+    const auto where = path + ":" + std::to_string(entry.first.Mark().line + 1) + ": ";
+    try {
+      if (key == "name") {
+        c.name = entry.second.as<std::string>();
+      } else if (key == "gpus_per_node") {
+        c.gpus_per_node = entry.second.as<int64_t>();
+      } else {
+        const auto it = std::find_if(numbers.begin(), numbers.end(), [&](const auto& n) { return key == n.first; });
+        if (it == numbers.end()) throw ConfigError(where + "unknown key '" + key + "'");
+        *it->second = entry.second.as<double>();
+      }
+    } catch (const YAML::Exception&) {
+      throw ConfigError(where + key + ": expected a number");
+    }
+  }
+  for (const auto& [key, value] : numbers) {
+    if (!(*value > 0)) throw ConfigError(path + ": " + key + ": must be > 0");
+  }
+  if (c.gpus_per_node < 1) throw ConfigError(path + ": gpus_per_node: must be >= 1");
+  if (c.name.empty()) c.name = std::filesystem::path(path).stem().string();
+  return c;
+}
+
+Layout layout_from_config(const Config& config, int64_t gpus) {
+  Layout l;
+  l.tp = config.parallel.tp;
+  l.pp = config.parallel.pp;
+  l.ep = config.parallel.ep;
+  l.virtual_pp = config.parallel.virtual_pp;
+  l.zero1 = config.parallel.zero1;
+  l.dp = config.parallel.dp > 0 ? config.parallel.dp : gpus / std::max<int64_t>(1, l.tp * l.pp);
+  l.micro_batch_size = config.training.micro_batch_size;
+  l.num_micro_batches = config.training.grad_accum_steps;
+  l.recompute = config.training.recompute;
+  return l;
+}
+
+Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, double tokens, const Assumptions& a) {
+  const moe::ModelConfig& m = config.model;
+  const OptimizerConfig& o = config.optimizer;
+  const auto bad = [&](const std::string& why) { return ConfigError("layout " + layout.describe() + ": " + why); };
+  if (layout.tp < 1 || layout.pp < 1 || layout.ep < 1 || layout.dp < 1) throw bad("every degree must be >= 1");
+  if (layout.dp % layout.ep != 0) throw bad("ep must divide dp (experts are sharded inside the data-parallel group)");
+  if (m.num_moe_layers() > 0 && m.num_experts % layout.ep != 0) throw bad("ep must divide num_experts");
+  if (m.num_heads % layout.tp != 0) throw bad("tp must divide num_heads");
+  if (layout.pp > m.num_layers) throw bad("pp exceeds num_layers");
+
+  Plan p;
+  if (layout.recompute != "none" && layout.recompute != "selective" && layout.recompute != "full") {
+    throw bad("recompute must be none, selective or full");
+  }
+  p.layout = layout;
+  const moe::ParameterCounts counts = moe::count_parameters(m);
+  p.params_total = static_cast<double>(counts.total + counts.mtp);
+  p.params_activated = static_cast<double>(counts.activated);
+  const int64_t seq = config.training.seq_len;
+  p.flops_per_token = moe::training_flops_per_token(m, seq);
+  const double tokens_per_micro = static_cast<double>(layout.micro_batch_size * seq);
+  p.tokens_per_step = tokens_per_micro * static_cast<double>(layout.num_micro_batches * layout.dp);
+
+  // ---- memory per GPU (the busiest pipeline stage)
+  const double moe_layers = static_cast<double>(std::max<int64_t>(1, m.num_moe_layers()));
+  const double expert_total = static_cast<double>(counts.routed_experts) * (1.0 + m.mtp_layers / moe_layers);
+  const double dense_total = p.params_total - expert_total;
+  const double dense_local = dense_total / static_cast<double>(layout.tp * layout.pp);
+  const double expert_local = expert_total / static_cast<double>(layout.ep * layout.pp);
+  const double local = dense_local + expert_local;
+  const int64_t block = o.state_block_size;
+  const double zero_dense = layout.zero1 ? static_cast<double>(layout.dp) : 1.0;
+  const double zero_expert = layout.zero1 ? static_cast<double>(layout.dp / layout.ep) : 1.0;
+  const double sharded = dense_local / zero_dense + expert_local / zero_expert;
+  p.memory.weights = local * 2.0;  // BF16 compute copy (FP8 copies are transient per GEMM)
+  p.memory.grads = local * dtype_bytes(o.grad_dtype, block);
+  p.memory.master = sharded * dtype_bytes(o.main_params_dtype, block);
+  p.memory.optimizer = sharded * (dtype_bytes(o.exp_avg_dtype, block) + dtype_bytes(o.exp_avg_sq_dtype, block));
+  const double layers_per_stage = std::ceil(static_cast<double>(m.num_layers) / static_cast<double>(layout.pp));
+  const double moe_fraction = static_cast<double>(m.num_moe_layers()) / static_cast<double>(m.num_layers);
+  const bool fp8 = config.precision.fp8;
+  const double per_token_layer =
+      moe_fraction * activation_bytes_per_token_layer(m, true, layout.recompute, fp8, a.moe_imbalance) +
+      (1 - moe_fraction) * activation_bytes_per_token_layer(m, false, layout.recompute, fp8, a.moe_imbalance);
+  // 1F1B keeps up to pp micro-batches in flight on the first stage; sequence parallel shards by tp.
+  const double in_flight = static_cast<double>(std::min(layout.pp, layout.num_micro_batches));
+  const double logits = tokens_per_micro * static_cast<double>(m.vocab_size) * 4.0 / static_cast<double>(layout.tp);
+  p.memory.activations =
+      layers_per_stage * tokens_per_micro * per_token_layer * in_flight / static_cast<double>(layout.tp) + logits;
+  p.fits = p.memory.total() <= cluster.hbm_gib * kGiB * a.memory_headroom;
+
+  // ---- communication per GPU per step
+  const double d = static_cast<double>(m.hidden_size);
+  const double micro = static_cast<double>(layout.num_micro_batches);
+  if (layout.tp > 1) {
+    // Two all-reduces forward and two backward per layer; a ring moves 2 (n - 1) / n of the buffer.
+    const double buffer = tokens_per_micro * d * 2.0;
+    p.comm.tp_bytes = 4.0 * layers_per_stage * micro * buffer * 2.0 * (layout.tp - 1) / layout.tp;
+    p.comm.tp_seconds = p.comm.tp_bytes / (link_gb_per_s(cluster, layout.tp) * 1e9);
+  }
+  if (layout.ep > 1 && m.num_moe_layers() > 0) {
+    // Dispatch and combine, forward and backward; dispatch in FP8 when the GEMMs are.
+    const double rows = tokens_per_micro / static_cast<double>(layout.tp) * static_cast<double>(m.top_k);
+    const double dispatch = rows * d * (config.precision.fp8 ? 1.0 : 2.0), combine = rows * d * 2.0;
+    const double moe_per_stage = std::ceil(static_cast<double>(m.num_moe_layers()) / static_cast<double>(layout.pp));
+    p.comm.ep_bytes = 2.0 * moe_per_stage * micro * (dispatch + combine) * (layout.ep - 1) / layout.ep;
+    p.comm.ep_seconds = p.comm.ep_bytes / (link_gb_per_s(cluster, layout.tp * layout.ep) * 1e9);
+  }
+  if (layout.pp > 1) {
+    p.comm.pp_bytes = 2.0 * micro * tokens_per_micro * d * 2.0 / static_cast<double>(layout.tp);
+    p.comm.pp_seconds = p.comm.pp_bytes / (link_gb_per_s(cluster, layout.tp * layout.dp * layout.pp) * 1e9);
+  }
+  {
+    // ZeRO-1: reduce-scatter the gradients, all-gather the updated BF16 weights; otherwise an all-reduce.
+    const double grad_bytes = dtype_bytes(o.grad_dtype, block);
+    const auto volume = [&](double params, double group) {
+      if (group <= 1) return 0.0;
+      const double per_byte = layout.zero1 ? (grad_bytes + 2.0) : 2.0 * grad_bytes;
+      return params * per_byte * (group - 1) / group;
+    };
+    p.comm.dp_bytes = volume(dense_local, static_cast<double>(layout.dp)) +
+                      volume(expert_local, static_cast<double>(layout.dp / layout.ep));
+    p.comm.dp_seconds = p.comm.dp_bytes / (link_gb_per_s(cluster, layout.tp * layout.dp) * 1e9);
+  }
+
+  // ---- roofline
+  const double peak = (config.precision.fp8 ? cluster.peak_fp8_tflops : cluster.peak_bf16_tflops) * 1e12;
+  const double gpus = static_cast<double>(layout.gpus());
+  p.compute_seconds = p.flops_per_token * p.tokens_per_step / gpus / (peak * a.gemm_efficiency);
+  // Full recompute runs each forward twice; selective recomputes cheap element-wise work and
+  // the MLA up-projections (a few percent).
+  if (layout.recompute == "full") p.compute_seconds *= 4.0 / 3.0;
+  if (layout.recompute == "selective") p.compute_seconds *= 1.03;
+  p.bubble_fraction = static_cast<double>(layout.pp - 1) / static_cast<double>(layout.num_micro_batches * layout.virtual_pp);
+  const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
+                         p.comm.dp_seconds * (1 - a.dp_overlap);
+  p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + exposed;
+  p.mfu = p.flops_per_token * p.tokens_per_step / (p.step_seconds * gpus * peak);
+  p.tokens = tokens;
+  p.gpu_hours = tokens / p.tokens_per_step * p.step_seconds * gpus / 3600.0;
+  p.usd = p.gpu_hours * cluster.usd_per_gpu_hour;
+  return p;
+}
+
+std::vector<Plan> search_plans(const Config& config, const ClusterSpec& cluster, int64_t gpus, int64_t global_sequences,
+                               double tokens, const Assumptions& a) {
+  const double global_batch = static_cast<double>(global_sequences);
+  std::vector<Plan> plans;
+  for (int64_t tp = 1; tp <= cluster.gpus_per_node; tp *= 2) {
+    for (int64_t pp = 1; pp <= 64 && tp * pp <= gpus; pp *= 2) {
+      if (gpus % (tp * pp) != 0) continue;
+      const int64_t dp = gpus / (tp * pp);
+      for (int64_t ep = 1; ep <= dp; ep *= 2) {
+        for (int64_t mb : {1, 2, 4}) {
+          const double micro = global_batch / static_cast<double>(mb * dp);
+          if (micro < 1 || micro != std::floor(micro)) continue;
+          for (const char* recompute : {"none", "selective", "full"}) {
+            Layout l{tp, pp, ep, dp, 1, mb, static_cast<int64_t>(micro), dp > 1, recompute};
+            try {
+              Plan plan = make_plan(config, cluster, l, tokens, a);
+              if (plan.fits) plans.push_back(plan);
+            } catch (const ConfigError&) {
+              // not a valid layout for this model
+            }
+          }
+        }
+      }
+    }
+  }
+  std::sort(plans.begin(), plans.end(), [](const Plan& x, const Plan& y) { return x.usd < y.usd; });
+  return plans;
+}
+
+std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& a) {
+  std::ostringstream out;
+  char line[256];
+  const auto row = [&](const char* label, const std::string& value) {
+    std::snprintf(line, sizeof(line), "  %-34s %s\n", label, value.c_str());
+    out << line;
+  };
+  const auto seconds = [](double s) {
+    char t[48];
+    std::snprintf(t, sizeof(t), "%.3f s", s);
+    return std::string(t);
+  };
+  out << "model\n";
+  row("parameters (total, with MTP)", human_count(p.params_total));
+  row("activated per token", human_count(p.params_activated));
+  std::snprintf(line, sizeof(line), "%.1f GFLOP", p.flops_per_token / 1e9);
+  row("training FLOPs per token", line);
+  out << "layout on " << p.layout.gpus() << " x " << c.name << "\n";
+  row("degrees", p.layout.describe());
+  std::snprintf(line, sizeof(line), "%s tokens", human_count(p.tokens_per_step).c_str());
+  row("global batch", line);
+  out << "memory per GPU (busiest stage)\n";
+  row("weights (BF16)", human_bytes(p.memory.weights));
+  row("gradients", human_bytes(p.memory.grads));
+  row("master weights", human_bytes(p.memory.master));
+  row("optimizer states", human_bytes(p.memory.optimizer));
+  row("activations", human_bytes(p.memory.activations));
+  std::snprintf(line, sizeof(line), "%s of %.1f GiB usable: %s", human_bytes(p.memory.total()).c_str(), c.hbm_gib * a.memory_headroom,
+                p.fits ? "fits" : "DOES NOT FIT");
+  row("total", line);
+  out << "communication per GPU per step\n";
+  const auto comm = [&](const char* label, double bytes, double secs) {
+    row(label, human_bytes(bytes) + " in " + seconds(secs));
+  };
+  comm("tp all-reduce", p.comm.tp_bytes, p.comm.tp_seconds);
+  comm("ep all-to-all", p.comm.ep_bytes, p.comm.ep_seconds);
+  comm("pp send/recv", p.comm.pp_bytes, p.comm.pp_seconds);
+  comm("dp reduce-scatter/all-gather", p.comm.dp_bytes, p.comm.dp_seconds);
+  out << "time\n";
+  row("compute per step", seconds(p.compute_seconds));
+  std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.bubble_fraction);
+  row("pipeline bubble (1F1B)", line);
+  row("step", seconds(p.step_seconds));
+  std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.mfu);
+  row("MFU", line);
+  out << "cost\n";
+  std::snprintf(line, sizeof(line), "%s tokens", human_count(p.tokens).c_str());
+  row("tokens", line);
+  std::snprintf(line, sizeof(line), "%.4g", p.gpu_hours);
+  row("GPU-hours", line);
+  std::snprintf(line, sizeof(line), "$%.4g at $%.2f per GPU-hour", p.usd, c.usd_per_gpu_hour);
+  row("cost", line);
+  std::snprintf(line, sizeof(line),
+                "assumes GEMMs at %.0f%% of peak; hidden behind compute: %.0f%% of ep, %.0f%% of dp, %.0f%% of tp traffic, all "
+                "pp traffic; %.0f%% of HBM usable; busiest expert at %.1fx the mean\n",
+                100 * a.gemm_efficiency, 100 * a.ep_overlap, 100 * a.dp_overlap, 100 * a.tp_overlap, 100 * a.memory_headroom,
+                a.moe_imbalance);
+  out << line;
+  return out.str();
+}
+
+std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a) {
+  const nlohmann::json j = {
+      {"cluster", c.name},
+      {"gpus", p.layout.gpus()},
+      {"layout", {{"tp", p.layout.tp}, {"pp", p.layout.pp}, {"ep", p.layout.ep}, {"dp", p.layout.dp},
+                  {"zero1", p.layout.zero1}, {"micro_batch_size", p.layout.micro_batch_size},
+                  {"num_micro_batches", p.layout.num_micro_batches}, {"virtual_pp", p.layout.virtual_pp},
+                  {"recompute", p.layout.recompute}}},
+      {"params_total", p.params_total},
+      {"params_activated", p.params_activated},
+      {"flops_per_token", p.flops_per_token},
+      {"tokens_per_step", p.tokens_per_step},
+      {"memory_bytes", {{"weights", p.memory.weights}, {"grads", p.memory.grads}, {"master", p.memory.master},
+                        {"optimizer", p.memory.optimizer}, {"activations", p.memory.activations}, {"total", p.memory.total()}}},
+      {"fits", p.fits},
+      {"comm_bytes", {{"tp", p.comm.tp_bytes}, {"ep", p.comm.ep_bytes}, {"pp", p.comm.pp_bytes}, {"dp", p.comm.dp_bytes}}},
+      {"comm_seconds", {{"tp", p.comm.tp_seconds}, {"ep", p.comm.ep_seconds}, {"pp", p.comm.pp_seconds}, {"dp", p.comm.dp_seconds}}},
+      {"bubble_fraction", p.bubble_fraction},
+      {"compute_seconds", p.compute_seconds},
+      {"step_seconds", p.step_seconds},
+      {"mfu", p.mfu},
+      {"tokens", p.tokens},
+      {"gpu_hours", p.gpu_hours},
+      {"usd", p.usd},
+      {"assumptions", {{"gemm_efficiency", a.gemm_efficiency}, {"ep_overlap", a.ep_overlap}, {"dp_overlap", a.dp_overlap},
+                       {"tp_overlap", a.tp_overlap}, {"moe_imbalance", a.moe_imbalance}, {"memory_headroom", a.memory_headroom}}},
+  };
+  return j.dump(2);
+}
+
+}  // namespace fmoe::trainer

@@ -1,0 +1,90 @@
+// Pricing a run before it starts: from a config (model, layout, precisions) and
+// a cluster spec, the memory per GPU, communication per step by mesh axis, the
+// pipeline bubble, an estimated step time and MFU from a stated roofline, and
+// the GPU-hours and dollars for a token budget. Pure arithmetic, no LibTorch.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "trainer/config.h"
+
+namespace fmoe::trainer {
+
+struct ClusterSpec {
+  std::string name;
+  double peak_bf16_tflops = 0;
+  double peak_fp8_tflops = 0;
+  double hbm_gib = 0;
+  double hbm_tb_per_s = 0;
+  double intra_node_gb_per_s = 0;  // per GPU, one direction
+  double inter_node_gb_per_s = 0;  // per GPU, one direction
+  int64_t gpus_per_node = 8;
+  double usd_per_gpu_hour = 0;
+};
+
+// Loads configs/clusters/<name>.yaml (or a path); unknown keys and bad values are ConfigErrors.
+ClusterSpec load_cluster(const std::string& name_or_path);
+
+struct Layout {
+  int64_t tp = 1, pp = 1, ep = 1, dp = 1;
+  int64_t virtual_pp = 1;
+  int64_t micro_batch_size = 1;  // sequences per micro-batch
+  int64_t num_micro_batches = 1; // per optimizer step, per pipeline
+  bool zero1 = false;
+  // none | selective (norms, MLA up-projections and SwiGLU activations recomputed,
+  // as DeepSeek-V3 does) | full (only each layer's input is kept)
+  std::string recompute = "none";
+  int64_t gpus() const { return tp * pp * dp; }
+  std::string describe() const;
+};
+
+// The roofline's assumptions, printed with every plan.
+struct Assumptions {
+  double gemm_efficiency = 0.55;      // achieved / peak tensor-core throughput on the model's GEMMs
+  double ep_overlap = 0.5;            // fraction of expert all-to-all hidden behind compute
+  double dp_overlap = 0.9;            // fraction of gradient reduce-scatter / all-gather hidden
+  double tp_overlap = 0.0;            // tensor-parallel all-reduces sit on the critical path
+  double moe_imbalance = 1.2;         // headroom for the busiest expert's activations
+  double memory_headroom = 0.92;      // usable fraction of HBM (allocator, workspaces, fragmentation)
+};
+
+struct MemoryEstimate {  // bytes per GPU
+  double weights = 0, master = 0, grads = 0, optimizer = 0, activations = 0;
+  double total() const { return weights + master + grads + optimizer + activations; }
+};
+
+struct CommEstimate {  // bytes moved per GPU per optimizer step, and seconds on its links
+  double tp_bytes = 0, ep_bytes = 0, pp_bytes = 0, dp_bytes = 0;
+  double tp_seconds = 0, ep_seconds = 0, pp_seconds = 0, dp_seconds = 0;
+};
+
+struct Plan {
+  Layout layout;
+  double params_total = 0, params_activated = 0;
+  double flops_per_token = 0;
+  double tokens_per_step = 0;
+  MemoryEstimate memory;
+  bool fits = false;
+  CommEstimate comm;
+  double bubble_fraction = 0;
+  double compute_seconds = 0;
+  double step_seconds = 0;
+  double mfu = 0;                // against the peak of the run's GEMM precision
+  double tokens = 0;
+  double gpu_hours = 0;
+  double usd = 0;
+};
+
+// layout.dp == 0 takes gpus / (tp * pp). Throws ConfigError on an impossible layout.
+Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, double tokens, const Assumptions& assumptions);
+// Layout from the config's parallel section and batch sizes for a given number of GPUs.
+Layout layout_from_config(const Config& config, int64_t gpus);
+// Every layout of gpus that fits, for a global batch of global_batch sequences, cheapest first.
+std::vector<Plan> search_plans(const Config& config, const ClusterSpec& cluster, int64_t gpus, int64_t global_batch,
+                               double tokens, const Assumptions& assumptions);
+
+std::string format_plan(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);
+std::string plan_json(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);
+
+}  // namespace fmoe::trainer
