@@ -197,7 +197,9 @@ TEST_F(TempDir, LoaderIsDeterministicAndCoversAnEpoch) {
   for (int64_t r = 0; r < 4; ++r) {
     for (int64_t i = 1; i < 9; ++i) {
       const int64_t prev = batch[r][i - 1].item<int64_t>(), cur = batch[r][i].item<int64_t>();
-      if (cur / 100 == prev / 100) EXPECT_EQ(cur, prev + 1);
+      if (cur / 100 == prev / 100) {
+        EXPECT_EQ(cur, prev + 1);
+      }
     }
   }
 }

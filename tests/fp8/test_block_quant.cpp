@@ -89,7 +89,9 @@ TEST(BlockQuant, RelativeErrorWithinE4M3PrecisionAndScalesFromMaxAbs) {
     EXPECT_LE(rel.max().item<double>(), std::ldexp(1.0, -4));
     // Per-row tiles see one row's magnitude only, so nearly every value is normal;
     // larger blocks mix rows 2^16 apart and push the small rows into subnormals.
-    if (rows == 1) EXPECT_GT(normal.to(at::kFloat).mean().item<double>(), 0.99);
+    if (rows == 1) {
+      EXPECT_GT(normal.to(at::kFloat).mean().item<double>(), 0.99);
+    }
   }
 }
 

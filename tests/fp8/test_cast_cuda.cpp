@@ -64,7 +64,9 @@ TEST(Fp8CudaCast, MatchesCpuCodec) {
       ASSERT_EQ(cudaMemcpy(back.data(), d_back, n * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
       for (int64_t i = 0; i < n; ++i) {
         const float expected = decode(out[i], format);
-        if (!std::isnan(expected)) EXPECT_EQ(back[i], expected) << int(out[i]);
+        if (!std::isnan(expected)) {
+          EXPECT_EQ(back[i], expected) << int(out[i]);
+        }
       }
     }
     cudaFree(d_in);

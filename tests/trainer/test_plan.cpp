@@ -71,7 +71,9 @@ TEST(Plan, SearchRanksFittingLayoutsByCost) {
     EXPECT_TRUE(plans[i].fits);
     EXPECT_EQ(plans[i].layout.gpus(), 64);
     EXPECT_DOUBLE_EQ(plans[i].tokens_per_step, 2048.0 * 4096);
-    if (i > 0) EXPECT_LE(plans[i - 1].usd, plans[i].usd);
+    if (i > 0) {
+      EXPECT_LE(plans[i - 1].usd, plans[i].usd);
+    }
   }
 }
 
