@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <torch/torch.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -27,6 +28,13 @@ std::atomic<bool> g_stop_requested{false};
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// Peak resident set size of this process so far (getrusage's ru_maxrss, in KiB on Linux).
+double peak_rss_bytes() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) * 1024.0;
+}
 
 int64_t default_threads(int world_size) {
   const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
@@ -327,7 +335,8 @@ TrainResult Trainer::Impl::run() {
                              {"z_loss", losses[2].item<double>()}, {"lr", lr}, {"grad_norm", grad_norm},
                              {"tokens_seen", state.tokens_seen}, {"tokens_per_second", tokens_per_step / step_seconds},
                              {"mfu", flops_per_token * tokens_per_step / step_seconds / (peak_gflops * 1e9)},
-                             {"step_seconds", step_seconds}, {"gpu_hours", gpu_hours()}};
+                             {"step_seconds", step_seconds}, {"gpu_hours", gpu_hours()},
+                             {"peak_rss_bytes", peak_rss_bytes()}};
       if (budget.usd_per_gpu_hour > 0) line["usd"] = usd();
       if (record.val_loss >= 0) line["val_loss"] = record.val_loss;
       nlohmann::json max_load = nlohmann::json::array(), mean_load = nlohmann::json::array();
@@ -390,6 +399,9 @@ TrainResult Trainer::Impl::run() {
     }
   }
   result.final_step = state.step;
+  char text[96];
+  std::snprintf(text, sizeof(text), "peak resident memory: %.2f GiB (rank %d)", peak_rss_bytes() / (1024.0 * 1024 * 1024), rank);
+  log(text);
   return result;
 }
 
