@@ -1,5 +1,6 @@
 #include "launch/cli.h"
 
+#include <c10/util/Exception.h>
 #include <malloc.h>
 
 #include <algorithm>
@@ -24,6 +25,11 @@ std::vector<std::string> Args::all(const std::string& key) const {
     if (k == key) values.push_back(v);
   }
   return values;
+}
+
+std::string error_message(const std::exception& error) {
+  if (const auto* torch_error = dynamic_cast<const c10::Error*>(&error)) return torch_error->what_without_backtrace();
+  return error.what();
 }
 
 void configure_allocator() {

@@ -1,6 +1,7 @@
 // Tiny argument helpers shared by the launch mains.
 #pragma once
 
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,9 @@ struct Args {
 // same large activations every step, and returning them to the kernel costs a
 // page fault per 4 KiB on the next step.
 void configure_allocator();
+
+// The one-line message of an error: LibTorch's errors without their backtrace.
+std::string error_message(const std::exception& error);
 
 // flags: option names that take no value.
 Args parse_args(int argc, char** argv, int first, const std::vector<std::string>& flags);

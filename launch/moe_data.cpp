@@ -8,8 +8,6 @@
 // whose paragraphs are documents.
 #include <algorithm>
 #include <cstdio>
-#include <c10/util/Exception.h>
-
 #include <exception>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -139,11 +137,8 @@ int main(int argc, char** argv) {
       return 2;
     }
     return 0;
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "moe-data: error: %s\n", e.what_without_backtrace());
-    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe-data: error: %s\n", e.what());
+    std::fprintf(stderr, "moe-data: error: %s\n", launch::error_message(e).c_str());
     return 1;
   }
 }

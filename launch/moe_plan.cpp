@@ -2,8 +2,6 @@
 //
 //   moe-plan --config FILE --cluster NAME [--gpus G] [--tokens N] [--global-batch SEQS]
 //            [--mfu X] [--search [--top K]] [--json] [--set key.path=value]...
-#include <c10/util/Exception.h>
-
 #include <cstdio>
 #include <exception>
 
@@ -103,11 +101,8 @@ int main(int argc, char** argv) {
                   gpu_hours * cluster.usd_per_gpu_hour);
     }
     return 0;
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "moe-plan: error: %s\n", e.what_without_backtrace());
-    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe-plan: error: %s\n", e.what());
+    std::fprintf(stderr, "moe-plan: error: %s\n", launch::error_message(e).c_str());
     return 1;
   }
 }

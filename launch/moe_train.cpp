@@ -4,8 +4,6 @@
 //   mpirun -np 1 moe-train --config configs/tiny.yaml [--set a.b=c]... [--resume]
 #include <csignal>
 #include <cstdio>
-#include <c10/util/Exception.h>
-
 #include <exception>
 
 #include "launch/cli.h"
@@ -56,14 +54,8 @@ int main(int argc, char** argv) {
     // Every rank reads the same config and fails the same way: one report, no abort.
     if (rank == 0) std::fprintf(stderr, "moe-train: error: %s\n", e.what());
     return 1;
-  } catch (const c10::Error& e) {
-    // LibTorch errors carry a multi-line backtrace: report the message alone.
-    std::fprintf(stderr, "moe-train: error (rank %d): %s\n", rank, e.what_without_backtrace());
-    std::fflush(stderr);
-    if (mpi.world_size() > 1) fmoe::parallel::MpiRuntime::abort(1);
-    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe-train: error (rank %d): %s\n", rank, e.what());
+    std::fprintf(stderr, "moe-train: error (rank %d): %s\n", rank, fmoe::launch::error_message(e).c_str());
     std::fflush(stderr);
     if (mpi.world_size() > 1) fmoe::parallel::MpiRuntime::abort(1);
     return 1;

@@ -34,8 +34,10 @@ std::string human_count(double n) {
     std::snprintf(text, sizeof(text), "%.2fT", n / 1e12);
   } else if (n >= 1e9) {
     std::snprintf(text, sizeof(text), "%.2fB", n / 1e9);
-  } else {
+  } else if (n >= 1e6) {
     std::snprintf(text, sizeof(text), "%.2fM", n / 1e6);
+  } else {
+    std::snprintf(text, sizeof(text), "%.0f", n);
   }
   return text;
 }
@@ -283,13 +285,13 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   };
   const auto seconds = [](double s) {
     char t[48];
-    std::snprintf(t, sizeof(t), "%.3f s", s);
+    std::snprintf(t, sizeof(t), "%.4g s", s);
     return std::string(t);
   };
   out << "model\n";
   row("parameters (total, with MTP)", human_count(p.params_total));
   row("activated per token", human_count(p.params_activated));
-  std::snprintf(line, sizeof(line), "%.1f GFLOP", p.flops_per_token / 1e9);
+  std::snprintf(line, sizeof(line), "%.4g GFLOP", p.flops_per_token / 1e9);
   row("training FLOPs per token", line);
   out << "layout on " << p.layout.gpus() << " x " << c.name << "\n";
   row("degrees", p.layout.describe());
