@@ -2,7 +2,9 @@
 # GPU check, run on a GPU machine (H200, nvcc 13, no apt): builds the CUDA path
 # (tests/gpu/CMakeLists.txt) and runs the GPU tests, then prints a short table.
 # GoogleTest comes from .deps/, made here beforehand by `scripts/gpu_check.sh --fetch-deps`
-# (Debian's libgtest-dev unpacked with dpkg -x) and carried to the GPU machine.
+# (Debian's libgtest-dev unpacked with dpkg -x) and carried to the GPU machine (.deps
+# is git-ignored: copy it along with the tree). Without a GPU the tests
+# report SKIPPED and the script still checks that the CUDA path builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-deps" ]; then
@@ -18,14 +20,22 @@ cmake -S tests/gpu -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DCMAKE_PREFIX_PATH="$PWD/.deps/root/usr" >/dev/null
 ninja -C build-gpu >/dev/null
 built=$(date +%s)
-cast=PASS; gemm=PASS
-build-gpu/test_fp8_cuda --gtest_brief=1 || cast=FAIL
+# PASS, FAIL, or SKIPPED when the binary found no CUDA device.
+run_check() {
+  local log="build-gpu/$1.log"
+  if "build-gpu/$1" > "$log" 2>&1; then
+    grep -q "SKIPPED: no CUDA device" "$log" && echo SKIPPED || echo PASS
+  else
+    echo FAIL
+  fi
+}
+cast=$(run_check test_fp8_cuda)
 t1=$(date +%s)
-build-gpu/test_fp8_gemm_cuda --gtest_brief=1 | tee build-gpu/gemm.log || gemm=FAIL
+gemm=$(run_check test_fp8_gemm_cuda)
 t2=$(date +%s)
+cat build-gpu/test_fp8_cuda.log build-gpu/test_fp8_gemm_cuda.log | grep -E "Failure|backend|SKIPPED:" || true
 printf '\n| check | result | seconds |\n|---|---|---|\n'
 printf '| build CUDA path (sm_90) | ok | %d |\n' $((built - start))
-printf '| test_fp8_cuda (E4M3 cast kernel vs CPU codec) | %s | %d |\n' "$cast" $((t1 - built))
+printf '| test_fp8_cuda (FP8 cast kernels vs CPU codec) | %s | %d |\n' "$cast" $((t1 - built))
 printf '| test_fp8_gemm_cuda (FP8 linear on GPU vs CPU emulation) | %s | %d |\n' "$gemm" $((t2 - t1))
-grep -m1 "backend" build-gpu/gemm.log || true
-[ "$cast" = PASS ] && [ "$gemm" = PASS ]
+[ "$cast" != FAIL ] && [ "$gemm" != FAIL ]
