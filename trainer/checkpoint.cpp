@@ -54,18 +54,17 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
 
-  const std::vector<std::pair<std::string, std::string>> files = {
-      {"model.safetensors", to_safetensors(contents.model, {{"format", "pt"}})},
-      {"optimizer.safetensors", to_safetensors(contents.optimizer, {{"format", "pt"}})},
-      {"config.yaml", contents.config_yaml},
-  };
+  // Tensors stream to disk one at a time: saving never holds a second copy of the state.
   nlohmann::json checksums = nlohmann::json::object();
   int written = 0;
-  for (const auto& [file, bytes] : files) {
-    data::write_file_atomic((tmp_dir / file).string(), bytes);
-    checksums[file] = data::crc32_of(bytes);
-    maybe_crash(++written);
-  }
+  checksums["model.safetensors"] = write_safetensors((tmp_dir / "model.safetensors").string(), contents.model, {{"format", "pt"}});
+  maybe_crash(++written);
+  checksums["optimizer.safetensors"] =
+      write_safetensors((tmp_dir / "optimizer.safetensors").string(), contents.optimizer, {{"format", "pt"}});
+  maybe_crash(++written);
+  data::write_file_atomic((tmp_dir / "config.yaml").string(), contents.config_yaml);
+  checksums["config.yaml"] = data::crc32_of(contents.config_yaml);
+  maybe_crash(++written);
   nlohmann::json index = index_of(contents.model, "model.safetensors");
   index.update(index_of(contents.optimizer, "optimizer.safetensors"));
   const std::string index_bytes = nlohmann::json{{"layout", {{"world_size", 1}}}, {"tensors", index}}.dump(1) + "\n";
@@ -130,19 +129,33 @@ CheckpointContents load_checkpoint(const std::string& directory) {
   } catch (const nlohmann::json::exception&) {
     throw std::runtime_error(state_path + ": corrupt (missing or mistyped fields)");
   }
-  std::map<std::string, std::string> bytes;
-  for (const char* file : {"model.safetensors", "optimizer.safetensors", "config.yaml", "index.json"}) {
-    const std::string path = (dir / file).string();
-    if (!fs::exists(path)) throw std::runtime_error(path + ": missing from the checkpoint");
-    bytes[file] = data::read_file(path);
-    const auto expected = state["checksums"].value(file, uint32_t{0});
-    if (data::crc32_of(bytes[file]) != expected) {
-      throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+  const auto check = [&](const char* file, uint32_t crc) {
+    if (crc != state["checksums"].value(file, uint32_t{0})) {
+      throw std::runtime_error((dir / file).string() + ": checksum mismatch: the file is truncated or corrupt");
     }
+  };
+  for (const char* file : {"model.safetensors", "optimizer.safetensors", "config.yaml", "index.json"}) {
+    if (!fs::exists(dir / file)) throw std::runtime_error((dir / file).string() + ": missing from the checkpoint");
   }
-  contents.model = from_safetensors(bytes["model.safetensors"], (dir / "model.safetensors").string());
-  contents.optimizer = from_safetensors(bytes["optimizer.safetensors"], (dir / "optimizer.safetensors").string());
-  contents.config_yaml = bytes["config.yaml"];
+  // A damaged file is reported as a checksum mismatch, whatever part of it the damage hit first.
+  const auto read_checked = [&](const char* file) {
+    const std::string path = (dir / file).string();
+    uint32_t crc = 0;
+    TensorMap tensors;
+    try {
+      tensors = read_safetensors(path, &crc);
+    } catch (const std::runtime_error&) {
+      check(file, data::crc32_of_file(path));
+      throw;
+    }
+    check(file, crc);
+    return tensors;
+  };
+  contents.model = read_checked("model.safetensors");
+  contents.optimizer = read_checked("optimizer.safetensors");
+  contents.config_yaml = data::read_file((dir / "config.yaml").string());
+  check("config.yaml", data::crc32_of(contents.config_yaml));
+  check("index.json", data::crc32_of_file((dir / "index.json").string()));
   return contents;
 }
 

@@ -72,6 +72,25 @@ double activation_bytes_per_token_layer(const moe::ModelConfig& m, bool moe_laye
   return bytes;
 }
 
+// What the CPU implementation's autograd graph holds per token per layer while a
+// micro-batch is in flight: the FP32 residual stream and norm inputs, compute-dtype
+// (c bytes) norm outputs, Q/K/V before and after RoPE, attention output, FP32 casts
+// back to the residual; MoE: the FP32 router input and scores, per routed copy the
+// dispatched row, gate/up output, activation and expert output, the FP32 combine.
+double cpu_activation_bytes_per_token_layer(const moe::ModelConfig& m, bool moe_layer, double c) {
+  const double d = static_cast<double>(m.hidden_size);
+  const double q = static_cast<double>(m.num_heads * m.head_dim), kv = static_cast<double>(m.num_kv_heads * m.head_dim);
+  const auto swiglu = [&](double f) { return c * (d + 3 * f + d) + 4 * d; };  // input, gate/up, activation, output, FP32 cast
+  double bytes = 4 * d * 4 + c * (d + (q + 2 * kv) + (q + kv) + q);             // attention block
+  bytes += 4 * d + c * d;                                                         // FFN norm
+  if (!moe_layer) return bytes + swiglu(static_cast<double>(m.ffn_hidden_size));
+  const double f = static_cast<double>(m.moe_ffn_hidden_size);
+  bytes += 4 * d + 3 * 4.0 * m.num_experts;                      // router input, logits, scores, probabilities
+  bytes += m.top_k * (swiglu(f) - 4 * d) + 4 * d * 2;            // routed copies, weighted combine and sum
+  bytes += m.num_shared_experts * swiglu(f);
+  return bytes;
+}
+
 double link_gb_per_s(const ClusterSpec& c, int64_t span_gpus) {
   return span_gpus <= c.gpus_per_node ? c.intra_node_gb_per_s : c.inter_node_gb_per_s;
 }
@@ -110,6 +129,15 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
     try {
       if (key == "name") {
         c.name = entry.second.as<std::string>();
+      } else if (key == "device") {
+        c.device = entry.second.as<std::string>();
+        if (c.device != "gpu" && c.device != "cpu") throw ConfigError(where + "device: must be gpu or cpu");
+      } else if (key == "runtime_gib") {
+        c.runtime_gib = entry.second.as<double>();
+        if (!(c.runtime_gib >= 0)) throw ConfigError(where + "runtime_gib: must be >= 0");
+      } else if (key == "activation_overhead") {
+        c.activation_overhead = entry.second.as<double>();
+        if (!(c.activation_overhead >= 1)) throw ConfigError(where + "activation_overhead: must be >= 1");
       } else if (key == "gpus_per_node") {
         c.gpus_per_node = entry.second.as<int64_t>();
       } else {
@@ -192,6 +220,23 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   const double logits = tokens_per_micro * static_cast<double>(m.vocab_size) * 4.0 / static_cast<double>(layout.tp);
   p.memory.activations =
       layers_per_stage * tokens_per_micro * per_token_layer * in_flight / static_cast<double>(layout.tp) + logits;
+  if (cluster.device == "cpu") {
+    // The CPU implementation: the FP32 parameters are the master copy, autograd
+    // leaves FP32 gradients, the compute-dtype casts of the weights live through
+    // backward, and there is no pipeline, so one micro-batch is in flight. Data
+    // parallelism all-reduces a flat FP32 copy of the gradients, but only after
+    // backward has freed the activations, so that copy does not raise the peak.
+    const double c = config.training.precision == "fp32" ? 4.0 : 2.0;
+    p.memory.weights = c == 4.0 ? 0 : local * c;
+    p.memory.master = local * dtype_bytes(o.main_params_dtype, block);
+    p.memory.grads = local * (4.0 + (o.grad_dtype == "fp32" ? 0 : dtype_bytes(o.grad_dtype, block)));
+    const double per_token =
+        static_cast<double>(m.first_k_dense) * cpu_activation_bytes_per_token_layer(m, false, c) +
+        static_cast<double>(m.num_moe_layers()) * cpu_activation_bytes_per_token_layer(m, true, c) +
+        2.0 * c * static_cast<double>(m.vocab_size);  // logits and their gradient
+    p.memory.activations = tokens_per_micro * per_token * cluster.activation_overhead;
+  }
+  p.memory.runtime = cluster.runtime_gib * kGiB;
   p.fits = p.memory.total() <= cluster.hbm_gib * kGiB * a.memory_headroom;
 
   // ---- communication per GPU per step
@@ -303,6 +348,8 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   row("master weights", human_bytes(p.memory.master));
   row("optimizer states", human_bytes(p.memory.optimizer));
   row("activations", human_bytes(p.memory.activations));
+  if (p.memory.comm_buffers > 0) row("communication buffers", human_bytes(p.memory.comm_buffers));
+  if (p.memory.runtime > 0) row("runtime (libraries, context)", human_bytes(p.memory.runtime));
   std::snprintf(line, sizeof(line), "%s of %.1f GiB usable: %s", human_bytes(p.memory.total()).c_str(), c.hbm_gib * a.memory_headroom,
                 p.fits ? "fits" : "DOES NOT FIT");
   row("total", line);
@@ -350,7 +397,8 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"flops_per_token", p.flops_per_token},
       {"tokens_per_step", p.tokens_per_step},
       {"memory_bytes", {{"weights", p.memory.weights}, {"grads", p.memory.grads}, {"master", p.memory.master},
-                        {"optimizer", p.memory.optimizer}, {"activations", p.memory.activations}, {"total", p.memory.total()}}},
+                        {"optimizer", p.memory.optimizer}, {"activations", p.memory.activations}, {"comm_buffers", p.memory.comm_buffers},
+                        {"runtime", p.memory.runtime}, {"total", p.memory.total()}}},
       {"fits", p.fits},
       {"comm_bytes", {{"tp", p.comm.tp_bytes}, {"ep", p.comm.ep_bytes}, {"pp", p.comm.pp_bytes}, {"dp", p.comm.dp_bytes}}},
       {"comm_seconds", {{"tp", p.comm.tp_seconds}, {"ep", p.comm.ep_seconds}, {"pp", p.comm.pp_seconds}, {"dp", p.comm.dp_seconds}}},

@@ -21,6 +21,11 @@ struct ClusterSpec {
   double inter_node_gb_per_s = 0;  // per GPU, one direction
   int64_t gpus_per_node = 8;
   double usd_per_gpu_hour = 0;
+  // "gpu", or "cpu": ranks are processes running this project's CPU implementation,
+  // whose memory is modelled as that implementation holds it (see make_plan).
+  std::string device = "gpu";
+  double runtime_gib = 0;           // per-process memory before the model: libraries, context, communicator
+  double activation_overhead = 1;   // measured resident / counted activation bytes (allocator, kernel caches)
 };
 
 // Loads configs/clusters/<name>.yaml (or a path); unknown keys and bad values are ConfigErrors.
@@ -51,7 +56,8 @@ struct Assumptions {
 
 struct MemoryEstimate {  // bytes per GPU
   double weights = 0, master = 0, grads = 0, optimizer = 0, activations = 0;
-  double total() const { return weights + master + grads + optimizer + activations; }
+  double comm_buffers = 0, runtime = 0;
+  double total() const { return weights + master + grads + optimizer + activations + comm_buffers + runtime; }
 };
 
 struct CommEstimate {  // bytes moved per GPU per optimizer step, and seconds on its links

@@ -2,9 +2,14 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+
+#include "data/file_util.h"
 
 namespace fmoe::trainer {
 namespace {
@@ -27,28 +32,135 @@ const char* dtype_name(at::ScalarType type) {
 
 }  // namespace
 
-std::string to_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// The header (8-byte length, then JSON padded to 8 bytes) for tensors laid out in
+// name order; only shapes and dtypes are read, nothing is copied.
+std::string safetensors_header(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<at::Tensor> contiguous;
   size_t offset = 0;
   for (const auto& [name, tensor] : tensors) {
-    at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
-    const size_t bytes = t.numel() * t.element_size();
-    header[name] = {{"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
+    const size_t bytes = tensor.numel() * tensor.element_size();
+    header[name] = {{"dtype", dtype_name(tensor.scalar_type())}, {"shape", tensor.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
-    contiguous.push_back(std::move(t));
   }
   std::string json = header.dump();
-  // Pad the header with spaces so the data starts 8-byte aligned.
-  json.append((8 - json.size() % 8) % 8, ' ');
-  std::string out;
-  out.reserve(8 + json.size() + offset);
+  json.append((8 - json.size() % 8) % 8, ' ');  // data starts 8-byte aligned
   const uint64_t header_size = json.size();
-  out.append(reinterpret_cast<const char*>(&header_size), 8);
-  out += json;
-  for (const auto& t : contiguous) out.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
+  std::string out(reinterpret_cast<const char*>(&header_size), 8);
+  return out + json;
+}
+
+template <typename Sink>
+void for_each_tensor_bytes(const TensorMap& tensors, Sink&& sink) {
+  for (const auto& [name, tensor] : tensors) {
+    // A no-op for the contiguous CPU tensors a checkpoint holds; anything else is copied one at a time.
+    const at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+    sink(t.data_ptr(), t.numel() * t.element_size());
+  }
+}
+
+}  // namespace
+
+std::string to_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
+  std::string out = safetensors_header(tensors, metadata);
+  for_each_tensor_bytes(tensors, [&](const void* data, size_t size) { out.append(static_cast<const char*>(data), size); });
   return out;
+}
+
+uint32_t write_safetensors(const std::string& path, const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
+  data::AtomicFileWriter writer(path);
+  writer.append(safetensors_header(tensors, metadata));
+  for_each_tensor_bytes(tensors, [&](const void* data, size_t size) { writer.append(data, size); });
+  return writer.commit();
+}
+
+namespace {
+
+struct Entry {
+  std::string name;
+  at::ScalarType type;
+  std::vector<int64_t> shape;
+  size_t begin = 0, end = 0;
+};
+
+// Validated entries of a header, in file order; throws naming path and tensor.
+std::vector<Entry> parse_header(const std::string& json, size_t data_size, const std::string& path) {
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(json);
+  } catch (const nlohmann::json::exception&) {
+    throw std::runtime_error(path + ": corrupt safetensors header");
+  }
+  std::vector<Entry> entries;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    try {
+      Entry e;
+      e.name = name;
+      const std::string dtype = entry.at("dtype").get<std::string>();
+      e.shape = entry.at("shape").get<std::vector<int64_t>>();
+      const auto offsets = entry.at("data_offsets").get<std::vector<size_t>>();
+      bool known = false;
+      for (const auto& d : kDtypes) {
+        if (dtype == d.name) e.type = d.type, known = true;
+      }
+      if (!known) throw std::runtime_error("unsupported dtype " + dtype);
+      size_t numel = 1;
+      for (int64_t s : e.shape) {
+        if (s < 0) throw std::runtime_error("negative dimension");
+        numel *= static_cast<size_t>(s);
+      }
+      const size_t expected = numel * c10::elementSize(e.type);
+      if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != expected || offsets[1] > data_size) {
+        throw std::runtime_error("data offsets inconsistent with shape or past the end of the file");
+      }
+      e.begin = offsets[0];
+      e.end = offsets[1];
+      entries.push_back(std::move(e));
+    } catch (const std::exception& e) {
+      throw std::runtime_error(path + ": tensor '" + name + "': " + e.what());
+    }
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.begin < b.begin; });
+  return entries;
+}
+
+}  // namespace
+
+TensorMap read_safetensors(const std::string& path, uint32_t* crc) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
+  in.seekg(0, std::ios::end);
+  const size_t file_size = static_cast<size_t>(in.tellg());
+  in.seekg(0);
+  uint32_t sum = 0;
+  const auto read = [&](void* data, size_t size, const char* what) {
+    if (!in.read(static_cast<char*>(data), static_cast<std::streamsize>(size))) {
+      throw std::runtime_error(path + ": truncated safetensors file (" + what + ")");
+    }
+    sum = data::crc32_update(sum, data, size);
+  };
+  uint64_t header_size = 0;
+  if (file_size < 8) throw std::runtime_error(path + ": truncated safetensors file (no header)");
+  read(&header_size, 8, "no header");
+  if (header_size > file_size - 8) throw std::runtime_error(path + ": truncated safetensors file (header past end)");
+  std::string json(header_size, '\0');
+  read(json.data(), header_size, "header");
+  const size_t data_size = file_size - 8 - header_size;
+  TensorMap tensors;
+  size_t position = 0;
+  for (const Entry& e : parse_header(json, data_size, path)) {
+    if (e.begin != position) throw std::runtime_error(path + ": tensor '" + e.name + "': overlapping or non-contiguous data");
+    at::Tensor tensor = at::empty(e.shape, at::TensorOptions().dtype(e.type));
+    read(tensor.data_ptr(), e.end - e.begin, "data");  // straight into the tensor: no staging copy
+    position = e.end;
+    tensors.emplace(e.name, std::move(tensor));
+  }
+  if (position != data_size) throw std::runtime_error(path + ": trailing bytes after the last tensor");
+  if (crc) *crc = sum;
+  return tensors;
 }
 
 TensorMap from_safetensors(const std::string& bytes, const std::string& path) {
@@ -56,37 +168,12 @@ TensorMap from_safetensors(const std::string& bytes, const std::string& path) {
   uint64_t header_size = 0;
   std::memcpy(&header_size, bytes.data(), 8);
   if (header_size > bytes.size() - 8) throw std::runtime_error(path + ": truncated safetensors file (header past end)");
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(bytes.substr(8, header_size));
-  } catch (const nlohmann::json::exception&) {
-    throw std::runtime_error(path + ": corrupt safetensors header");
-  }
   const size_t data_start = 8 + header_size;
-  const size_t data_size = bytes.size() - data_start;
   TensorMap tensors;
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") continue;
-    try {
-      const std::string dtype = entry.at("dtype").get<std::string>();
-      const auto shape = entry.at("shape").get<std::vector<int64_t>>();
-      const auto offsets = entry.at("data_offsets").get<std::vector<size_t>>();
-      at::ScalarType type = at::kFloat;
-      bool known = false;
-      for (const auto& d : kDtypes) {
-        if (dtype == d.name) type = d.type, known = true;
-      }
-      if (!known) throw std::runtime_error("unsupported dtype " + dtype);
-      at::Tensor tensor = at::empty(shape, at::TensorOptions().dtype(type));
-      const size_t expected = tensor.numel() * tensor.element_size();
-      if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != expected || offsets[1] > data_size) {
-        throw std::runtime_error("data offsets inconsistent with shape or past the end of the file");
-      }
-      std::memcpy(tensor.data_ptr(), bytes.data() + data_start + offsets[0], expected);
-      tensors.emplace(name, std::move(tensor));
-    } catch (const std::exception& e) {
-      throw std::runtime_error(path + ": tensor '" + name + "': " + e.what());
-    }
+  for (const Entry& e : parse_header(bytes.substr(8, header_size), bytes.size() - data_start, path)) {
+    at::Tensor tensor = at::empty(e.shape, at::TensorOptions().dtype(e.type));
+    std::memcpy(tensor.data_ptr(), bytes.data() + data_start + e.begin, e.end - e.begin);
+    tensors.emplace(e.name, std::move(tensor));
   }
   return tensors;
 }

@@ -399,8 +399,13 @@ TrainResult Trainer::Impl::run() {
     }
   }
   result.final_step = state.step;
+  // The largest rank's peak: what each machine must hold per rank.
+  at::Tensor rss = at::full({1}, static_cast<int64_t>(peak_rss_bytes()), at::kLong);
+  if (world_size > 1) options.world->all_reduce(rss, {parallel::ReduceOp::kMax})->wait();
+  result.peak_rss_bytes = static_cast<double>(rss.item<int64_t>());
   char text[96];
-  std::snprintf(text, sizeof(text), "peak resident memory: %.2f GiB (rank %d)", peak_rss_bytes() / (1024.0 * 1024 * 1024), rank);
+  std::snprintf(text, sizeof(text), "peak resident memory: %.2f GiB (largest of %d rank%s, getrusage ru_maxrss)",
+                result.peak_rss_bytes / (1024.0 * 1024 * 1024), world_size, world_size > 1 ? "s" : "");
   log(text);
   return result;
 }

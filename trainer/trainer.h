@@ -34,6 +34,7 @@ struct TrainResult {
   int64_t final_step = 0;
   double final_val_loss = -1;
   bool stopped_early = false;  // a stop was requested (SIGINT / SIGTERM)
+  double peak_rss_bytes = 0;   // the largest rank's peak resident set size
 };
 
 // Async-signal-safe: asks the loop to finish the current step, checkpoint, and return.

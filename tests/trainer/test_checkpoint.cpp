@@ -59,6 +59,32 @@ TEST(Safetensors, RoundTripAllDtypes) {
   expect_error_mentions([&] { from_safetensors(bytes.substr(0, 5), "y.safetensors"); }, "y.safetensors: truncated");
 }
 
+TEST_F(CheckpointTest, StreamedFilesEqualInMemoryBytesAndReadBack) {
+  fs::create_directories(dir_);
+  TensorMap tensors = {{"a", at::randn({7, 3})}, {"b", at::arange(5, at::kLong)}, {"c", at::randn({4}).to(at::kBFloat16)},
+                       {"strided", at::randn({3, 2}).t()}};
+  const std::string path = dir_ + "/s.safetensors";
+  const uint32_t crc = write_safetensors(path, tensors, {{"format", "pt"}});
+  const std::string bytes = fmoe::data::read_file(path);
+  EXPECT_EQ(bytes, to_safetensors(tensors, {{"format", "pt"}}));
+  EXPECT_EQ(crc, fmoe::data::crc32_of(bytes));
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  uint32_t read_crc = 0;
+  const TensorMap back = read_safetensors(path, &read_crc);
+  EXPECT_EQ(read_crc, crc);
+  ASSERT_EQ(back.size(), tensors.size());
+  for (const auto& [name, t] : tensors) EXPECT_TRUE(at::equal(back.at(name), t.contiguous())) << name;
+  fs::resize_file(path, bytes.size() - 3);
+  expect_error_mentions([&] { read_safetensors(path); }, path + ": tensor");
+  {
+    // A writer dropped before commit leaves nothing behind.
+    fmoe::data::AtomicFileWriter writer(dir_ + "/never");
+    writer.append("partial");
+  }
+  EXPECT_FALSE(fs::exists(dir_ + "/never"));
+  EXPECT_FALSE(fs::exists(dir_ + "/never.tmp"));
+}
+
 TEST_F(CheckpointTest, SaveLoadLatestAndRetention) {
   EXPECT_FALSE(latest_checkpoint(dir_).has_value());
   for (int64_t step : {10, 20, 30}) save_checkpoint(dir_, contents(step), 2);
