@@ -12,10 +12,13 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace fmoe::parallel {
 
 enum class ReduceOp { kSum, kAvg, kMax };
+
+inline constexpr std::chrono::milliseconds kDefaultTimeout{std::chrono::minutes(5)};
 
 class Work {
  public:
@@ -27,16 +30,30 @@ class Work {
 
 struct AllReduceOptions {
   ReduceOp op = ReduceOp::kSum;
-  std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+  std::chrono::milliseconds timeout = kDefaultTimeout;
 };
 
 struct BroadcastOptions {
   int root = 0;
-  std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+  std::chrono::milliseconds timeout = kDefaultTimeout;
 };
 
 struct AllGatherOptions {
-  std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+  std::chrono::milliseconds timeout = kDefaultTimeout;
+};
+
+struct ReduceScatterOptions {
+  ReduceOp op = ReduceOp::kSum;
+  std::chrono::milliseconds timeout = kDefaultTimeout;
+};
+
+struct AllToAllOptions {
+  std::chrono::milliseconds timeout = kDefaultTimeout;
+};
+
+struct SendRecvOptions {
+  int tag = 0;
+  std::chrono::milliseconds timeout = kDefaultTimeout;
 };
 
 class Communicator {
@@ -51,7 +68,20 @@ class Communicator {
   virtual std::unique_ptr<Work> broadcast(at::Tensor& tensor, const BroadcastOptions& options) = 0;
   // output holds size() * input.numel() elements, rank-major.
   virtual std::unique_ptr<Work> all_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& options) = 0;
+  // input holds size() * output.numel() elements, rank-major; rank r receives block r reduced.
+  virtual std::unique_ptr<Work> reduce_scatter(at::Tensor& output, const at::Tensor& input,
+                                               const ReduceScatterOptions& options) = 0;
+  // Exchanges rows (slices along dim 0): input_splits[r] rows go to rank r, output_splits[r]
+  // rows come from rank r, both in rank order. Empty splits mean equal parts. Zero-row
+  // splits are allowed.
+  virtual std::unique_ptr<Work> all_to_all(at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                                           const std::vector<int64_t>& input_splits, const AllToAllOptions& options) = 0;
+  virtual std::unique_ptr<Work> send(const at::Tensor& tensor, int dst, const SendRecvOptions& options) = 0;
+  virtual std::unique_ptr<Work> recv(at::Tensor& tensor, int src, const SendRecvOptions& options) = 0;
   virtual void barrier() = 0;
+  // Collective over this group: ranks passing the same color form a new group,
+  // ordered by key; a negative color returns nullptr.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 };
 
 }  // namespace fmoe::parallel

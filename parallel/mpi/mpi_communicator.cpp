@@ -6,26 +6,83 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <limits>
 #include <stdexcept>
 #include <thread>
 
 namespace fmoe::parallel {
 namespace {
 
-MPI_Datatype mpi_type(const at::Tensor& tensor, bool reducing) {
+// BF16 travels as raw 16-bit words; its reductions are user-defined MPI ops that
+// widen to FP32, combine and round back (round to nearest even).
+float bf16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, 4);
+  return value;
+}
+uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+void bf16_sum(void* in, void* inout, int* len, MPI_Datatype*) {
+  const auto* a = static_cast<const uint16_t*>(in);
+  auto* b = static_cast<uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+void bf16_max(void* in, void* inout, int* len, MPI_Datatype*) {
+  const auto* a = static_cast<const uint16_t*>(in);
+  auto* b = static_cast<uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = float_to_bf16(std::max(bf16_to_float(a[i]), bf16_to_float(b[i])));
+}
+
+MPI_Datatype mpi_type(const at::Tensor& tensor) {
   switch (tensor.scalar_type()) {
     case at::kFloat: return MPI_FLOAT;
     case at::kDouble: return MPI_DOUBLE;
     case at::kInt: return MPI_INT32_T;
     case at::kLong: return MPI_INT64_T;
     case at::kByte: return MPI_UINT8_T;
-    case at::kBFloat16:
-      if (!reducing) return MPI_UINT16_T;  // moved as raw 16-bit words
-      [[fallthrough]];
+    case at::kBFloat16: return MPI_UINT16_T;
     default:
-      throw std::invalid_argument(std::string("mpi backend: unsupported dtype ") + c10::toString(tensor.scalar_type()) +
-                                  (reducing ? " for a reduction" : ""));
+      throw std::invalid_argument(std::string("mpi backend: unsupported dtype ") + c10::toString(tensor.scalar_type()));
   }
+}
+
+MPI_Op mpi_op(const at::Tensor& tensor, ReduceOp op) {
+  if (tensor.scalar_type() == at::kBFloat16) {
+    static MPI_Op sum = MPI_OP_NULL, max = MPI_OP_NULL;
+    if (sum == MPI_OP_NULL) {
+      MPI_Op_create(&bf16_sum, /*commute=*/1, &sum);
+      MPI_Op_create(&bf16_max, /*commute=*/1, &max);
+    }
+    return op == ReduceOp::kMax ? max : sum;
+  }
+  if (op == ReduceOp::kAvg && !at::isFloatingType(tensor.scalar_type())) {
+    throw std::invalid_argument(std::string("mpi backend: average of integer dtype ") + c10::toString(tensor.scalar_type()));
+  }
+  if (tensor.scalar_type() == at::kByte && op != ReduceOp::kMax) {
+    throw std::invalid_argument("mpi backend: uint8 tensors reduce only with max");
+  }
+  return op == ReduceOp::kMax ? MPI_MAX : MPI_SUM;
+}
+
+int mpi_count(int64_t n, const char* op) {
+  if (n > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument(std::string("mpi backend: ") + op + " of " + std::to_string(n) + " elements exceeds MPI's int count");
+  }
+  return static_cast<int>(n);
+}
+
+std::function<void()> average_after(at::Tensor tensor, ReduceOp op, int size) {
+  if (op != ReduceOp::kAvg) return {};
+  return [tensor, size]() mutable { tensor.div_(size); };
 }
 
 void check_cpu_contiguous(const at::Tensor& tensor, const char* op) {
@@ -77,9 +134,14 @@ class MpiWork : public Work {
 
 class MpiCommunicator : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  explicit MpiCommunicator(MPI_Comm comm, bool owned = false) : comm_(comm), owned_(owned) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
+  }
+  ~MpiCommunicator() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owned_ && !finalized) MPI_Comm_free(&comm_);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -87,18 +149,16 @@ class MpiCommunicator : public Communicator {
 
   std::unique_ptr<Work> all_reduce(at::Tensor& tensor, const AllReduceOptions& options) override {
     check_cpu_contiguous(tensor, "all_reduce");
-    const MPI_Op op = options.op == ReduceOp::kMax ? MPI_MAX : MPI_SUM;
     MPI_Request request;
-    MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()), mpi_type(tensor, true), op, comm_, &request);
-    std::function<void()> finish;
-    if (options.op == ReduceOp::kAvg) finish = [tensor, n = size_]() mutable { tensor.div_(n); };
-    return std::make_unique<MpiWork>(request, rank_, "all_reduce", options.timeout, std::move(finish));
+    MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"), mpi_type(tensor),
+                   mpi_op(tensor, options.op), comm_, &request);
+    return std::make_unique<MpiWork>(request, rank_, "all_reduce", options.timeout, average_after(tensor, options.op, size_));
   }
 
   std::unique_ptr<Work> broadcast(at::Tensor& tensor, const BroadcastOptions& options) override {
     check_cpu_contiguous(tensor, "broadcast");
     MPI_Request request;
-    MPI_Ibcast(tensor.data_ptr(), static_cast<int>(tensor.numel()), mpi_type(tensor, false), options.root, comm_, &request);
+    MPI_Ibcast(tensor.data_ptr(), mpi_count(tensor.numel(), "broadcast"), mpi_type(tensor), options.root, comm_, &request);
     return std::make_unique<MpiWork>(request, rank_, "broadcast", options.timeout);
   }
 
@@ -109,16 +169,105 @@ class MpiCommunicator : public Communicator {
       throw std::invalid_argument("mpi backend: all_gather output must hold size() x input elements of the same dtype");
     }
     MPI_Request request;
-    const MPI_Datatype type = mpi_type(input, false);
-    MPI_Iallgather(input.data_ptr(), static_cast<int>(input.numel()), type, output.data_ptr(),
-                   static_cast<int>(input.numel()), type, comm_, &request);
+    const MPI_Datatype type = mpi_type(input);
+    const int count = mpi_count(input.numel(), "all_gather");
+    MPI_Iallgather(input.data_ptr(), count, type, output.data_ptr(), count, type, comm_, &request);
     return std::make_unique<MpiWork>(request, rank_, "all_gather", options.timeout);
+  }
+
+  std::unique_ptr<Work> reduce_scatter(at::Tensor& output, const at::Tensor& input, const ReduceScatterOptions& options) override {
+    check_cpu_contiguous(output, "reduce_scatter");
+    check_cpu_contiguous(input, "reduce_scatter");
+    if (input.numel() != output.numel() * size_ || output.scalar_type() != input.scalar_type()) {
+      throw std::invalid_argument("mpi backend: reduce_scatter input must hold size() x output elements of the same dtype");
+    }
+    MPI_Request request;
+    MPI_Ireduce_scatter_block(input.data_ptr(), output.data_ptr(), mpi_count(output.numel(), "reduce_scatter"), mpi_type(input),
+                              mpi_op(input, options.op), comm_, &request);
+    return std::make_unique<MpiWork>(request, rank_, "reduce_scatter", options.timeout, average_after(output, options.op, size_));
+  }
+
+  std::unique_ptr<Work> all_to_all(at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                                   const std::vector<int64_t>& input_splits, const AllToAllOptions& options) override {
+    check_cpu_contiguous(output, "all_to_all");
+    check_cpu_contiguous(input, "all_to_all");
+    if (input.dim() == 0 || output.dim() == 0 || output.scalar_type() != input.scalar_type() ||
+        input.sizes().slice(1) != output.sizes().slice(1)) {
+      throw std::invalid_argument("mpi backend: all_to_all needs input and output of one dtype and equal trailing dims");
+    }
+    int64_t row = 1;
+    for (int64_t i = 1; i < input.dim(); ++i) row *= input.size(i);
+    const auto layout = [&](const std::vector<int64_t>& splits, int64_t rows, const char* which) {
+      std::vector<int> counts(size_), displs(size_);
+      int64_t offset = 0;
+      for (int r = 0; r < size_; ++r) {
+        int64_t n = rows / size_;
+        if (!splits.empty()) {
+          if (static_cast<int>(splits.size()) != size_) {
+            throw std::invalid_argument(std::string("mpi backend: all_to_all ") + which + " splits need one entry per rank");
+          }
+          n = splits[r];
+        } else if (rows % size_ != 0) {
+          throw std::invalid_argument(std::string("mpi backend: all_to_all ") + which + " rows do not divide evenly");
+        }
+        if (n < 0) throw std::invalid_argument("mpi backend: all_to_all split sizes must be >= 0");
+        counts[r] = mpi_count(n * row, "all_to_all");
+        displs[r] = mpi_count(offset * row, "all_to_all");
+        offset += n;
+      }
+      if (offset != rows) {
+        throw std::invalid_argument(std::string("mpi backend: all_to_all ") + which + " splits sum to " + std::to_string(offset) +
+                                    " rows, the tensor has " + std::to_string(rows));
+      }
+      return std::make_pair(counts, displs);
+    };
+    auto [send_counts, send_displs] = layout(input_splits, input.size(0), "input");
+    auto [recv_counts, recv_displs] = layout(output_splits, output.size(0), "output");
+    // The count arrays must outlive the non-blocking call: the Work owns them.
+    auto arrays = std::make_shared<std::vector<std::vector<int>>>(
+        std::vector<std::vector<int>>{std::move(send_counts), std::move(send_displs), std::move(recv_counts), std::move(recv_displs)});
+    MPI_Request request;
+    const MPI_Datatype type = mpi_type(input);
+    MPI_Ialltoallv(input.data_ptr(), (*arrays)[0].data(), (*arrays)[1].data(), type, output.data_ptr(), (*arrays)[2].data(),
+                   (*arrays)[3].data(), type, comm_, &request);
+    return std::make_unique<MpiWork>(request, rank_, "all_to_all", options.timeout, [arrays, input, output] {});
+  }
+
+  std::unique_ptr<Work> send(const at::Tensor& tensor, int dst, const SendRecvOptions& options) override {
+    check_cpu_contiguous(tensor, "send");
+    check_peer(dst, "send");
+    MPI_Request request;
+    MPI_Isend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, options.tag, comm_, &request);
+    return std::make_unique<MpiWork>(request, rank_, "send to rank " + std::to_string(dst), options.timeout, [tensor] {});
+  }
+
+  std::unique_ptr<Work> recv(at::Tensor& tensor, int src, const SendRecvOptions& options) override {
+    check_cpu_contiguous(tensor, "recv");
+    check_peer(src, "recv");
+    MPI_Request request;
+    MPI_Irecv(tensor.data_ptr(), mpi_count(tensor.numel(), "recv"), mpi_type(tensor), src, options.tag, comm_, &request);
+    return std::make_unique<MpiWork>(request, rank_, "recv from rank " + std::to_string(src), options.timeout, [tensor] {});
   }
 
   void barrier() override { MPI_Barrier(comm_); }
 
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm child = MPI_COMM_NULL;
+    MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &child);
+    if (child == MPI_COMM_NULL) return nullptr;
+    MPI_Comm_set_errhandler(child, MPI_ERRORS_RETURN);
+    return std::make_unique<MpiCommunicator>(child, /*owned=*/true);
+  }
+
  private:
+  void check_peer(int peer, const char* op) const {
+    if (peer < 0 || peer >= size_ || peer == rank_) {
+      throw std::invalid_argument(std::string("mpi backend: ") + op + " peer " + std::to_string(peer) + " is not another rank of a group of " +
+                                  std::to_string(size_));
+    }
+  }
   MPI_Comm comm_;
+  bool owned_ = false;
   int rank_ = 0;
   int size_ = 1;
 };

@@ -1,5 +1,6 @@
-// MPI backend for CPU tensors (fp32, fp64, int32, int64, uint8; bf16 for
-// data movement), built on non-blocking MPI so Work::wait can time out.
+// MPI backend for CPU tensors: fp32, fp64, bf16, int32, int64 (and uint8 for
+// movement and max), every op non-blocking underneath so Work::wait can time out.
+// BF16 reductions widen each pair to FP32 and round back.
 #pragma once
 
 #include <memory>
