@@ -33,7 +33,6 @@ std::string error_message(const std::exception& error) {
 }
 
 void configure_allocator() {
-  if (std::getenv("FMOE_DEFAULT_MALLOC")) return;
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
