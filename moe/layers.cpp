@@ -6,7 +6,9 @@
 
 #include "fp8/fp8_gemm.h"
 #include "moe/dispatch.h"
+#include "moe/expert_parallel.h"
 #include "moe/grouped_swiglu.h"
+#include "parallel/autograd.h"
 
 namespace fmoe::moe {
 
@@ -47,16 +49,21 @@ Attention::Attention(const ModelConfig& c) : num_heads_(c.num_heads), num_kv_hea
   wo = register_parameter("wo", at::empty({c.hidden_size, c.num_heads * c.head_dim}).normal_(0, out_std));
 }
 
-at::Tensor Attention::forward(const at::Tensor& h, const ForwardContext& ctx) {
+at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx) {
   const int64_t b = ctx.batch, t = ctx.seq_len;
-  const at::Tensor qkv = project(h, wqkv, ctx).view({b, t, num_heads_ + 2 * num_kv_heads_, head_dim_});
-  at::Tensor q = apply_rope(qkv.narrow(2, 0, num_heads_), ctx.rope_cos_TH, ctx.rope_sin_TH);
-  at::Tensor k = apply_rope(qkv.narrow(2, num_heads_, num_kv_heads_), ctx.rope_cos_TH, ctx.rope_sin_TH);
-  at::Tensor v = qkv.narrow(2, num_heads_ + num_kv_heads_, num_kv_heads_);
+  // Local heads: all of them, or this rank's 1 / tp (column-parallel wqkv, row-parallel wo).
+  const int64_t heads = wo.size(1) / head_dim_;
+  const int64_t kv_heads = (wqkv.size(0) / head_dim_ - heads) / 2;
+  parallel::Communicator& tp = ctx.parallel->tp();
+  const at::Tensor h = parallel::copy_to_group(h_in, tp);
+  const at::Tensor qkv = project(h, wqkv, ctx).view({b, t, heads + 2 * kv_heads, head_dim_});
+  at::Tensor q = apply_rope(qkv.narrow(2, 0, heads), ctx.rope_cos_TH, ctx.rope_sin_TH);
+  at::Tensor k = apply_rope(qkv.narrow(2, heads, kv_heads), ctx.rope_cos_TH, ctx.rope_sin_TH);
+  at::Tensor v = qkv.narrow(2, heads + kv_heads, kv_heads);
   const at::Tensor context = at::scaled_dot_product_attention(
       q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
-      /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/num_kv_heads_ != num_heads_);
-  return project(context.transpose(1, 2).reshape({b * t, num_heads_ * head_dim_}), wo, ctx);
+      /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/kv_heads != heads);
+  return parallel::reduce_from_group(project(context.transpose(1, 2).reshape({b * t, heads * head_dim_}), wo, ctx), tp);
 }
 
 DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
@@ -64,9 +71,12 @@ DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
   w2 = register_parameter("w2", at::empty({1, ffn_hidden, hidden}));
 }
 
-at::Tensor DenseFFN::forward(const at::Tensor& h, const ForwardContext& ctx) {
-  if (ctx.fp8) return grouped_swiglu(h, w13, w2, {h.size(0)}, /*fp8=*/true);
-  return grouped_swiglu(h, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), {h.size(0)});
+at::Tensor DenseFFN::forward(const at::Tensor& h_in, const ForwardContext& ctx) {
+  parallel::Communicator& tp = ctx.parallel->tp();
+  const at::Tensor h = parallel::copy_to_group(h_in, tp);
+  const at::Tensor y = ctx.fp8 ? grouped_swiglu(h, w13, w2, {h.size(0)}, /*fp8=*/true)
+                               : grouped_swiglu(h, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), {h.size(0)});
+  return parallel::reduce_from_group(y, tp);
 }
 
 namespace {
@@ -97,14 +107,26 @@ at::Tensor MoELayer::forward(const at::Tensor& h, ForwardContext& ctx) {
   // The router runs in fp32: its scores decide discrete choices.
   const at::Tensor logits = at::linear(h.to(at::kFloat), router_weight);
   const Routing routing = route(logits, expert_bias, router_options_);
-  const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts, ctx.expert_pad_multiple);
-  step_load.add_(plan.tokens_per_expert_E);
-
-  const at::Tensor x_sorted = permute_tokens(h, plan);
-  const at::Tensor y_sorted =
-      ctx.fp8 ? grouped_swiglu(x_sorted, w13, w2, plan.rows_per_expert, /*fp8=*/true)
-              : grouped_swiglu(x_sorted, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), plan.rows_per_expert);
-  at::Tensor out = unpermute_and_combine(y_sorted, routing.probs_TK, plan);
+  const Parallelism& par = *ctx.parallel;
+  const ExpertCompute experts = [&](const at::Tensor& x, const std::vector<int64_t>& rows) {
+    return ctx.fp8 ? grouped_swiglu(x, w13, w2, rows, /*fp8=*/true)
+                   : grouped_swiglu(x, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), rows);
+  };
+  // The experts (and shared experts) may be split over tp along their width: their
+  // input gradients are partial sums, added up over tp by copy_to_group's backward.
+  const at::Tensor x = parallel::copy_to_group(h, par.tp());
+  at::Tensor out;
+  if (par.ep().size() > 1) {
+    step_load.add_(at::bincount(routing.experts_TK.reshape({-1}), {}, config_.num_experts));
+    out = par.dispatcher == ExpertDispatcher::kAllToAll
+              ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, experts, par.ep(), par.tp())
+              : dispatch_all_gather(x, routing.experts_TK, routing.probs_TK, config_.num_experts, experts, par.ep(), par.tp());
+  } else {
+    const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts, ctx.expert_pad_multiple);
+    step_load.add_(plan.tokens_per_expert_E);
+    const at::Tensor y_sorted = parallel::reduce_from_group(experts(permute_tokens(x, plan), plan.rows_per_expert), par.tp());
+    out = unpermute_and_combine(y_sorted, routing.probs_TK, plan);
+  }
   if (shared) out = out + shared->forward(h, ctx).to(at::kFloat);
 
   if (config_.aux_loss_coeff > 0) {

@@ -9,8 +9,20 @@
 
 #include "moe/model_config.h"
 #include "moe/router.h"
+#include "parallel/mesh.h"
 
 namespace fmoe::moe {
+
+enum class ExpertDispatcher { kAllToAll, kAllGather };
+
+// This rank's place in tensor and expert parallelism (moe/expert_parallel.h,
+// parallel/tensor_parallel.h). The default is one process holding everything.
+struct Parallelism {
+  parallel::Mesh mesh = parallel::Mesh::single();
+  ExpertDispatcher dispatcher = ExpertDispatcher::kAllToAll;
+  parallel::Communicator& tp() const { return mesh.tp(); }
+  parallel::Communicator& ep() const { return mesh.ep(); }
+};
 
 // What every layer needs to know about the current micro-batch.
 struct ForwardContext {
@@ -25,6 +37,7 @@ struct ForwardContext {
   at::Tensor rope_sin_TH;
   at::Tensor aux_loss;      // fp32 scalar, sum over MoE layers (with coefficients)
   at::Tensor z_loss;
+  const Parallelism* parallel = nullptr;  // owned by the model
 };
 
 // cos/sin tables for rotary embeddings (half-split convention).
@@ -49,6 +62,7 @@ class Attention : public torch::nn::Module {
  public:
   explicit Attention(const ModelConfig& config);
   at::Tensor forward(const at::Tensor& h_ND, const ForwardContext& ctx);
+  // Under tensor parallelism each rank holds H / tp query and Hkv / tp key/value heads.
   at::Tensor wqkv;  // [(H + 2 * Hkv) * head_dim, D]
   at::Tensor wo;    // [D, H * head_dim]
 
@@ -56,7 +70,8 @@ class Attention : public torch::nn::Module {
   int64_t num_heads_, num_kv_heads_, head_dim_;
 };
 
-// SwiGLU FFN; also the shared experts of an MoE layer.
+// SwiGLU FFN; also the shared experts of an MoE layer. Under tensor parallelism
+// w13 is column-parallel and w2 row-parallel (F / tp each).
 class DenseFFN : public torch::nn::Module {
  public:
   DenseFFN(int64_t hidden, int64_t ffn_hidden);

@@ -1,8 +1,10 @@
 #include "moe/model.h"
 
 #include "moe/cross_entropy.h"
+#include "parallel/autograd.h"
 
 #include <ATen/ATen.h>
+#include <torch/torch.h>
 #include <torch/nn/modules/container/modulelist.h>
 
 #include <stdexcept>
@@ -13,8 +15,8 @@ EmbeddingStage::EmbeddingStage(const ModelConfig& c) {
   weight = register_parameter("weight", at::empty({c.vocab_size, c.hidden_size}).normal_(0, c.init_std));
 }
 
-at::Tensor EmbeddingStage::forward(const at::Tensor& tokens_BT) {
-  return weight.index_select(0, tokens_BT.reshape({-1}));
+at::Tensor EmbeddingStage::forward(const at::Tensor& tokens_BT, const Parallelism& parallel) {
+  return parallel::vocab_parallel_embedding(tokens_BT.reshape({-1}), weight, parallel.tp().rank() * weight.size(0), parallel.tp());
 }
 
 HeadStage::HeadStage(const ModelConfig& c) {
@@ -22,14 +24,41 @@ HeadStage::HeadStage(const ModelConfig& c) {
   weight = register_parameter("weight", at::empty({c.vocab_size, c.hidden_size}).normal_(0, c.init_std));
 }
 
-at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT, at::ScalarType compute_dtype) {
-  const at::Tensor logits = at::linear(norm->forward(x, compute_dtype), weight.to(compute_dtype));
+at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT, at::ScalarType compute_dtype,
+                             const Parallelism& parallel) {
+  parallel::Communicator& tp = parallel.tp();
+  const at::Tensor h = parallel::copy_to_group(norm->forward(x, compute_dtype), tp);
+  const at::Tensor logits = at::linear(h, weight.to(compute_dtype));
+  if (tp.size() > 1) return parallel::vocab_parallel_cross_entropy(logits, targets_BT.reshape({-1}), tp.rank() * weight.size(0), tp);
   // The loss reduces in FP32 (a BF16 log-softmax would round it to ~3 digits),
   // chunk by chunk, without an FP32 copy of the logits.
   return chunked_cross_entropy(logits, targets_BT.reshape({-1}));
 }
 
-MoEModel::MoEModel(const ModelConfig& config) : config_(config) {
+namespace {
+
+std::string check_divides(const ModelConfig& c, const parallel::MeshShape& s) {
+  const auto divides = [](int64_t degree, int64_t size) { return size % degree == 0; };
+  const std::vector<std::pair<const char*, int64_t>> tp_sizes = {
+      {"num_heads", c.num_heads}, {"num_kv_heads", c.num_kv_heads}, {"vocab_size", c.vocab_size},
+      {"ffn_hidden_size", c.ffn_hidden_size}, {"moe_ffn_hidden_size", c.moe_ffn_hidden_size}};
+  for (const auto& [name, size] : tp_sizes) {
+    if (!divides(s.tp, size)) return "parallel.tp: " + std::to_string(s.tp) + " does not divide model." + name + " " + std::to_string(size);
+  }
+  if (c.num_moe_layers() > 0 && !divides(s.ep, c.num_experts)) {
+    return "parallel.ep: " + std::to_string(s.ep) + " does not divide model.num_experts " + std::to_string(c.num_experts);
+  }
+  if (s.pp != 1) return "parallel.pp: pipeline parallelism is not implemented by the trainer yet";
+  return {};
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(config), parallel_(std::move(parallel)) {
   if (const std::string error = config.validate(); !error.empty()) throw std::invalid_argument("model." + error);
   if (const std::string error = config.trainer_support(); !error.empty()) throw std::invalid_argument("model." + error);
   embedding = register_module("embedding", std::make_shared<EmbeddingStage>(config));
@@ -41,6 +70,37 @@ MoEModel::MoEModel(const ModelConfig& config) : config_(config) {
   }
   head = register_module("head", std::make_shared<HeadStage>(config));
   std::tie(rope_cos_, rope_sin_) = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta);
+
+  // Shard specs by parameter name, then each rank keeps its shard of the full draw.
+  const int64_t hd = config.head_dim, f = config.moe_ffn_hidden_size;
+  for (const auto& item : named_parameters()) {
+    const std::string& name = item.key();
+    parallel::ShardSpec spec;
+    if (name == "embedding.weight" || name == "head.weight") {
+      spec.tp_dim = 0;
+    } else if (ends_with(name, "attention.wqkv")) {
+      spec = {0, {config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd}, -1};
+    } else if (ends_with(name, "attention.wo")) {
+      spec.tp_dim = 1;
+    } else if (ends_with(name, "moe.w13")) {
+      spec = {2, {f, f}, 0};
+    } else if (ends_with(name, "moe.w2")) {
+      spec = {1, {}, 0};
+    } else if (ends_with(name, ".w13")) {  // dense and shared-expert FFNs
+      spec = {2, {item.value().size(2) / 2, item.value().size(2) / 2}, -1};
+    } else if (ends_with(name, ".w2")) {
+      spec.tp_dim = 1;
+    }
+    specs_[name] = spec;
+  }
+  const parallel::MeshShape& shape = parallel_.mesh.shape();
+  if (shape.tp > 1 || shape.ep > 1 || shape.pp > 1) {
+    if (const std::string error = check_divides(config, shape); !error.empty()) throw std::invalid_argument(error);
+    torch::NoGradGuard no_grad;
+    for (auto& item : named_parameters()) {
+      item.value().set_data(parallel::local_shard(item.value(), specs_.at(item.key()), shape, parallel_.mesh.coords()));
+    }
+  }
 }
 
 ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_dtype, bool fp8) {
@@ -61,10 +121,11 @@ ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_d
   ctx.rope_sin_TH = rope_sin_.narrow(0, 0, seq_len);
   ctx.aux_loss = at::zeros({}, at::kFloat);
   ctx.z_loss = at::zeros({}, at::kFloat);
+  ctx.parallel = &parallel_;
 
-  at::Tensor x = embedding->forward(tokens.narrow(1, 0, seq_len));
+  at::Tensor x = embedding->forward(tokens.narrow(1, 0, seq_len), parallel_);
   for (auto& layer : layers) x = layer->forward(x, ctx);
-  const at::Tensor ce = head->forward(x, tokens.narrow(1, 1, seq_len), compute_dtype);
+  const at::Tensor ce = head->forward(x, tokens.narrow(1, 1, seq_len), compute_dtype, parallel_);
   return {ce + ctx.aux_loss + ctx.z_loss, ce.detach(), ctx.aux_loss.detach(), ctx.z_loss.detach()};
 }
 

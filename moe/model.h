@@ -5,17 +5,22 @@
 
 #include <torch/nn/module.h>
 
+#include <map>
+#include <string>
 #include <vector>
 
 #include "moe/layers.h"
 #include "moe/model_config.h"
+#include "parallel/tensor_parallel.h"
 
 namespace fmoe::moe {
 
+// Under tensor parallelism the embedding and the head hold V / tp vocabulary
+// rows each (vocabulary-parallel; the loss never gathers the vocabulary).
 class EmbeddingStage : public torch::nn::Module {
  public:
   EmbeddingStage(const ModelConfig& config);
-  at::Tensor forward(const at::Tensor& tokens_BT);  // -> fp32 [B * T, D]
+  at::Tensor forward(const at::Tensor& tokens_BT, const Parallelism& parallel);  // -> fp32 [B * T, D]
   at::Tensor weight;  // [V, D]
 };
 
@@ -23,7 +28,7 @@ class HeadStage : public torch::nn::Module {
  public:
   HeadStage(const ModelConfig& config);
   // Mean next-token cross-entropy (natural log) over all positions, in fp32.
-  at::Tensor forward(const at::Tensor& x_ND, const at::Tensor& targets_BT, at::ScalarType compute_dtype);
+  at::Tensor forward(const at::Tensor& x_ND, const at::Tensor& targets_BT, at::ScalarType compute_dtype, const Parallelism& parallel);
   std::shared_ptr<RMSNorm> norm;
   at::Tensor weight;  // [V, D], untied from the embedding
 };
@@ -37,14 +42,20 @@ struct ModelOutput {
 
 class MoEModel : public torch::nn::Module {
  public:
-  // Parameters are drawn from LibTorch's default generator: seed it first.
-  explicit MoEModel(const ModelConfig& config);
+  // Parameters are drawn from LibTorch's default generator: seed it first. Every
+  // rank draws the full model and keeps its tensor- / expert-parallel shard, so
+  // any layout starts from the single-process model's exact weights. Throws
+  // std::invalid_argument naming the degree that does not divide a model size.
+  explicit MoEModel(const ModelConfig& config, Parallelism parallel = {});
 
   // tokens_BT1: int64 [B, T + 1]; inputs are [:, :-1], targets [:, 1:].
   // fp8: E4M3 GEMMs for the attention projections, FFNs and experts (see ForwardContext).
   ModelOutput forward(const at::Tensor& tokens_BT1, at::ScalarType compute_dtype, bool fp8 = false);
 
   const ModelConfig& config() const { return config_; }
+  const Parallelism& parallelism() const { return parallel_; }
+  // How each parameter (by name) is sharded; routed-expert tensors are is_expert().
+  const std::map<std::string, parallel::ShardSpec>& shard_specs() const { return specs_; }
   std::vector<std::shared_ptr<MoELayer>> moe_layers() const;
   // Applies the aux-loss-free bias update with the given per-layer loads
   // (already summed over data-parallel ranks) and clears step_load.
@@ -56,6 +67,8 @@ class MoEModel : public torch::nn::Module {
 
  private:
   ModelConfig config_;
+  Parallelism parallel_;
+  std::map<std::string, parallel::ShardSpec> specs_;
   at::Tensor rope_cos_, rope_sin_;
 };
 

@@ -1,5 +1,7 @@
 #include "trainer/optimizer.h"
 
+#include "parallel/grad_sync.h"
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -215,6 +217,14 @@ double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm) {
   if (grads.empty()) return 0.0;
   const std::vector<at::Tensor> norms = at::_foreach_norm(grads, 2);
   const double total = at::stack(norms).to(at::kDouble).square().sum().sqrt().item<double>();
+  if (max_norm > 0 && total > max_norm) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
+  return total;
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
+                      const std::vector<bool>& expert, const parallel::Mesh& mesh, double max_norm) {
+  if (mesh.shape().tp == 1 && mesh.shape().ep == 1) return clip_grad_norm(grads, max_norm);
+  const double total = std::sqrt(parallel::global_grad_square_sum(grads, sharded_over_tp, expert, mesh));
   if (max_norm > 0 && total > max_norm) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
   return total;
 }

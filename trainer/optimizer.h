@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "fp8/low_precision_tensor.h"
+#include "parallel/mesh.h"
 #include "trainer/config.h"
 #include "trainer/safetensors.h"
 
@@ -78,5 +79,10 @@ double learning_rate(const OptimizerConfig& config, int64_t step, int64_t total_
 // Global L2 norm of the gradients; scales them down to max_norm when above it
 // (max_norm 0: no clipping). Returns the norm before clipping.
 double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm);
+
+// The same over a model sharded on a mesh: the norm counts every shard once
+// (parallel::global_grad_square_sum), so all ranks scale by the same factor.
+double clip_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
+                      const std::vector<bool>& expert, const parallel::Mesh& mesh, double max_norm);
 
 }  // namespace fmoe::trainer
