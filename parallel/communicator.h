@@ -82,6 +82,17 @@ class Communicator {
   // Collective over this group: ranks passing the same color form a new group,
   // ordered by key; a negative color returns nullptr.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  // The timeout of every op whose options leave kDefaultTimeout in place (and of
+  // barrier); groups split from this one inherit it.
+  void set_default_timeout(std::chrono::milliseconds timeout) { default_timeout_ = timeout; }
+  std::chrono::milliseconds default_timeout() const { return default_timeout_; }
+
+ protected:
+  std::chrono::milliseconds resolve(std::chrono::milliseconds timeout) const {
+    return timeout == kDefaultTimeout ? default_timeout_ : timeout;
+  }
+  std::chrono::milliseconds default_timeout_ = kDefaultTimeout;
 };
 
 }  // namespace fmoe::parallel

@@ -65,13 +65,20 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   data::write_file_atomic((tmp_dir / "config.yaml").string(), contents.config_yaml);
   checksums["config.yaml"] = data::crc32_of(contents.config_yaml);
   maybe_crash(++written);
+  if (contents.write_extra) {
+    std::map<std::string, uint32_t> extra;
+    contents.write_extra(tmp_dir.string(), extra);
+    for (const auto& [file, crc] : extra) checksums[file] = crc;
+  }
   nlohmann::json index = index_of(contents.model, "model.safetensors");
   index.update(index_of(contents.optimizer, "optimizer.safetensors"));
-  const std::string index_bytes = nlohmann::json{{"layout", {{"world_size", 1}}}, {"tensors", index}}.dump(1) + "\n";
+  // Tensors are stored whole: any layout takes its slices of them.
+  const std::string index_bytes = nlohmann::json{{"layout", contents.layout}, {"tensors", index}}.dump(1) + "\n";
   data::write_file_atomic((tmp_dir / "index.json").string(), index_bytes);
   checksums["index.json"] = data::crc32_of(index_bytes);
 
   const nlohmann::json state = {
+      {"layout", contents.layout},
       {"step", contents.state.step},
       {"tokens_seen", contents.state.tokens_seen},
       {"loader_seed", contents.state.loader_seed},
@@ -126,6 +133,8 @@ CheckpointContents load_checkpoint(const std::string& directory) {
     contents.state.tokens_seen = state.at("tokens_seen").get<int64_t>();
     contents.state.loader_seed = state.at("loader_seed").get<uint64_t>();
     contents.state.elapsed_seconds = state.at("elapsed_seconds").get<double>();
+    contents.layout = state.value("layout", std::string());
+    for (const auto& [file, crc] : state.at("checksums").items()) contents.checksums[file] = crc.get<uint32_t>();
   } catch (const nlohmann::json::exception&) {
     throw std::runtime_error(state_path + ": corrupt (missing or mistyped fields)");
   }

@@ -2,7 +2,8 @@
 //
 //   <run_dir>/checkpoints/step_00000100/
 //       model.safetensors      parameters and persistent buffers (router biases)
-//       optimizer.safetensors  AdamW moments and step counts, RNG state
+//       optimizer.safetensors  AdamW moments and step counts, RNG state (rank 0's)
+//       optimizer.rankNNNNN.safetensors  the other ranks' when tp or ep shard the model
 //       index.json             every tensor: file, global shape, the slice stored
 //       trainer_state.json     step, tokens seen, loader state, file checksums
 //       config.yaml            the resolved config of the run
@@ -14,6 +15,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -29,10 +32,16 @@ struct TrainerState {
 };
 
 struct CheckpointContents {
-  TensorMap model;
-  TensorMap optimizer;
+  TensorMap model;       // full tensors, whatever the layout
+  TensorMap optimizer;   // rank 0's optimizer state
   TrainerState state;
   std::string config_yaml;
+  std::string layout;    // the mesh that wrote it ("dp2 pp1 tp2 ep2")
+  // Saving: writes further files (other ranks' optimizer shards) into the
+  // temporary directory and records their CRC32s; they become part of the atomic save.
+  std::function<void(const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums)> write_extra;
+  // Loading: the CRC32 of every file the checkpoint lists.
+  std::map<std::string, uint32_t> checksums;
 };
 
 // Writes a checkpoint for state.step; returns its directory. Removes the

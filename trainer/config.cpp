@@ -112,6 +112,9 @@ void visit(V& v, ParallelConfig& c) {
   v.field("ep", c.ep);
   v.field("virtual_pp", c.virtual_pp);
   v.field("zero1", c.zero1);
+  v.field("expert_dispatcher", c.expert_dispatcher);
+  v.field("timeout_s", c.timeout_s);
+  v.field("bucket_mb", c.bucket_mb);
 }
 
 template <class V>
@@ -385,15 +388,17 @@ std::string ParallelConfig::validate() const {
     if (value < 1) return std::string(name) + ": must be >= 1, got " + std::to_string(value);
   }
   if (dp > 0 && dp % ep != 0) return "ep: must divide dp (" + std::to_string(dp) + "), got " + std::to_string(ep);
+  if (expert_dispatcher != "alltoall" && expert_dispatcher != "allgather") {
+    return "expert_dispatcher: must be alltoall or allgather, got '" + expert_dispatcher + "'";
+  }
+  if (!(timeout_s > 0)) return "timeout_s: must be > 0";
+  if (!(bucket_mb > 0)) return "bucket_mb: must be > 0";
   return "";
 }
 
 std::string ParallelConfig::trainer_support() const {
-  if (tp != 1) return "tp: tensor parallelism is not available in moe-train yet; set 1";
   if (pp != 1) return "pp: pipeline parallelism is not available in moe-train yet; set 1";
-  if (ep != 1) return "ep: expert parallelism is not available in moe-train yet; set 1";
   if (virtual_pp != 1) return "virtual_pp: pipeline parallelism is not available in moe-train yet; set 1";
-  if (zero1) return "zero1: ZeRO-1 sharding is not available in moe-train yet; set false";
   return "";
 }
 

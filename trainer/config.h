@@ -82,6 +82,9 @@ struct ParallelConfig {
   int64_t ep = 1;
   int64_t virtual_pp = 1;
   bool zero1 = false;
+  std::string expert_dispatcher = "alltoall";  // alltoall | allgather (the simple reference)
+  double timeout_s = 300;                       // a collective that does not complete by then ends the job
+  double bucket_mb = 32;                        // data-parallel gradient bucket size
   std::string validate() const;
   // Empty when moe-train can run this layout, else "field: why" (moe-plan takes any).
   std::string trainer_support() const;

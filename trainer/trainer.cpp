@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -17,6 +18,9 @@
 #include "data/loader.h"
 #include "moe/model.h"
 #include "parallel/communicator.h"
+#include "parallel/grad_sync.h"
+#include "parallel/mesh.h"
+#include "parallel/tensor_parallel.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
@@ -58,6 +62,11 @@ struct Trainer::Impl {
   std::unique_ptr<AdamW> optimizer;
   std::vector<NamedParameter> params;
   TrainerState state;
+  std::optional<parallel::Mesh> mesh;
+  std::unique_ptr<parallel::GradientSync> grad_sync;
+  std::vector<bool> sharded_over_tp, is_expert;
+  bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
+  int64_t dp_size = 1, dp_rank = 0;
 
   void log(const std::string& line) const {
     if (rank == 0) std::fprintf(stdout, "%s\n", line.c_str()), std::fflush(stdout);
@@ -65,22 +74,24 @@ struct Trainer::Impl {
 
   // Sums a small fp32/int64 tensor over the data-parallel ranks.
   void sum_over_ranks(at::Tensor& tensor) const {
-    if (world_size > 1) options.world->all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+    if (dp_size > 1) mesh->dp().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  }
+  // The same over every rank (stop flags: all must agree).
+  void sum_over_world(at::Tensor& tensor) const {
+    if (world_size > 1) mesh->world().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
   }
 
-  void average_gradients() {
-    if (world_size == 1) return;
-    // One flat bucket: a single all-reduce per step instead of one per tensor.
-    std::vector<at::Tensor> grads;
-    for (const auto& p : params) grads.push_back(p.tensor.grad().reshape({-1}));
-    at::Tensor flat = at::cat(grads);
-    options.world->all_reduce(flat, {parallel::ReduceOp::kAvg})->wait();
-    int64_t offset = 0;
-    for (const auto& p : params) {
-      const int64_t n = p.tensor.numel();
-      p.tensor.grad().copy_(flat.narrow(0, offset, n).view_as(p.tensor));
-      offset += n;
+  // The full model (shards gathered over tp and ep): every rank takes part, rank 0 writes.
+  TensorMap full_model_tensors() const {
+    if (!sharded_model) return model_tensors();
+    TensorMap tensors;
+    for (const auto& item : model->named_parameters()) {
+      tensors[item.key()] = parallel::gather_full(item.value(), model->shard_specs().at(item.key()), *mesh);
     }
+    for (const auto& item : model->named_buffers()) {
+      if (item.key().find("step_load") == std::string::npos) tensors[item.key()] = item.value();
+    }
+    return tensors;
   }
 
   TensorMap model_tensors() const {
@@ -96,18 +107,45 @@ struct Trainer::Impl {
     const CheckpointContents contents = load_checkpoint(directory);
     const std::string model_file = directory + "/model.safetensors";
     torch::NoGradGuard no_grad;
+    // The checkpoint holds full tensors: each rank takes its shard, whatever layout wrote it.
+    const auto specs = model->shard_specs();
     for (auto& [name, tensor] : model_tensors()) {
       const auto it = contents.model.find(name);
       if (it == contents.model.end()) throw std::runtime_error(model_file + ": tensor '" + name + "' is missing");
-      if (!it->second.sizes().equals(tensor.sizes())) {
-        throw std::runtime_error(model_file + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) +
-                                 ", the configured model expects " + c10::str(tensor.sizes()));
+      const auto spec = specs.find(name);
+      at::Tensor source = it->second;
+      try {
+        if (spec != specs.end()) source = parallel::local_shard(source, spec->second, mesh->shape(), mesh->coords());
+      } catch (const std::exception&) {
+        source = it->second;  // reported as a shape mismatch below
       }
-      tensor.copy_(it->second);
+      if (!source.sizes().equals(tensor.sizes())) {
+        throw std::runtime_error(model_file + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) +
+                                 ", the configured model expects " + c10::str(tensor.sizes()) +
+                                 (sharded_model ? " on this rank" : ""));
+      }
+      tensor.copy_(source);
     }
-    optimizer->load_state(contents.optimizer, directory + "/optimizer.safetensors");
-    const auto rng = contents.optimizer.find("rng.cpu");
-    if (rng != contents.optimizer.end()) {
+    // Optimizer state: one file when every rank holds the same state, else one per rank.
+    const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
+    if (sharded_model && written_layout != layout_name()) {
+      throw std::runtime_error(directory + "/trainer_state.json: optimizer state was written under layout " + written_layout +
+                               "; resume under that layout (this run is " + layout_name() + ")");
+    }
+    TensorMap own_state = contents.optimizer;
+    std::string state_file = directory + "/optimizer.safetensors";
+    if (sharded_model && rank != 0) {
+      state_file = directory + "/" + rank_state_file(rank);
+      uint32_t crc = 0;
+      own_state = read_safetensors(state_file, &crc);
+      const auto expected = contents.checksums.find(rank_state_file(rank));
+      if (expected == contents.checksums.end() || crc != expected->second) {
+        throw std::runtime_error(state_file + ": checksum mismatch: the file is truncated or corrupt");
+      }
+    }
+    optimizer->load_state(own_state, state_file);
+    const auto rng = own_state.find("rng.cpu");
+    if (rng != own_state.end()) {
       at::Generator generator = at::detail::getDefaultCPUGenerator();
       generator.set_state(rng->second);
     }
@@ -115,25 +153,56 @@ struct Trainer::Impl {
     log("resumed from " + directory + " at step " + std::to_string(state.step));
   }
 
+  static std::string rank_state_file(int r) {
+    char name[48];
+    std::snprintf(name, sizeof(name), "optimizer.rank%05d.safetensors", r);
+    return name;
+  }
+
+  std::string layout_name() const { return mesh->shape().describe(); }
+
   void save(const Config& cfg) {
+    TensorMap model_state = full_model_tensors();  // collective when sharded
+    TensorMap optimizer_state = optimizer->state();
+    optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
     if (rank == 0) {
       CheckpointContents contents;
-      contents.model = model_tensors();
-      contents.optimizer = optimizer->state();
-      contents.optimizer["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+      contents.model = std::move(model_state);
+      contents.optimizer = std::move(optimizer_state);
       contents.state = state;
       contents.config_yaml = to_yaml(cfg);
+      contents.layout = layout_name();
+      if (sharded_model) {
+        // The other ranks' optimizer shards arrive one at a time and go straight to disk.
+        contents.write_extra = [&](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
+          for (int r = 1; r < world_size; ++r) {
+            at::Tensor size = at::empty({1}, at::kLong);
+            mesh->world().recv(size, r, {})->wait();
+            at::Tensor bytes = at::empty({size.item<int64_t>()}, at::kByte);
+            mesh->world().recv(bytes, r, {})->wait();
+            const std::string_view view(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+            data::write_file_atomic(tmp_dir + "/" + rank_state_file(r), view);
+            checksums[rank_state_file(r)] = data::crc32_of(view);
+          }
+        };
+      }
       const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints);
       log("checkpoint saved: " + dir);
+    } else if (sharded_model) {
+      const std::string serialized = to_safetensors(optimizer_state, {{"format", "pt"}});
+      at::Tensor size = at::full({1}, static_cast<int64_t>(serialized.size()), at::kLong);
+      mesh->world().send(size, 0, {})->wait();
+      const at::Tensor bytes = at::from_blob(const_cast<char*>(serialized.data()), {static_cast<int64_t>(serialized.size())}, at::kByte);
+      mesh->world().send(bytes, 0, {})->wait();
     }
-    if (world_size > 1) options.world->barrier();
+    if (world_size > 1) mesh->world().barrier();
   }
 
   double evaluate() {
     torch::NoGradGuard no_grad;
     const int64_t batches = config.training.eval_batches;
     at::Tensor sums = at::zeros({2}, at::kDouble);  // loss sum, batches
-    for (int64_t i = rank; i < batches; i += world_size) {
+    for (int64_t i = dp_rank; i < batches; i += dp_size) {
       const moe::ModelOutput out = model->forward(loader->val_batch(i), dtype, config.precision.fp8);
       sums[0] += out.ce_loss.to(at::kDouble);
       sums[1] += 1;
@@ -144,7 +213,7 @@ struct Trainer::Impl {
   }
 
   // GPU-hours so far (a CPU rank counts as one device) and their price.
-  double gpu_hours() const { return state.elapsed_seconds * world_size / 3600.0; }
+  double gpu_hours() const { return state.elapsed_seconds * world_size / 3600.0; }  // every rank of the mesh
   double usd() const { return gpu_hours() * config.budget.usd_per_gpu_hour; }
 
   // The first budget limit reached, or empty.
@@ -196,18 +265,47 @@ TrainResult Trainer::Impl::run() {
   }
   if (const std::string error = cfg.model.trainer_support(); !error.empty()) throw ConfigError("model." + error);
   if (const std::string error = cfg.parallel.trainer_support(); !error.empty()) throw ConfigError("parallel." + error);
-  if (cfg.parallel.dp != 0 && cfg.parallel.dp != world_size) {
-    throw ConfigError("parallel.dp: " + std::to_string(cfg.parallel.dp) + " does not match the " + std::to_string(world_size) +
-                      " ranks launched (dp x tp x pp must equal the world size)");
+  // The mesh: dp x pp x tp = world, ep carved out of dp.
+  parallel::MeshShape shape;
+  shape.tp = cfg.parallel.tp;
+  shape.pp = cfg.parallel.pp;
+  shape.ep = cfg.parallel.ep;
+  shape.dp = cfg.parallel.dp > 0 ? cfg.parallel.dp : world_size / std::max<int64_t>(1, shape.tp * shape.pp);
+  if (const std::string why = shape.validate(world_size); !why.empty()) {
+    throw ConfigError("parallel." + why + " (launched " + std::to_string(world_size) + " ranks; dp x pp x tp must equal it)");
   }
+  if (options.world) {
+    options.world->set_default_timeout(std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.timeout_s * 1000)));
+    // Non-owning: the caller keeps the world communicator alive for the run.
+    mesh.emplace(std::shared_ptr<parallel::Communicator>(options.world, [](parallel::Communicator*) {}), shape);
+  } else {
+    mesh.emplace(parallel::Mesh::single());
+  }
+  dp_size = shape.dp;
+  dp_rank = mesh->coords().dp;
+  sharded_model = shape.tp > 1 || shape.ep > 1;
   const int64_t threads = tc.threads > 0 ? tc.threads : default_threads(world_size);
   at::set_num_threads(static_cast<int>(threads));
   dtype = tc.precision == "bf16" ? at::kBFloat16 : at::kFloat;
 
-  // Every rank draws the same initial parameters from the shared seed.
+  // Every rank draws the same initial parameters from the shared seed and keeps its shard.
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
-  model = std::make_shared<moe::MoEModel>(cfg.model);
-  for (const auto& item : model->named_parameters()) params.push_back({item.key(), item.value()});
+  moe::Parallelism parallelism{*mesh, cfg.parallel.expert_dispatcher == "allgather" ? moe::ExpertDispatcher::kAllGather
+                                                                                     : moe::ExpertDispatcher::kAllToAll};
+  try {
+    model = std::make_shared<moe::MoEModel>(cfg.model, parallelism);
+  } catch (const std::invalid_argument& e) {
+    throw ConfigError(e.what());
+  }
+  std::vector<at::Tensor> dense, experts;
+  for (const auto& item : model->named_parameters()) {
+    params.push_back({item.key(), item.value()});
+    const parallel::ShardSpec& spec = model->shard_specs().at(item.key());
+    (spec.is_expert() ? experts : dense).push_back(item.value());
+    sharded_over_tp.push_back(spec.tp_dim >= 0 && shape.tp > 1);
+    is_expert.push_back(spec.is_expert() && (shape.ep > 1 || shape.tp > 1));
+  }
+  grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
   optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
 
   const auto dataset = data::IndexedDataset::open(cfg.data.prefix);
@@ -219,7 +317,7 @@ TrainResult Trainer::Impl::run() {
   loader_options.seq_len = tc.seq_len;
   loader_options.micro_batch_size = tc.micro_batch_size;
   loader_options.num_micro_batches = tc.grad_accum_steps;
-  loader_options.dp_size = world_size;
+  loader_options.dp_size = dp_size;
   loader_options.seed = static_cast<uint64_t>(tc.seed);
   loader_options.val_fraction = cfg.data.val_fraction;
   loader_options.split_seed = static_cast<uint64_t>(cfg.data.split_seed);
@@ -242,12 +340,13 @@ TrainResult Trainer::Impl::run() {
   const moe::ParameterCounts counts = moe::count_parameters(cfg.model);
   const double flops_per_token = moe::training_flops_per_token(cfg.model, tc.seq_len);
   const double peak_gflops = measure_peak_gflops(dtype) * world_size;
-  const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * world_size;
+  const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * dp_size;
   char summary[512];
   std::snprintf(summary, sizeof(summary),
-                "model: %.2fM parameters, %.2fM activated per token | %.1f MFLOP/token | layout dp=%d | %lld threads/rank | %s\n"
+                "model: %.2fM parameters, %.2fM activated per token | %.1f MFLOP/token | layout dp=%lld tp=%lld ep=%lld (%s experts) | %lld threads/rank | %s\n"
                 "data: %lld train tokens, %lld validation tokens | %lld tokens/step | peak %.0f GFLOP/s (%s GEMM, all ranks)",
-                counts.total / 1e6, counts.activated / 1e6, flops_per_token / 1e6, world_size,
+                counts.total / 1e6, counts.activated / 1e6, flops_per_token / 1e6, static_cast<long long>(shape.dp),
+                static_cast<long long>(shape.tp), static_cast<long long>(shape.ep), cfg.parallel.expert_dispatcher.c_str(),
                 static_cast<long long>(threads), tc.precision.c_str(), static_cast<long long>(loader->train_tokens()),
                 static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
                 tc.precision.c_str());
@@ -281,15 +380,15 @@ TrainResult Trainer::Impl::run() {
     const auto step_start = Clock::now();
     at::Tensor losses = at::zeros({3}, at::kDouble);  // ce, aux, z summed over micro-batches
     for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
-      const moe::ModelOutput out = model->forward(loader->train_batch(step, micro, rank), dtype, cfg.precision.fp8);
+      const moe::ModelOutput out = model->forward(loader->train_batch(step, micro, dp_rank), dtype, cfg.precision.fp8);
       (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }
-    average_gradients();
+    grad_sync->sync();
     optimizer->quantize_gradients();
     std::vector<at::Tensor> grads;
     for (const auto& p : params) grads.push_back(p.tensor.grad());
-    const double grad_norm = clip_grad_norm(grads, cfg.optimizer.grad_clip);
+    const double grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, cfg.optimizer.grad_clip);
     const double lr = learning_rate(cfg.optimizer, step, tc.steps);
     optimizer->step(lr);
     model->zero_grad(/*set_to_none=*/true);
@@ -303,7 +402,7 @@ TrainResult Trainer::Impl::run() {
     model->update_expert_biases(loads);
 
     sum_over_ranks(losses);
-    losses /= static_cast<double>(tc.grad_accum_steps * world_size);
+    losses /= static_cast<double>(tc.grad_accum_steps * dp_size);
     const double loss = losses[0].item<double>();
     state.step = step + 1;
     state.tokens_seen += tokens_per_step;
@@ -379,7 +478,7 @@ TrainResult Trainer::Impl::run() {
     at::Tensor stop = at::full({2}, 0L, at::kLong);
     stop[0] = stop_here ? 1L : 0L;
     stop[1] = exhausted.empty() ? 0L : 1L;
-    sum_over_ranks(stop);
+    sum_over_world(stop);
     const bool stopping = stop[0].item<int64_t>() > 0 || stop[1].item<int64_t>() > 0;
     if (last || stopping || (tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0)) save(cfg);
     if (stopping && !last) {
@@ -401,7 +500,7 @@ TrainResult Trainer::Impl::run() {
   result.final_step = state.step;
   // The largest rank's peak: what each machine must hold per rank.
   at::Tensor rss = at::full({1}, static_cast<int64_t>(peak_rss_bytes()), at::kLong);
-  if (world_size > 1) options.world->all_reduce(rss, {parallel::ReduceOp::kMax})->wait();
+  if (world_size > 1) mesh->world().all_reduce(rss, {parallel::ReduceOp::kMax})->wait();
   result.peak_rss_bytes = static_cast<double>(rss.item<int64_t>());
   char text[96];
   std::snprintf(text, sizeof(text), "peak resident memory: %.2f GiB (largest of %d rank%s, getrusage ru_maxrss)",

@@ -152,14 +152,14 @@ class MpiCommunicator : public Communicator {
     MPI_Request request;
     MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"), mpi_type(tensor),
                    mpi_op(tensor, options.op), comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "all_reduce", options.timeout, average_after(tensor, options.op, size_));
+    return std::make_unique<MpiWork>(request, rank_, "all_reduce", resolve(options.timeout), average_after(tensor, options.op, size_));
   }
 
   std::unique_ptr<Work> broadcast(at::Tensor& tensor, const BroadcastOptions& options) override {
     check_cpu_contiguous(tensor, "broadcast");
     MPI_Request request;
     MPI_Ibcast(tensor.data_ptr(), mpi_count(tensor.numel(), "broadcast"), mpi_type(tensor), options.root, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "broadcast", options.timeout);
+    return std::make_unique<MpiWork>(request, rank_, "broadcast", resolve(options.timeout));
   }
 
   std::unique_ptr<Work> all_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& options) override {
@@ -172,7 +172,7 @@ class MpiCommunicator : public Communicator {
     const MPI_Datatype type = mpi_type(input);
     const int count = mpi_count(input.numel(), "all_gather");
     MPI_Iallgather(input.data_ptr(), count, type, output.data_ptr(), count, type, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "all_gather", options.timeout);
+    return std::make_unique<MpiWork>(request, rank_, "all_gather", resolve(options.timeout));
   }
 
   std::unique_ptr<Work> reduce_scatter(at::Tensor& output, const at::Tensor& input, const ReduceScatterOptions& options) override {
@@ -184,7 +184,7 @@ class MpiCommunicator : public Communicator {
     MPI_Request request;
     MPI_Ireduce_scatter_block(input.data_ptr(), output.data_ptr(), mpi_count(output.numel(), "reduce_scatter"), mpi_type(input),
                               mpi_op(input, options.op), comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "reduce_scatter", options.timeout, average_after(output, options.op, size_));
+    return std::make_unique<MpiWork>(request, rank_, "reduce_scatter", resolve(options.timeout), average_after(output, options.op, size_));
   }
 
   std::unique_ptr<Work> all_to_all(at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
@@ -230,7 +230,7 @@ class MpiCommunicator : public Communicator {
     const MPI_Datatype type = mpi_type(input);
     MPI_Ialltoallv(input.data_ptr(), (*arrays)[0].data(), (*arrays)[1].data(), type, output.data_ptr(), (*arrays)[2].data(),
                    (*arrays)[3].data(), type, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "all_to_all", options.timeout, [arrays, input, output] {});
+    return std::make_unique<MpiWork>(request, rank_, "all_to_all", resolve(options.timeout), [arrays, input, output] {});
   }
 
   std::unique_ptr<Work> send(const at::Tensor& tensor, int dst, const SendRecvOptions& options) override {
@@ -238,7 +238,7 @@ class MpiCommunicator : public Communicator {
     check_peer(dst, "send");
     MPI_Request request;
     MPI_Isend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, options.tag, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "send to rank " + std::to_string(dst), options.timeout, [tensor] {});
+    return std::make_unique<MpiWork>(request, rank_, "send to rank " + std::to_string(dst), resolve(options.timeout), [tensor] {});
   }
 
   std::unique_ptr<Work> recv(at::Tensor& tensor, int src, const SendRecvOptions& options) override {
@@ -246,17 +246,23 @@ class MpiCommunicator : public Communicator {
     check_peer(src, "recv");
     MPI_Request request;
     MPI_Irecv(tensor.data_ptr(), mpi_count(tensor.numel(), "recv"), mpi_type(tensor), src, options.tag, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "recv from rank " + std::to_string(src), options.timeout, [tensor] {});
+    return std::make_unique<MpiWork>(request, rank_, "recv from rank " + std::to_string(src), resolve(options.timeout), [tensor] {});
   }
 
-  void barrier() override { MPI_Barrier(comm_); }
+  void barrier() override {
+    MPI_Request request;
+    MPI_Ibarrier(comm_, &request);
+    MpiWork(request, rank_, "barrier", default_timeout_).wait();
+  }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
     MPI_Comm child = MPI_COMM_NULL;
     MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &child);
     if (child == MPI_COMM_NULL) return nullptr;
     MPI_Comm_set_errhandler(child, MPI_ERRORS_RETURN);
-    return std::make_unique<MpiCommunicator>(child, /*owned=*/true);
+    auto group = std::make_unique<MpiCommunicator>(child, /*owned=*/true);
+    group->set_default_timeout(default_timeout_);
+    return group;
   }
 
  private:

@@ -13,6 +13,7 @@
 #include "parallel/grad_sync.h"
 #include "tests/parallel/mpi_test_env.h"
 #include "trainer/optimizer.h"
+#include "trainer/zero1.h"
 
 namespace {
 
@@ -90,7 +91,8 @@ std::vector<trainer::NamedParameter> named(const moe::MoEModel& model) {
   return params;
 }
 
-class ParallelModel : public ::testing::TestWithParam<moe::ExpertDispatcher> {};
+// (expert dispatcher, ZeRO-1)
+class ParallelModel : public ::testing::TestWithParam<std::tuple<moe::ExpertDispatcher, bool>> {};
 
 // Forward and backward of the single-process reference on the whole global batch.
 double reference_backward(moe::MoEModel& model, const at::Tensor& tokens) {
@@ -112,8 +114,10 @@ void reference_update(moe::MoEModel& model, trainer::AdamW& optimizer) {
 
 TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
   const int64_t n = world().size();
+  const auto [dispatcher, zero1] = GetParam();
   for (const Layout& layout : layouts_for(n)) {
-    SCOPED_TRACE(layout.name);
+    if (zero1 && layout.shape.dp == 1) continue;
+    SCOPED_TRACE(std::string(layout.name) + (zero1 ? " zero1" : ""));
     const parallel::Mesh mesh(fmoe::testing::world_communicator(), layout.shape);
     const parallel::MeshCoords& c = mesh.coords();
     const int64_t dp = layout.shape.dp;
@@ -121,9 +125,8 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     at::manual_seed(7);
     auto reference = std::make_shared<moe::MoEModel>(micro_config());
     at::manual_seed(7);
-    auto sharded = std::make_shared<moe::MoEModel>(micro_config(), moe::Parallelism{mesh, GetParam()});
+    auto sharded = std::make_shared<moe::MoEModel>(micro_config(), moe::Parallelism{mesh, dispatcher});
     trainer::AdamW reference_opt(named(*reference), optimizer_config());
-    trainer::AdamW sharded_opt(named(*sharded), optimizer_config());
 
     std::vector<at::Tensor> dense, experts, grads_of;
     std::vector<bool> over_tp, is_expert;
@@ -135,6 +138,13 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
       is_expert.push_back(spec.is_expert());
     }
     parallel::GradientSync sync(dense, experts, mesh, /*bucket_bytes=*/16 << 10);  // several buckets
+    std::unique_ptr<trainer::AdamW> sharded_opt;
+    std::unique_ptr<trainer::Zero1> zero;
+    if (zero1) {
+      zero = std::make_unique<trainer::Zero1>(named(*sharded), over_tp, is_expert, mesh, optimizer_config());
+    } else {
+      sharded_opt = std::make_unique<trainer::AdamW>(named(*sharded), optimizer_config());
+    }
     // Each rank holds its share: E / ep experts, each F / tp wide.
     ASSERT_EQ(sharded->moe_layers()[0]->w13.sizes(), (at::IntArrayRef{8 / layout.shape.ep, 32, 2 * 16 / layout.shape.tp}));
 
@@ -147,12 +157,19 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
       sharded->zero_grad();
       const moe::ModelOutput out = sharded->forward(tokens.narrow(0, c.dp * kLocalBatch, kLocalBatch), at::kFloat);
       out.loss.backward();
-      sync.sync();
+      if (zero1) {
+        zero->reduce_scatter_gradients();
+      } else {
+        sync.sync();
+      }
       at::Tensor loss = out.loss.detach().clone().view({1});
       mesh.dp().all_reduce(loss, {parallel::ReduceOp::kAvg})->wait();
       if (step == 0) {
         // Gradients before the update: every parameter's shard against the reference's.
+        int64_t compared = 0;
         for (const auto& item : sharded->named_parameters()) {
+          if (!item.value().grad().defined()) continue;  // ZeRO-1: another rank owns it
+          ++compared;
           const at::Tensor expected = parallel::local_shard(reference->named_parameters()[item.key()].grad(),
                                                             sharded->shard_specs().at(item.key()), layout.shape, c);
           ASSERT_EQ(item.value().grad().sizes(), expected.sizes()) << item.key();
@@ -161,11 +178,19 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
           EXPECT_LE(error, 1e-5) << item.key();
         }
         EXPECT_LE(std::abs(loss.item<double>() - ref_loss) / ref_loss, 1e-5);
+        // Every parameter's gradient is checked on some rank: ZeRO-1 spreads them over dp.
+        at::Tensor total = at::full({1}, compared, at::kLong);
+        if (zero1) mesh.dp().all_reduce(total, {parallel::ReduceOp::kSum})->wait();
+        EXPECT_GE(total.item<int64_t>(), static_cast<int64_t>(sharded->named_parameters().size()));
       }
       reference_update(*reference, reference_opt);
-      std::vector<at::Tensor> grads;
-      for (const auto& p : grads_of) grads.push_back(p.grad());
-      trainer::clip_grad_norm(grads, over_tp, is_expert, mesh, optimizer_config().grad_clip);
+      if (zero1) {
+        zero->clip_grad_norm(optimizer_config().grad_clip);
+      } else {
+        std::vector<at::Tensor> grads;
+        for (const auto& p : grads_of) grads.push_back(p.grad());
+        trainer::clip_grad_norm(grads, over_tp, is_expert, mesh, optimizer_config().grad_clip);
+      }
       std::vector<at::Tensor> loads;
       for (const auto& layer : sharded->moe_layers()) {
         at::Tensor load = layer->step_load.clone();
@@ -173,7 +198,11 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
         loads.push_back(load);
       }
       sharded->update_expert_biases(loads);
-      sharded_opt.step(optimizer_config().lr);
+      if (zero1) {
+        zero->step(optimizer_config().lr);
+      } else {
+        sharded_opt->step(optimizer_config().lr);
+      }
       const double error = std::abs(loss.item<double>() - ref_loss) / ref_loss;
       worst_loss = std::max(worst_loss, error);
       EXPECT_LE(error, 1e-4) << "step " << step;
@@ -181,14 +210,18 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     // The models must have moved: a curve that matches because nothing trains proves nothing.
     EXPECT_LT(reference_backward(*reference, global_batch(0, dp)), initial_loss - 0.05);
     if (world().rank() == 0) {
-      std::printf("[ layout %-12s ] worst gradient error %.2e, worst loss error over %lld steps %.2e\n", layout.name, worst_grad,
+      std::printf("[ layout %-12s%s ] worst gradient error %.2e, worst loss error over %lld steps %.2e\n", layout.name, zero1 ? " zero1" : "", worst_grad,
                   static_cast<long long>(kSteps), worst_loss);
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dispatchers, ParallelModel,
-                         ::testing::Values(moe::ExpertDispatcher::kAllToAll, moe::ExpertDispatcher::kAllGather),
-                         [](const auto& info) { return info.param == moe::ExpertDispatcher::kAllToAll ? "AllToAll" : "AllGather"; });
+INSTANTIATE_TEST_SUITE_P(Layouts, ParallelModel,
+                         ::testing::Combine(::testing::Values(moe::ExpertDispatcher::kAllToAll, moe::ExpertDispatcher::kAllGather),
+                                            ::testing::Bool()),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param) == moe::ExpertDispatcher::kAllToAll ? "AllToAll" : "AllGather") +
+                                  (std::get<1>(info.param) ? "Zero1" : "");
+                         });
 
 }  // namespace

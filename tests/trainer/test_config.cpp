@@ -42,8 +42,11 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("parallel:\n  dp: 4\n  ep: 3\n"), "run.yaml: parallel.ep: must divide dp (4), got 3");
   EXPECT_EQ(error_of("budget:\n  max_usd: 5\n"), "run.yaml: budget.max_usd: needs usd_per_gpu_hour > 0 to convert time into dollars");
   // moe-plan takes any layout; moe-train says what it cannot run yet.
-  const Config planned = parse_config("parallel:\n  tp: 2\n", "run.yaml");
-  EXPECT_EQ(planned.parallel.trainer_support(), "tp: tensor parallelism is not available in moe-train yet; set 1");
+  const Config planned = parse_config("parallel:\n  pp: 2\n", "run.yaml");
+  EXPECT_EQ(planned.parallel.trainer_support(), "pp: pipeline parallelism is not available in moe-train yet; set 1");
+  EXPECT_EQ(parse_config("parallel:\n  tp: 2\n  ep: 2\n  dp: 2\n", "run.yaml").parallel.trainer_support(), "");
+  EXPECT_EQ(error_of("parallel:\n  expert_dispatcher: ring\n"),
+            "run.yaml: parallel.expert_dispatcher: must be alltoall or allgather, got 'ring'");
 }
 
 TEST(Config, SyntaxErrorHasLocation) {

@@ -1,0 +1,135 @@
+#include "trainer/zero1.h"
+
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace fmoe::trainer {
+
+Zero1::Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>& sharded_over_tp, const std::vector<bool>& expert,
+             const parallel::Mesh& mesh, const OptimizerConfig& config)
+    : params_(params), sharded_over_tp_(sharded_over_tp), expert_(expert), owned_(params.size(), false), mesh_(&mesh) {
+  for (bool experts : {false, true}) {
+    Partition p;
+    p.group = experts ? &mesh.edp() : &mesh.dp();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (expert_[i] == experts) p.members.push_back(i);
+    }
+    // Largest first onto the least-loaded rank: the same deterministic plan on every rank.
+    std::vector<size_t> order(p.members.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return params_[p.members[a]].tensor.numel() > params_[p.members[b]].tensor.numel();
+    });
+    std::vector<int64_t> load(static_cast<size_t>(p.group->size()), 0);
+    p.owner.assign(p.members.size(), 0);
+    p.offset.assign(p.members.size(), 0);
+    for (size_t k : order) {
+      const auto r = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      p.owner[k] = static_cast<int64_t>(r);
+      p.offset[k] = load[r];
+      load[r] += params_[p.members[k]].tensor.numel();
+    }
+    p.segment = load.empty() ? 0 : *std::max_element(load.begin(), load.end());
+    for (size_t k = 0; k < p.members.size(); ++k) {
+      if (p.owner[k] == p.group->rank()) owned_[p.members[k]] = true;
+    }
+    partitions_.push_back(std::move(p));
+  }
+  std::vector<NamedParameter> mine;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (owned_[i]) mine.push_back(params_[i]);
+  }
+  optimizer_ = std::make_unique<AdamW>(mine, config);
+}
+
+int64_t Zero1::owned_numel() const {
+  int64_t n = 0;
+  for (size_t i = 0; i < params_.size(); ++i) n += owned_[i] ? params_[i].tensor.numel() : 0;
+  return n;
+}
+
+void Zero1::reduce_scatter_gradients() {
+  const double dp = static_cast<double>(mesh_->shape().dp);
+  for (const Partition& p : partitions_) {
+    const int64_t ranks = p.group->size();
+    at::Tensor flat = at::zeros({ranks * p.segment}, at::kFloat);
+    for (size_t k = 0; k < p.members.size(); ++k) {
+      const at::Tensor& t = params_[p.members[k]].tensor;
+      if (t.grad().defined()) flat.narrow(0, p.owner[k] * p.segment + p.offset[k], t.numel()).copy_(t.grad().reshape({-1}));
+    }
+    at::Tensor mine = at::empty({p.segment}, at::kFloat);
+    p.group->reduce_scatter(mine, flat, {parallel::ReduceOp::kSum})->wait();
+    // Every dp rank's loss weighs 1 / dp (experts: summed over edp, divided by dp).
+    mine.div_(dp);
+    for (size_t k = 0; k < p.members.size(); ++k) {
+      at::Tensor& t = params_[p.members[k]].tensor;
+      if (p.owner[k] == p.group->rank()) {
+        const at::Tensor g = mine.narrow(0, p.offset[k], t.numel()).view_as(t);
+        if (t.grad().defined()) {
+          t.mutable_grad().copy_(g);
+        } else {
+          t.mutable_grad() = g.clone();
+        }
+      } else {
+        t.mutable_grad() = at::Tensor();  // another rank's: its memory goes back now
+      }
+    }
+  }
+}
+
+double Zero1::clip_grad_norm(double max_norm) {
+  // [replicated over tp, tp-sharded dense, expert] squared sums of the owned gradients.
+  at::Tensor sums = at::zeros({3}, at::kDouble);
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!owned_[i] || !params_[i].tensor.grad().defined()) continue;
+    grads.push_back(params_[i].tensor.grad());
+    const int64_t slot = expert_[i] ? 2 : (sharded_over_tp_[i] ? 1 : 0);
+    sums[slot] += grads.back().to(at::kDouble).square().sum();
+  }
+  const parallel::Mesh& m = *mesh_;
+  at::Tensor dense = sums.narrow(0, 0, 2).contiguous();
+  if (m.dp().size() > 1) m.dp().all_reduce(dense, {parallel::ReduceOp::kSum})->wait();
+  at::Tensor experts = sums.narrow(0, 2, 1).contiguous();
+  if (m.edp().size() > 1) m.edp().all_reduce(experts, {parallel::ReduceOp::kSum})->wait();
+  // Then over the model-parallel shards, as for an unsharded optimizer.
+  at::Tensor model_parallel = at::stack({dense[1], experts[0]}).contiguous();
+  if (m.tp().size() > 1) m.tp().all_reduce(model_parallel, {parallel::ReduceOp::kSum})->wait();
+  at::Tensor expert_total = model_parallel.narrow(0, 1, 1).contiguous();
+  if (m.ep().size() > 1) m.ep().all_reduce(expert_total, {parallel::ReduceOp::kSum})->wait();
+  const double total =
+      std::sqrt(dense[0].item<double>() + model_parallel[0].item<double>() + expert_total[0].item<double>());
+  if (max_norm > 0 && total > max_norm && !grads.empty()) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
+  return total;
+}
+
+void Zero1::step(double lr) {
+  optimizer_->step(lr);
+  for (const Partition& p : partitions_) gather_parameters(p);
+}
+
+void Zero1::gather_parameters(const Partition& p) {
+  torch::NoGradGuard no_grad;
+  const int64_t ranks = p.group->size();
+  if (ranks == 1) return;
+  at::Tensor mine = at::zeros({p.segment}, at::kFloat);
+  for (size_t k = 0; k < p.members.size(); ++k) {
+    if (p.owner[k] == p.group->rank()) {
+      const at::Tensor& t = params_[p.members[k]].tensor;
+      mine.narrow(0, p.offset[k], t.numel()).copy_(t.reshape({-1}));
+    }
+  }
+  at::Tensor all = at::empty({ranks * p.segment}, at::kFloat);
+  p.group->all_gather(all, mine, {})->wait();
+  for (size_t k = 0; k < p.members.size(); ++k) {
+    if (p.owner[k] == p.group->rank()) continue;
+    at::Tensor& t = params_[p.members[k]].tensor;
+    t.copy_(all.narrow(0, p.owner[k] * p.segment + p.offset[k], t.numel()).view_as(t));
+  }
+}
+
+}  // namespace fmoe::trainer

@@ -1,0 +1,57 @@
+// ZeRO-1: AdamW's state sharded over data parallelism. Each parameter is owned
+// by one rank of its data-parallel group (dense: dp; routed experts: the
+// expert-data-parallel group), assigned largest-first to the least-loaded rank.
+// A step reduce-scatters the gradients in a flat buffer laid out owner by owner
+// (each rank's segment padded to the largest), so every rank receives the
+// averaged gradients of exactly the parameters it owns; the local AdamW updates
+// those; an all-gather of the same layout hands every rank the new weights.
+// Optimizer memory per rank falls to about 1 / dp of the unsharded state.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "parallel/mesh.h"
+#include "trainer/optimizer.h"
+
+namespace fmoe::trainer {
+
+class Zero1 {
+ public:
+  // sharded_over_tp / expert: per parameter, as parallel::global_grad_square_sum takes them.
+  Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>& sharded_over_tp, const std::vector<bool>& expert,
+        const parallel::Mesh& mesh, const OptimizerConfig& config);
+
+  // Gradients averaged over data parallelism, each landing on its owner only.
+  void reduce_scatter_gradients();
+  // Gradient rounding to grad_dtype (owned gradients).
+  void quantize_gradients() { optimizer_->quantize_gradients(); }
+  // Clips the owned gradients by the global norm (every shard counted once); returns that norm.
+  double clip_grad_norm(double max_norm);
+  // AdamW on the owned parameters, then every rank receives every parameter.
+  void step(double lr);
+
+  TensorMap state() const { return optimizer_->state(); }
+  void load_state(const TensorMap& state, const std::string& source) { optimizer_->load_state(state, source); }
+  StateBytes bytes_per_parameter() const { return optimizer_->bytes_per_parameter(); }
+  int64_t owned_numel() const;
+
+ private:
+  struct Partition {
+    parallel::Communicator* group = nullptr;
+    std::vector<size_t> members;      // indices into params_
+    std::vector<int64_t> owner;       // per member: the owning rank of the group
+    std::vector<int64_t> offset;      // per member: offset inside its owner's segment
+    int64_t segment = 0;              // elements per rank (the largest owner's share)
+  };
+  void gather_parameters(const Partition& partition);
+
+  std::vector<NamedParameter> params_;
+  std::vector<bool> sharded_over_tp_, expert_;
+  std::vector<bool> owned_;
+  std::vector<Partition> partitions_;
+  const parallel::Mesh* mesh_;
+  std::unique_ptr<AdamW> optimizer_;
+};
+
+}  // namespace fmoe::trainer
