@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <numeric>
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -24,6 +25,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/zero1.h"
 
 namespace fmoe::trainer {
 namespace {
@@ -66,6 +68,8 @@ struct Trainer::Impl {
   std::unique_ptr<parallel::GradientSync> grad_sync;
   std::vector<bool> sharded_over_tp, is_expert;
   bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
+  bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
+  std::unique_ptr<Zero1> zero1;
   int64_t dp_size = 1, dp_rank = 0;
 
   void log(const std::string& line) const {
@@ -128,13 +132,15 @@ struct Trainer::Impl {
     }
     // Optimizer state: one file when every rank holds the same state, else one per rank.
     const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
-    if (sharded_model && written_layout != layout_name()) {
-      throw std::runtime_error(directory + "/trainer_state.json: optimizer state was written under layout " + written_layout +
+    const bool written_sharded = contents.checksums.count(rank_state_file(1)) > 0;
+    if ((sharded_state || written_sharded) && written_layout != layout_name()) {
+      // Every rank sees the same mismatch: reported once, like a config error.
+      throw ConfigError(directory + "/trainer_state.json: optimizer state was written under layout " + written_layout +
                                "; resume under that layout (this run is " + layout_name() + ")");
     }
     TensorMap own_state = contents.optimizer;
     std::string state_file = directory + "/optimizer.safetensors";
-    if (sharded_model && rank != 0) {
+    if (sharded_state && rank != 0) {
       state_file = directory + "/" + rank_state_file(rank);
       uint32_t crc = 0;
       own_state = read_safetensors(state_file, &crc);
@@ -143,7 +149,11 @@ struct Trainer::Impl {
         throw std::runtime_error(state_file + ": checksum mismatch: the file is truncated or corrupt");
       }
     }
-    optimizer->load_state(own_state, state_file);
+    if (zero1) {
+      zero1->load_state(own_state, state_file);
+    } else {
+      optimizer->load_state(own_state, state_file);
+    }
     const auto rng = own_state.find("rng.cpu");
     if (rng != own_state.end()) {
       at::Generator generator = at::detail::getDefaultCPUGenerator();
@@ -159,11 +169,11 @@ struct Trainer::Impl {
     return name;
   }
 
-  std::string layout_name() const { return mesh->shape().describe(); }
+  std::string layout_name() const { return mesh->shape().describe() + (zero1 ? " zero1" : ""); }
 
   void save(const Config& cfg) {
     TensorMap model_state = full_model_tensors();  // collective when sharded
-    TensorMap optimizer_state = optimizer->state();
+    TensorMap optimizer_state = zero1 ? zero1->state() : optimizer->state();
     optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
     if (rank == 0) {
       CheckpointContents contents;
@@ -172,7 +182,7 @@ struct Trainer::Impl {
       contents.state = state;
       contents.config_yaml = to_yaml(cfg);
       contents.layout = layout_name();
-      if (sharded_model) {
+      if (sharded_state) {
         // The other ranks' optimizer shards arrive one at a time and go straight to disk.
         contents.write_extra = [&](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
           for (int r = 1; r < world_size; ++r) {
@@ -188,7 +198,7 @@ struct Trainer::Impl {
       }
       const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints);
       log("checkpoint saved: " + dir);
-    } else if (sharded_model) {
+    } else if (sharded_state) {
       const std::string serialized = to_safetensors(optimizer_state, {{"format", "pt"}});
       at::Tensor size = at::full({1}, static_cast<int64_t>(serialized.size()), at::kLong);
       mesh->world().send(size, 0, {})->wait();
@@ -265,7 +275,24 @@ TrainResult Trainer::Impl::run() {
   }
   if (const std::string error = cfg.model.trainer_support(); !error.empty()) throw ConfigError("model." + error);
   if (const std::string error = cfg.parallel.trainer_support(); !error.empty()) throw ConfigError("parallel." + error);
+  // Ranks that disagree on the config would issue mismatched collectives: refuse at once.
+  if (options.world && world_size > 1) {
+    const uint32_t crc = data::crc32_of(to_yaml(cfg));
+    at::Tensor mine = at::full({1}, static_cast<int64_t>(crc), at::kLong);
+    at::Tensor all = at::empty({world_size}, at::kLong);
+    options.world->all_gather(all, mine, {})->wait();
+    for (int r = 1; r < world_size; ++r) {
+      if (all[r].item<int64_t>() != all[0].item<int64_t>()) {
+        throw ConfigError("ranks disagree on the config: rank " + std::to_string(r) +
+                          "'s resolved config differs from rank 0's (same --config and --set on every rank)");
+      }
+    }
+  }
   // The mesh: dp x pp x tp = world, ep carved out of dp.
+  if (world_size % (cfg.parallel.tp * cfg.parallel.pp) != 0) {
+    throw ConfigError("parallel.tp: tp x pp = " + std::to_string(cfg.parallel.tp * cfg.parallel.pp) + " does not divide the " +
+                      std::to_string(world_size) + " ranks launched");
+  }
   parallel::MeshShape shape;
   shape.tp = cfg.parallel.tp;
   shape.pp = cfg.parallel.pp;
@@ -284,6 +311,7 @@ TrainResult Trainer::Impl::run() {
   dp_size = shape.dp;
   dp_rank = mesh->coords().dp;
   sharded_model = shape.tp > 1 || shape.ep > 1;
+  sharded_state = sharded_model || (cfg.parallel.zero1 && shape.dp > 1);
   const int64_t threads = tc.threads > 0 ? tc.threads : default_threads(world_size);
   at::set_num_threads(static_cast<int>(threads));
   dtype = tc.precision == "bf16" ? at::kBFloat16 : at::kFloat;
@@ -306,7 +334,11 @@ TrainResult Trainer::Impl::run() {
     is_expert.push_back(spec.is_expert() && (shape.ep > 1 || shape.tp > 1));
   }
   grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
-  optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
+  if (cfg.parallel.zero1 && shape.dp > 1) {
+    zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer);
+  } else {
+    optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
+  }
 
   const auto dataset = data::IndexedDataset::open(cfg.data.prefix);
   if (dataset->vocab_size() > cfg.model.vocab_size) {
@@ -351,7 +383,14 @@ TrainResult Trainer::Impl::run() {
                 static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
                 tc.precision.c_str());
   log(summary);
-  const StateBytes state_bytes = optimizer->bytes_per_parameter();
+  const StateBytes state_bytes = zero1 ? zero1->bytes_per_parameter() : optimizer->bytes_per_parameter();
+  if (zero1) {
+    char text[160];
+    std::snprintf(text, sizeof(text), "zero1: this rank owns the optimizer state of %.2fM of %.2fM local parameters",
+                  zero1->owned_numel() / 1e6, static_cast<double>(std::accumulate(params.begin(), params.end(), int64_t{0},
+                      [](int64_t n, const NamedParameter& p) { return n + p.tensor.numel(); })) / 1e6);
+    log(text);
+  }
   log("memory per parameter: " + state_bytes.format() + " (master " + cfg.optimizer.main_params_dtype + ", grads " +
       cfg.optimizer.grad_dtype + ", exp_avg " + cfg.optimizer.exp_avg_dtype + ", exp_avg_sq " + cfg.optimizer.exp_avg_sq_dtype + ")");
   if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(at::Device(at::kCPU)));
@@ -376,7 +415,14 @@ TrainResult Trainer::Impl::run() {
   double train_seconds = 0;
   int64_t timed_tokens = 0;
 
+  // Test hook: FMOE_STALL_RANK=r FMOE_STALL_AT_STEP=s makes rank r stop taking
+  // part at step s (it sleeps), to prove that its peers give up within the
+  // collective timeout instead of hanging.
+  const char* stall_rank = std::getenv("FMOE_STALL_RANK");
+  const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
+
   for (int64_t step = state.step; step < tc.steps; ++step) {
+    if (stall_rank && std::atoi(stall_rank) == rank && step == stall_step) std::this_thread::sleep_for(std::chrono::hours(1));
     const auto step_start = Clock::now();
     at::Tensor losses = at::zeros({3}, at::kDouble);  // ce, aux, z summed over micro-batches
     for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
@@ -384,13 +430,21 @@ TrainResult Trainer::Impl::run() {
       (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }
-    grad_sync->sync();
-    optimizer->quantize_gradients();
-    std::vector<at::Tensor> grads;
-    for (const auto& p : params) grads.push_back(p.tensor.grad());
-    const double grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, cfg.optimizer.grad_clip);
     const double lr = learning_rate(cfg.optimizer, step, tc.steps);
-    optimizer->step(lr);
+    double grad_norm = 0;
+    if (zero1) {
+      zero1->reduce_scatter_gradients();
+      zero1->quantize_gradients();
+      grad_norm = zero1->clip_grad_norm(cfg.optimizer.grad_clip);
+      zero1->step(lr);
+    } else {
+      grad_sync->sync();
+      optimizer->quantize_gradients();
+      std::vector<at::Tensor> grads;
+      for (const auto& p : params) grads.push_back(p.tensor.grad());
+      grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, cfg.optimizer.grad_clip);
+      optimizer->step(lr);
+    }
     model->zero_grad(/*set_to_none=*/true);
 
     std::vector<at::Tensor> loads;
