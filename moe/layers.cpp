@@ -30,6 +30,11 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_TH, const at::T
   return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }
 
+const Parallelism& Parallelism::none() {
+  static const Parallelism single;
+  return single;
+}
+
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const ForwardContext& ctx) {
   return ctx.fp8 ? fp8::fp8_linear(x, weight) : at::linear(x, weight.to(ctx.compute_dtype));
 }

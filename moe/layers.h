@@ -22,6 +22,8 @@ struct Parallelism {
   ExpertDispatcher dispatcher = ExpertDispatcher::kAllToAll;
   parallel::Communicator& tp() const { return mesh.tp(); }
   parallel::Communicator& ep() const { return mesh.ep(); }
+  // One process holding everything (what layers see when nobody says otherwise).
+  static const Parallelism& none();
 };
 
 // What every layer needs to know about the current micro-batch.
@@ -37,7 +39,7 @@ struct ForwardContext {
   at::Tensor rope_sin_TH;
   at::Tensor aux_loss;      // fp32 scalar, sum over MoE layers (with coefficients)
   at::Tensor z_loss;
-  const Parallelism* parallel = nullptr;  // owned by the model
+  const Parallelism* parallel = &Parallelism::none();  // the model's, when it runs the layer
 };
 
 // cos/sin tables for rotary embeddings (half-split convention).

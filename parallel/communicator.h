@@ -87,12 +87,16 @@ class Communicator {
   // barrier); groups split from this one inherit it.
   void set_default_timeout(std::chrono::milliseconds timeout) { default_timeout_ = timeout; }
   std::chrono::milliseconds default_timeout() const { return default_timeout_; }
+  // Seconds this rank has spent blocked in Work::wait on this group: the
+  // communication time compute did not hide.
+  double wait_seconds() const { return *wait_seconds_; }
 
  protected:
   std::chrono::milliseconds resolve(std::chrono::milliseconds timeout) const {
     return timeout == kDefaultTimeout ? default_timeout_ : timeout;
   }
   std::chrono::milliseconds default_timeout_ = kDefaultTimeout;
+  std::shared_ptr<double> wait_seconds_ = std::make_shared<double>(0.0);
 };
 
 }  // namespace fmoe::parallel

@@ -5,6 +5,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -167,6 +168,18 @@ struct Trainer::Impl {
     char name[48];
     std::snprintf(name, sizeof(name), "optimizer.rank%05d.safetensors", r);
     return name;
+  }
+
+  // Seconds blocked in collectives so far, over every group of the mesh.
+  double communication_seconds() const {
+    std::vector<const parallel::Communicator*> seen;
+    double total = 0;
+    for (const parallel::Communicator* g : {&mesh->world(), &mesh->tp(), &mesh->dp(), &mesh->pp(), &mesh->ep(), &mesh->edp()}) {
+      if (std::find(seen.begin(), seen.end(), g) != seen.end()) continue;
+      seen.push_back(g);
+      total += g->wait_seconds();
+    }
+    return total;
   }
 
   std::string layout_name() const { return mesh->shape().describe() + (zero1 ? " zero1" : ""); }
@@ -424,14 +437,21 @@ TrainResult Trainer::Impl::run() {
   for (int64_t step = state.step; step < tc.steps; ++step) {
     if (stall_rank && std::atoi(stall_rank) == rank && step == stall_step) std::this_thread::sleep_for(std::chrono::hours(1));
     const auto step_start = Clock::now();
+    const double comm_start = communication_seconds();
+    double data_seconds = 0;
     at::Tensor losses = at::zeros({3}, at::kDouble);  // ce, aux, z summed over micro-batches
     for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
-      const moe::ModelOutput out = model->forward(loader->train_batch(step, micro, dp_rank), dtype, cfg.precision.fp8);
+      const auto data_start = Clock::now();
+      const at::Tensor batch = loader->train_batch(step, micro, dp_rank);
+      data_seconds += seconds_since(data_start);
+      const moe::ModelOutput out = model->forward(batch, dtype, cfg.precision.fp8);
       (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }
     const double lr = learning_rate(cfg.optimizer, step, tc.steps);
     double grad_norm = 0;
+    const auto optimizer_start = Clock::now();
+    const double optimizer_comm_start = communication_seconds();
     if (zero1) {
       zero1->reduce_scatter_gradients();
       zero1->quantize_gradients();
@@ -445,6 +465,8 @@ TrainResult Trainer::Impl::run() {
       grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, cfg.optimizer.grad_clip);
       optimizer->step(lr);
     }
+    // Step-time breakdown: data, communication this rank waited on, optimizer, and the rest (compute).
+    const double optimizer_seconds = seconds_since(optimizer_start) - (communication_seconds() - optimizer_comm_start);
     model->zero_grad(/*set_to_none=*/true);
 
     std::vector<at::Tensor> loads;
@@ -461,6 +483,7 @@ TrainResult Trainer::Impl::run() {
     state.step = step + 1;
     state.tokens_seen += tokens_per_step;
     const double step_seconds = seconds_since(step_start);
+    const double comm_seconds = communication_seconds() - comm_start;
     train_seconds += step_seconds;
     timed_tokens += tokens_per_step;
 
@@ -489,6 +512,8 @@ TrainResult Trainer::Impl::run() {
                              {"tokens_seen", state.tokens_seen}, {"tokens_per_second", tokens_per_step / step_seconds},
                              {"mfu", flops_per_token * tokens_per_step / step_seconds / (peak_gflops * 1e9)},
                              {"step_seconds", step_seconds}, {"gpu_hours", gpu_hours()},
+                             {"time", {{"data", data_seconds}, {"communication", comm_seconds}, {"optimizer", optimizer_seconds},
+                                       {"compute", step_seconds - data_seconds - comm_seconds - optimizer_seconds}}},
                              {"peak_rss_bytes", peak_rss_bytes()}};
       if (budget.usd_per_gpu_hour > 0) line["usd"] = usd();
       if (record.val_loss >= 0) line["val_loss"] = record.val_loss;

@@ -94,8 +94,9 @@ void check_cpu_contiguous(const at::Tensor& tensor, const char* op) {
 class MpiWork : public Work {
  public:
   MpiWork(MPI_Request request, int rank, std::string op, std::chrono::milliseconds timeout,
-          std::function<void()> on_complete = {})
-      : request_(request), rank_(rank), op_(std::move(op)), timeout_(timeout), on_complete_(std::move(on_complete)) {}
+          std::function<void()> on_complete = {}, std::shared_ptr<double> wait_seconds = nullptr)
+      : request_(request), rank_(rank), op_(std::move(op)), timeout_(timeout), on_complete_(std::move(on_complete)),
+        wait_seconds_(std::move(wait_seconds)) {}
 
   bool is_completed() override {
     if (done_) return true;
@@ -106,7 +107,15 @@ class MpiWork : public Work {
   }
 
   void wait() override {
-    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    const auto start = std::chrono::steady_clock::now();
+    const auto deadline = start + timeout_;
+    struct Account {  // blocked time counts even when the wait throws
+      std::chrono::steady_clock::time_point start;
+      double* total;
+      ~Account() {
+        if (total) *total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      }
+    } account{start, wait_seconds_.get()};
     // Poll rather than MPI_Wait: a peer that died or diverged must not hang us.
     auto pause = std::chrono::microseconds(1);
     while (!is_completed()) {
@@ -129,6 +138,7 @@ class MpiWork : public Work {
   std::string op_;
   std::chrono::milliseconds timeout_;
   std::function<void()> on_complete_;
+  std::shared_ptr<double> wait_seconds_;
   bool done_ = false;
 };
 
@@ -152,14 +162,14 @@ class MpiCommunicator : public Communicator {
     MPI_Request request;
     MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"), mpi_type(tensor),
                    mpi_op(tensor, options.op), comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "all_reduce", resolve(options.timeout), average_after(tensor, options.op, size_));
+    return std::make_unique<MpiWork>(request, rank_, "all_reduce", resolve(options.timeout), average_after(tensor, options.op, size_), wait_seconds_);
   }
 
   std::unique_ptr<Work> broadcast(at::Tensor& tensor, const BroadcastOptions& options) override {
     check_cpu_contiguous(tensor, "broadcast");
     MPI_Request request;
     MPI_Ibcast(tensor.data_ptr(), mpi_count(tensor.numel(), "broadcast"), mpi_type(tensor), options.root, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "broadcast", resolve(options.timeout));
+    return std::make_unique<MpiWork>(request, rank_, "broadcast", resolve(options.timeout), nullptr, wait_seconds_);
   }
 
   std::unique_ptr<Work> all_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& options) override {
@@ -172,7 +182,7 @@ class MpiCommunicator : public Communicator {
     const MPI_Datatype type = mpi_type(input);
     const int count = mpi_count(input.numel(), "all_gather");
     MPI_Iallgather(input.data_ptr(), count, type, output.data_ptr(), count, type, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "all_gather", resolve(options.timeout));
+    return std::make_unique<MpiWork>(request, rank_, "all_gather", resolve(options.timeout), nullptr, wait_seconds_);
   }
 
   std::unique_ptr<Work> reduce_scatter(at::Tensor& output, const at::Tensor& input, const ReduceScatterOptions& options) override {
@@ -184,7 +194,7 @@ class MpiCommunicator : public Communicator {
     MPI_Request request;
     MPI_Ireduce_scatter_block(input.data_ptr(), output.data_ptr(), mpi_count(output.numel(), "reduce_scatter"), mpi_type(input),
                               mpi_op(input, options.op), comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "reduce_scatter", resolve(options.timeout), average_after(output, options.op, size_));
+    return std::make_unique<MpiWork>(request, rank_, "reduce_scatter", resolve(options.timeout), average_after(output, options.op, size_), wait_seconds_);
   }
 
   std::unique_ptr<Work> all_to_all(at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
@@ -230,7 +240,7 @@ class MpiCommunicator : public Communicator {
     const MPI_Datatype type = mpi_type(input);
     MPI_Ialltoallv(input.data_ptr(), (*arrays)[0].data(), (*arrays)[1].data(), type, output.data_ptr(), (*arrays)[2].data(),
                    (*arrays)[3].data(), type, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "all_to_all", resolve(options.timeout), [arrays, input, output] {});
+    return std::make_unique<MpiWork>(request, rank_, "all_to_all", resolve(options.timeout), [arrays, input, output] {}, wait_seconds_);
   }
 
   std::unique_ptr<Work> send(const at::Tensor& tensor, int dst, const SendRecvOptions& options) override {
@@ -238,7 +248,7 @@ class MpiCommunicator : public Communicator {
     check_peer(dst, "send");
     MPI_Request request;
     MPI_Isend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, options.tag, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "send to rank " + std::to_string(dst), resolve(options.timeout), [tensor] {});
+    return std::make_unique<MpiWork>(request, rank_, "send to rank " + std::to_string(dst), resolve(options.timeout), [tensor] {}, wait_seconds_);
   }
 
   std::unique_ptr<Work> recv(at::Tensor& tensor, int src, const SendRecvOptions& options) override {
@@ -246,13 +256,13 @@ class MpiCommunicator : public Communicator {
     check_peer(src, "recv");
     MPI_Request request;
     MPI_Irecv(tensor.data_ptr(), mpi_count(tensor.numel(), "recv"), mpi_type(tensor), src, options.tag, comm_, &request);
-    return std::make_unique<MpiWork>(request, rank_, "recv from rank " + std::to_string(src), resolve(options.timeout), [tensor] {});
+    return std::make_unique<MpiWork>(request, rank_, "recv from rank " + std::to_string(src), resolve(options.timeout), [tensor] {}, wait_seconds_);
   }
 
   void barrier() override {
     MPI_Request request;
     MPI_Ibarrier(comm_, &request);
-    MpiWork(request, rank_, "barrier", default_timeout_).wait();
+    MpiWork(request, rank_, "barrier", default_timeout_, nullptr, wait_seconds_).wait();
   }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
