@@ -34,12 +34,14 @@ using ExpertCompute = std::function<at::Tensor(const at::Tensor& x_rows, const s
 at::Tensor expert_major_order(const at::Tensor& counts_SE);
 
 // x_TD: the expert input (replicated over tp); experts_TK / probs_TK: this
-// rank's routing over all num_experts. Returns the FP32 combined output [T, D].
+// rank's routing over all num_experts; keep_TK (optional, bool): the assignments
+// that fit their expert's capacity, the others are dropped before dispatch.
+// Returns the FP32 combined output [T, D].
 at::Tensor dispatch_all_to_all(const at::Tensor& x_TD, const at::Tensor& experts_TK, const at::Tensor& probs_TK,
                                int64_t num_experts, const ExpertCompute& experts, parallel::Communicator& ep,
-                               parallel::Communicator& tp);
+                               parallel::Communicator& tp, const at::Tensor& keep_TK = {});
 at::Tensor dispatch_all_gather(const at::Tensor& x_TD, const at::Tensor& experts_TK, const at::Tensor& probs_TK,
                                int64_t num_experts, const ExpertCompute& experts, parallel::Communicator& ep,
-                               parallel::Communicator& tp);
+                               parallel::Communicator& tp, const at::Tensor& keep_TK = {});
 
 }  // namespace fmoe::moe

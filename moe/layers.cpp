@@ -86,6 +86,26 @@ at::Tensor DenseFFN::forward(const at::Tensor& h_in, const ForwardContext& ctx) 
 
 namespace {
 
+// Pads each group of rows up to a multiple of pad with zero rows, so the grouped
+// GEMM shapes repeat from step to step (oneDNN's kernel cache hits), and strips
+// the padding from the result. Index arithmetic per group, none per token.
+at::Tensor run_padded(const at::Tensor& x, const std::vector<int64_t>& rows, int64_t pad, const ExpertCompute& compute) {
+  if (pad <= 1) return compute(x, rows);
+  std::vector<int64_t> padded(rows.size()), shift(rows.size());
+  int64_t real = 0, total = 0;
+  for (size_t e = 0; e < rows.size(); ++e) {
+    padded[e] = (rows[e] + pad - 1) / pad * pad;
+    shift[e] = total - real;
+    real += rows[e];
+    total += padded[e];
+  }
+  const at::Tensor positions =
+      at::arange(real, at::kLong) + at::repeat_interleave(at::tensor(shift, at::kLong), at::tensor(rows, at::kLong));
+  const at::Tensor gather = at::full({total}, real, at::kLong).index_put_({positions}, at::arange(real, at::kLong));
+  const at::Tensor x_padded = at::cat({x, at::zeros({1, x.size(1)}, x.options())}).index_select(0, gather);
+  return compute(x_padded, padded).index_select(0, positions);
+}
+
 void init_ffn(at::Tensor& w13, at::Tensor& w2, const ModelConfig& c) {
   torch::NoGradGuard no_grad;
   w13.normal_(0, c.init_std);
@@ -120,17 +140,34 @@ at::Tensor MoELayer::forward(const at::Tensor& h, ForwardContext& ctx) {
   // The experts (and shared experts) may be split over tp along their width: their
   // input gradients are partial sums, added up over tp by copy_to_group's backward.
   const at::Tensor x = parallel::copy_to_group(h, par.tp());
+  // Capacity: assignments beyond an expert's share of this rank's tokens are dropped.
+  at::Tensor keep;
+  if (config_.capacity_factor > 0) {
+    const int64_t capacity = expert_capacity(config_.capacity_factor, h.size(0), config_.top_k, config_.num_experts);
+    keep = capacity_mask(routing.experts_TK, routing.probs_TK, config_.num_experts, capacity);
+  }
+  step_load.add_(at::bincount(routing.experts_TK.reshape({-1}), {}, config_.num_experts));
   at::Tensor out;
   if (par.ep().size() > 1) {
-    step_load.add_(at::bincount(routing.experts_TK.reshape({-1}), {}, config_.num_experts));
+    // The received rows arrive unpadded: pad them per local expert here.
+    const ExpertCompute padded = [&](const at::Tensor& rows_x, const std::vector<int64_t>& rows) {
+      return run_padded(rows_x, rows, ctx.expert_pad_multiple, experts);
+    };
     out = par.dispatcher == ExpertDispatcher::kAllToAll
-              ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, experts, par.ep(), par.tp())
-              : dispatch_all_gather(x, routing.experts_TK, routing.probs_TK, config_.num_experts, experts, par.ep(), par.tp());
+              ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep)
+              : dispatch_all_gather(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep);
   } else {
-    const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts, ctx.expert_pad_multiple);
-    step_load.add_(plan.tokens_per_expert_E);
-    const at::Tensor y_sorted = parallel::reduce_from_group(experts(permute_tokens(x, plan), plan.rows_per_expert), par.tp());
-    out = unpermute_and_combine(y_sorted, routing.probs_TK, plan);
+    // Dropped assignments form an extra, last group that is never computed.
+    const bool dropping = keep.defined();
+    const at::Tensor buckets = dropping ? at::where(keep, routing.experts_TK, at::full({}, config_.num_experts, at::kLong))
+                                        : routing.experts_TK;
+    const DispatchPlan plan = make_dispatch_plan(buckets, config_.num_experts + (dropping ? 1 : 0), ctx.expert_pad_multiple);
+    std::vector<int64_t> rows = plan.rows_per_expert;
+    const int64_t dropped = dropping ? rows.back() : 0;
+    if (dropping) rows.pop_back();
+    at::Tensor y_sorted = experts(permute_tokens(x, plan).narrow(0, 0, plan.gather_index_P.size(0) - dropped), rows);
+    if (dropped > 0) y_sorted = at::cat({y_sorted, at::zeros({dropped, y_sorted.size(1)}, y_sorted.options())});
+    out = unpermute_and_combine(parallel::reduce_from_group(y_sorted, par.tp()), routing.probs_TK, plan);
   }
   if (shared) out = out + shared->forward(h, ctx).to(at::kFloat);
 

@@ -46,6 +46,7 @@ std::string ModelConfig::validate() const {
   if (route_scale <= 0) return "route_scale: must be > 0";
   if (expert_bias_update_rate < 0) return "expert_bias_update_rate: must be >= 0";
   if (aux_loss_coeff < 0) return "aux_loss_coeff: must be >= 0";
+  if (capacity_factor < 0) return "capacity_factor: must be >= 0 (0: dropless)";
   if (z_loss_coeff < 0) return "z_loss_coeff: must be >= 0";
   if (attention != "mha" && attention != "mla") return "attention: must be mha or mla, got '" + attention + "'";
   if (is_mla()) {

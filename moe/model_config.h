@@ -37,6 +37,10 @@ struct ModelConfig {
   double expert_bias_update_rate = 1e-3;  // aux-loss-free balancing; 0 disables
   double aux_loss_coeff = 1e-4;        // sequence-wise balance loss
   double z_loss_coeff = 0.0;
+  // 0: dropless. Else each expert takes at most ceil(capacity_factor * tokens * top_k /
+  // num_experts) of a rank's assignments per micro-batch, highest probability first;
+  // the rest are dropped (they contribute nothing; the shared experts still run).
+  double capacity_factor = 0.0;
 
   // Shapes the planner understands before the trainer implements them
   // (MoEModel refuses a config that sets them).

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include <limits>
 
 namespace fmoe::moe {
@@ -53,6 +55,27 @@ at::Tensor sequence_balance_loss(const at::Tensor& scores_TE, const at::Tensor& 
   const at::Tensor normalised = scores_TE / (scores_TE.sum(-1, true) + 1e-20);
   const at::Tensor p = normalised.view({num_sequences, seq_len, experts}).mean(1);
   return (f * p).sum(1).mean();
+}
+
+at::Tensor capacity_mask(const at::Tensor& experts_TK, const at::Tensor& probs_TK, int64_t num_experts, int64_t capacity) {
+  const at::Tensor experts = experts_TK.reshape({-1});
+  const at::Tensor probs = probs_TK.detach().reshape({-1}).to(at::kDouble);
+  // Order assignments by (expert, probability descending, position): one stable sort on a
+  // key where the expert dominates; then each one's rank inside its expert.
+  const at::Tensor order_by_prob = std::get<1>(probs.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  const at::Tensor by_expert = std::get<1>(experts.index_select(0, order_by_prob).sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor order = order_by_prob.index_select(0, by_expert);
+  const at::Tensor sorted_experts = experts.index_select(0, order);
+  const at::Tensor counts = at::bincount(experts, {}, num_experts);
+  const at::Tensor starts = counts.cumsum(0) - counts;
+  const at::Tensor rank_in_expert = at::arange(experts.numel(), at::kLong) - starts.index_select(0, sorted_experts);
+  at::Tensor keep = at::empty({experts.numel()}, at::kBool);
+  keep.index_put_({order}, rank_in_expert < capacity);
+  return keep.view(experts_TK.sizes());
+}
+
+int64_t expert_capacity(double capacity_factor, int64_t tokens, int64_t top_k, int64_t num_experts) {
+  return static_cast<int64_t>(std::ceil(capacity_factor * static_cast<double>(tokens * top_k) / static_cast<double>(num_experts)));
 }
 
 at::Tensor router_z_loss(const at::Tensor& logits_TE) { return logits_TE.logsumexp(-1).square().mean(); }

@@ -35,6 +35,12 @@ Routing route(const at::Tensor& logits_TE, const at::Tensor& expert_bias_E, cons
 // routing (DeepSeek-V3) and its best score for softmax routing (DeepSeek-V2).
 at::Tensor group_limited_mask(const at::Tensor& selection_TE, const RouterOptions& options);
 
+// Token dropping: which (token, k) assignments fit their expert's capacity, the
+// highest-probability ones first (ties: earlier token first). Boolean [T, K].
+at::Tensor capacity_mask(const at::Tensor& experts_TK, const at::Tensor& probs_TK, int64_t num_experts, int64_t capacity);
+// ceil(capacity_factor * tokens * top_k / num_experts).
+int64_t expert_capacity(double capacity_factor, int64_t tokens, int64_t top_k, int64_t num_experts);
+
 // DeepSeek-V3's sequence-wise balance loss: mean over sequences of
 // sum_e f_e * P_e, with f_e = E / (K * T) * (tokens of the sequence routed to e)
 // and P_e the sequence mean of the token-normalised scores. Without the coefficient.

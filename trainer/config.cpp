@@ -37,6 +37,7 @@ void visit(V& v, moe::ModelConfig& c) {
   v.field("route_scale", c.route_scale);
   v.field("expert_bias_update_rate", c.expert_bias_update_rate);
   v.field("aux_loss_coeff", c.aux_loss_coeff);
+  v.field("capacity_factor", c.capacity_factor);
   v.field("z_loss_coeff", c.z_loss_coeff);
   v.field("attention", c.attention);
   v.field("q_lora_rank", c.q_lora_rank);

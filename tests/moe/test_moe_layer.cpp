@@ -253,3 +253,52 @@ TEST(Model, Fp8ForwardBackwardIsCloseToFp32) {
 }
 
 }  // namespace
+
+namespace fmoe_capacity_test {
+
+using namespace fmoe::moe;
+
+TEST(MoELayer, CapacityFactorDropsTheLowestProbabilityAssignments) {
+  torch::manual_seed(21);
+  ModelConfig c = small_config();
+  c.capacity_factor = 0.5;  // half of the average load: some assignments must go
+  MoELayer layer(c);
+  const int64_t tokens = 24;
+  const at::Tensor h = at::randn({tokens, c.hidden_size});
+  ForwardContext ctx;
+  ctx.batch = 2;
+  ctx.seq_len = 12;
+  ctx.aux_loss = at::zeros({});
+  ctx.z_loss = at::zeros({});
+  const at::Tensor out = layer.forward(h, ctx);
+
+  // Reference: the same routing, the capacity mask, then each kept (token, k) through its expert.
+  const Routing r = route(at::linear(h, layer.router_weight), layer.expert_bias, RouterOptions::from(c));
+  const int64_t capacity = expert_capacity(c.capacity_factor, tokens, c.top_k, c.num_experts);
+  EXPECT_EQ(capacity, 5);  // ceil(0.5 * 24 * 3 / 8)
+  const at::Tensor keep = capacity_mask(r.experts_TK, r.probs_TK, c.num_experts, capacity);
+  EXPECT_LT(keep.sum().item<int64_t>(), tokens * c.top_k);
+  EXPECT_LE(at::bincount(r.experts_TK.masked_select(keep), {}, c.num_experts).max().item<int64_t>(), capacity);
+  const int64_t f = c.moe_ffn_hidden_size;
+  const at::Tensor sh = at::matmul(h, layer.shared->w13[0]);
+  at::Tensor expected = at::matmul(at::silu(sh.narrow(1, 0, f)) * sh.narrow(1, f, f), layer.shared->w2[0]);
+  for (int64_t k = 0; k < c.top_k; ++k) {
+    const at::Tensor e = r.experts_TK.select(1, k);
+    const at::Tensor hid = at::bmm(h.unsqueeze(1), layer.w13.index_select(0, e)).squeeze(1);
+    const at::Tensor act = at::silu(hid.narrow(1, 0, f)) * hid.narrow(1, f, f);
+    const at::Tensor y = at::bmm(act.unsqueeze(1), layer.w2.index_select(0, e)).squeeze(1);
+    expected = expected + (r.probs_TK.select(1, k) * keep.select(1, k).to(at::kFloat)).unsqueeze(1) * y;
+  }
+  EXPECT_LT(relative_error(out.detach(), expected.detach()), 1e-5);
+}
+
+TEST(Router, CapacityMaskHandComputed) {
+  // Expert 0 gets (t0 .9) (t1 .5) (t2 .7): t1 goes. Expert 1 gets (t0 .1) (t2 .3) (t3 .6): t0 goes.
+  const at::Tensor experts = at::tensor({0, 1, 0, 2, 0, 1, 1, 2}, at::kLong).view({4, 2});
+  const at::Tensor probs = at::tensor({0.9f, 0.1f, 0.5f, 0.5f, 0.7f, 0.3f, 0.6f, 0.4f}).view({4, 2});
+  const at::Tensor keep = capacity_mask(experts, probs, 3, 2);
+  EXPECT_TRUE(at::equal(keep, at::tensor({1, 0, 0, 1, 1, 1, 1, 1}, at::kLong).view({4, 2}).to(at::kBool)));
+  EXPECT_EQ(expert_capacity(1.25, 4, 2, 3), 4);
+}
+
+}  // namespace fmoe_capacity_test

@@ -135,3 +135,34 @@ TEST(Dispatch, PaddingRoundsGroupsUpWithZeroRows) {
 }
 
 }  // namespace
+
+namespace {
+
+// The largest number of distinct expert-parallel ranks any token's experts live on,
+// rank r holding experts [r * E / ep, (r + 1) * E / ep).
+int64_t max_ranks_per_token(const at::Tensor& experts_TK, int64_t num_experts, int64_t ep) {
+  const at::Tensor ranks = experts_TK.div(num_experts / ep, "floor");
+  const at::Tensor hit = at::zeros({experts_TK.size(0), ep}, at::kLong).scatter_(1, ranks, 1);
+  return hit.sum(1).max().item<int64_t>();
+}
+
+}  // namespace
+
+TEST(Router, GroupLimitsBoundTheExpertParallelRanksATokenReaches) {
+  // DeepSeek's node-limited routing is group-limited routing whose groups are the
+  // experts of one rank (or node): with num_groups a multiple of ep, a token's
+  // experts live on at most group_top_k ranks, so its all-to-all rows go to at most that many.
+  at::manual_seed(3);
+  const at::Tensor logits = at::randn({512, 16});
+  RouterOptions o;
+  o.top_k = 4;
+  o.num_groups = 4;
+  o.group_top_k = 2;
+  const Routing limited = route(logits, at::zeros({16}), o);
+  EXPECT_LE(max_ranks_per_token(limited.experts_TK, 16, 4), 2);
+  EXPECT_LE(max_ranks_per_token(limited.experts_TK, 16, 2), 2);
+  o.num_groups = 1;
+  o.group_top_k = 1;
+  const Routing free = route(logits, at::zeros({16}), o);
+  EXPECT_GT(max_ranks_per_token(free.experts_TK, 16, 4), 2);  // without the limit some token spreads wider
+}
