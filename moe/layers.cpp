@@ -30,6 +30,20 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_TH, const at::T
   return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }
 
+namespace {
+
+// Into a tensor-parallel region: the full tokens, whose gradient sums over tp.
+at::Tensor enter_tp(const at::Tensor& h, const Parallelism& par) {
+  return par.sp() ? parallel::all_gather_along(h, 0, par.tp(), /*reduce_scatter_grad=*/true) : parallel::copy_to_group(h, par.tp());
+}
+
+// Out of it: partial sums over tp added up (and, under sequence parallelism, split by tokens).
+at::Tensor exit_tp(const at::Tensor& y, const Parallelism& par) {
+  return par.sp() ? parallel::reduce_scatter_along(y, 0, par.tp()) : parallel::reduce_from_group(y, par.tp());
+}
+
+}  // namespace
+
 const Parallelism& Parallelism::none() {
   static const Parallelism single;
   return single;
@@ -59,8 +73,7 @@ at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx)
   // Local heads: all of them, or this rank's 1 / tp (column-parallel wqkv, row-parallel wo).
   const int64_t heads = wo.size(1) / head_dim_;
   const int64_t kv_heads = (wqkv.size(0) / head_dim_ - heads) / 2;
-  parallel::Communicator& tp = ctx.parallel->tp();
-  const at::Tensor h = parallel::copy_to_group(h_in, tp);
+  const at::Tensor h = enter_tp(h_in, *ctx.parallel);
   const at::Tensor qkv = project(h, wqkv, ctx).view({b, t, heads + 2 * kv_heads, head_dim_});
   at::Tensor q = apply_rope(qkv.narrow(2, 0, heads), ctx.rope_cos_TH, ctx.rope_sin_TH);
   at::Tensor k = apply_rope(qkv.narrow(2, heads, kv_heads), ctx.rope_cos_TH, ctx.rope_sin_TH);
@@ -68,7 +81,7 @@ at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx)
   const at::Tensor context = at::scaled_dot_product_attention(
       q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
       /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/kv_heads != heads);
-  return parallel::reduce_from_group(project(context.transpose(1, 2).reshape({b * t, heads * head_dim_}), wo, ctx), tp);
+  return exit_tp(project(context.transpose(1, 2).reshape({b * t, heads * head_dim_}), wo, ctx), *ctx.parallel);
 }
 
 DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
@@ -77,11 +90,10 @@ DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
 }
 
 at::Tensor DenseFFN::forward(const at::Tensor& h_in, const ForwardContext& ctx) {
-  parallel::Communicator& tp = ctx.parallel->tp();
-  const at::Tensor h = parallel::copy_to_group(h_in, tp);
+  const at::Tensor h = enter_tp(h_in, *ctx.parallel);
   const at::Tensor y = ctx.fp8 ? grouped_swiglu(h, w13, w2, {h.size(0)}, /*fp8=*/true)
                                : grouped_swiglu(h, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), {h.size(0)});
-  return parallel::reduce_from_group(y, tp);
+  return exit_tp(y, *ctx.parallel);
 }
 
 namespace {
@@ -128,18 +140,21 @@ MoELayer::MoELayer(const ModelConfig& c) : config_(c), router_options_(RouterOpt
   }
 }
 
-at::Tensor MoELayer::forward(const at::Tensor& h, ForwardContext& ctx) {
+at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
+  const Parallelism& par = *ctx.parallel;
+  // Under sequence parallelism the router sees every token of the micro-batch; each
+  // tp rank computes the same routing, so its gradient is taken as-is (own slice).
+  const at::Tensor h = par.sp() ? parallel::all_gather_along(h_in, 0, par.tp()) : h_in;
   // The router runs in fp32: its scores decide discrete choices.
   const at::Tensor logits = at::linear(h.to(at::kFloat), router_weight);
   const Routing routing = route(logits, expert_bias, router_options_);
-  const Parallelism& par = *ctx.parallel;
   const ExpertCompute experts = [&](const at::Tensor& x, const std::vector<int64_t>& rows) {
     return ctx.fp8 ? grouped_swiglu(x, w13, w2, rows, /*fp8=*/true)
                    : grouped_swiglu(x, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), rows);
   };
   // The experts (and shared experts) may be split over tp along their width: their
   // input gradients are partial sums, added up over tp by copy_to_group's backward.
-  const at::Tensor x = parallel::copy_to_group(h, par.tp());
+  const at::Tensor x = enter_tp(h_in, par);
   // Capacity: assignments beyond an expert's share of this rank's tokens are dropped.
   at::Tensor keep;
   if (config_.capacity_factor > 0) {
@@ -169,7 +184,9 @@ at::Tensor MoELayer::forward(const at::Tensor& h, ForwardContext& ctx) {
     if (dropped > 0) y_sorted = at::cat({y_sorted, at::zeros({dropped, y_sorted.size(1)}, y_sorted.options())});
     out = unpermute_and_combine(parallel::reduce_from_group(y_sorted, par.tp()), routing.probs_TK, plan);
   }
-  if (shared) out = out + shared->forward(h, ctx).to(at::kFloat);
+  // The combined output is complete on every tp rank: each keeps its own tokens.
+  if (par.sp()) out = parallel::scatter_along(out, 0, par.tp());
+  if (shared) out = out + shared->forward(h_in, ctx).to(at::kFloat);
 
   if (config_.aux_loss_coeff > 0) {
     ctx.aux_loss = ctx.aux_loss + config_.aux_loss_coeff * sequence_balance_loss(routing.scores_TE, routing.experts_TK, ctx.batch);

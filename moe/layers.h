@@ -20,6 +20,11 @@ enum class ExpertDispatcher { kAllToAll, kAllGather };
 struct Parallelism {
   parallel::Mesh mesh = parallel::Mesh::single();
   ExpertDispatcher dispatcher = ExpertDispatcher::kAllToAll;
+  // With tp > 1: the residual stream between tensor-parallel regions is split
+  // over tp along the tokens; regions are entered by all-gather and left by
+  // reduce-scatter instead of all-reduce.
+  bool sequence_parallel = false;
+  bool sp() const { return sequence_parallel && mesh.shape().tp > 1; }
   parallel::Communicator& tp() const { return mesh.tp(); }
   parallel::Communicator& ep() const { return mesh.ep(); }
   // One process holding everything (what layers see when nobody says otherwise).

@@ -16,7 +16,8 @@ EmbeddingStage::EmbeddingStage(const ModelConfig& c) {
 }
 
 at::Tensor EmbeddingStage::forward(const at::Tensor& tokens_BT, const Parallelism& parallel) {
-  return parallel::vocab_parallel_embedding(tokens_BT.reshape({-1}), weight, parallel.tp().rank() * weight.size(0), parallel.tp());
+  return parallel::vocab_parallel_embedding(tokens_BT.reshape({-1}), weight, parallel.tp().rank() * weight.size(0), parallel.tp(),
+                                            parallel.sp());
 }
 
 HeadStage::HeadStage(const ModelConfig& c) {
@@ -27,7 +28,9 @@ HeadStage::HeadStage(const ModelConfig& c) {
 at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT, at::ScalarType compute_dtype,
                              const Parallelism& parallel) {
   parallel::Communicator& tp = parallel.tp();
-  const at::Tensor h = parallel::copy_to_group(norm->forward(x, compute_dtype), tp);
+  const at::Tensor normed = norm->forward(x, compute_dtype);
+  const at::Tensor h = parallel.sp() ? parallel::all_gather_along(normed, 0, tp, /*reduce_scatter_grad=*/true)
+                                     : parallel::copy_to_group(normed, tp);
   const at::Tensor logits = at::linear(h, weight.to(compute_dtype));
   if (tp.size() > 1) return parallel::vocab_parallel_cross_entropy(logits, targets_BT.reshape({-1}), tp.rank() * weight.size(0), tp);
   // The loss reduces in FP32 (a BF16 log-softmax would round it to ~3 digits),
@@ -90,6 +93,8 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
       spec = {2, {item.value().size(2) / 2, item.value().size(2) / 2}, -1};
     } else if (ends_with(name, ".w2")) {
       spec.tp_dim = 1;
+    } else if (ends_with(name, "norm.weight")) {
+      spec.tp_partial_grad = parallel_.sp();
     }
     specs_[name] = spec;
   }
@@ -105,6 +110,10 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
 
 ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_dtype, bool fp8) {
   const int64_t seq_len = tokens.size(1) - 1;
+  if (parallel_.sp() && (tokens.size(0) * (tokens.size(1) - 1)) % parallel_.mesh.shape().tp != 0) {
+    throw std::invalid_argument("parallel.sequence_parallel: the micro-batch's " + std::to_string(tokens.size(0) * (tokens.size(1) - 1)) +
+                                " tokens do not split over tp " + std::to_string(parallel_.mesh.shape().tp));
+  }
   if (seq_len > config_.max_seq_len) {
     throw std::invalid_argument("sequence length " + std::to_string(seq_len) + " exceeds model.max_seq_len " +
                                 std::to_string(config_.max_seq_len));

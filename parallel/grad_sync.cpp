@@ -55,6 +55,19 @@ void GradientSync::sync() {
   }
 }
 
+void sum_partial_gradients_over_tp(const std::vector<at::Tensor>& params, const Mesh& mesh) {
+  if (params.empty() || mesh.shape().tp == 1) return;
+  std::vector<at::Tensor> pieces;
+  for (const at::Tensor& p : params) pieces.push_back(p.grad().reshape({-1}).to(at::kFloat));
+  at::Tensor flat = at::cat(pieces);
+  mesh.tp().all_reduce(flat, {ReduceOp::kSum})->wait();
+  int64_t offset = 0;
+  for (const at::Tensor& p : params) {
+    p.grad().copy_(flat.narrow(0, offset, p.numel()).view_as(p));
+    offset += p.numel();
+  }
+}
+
 double global_grad_square_sum(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
                               const std::vector<bool>& expert, const Mesh& mesh) {
   // [replicated, tp-sharded dense, expert]

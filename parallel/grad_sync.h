@@ -34,6 +34,10 @@ class GradientSync {
   const Mesh* mesh_;
 };
 
+// Sums over tp the gradients of tensors marked tp_partial_grad (norm weights under
+// sequence parallelism); call before the data-parallel reduction.
+void sum_partial_gradients_over_tp(const std::vector<at::Tensor>& params, const Mesh& mesh);
+
 // Sum of squared gradient entries over every shard of the model, counted once:
 // tensor-parallel shards summed over tp, expert shards over tp and ep, replicated
 // tensors taken as they are. sharded_over_tp[i] says whether tensor i is split over tp.

@@ -95,13 +95,15 @@ at::Tensor gather_full(const at::Tensor& local, const ShardSpec& spec, const Mes
   return t.contiguous();
 }
 
-at::Tensor vocab_parallel_embedding(const at::Tensor& tokens, const at::Tensor& weight_local, int64_t vocab_start, Communicator& tp) {
+at::Tensor vocab_parallel_embedding(const at::Tensor& tokens, const at::Tensor& weight_local, int64_t vocab_start, Communicator& tp,
+                                    bool scatter_tokens) {
   if (tp.size() == 1) return weight_local.index_select(0, tokens);
   const int64_t rows = weight_local.size(0);
   const at::Tensor local = tokens - vocab_start;
   const at::Tensor mine = (local >= 0) & (local < rows);
   const at::Tensor picked = weight_local.index_select(0, at::where(mine, local, at::zeros_like(local)));
-  return reduce_from_group(picked * mine.unsqueeze(1).to(picked.scalar_type()), tp);
+  const at::Tensor partial = picked * mine.unsqueeze(1).to(picked.scalar_type());
+  return scatter_tokens ? reduce_scatter_along(partial, 0, tp) : reduce_from_group(partial, tp);
 }
 
 at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits_local, const at::Tensor& targets, int64_t vocab_start, Communicator& tp) {

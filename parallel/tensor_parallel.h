@@ -23,6 +23,9 @@ struct ShardSpec {
   int64_t tp_dim = -1;              // -1: replicated over tp
   std::vector<int64_t> tp_blocks;   // full sizes of the fused blocks along tp_dim (empty: one block)
   int64_t ep_dim = -1;              // -1: replicated over ep (dense); else a routed-expert tensor
+  // Replicated over tp but applied to a different slice of the tokens on each tp
+  // rank (norms under sequence parallelism): its gradient is summed over tp.
+  bool tp_partial_grad = false;
   bool is_expert() const { return ep_dim >= 0; }
 };
 
@@ -32,8 +35,10 @@ at::Tensor gather_full(const at::Tensor& local, const ShardSpec& spec, const Mes
 
 // Embedding rows of a vocabulary split over tp: this rank holds rows
 // [vocab_start, vocab_start + weight.size(0)); others contribute zeros, and one
-// all-reduce over tp assembles the rows. Differentiable.
-at::Tensor vocab_parallel_embedding(const at::Tensor& tokens, const at::Tensor& weight_local, int64_t vocab_start, Communicator& tp);
+// all-reduce over tp assembles the rows (a reduce-scatter over the tokens with
+// scatter_tokens, for sequence parallelism). Differentiable.
+at::Tensor vocab_parallel_embedding(const at::Tensor& tokens, const at::Tensor& weight_local, int64_t vocab_start, Communicator& tp,
+                                    bool scatter_tokens = false);
 
 // Mean cross-entropy of logits whose vocabulary is split over tp (this rank:
 // columns [vocab_start, vocab_start + logits.size(1))), without gathering the

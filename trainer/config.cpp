@@ -114,6 +114,7 @@ void visit(V& v, ParallelConfig& c) {
   v.field("virtual_pp", c.virtual_pp);
   v.field("zero1", c.zero1);
   v.field("expert_dispatcher", c.expert_dispatcher);
+  v.field("sequence_parallel", c.sequence_parallel);
   v.field("timeout_s", c.timeout_s);
   v.field("bucket_mb", c.bucket_mb);
 }

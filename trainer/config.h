@@ -83,6 +83,7 @@ struct ParallelConfig {
   int64_t virtual_pp = 1;
   bool zero1 = false;
   std::string expert_dispatcher = "alltoall";  // alltoall | allgather (the simple reference)
+  bool sequence_parallel = false;               // with tp > 1: split the residual stream over tp by tokens
   double timeout_s = 300;                       // a collective that does not complete by then ends the job
   double bucket_mb = 32;                        // data-parallel gradient bucket size
   std::string validate() const;

@@ -68,6 +68,7 @@ struct Trainer::Impl {
   std::optional<parallel::Mesh> mesh;
   std::unique_ptr<parallel::GradientSync> grad_sync;
   std::vector<bool> sharded_over_tp, is_expert;
+  std::vector<at::Tensor> tp_partial;  // norm weights under sequence parallelism
   bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
   bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
   std::unique_ptr<Zero1> zero1;
@@ -331,8 +332,10 @@ TrainResult Trainer::Impl::run() {
 
   // Every rank draws the same initial parameters from the shared seed and keeps its shard.
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
-  moe::Parallelism parallelism{*mesh, cfg.parallel.expert_dispatcher == "allgather" ? moe::ExpertDispatcher::kAllGather
-                                                                                     : moe::ExpertDispatcher::kAllToAll};
+  moe::Parallelism parallelism{*mesh,
+                               cfg.parallel.expert_dispatcher == "allgather" ? moe::ExpertDispatcher::kAllGather
+                                                                             : moe::ExpertDispatcher::kAllToAll,
+                               cfg.parallel.sequence_parallel};
   try {
     model = std::make_shared<moe::MoEModel>(cfg.model, parallelism);
   } catch (const std::invalid_argument& e) {
@@ -343,6 +346,7 @@ TrainResult Trainer::Impl::run() {
     params.push_back({item.key(), item.value()});
     const parallel::ShardSpec& spec = model->shard_specs().at(item.key());
     (spec.is_expert() ? experts : dense).push_back(item.value());
+    if (spec.tp_partial_grad) tp_partial.push_back(item.value());
     sharded_over_tp.push_back(spec.tp_dim >= 0 && shape.tp > 1);
     is_expert.push_back(spec.is_expert() && (shape.ep > 1 || shape.tp > 1));
   }
@@ -452,6 +456,7 @@ TrainResult Trainer::Impl::run() {
     double grad_norm = 0;
     const auto optimizer_start = Clock::now();
     const double optimizer_comm_start = communication_seconds();
+    parallel::sum_partial_gradients_over_tp(tp_partial, *mesh);
     if (zero1) {
       zero1->reduce_scatter_gradients();
       zero1->quantize_gradients();

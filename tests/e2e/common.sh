@@ -16,15 +16,17 @@ micro_args() {
 # The "loss" of each metrics line, one per line, full precision.
 losses() { python3 -c 'import json,sys; [print(repr(json.loads(l)["loss"])) for l in open(sys.argv[1])]' "$1"; }
 
-# Runs a command expected to fail: checks exit code != 0, a single stderr line containing $1.
+# Runs a command expected to fail: checks exit code != 0 and a single error line
+# containing $1. Under mpirun, whose own banner also goes to stderr, set
+# ERROR_PREFIX=moe-train: to count only our lines.
 expect_error() {
   local needle="$1"; shift
   local err rc=0
   err=$("$@" 2>&1 >/dev/null) || rc=$?
   [ "$rc" -ne 0 ] || fail "expected failure: $*"
-  local lines
-  lines=$(printf '%s\n' "$err" | grep -c . || true)
-  [ "$lines" -eq 1 ] || fail "expected one error line, got $lines: $err"
-  case "$err" in *"$needle"*) ;; *) fail "error '$err' does not mention '$needle'";; esac
+  local ours
+  ours=$(printf '%s\n' "$err" | grep "^${ERROR_PREFIX:-}" || true)
+  [ "$(printf '%s\n' "$ours" | grep -c .)" -eq 1 ] || fail "expected one error line, got: $err"
+  case "$ours" in *"$needle"*) ;; *) fail "error '$ours' does not mention '$needle'";; esac
   echo "ok: $needle"
 }

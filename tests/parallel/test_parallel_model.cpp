@@ -59,12 +59,14 @@ double relative_error(const at::Tensor& a, const at::Tensor& b) {
 struct Layout {
   parallel::MeshShape shape;
   const char* name;
+  bool sequence_parallel = false;
 };
 
 std::vector<Layout> layouts_for(int64_t n) {
   std::vector<Layout> all = {{{2, 1, 1, 1}, "dp2"},          {{1, 1, 2, 1}, "tp2"},          {{2, 1, 1, 2}, "dp2+ep2"},
                              {{4, 1, 1, 4}, "dp4+ep4"},      {{4, 1, 1, 2}, "dp4+ep2"},      {{2, 1, 2, 2}, "dp2xtp2+ep2"},
-                             {{4, 1, 2, 4}, "dp4xtp2+ep4"}};
+                             {{4, 1, 2, 4}, "dp4xtp2+ep4"},  {{1, 1, 2, 1}, "tp2 sp", true},
+                             {{2, 1, 2, 2}, "dp2xtp2+ep2 sp", true}, {{4, 1, 2, 4}, "dp4xtp2+ep4 sp", true}};
   std::vector<Layout> fitting;
   for (const Layout& l : all) {
     if (l.shape.world_size() == n) fitting.push_back(l);
@@ -125,14 +127,15 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     at::manual_seed(7);
     auto reference = std::make_shared<moe::MoEModel>(micro_config());
     at::manual_seed(7);
-    auto sharded = std::make_shared<moe::MoEModel>(micro_config(), moe::Parallelism{mesh, dispatcher});
+    auto sharded = std::make_shared<moe::MoEModel>(micro_config(), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
     trainer::AdamW reference_opt(named(*reference), optimizer_config());
 
-    std::vector<at::Tensor> dense, experts, grads_of;
+    std::vector<at::Tensor> dense, experts, grads_of, partial;
     std::vector<bool> over_tp, is_expert;
     for (const auto& item : sharded->named_parameters()) {
       const parallel::ShardSpec& spec = sharded->shard_specs().at(item.key());
       (spec.is_expert() ? experts : dense).push_back(item.value());
+      if (spec.tp_partial_grad) partial.push_back(item.value());
       grads_of.push_back(item.value());
       over_tp.push_back(spec.tp_dim >= 0);
       is_expert.push_back(spec.is_expert());
@@ -157,6 +160,7 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
       sharded->zero_grad();
       const moe::ModelOutput out = sharded->forward(tokens.narrow(0, c.dp * kLocalBatch, kLocalBatch), at::kFloat);
       out.loss.backward();
+      parallel::sum_partial_gradients_over_tp(partial, mesh);
       if (zero1) {
         zero->reduce_scatter_gradients();
       } else {
@@ -210,10 +214,24 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     // The models must have moved: a curve that matches because nothing trains proves nothing.
     EXPECT_LT(reference_backward(*reference, global_batch(0, dp)), initial_loss - 0.05);
     if (world().rank() == 0) {
-      std::printf("[ layout %-12s%s ] worst gradient error %.2e, worst loss error over %lld steps %.2e\n", layout.name, zero1 ? " zero1" : "", worst_grad,
+      std::printf("[ layout %-15s%s ] worst gradient error %.2e, worst loss error over %lld steps %.2e\n", layout.name, zero1 ? " zero1" : "", worst_grad,
                   static_cast<long long>(kSteps), worst_loss);
     }
   }
+}
+
+// The first MoE layer of a sharded model on 24 tokens: its output and d(sum out^2)/d w13.
+std::pair<at::Tensor, at::Tensor> moe_layer_output_and_grad(const moe::MoEModel& model, const at::Tensor& h, int64_t pad) {
+  auto& layer = *model.moe_layers()[0];
+  moe::ForwardContext ctx;
+  ctx.batch = 2;
+  ctx.seq_len = 12;
+  ctx.expert_pad_multiple = pad;
+  ctx.aux_loss = at::zeros({});
+  ctx.z_loss = at::zeros({});
+  ctx.parallel = &model.parallelism();
+  const at::Tensor out = layer.forward(h, ctx);
+  return {out.detach(), torch::autograd::grad({out.square().sum()}, {layer.w13})[0]};
 }
 
 TEST(ExpertParallel, PaddingTheReceivedRowsChangesNothing) {
@@ -223,21 +241,13 @@ TEST(ExpertParallel, PaddingTheReceivedRowsChangesNothing) {
   const parallel::Mesh mesh(fmoe::testing::world_communicator(), {n, 1, 1, n});
   at::manual_seed(5);
   moe::MoEModel model(micro_config(), moe::Parallelism{mesh, moe::ExpertDispatcher::kAllToAll});
-  auto& layer = *model.moe_layers()[0];
   at::manual_seed(100 + world().rank());
   const at::Tensor h = at::randn({24, 32});
   std::vector<at::Tensor> outs, grads;
   for (int64_t pad : {1, 8}) {
-    moe::ForwardContext ctx;
-    ctx.batch = 2;
-    ctx.seq_len = 12;
-    ctx.expert_pad_multiple = pad;
-    ctx.aux_loss = at::zeros({});
-    ctx.z_loss = at::zeros({});
-    ctx.parallel = &model.parallelism();
-    const at::Tensor out = layer.forward(h, ctx);
-    outs.push_back(out.detach());
-    grads.push_back(torch::autograd::grad({out.square().sum()}, {layer.w13})[0]);
+    const auto [out, grad] = moe_layer_output_and_grad(model, h, pad);
+    outs.push_back(out);
+    grads.push_back(grad);
   }
   EXPECT_LT(relative_error(outs[1], outs[0]), 1e-6);
   EXPECT_LT(relative_error(grads[1], grads[0]), 1e-6);
@@ -254,18 +264,10 @@ TEST(ExpertParallel, DispatchersAgreeWhenTokensAreDropped) {
   for (auto dispatcher : {moe::ExpertDispatcher::kAllToAll, moe::ExpertDispatcher::kAllGather}) {
     at::manual_seed(5);
     moe::MoEModel model(c, moe::Parallelism{mesh, dispatcher});
-    auto& layer = *model.moe_layers()[0];
     at::manual_seed(200 + world().rank());
-    const at::Tensor h = at::randn({24, 32});
-    moe::ForwardContext ctx;
-    ctx.batch = 2;
-    ctx.seq_len = 12;
-    ctx.aux_loss = at::zeros({});
-    ctx.z_loss = at::zeros({});
-    ctx.parallel = &model.parallelism();
-    const at::Tensor out = layer.forward(h, ctx);
-    outs.push_back(out.detach());
-    grads.push_back(torch::autograd::grad({out.square().sum()}, {layer.w13})[0]);
+    const auto [out, grad] = moe_layer_output_and_grad(model, at::randn({24, 32}), 1);
+    outs.push_back(out);
+    grads.push_back(grad);
   }
   EXPECT_LT(relative_error(outs[1], outs[0]), 1e-6);
   EXPECT_LT(relative_error(grads[1], grads[0]), 1e-6);
