@@ -3,55 +3,115 @@
 #include <ATen/ATen.h>
 
 namespace fmoe::parallel {
+namespace {
+
+class DoneWork : public Work {
+ public:
+  bool is_completed() override { return true; }
+  void wait() override {}
+};
+
+}  // namespace
 
 GradientSync::GradientSync(std::vector<at::Tensor> dense, std::vector<at::Tensor> experts, const Mesh& mesh, int64_t bucket_bytes)
     : mesh_(&mesh) {
   const auto fill = [&](const std::vector<at::Tensor>& params, bool expert) {
     Bucket bucket;
     bucket.expert = expert;
-    for (const at::Tensor& p : params) {
+    // Reverse order: backward produces the last layers' gradients first.
+    for (auto it = params.rbegin(); it != params.rend(); ++it) {
+      const at::Tensor& p = *it;
       if (bucket.numel > 0 && (bucket.numel + p.numel()) * 4 > bucket_bytes) {
         buckets_.push_back(std::move(bucket));
         bucket = Bucket{};
         bucket.expert = expert;
       }
       bucket.params.push_back(p);
+      bucket.offsets.push_back(bucket.numel);
       bucket.numel += p.numel();
     }
     if (bucket.numel > 0) buckets_.push_back(std::move(bucket));
   };
   fill(dense, false);
   fill(experts, true);
+  for (Bucket& b : buckets_) b.filled.assign(b.params.size(), false);
+}
+
+GradientSync::~GradientSync() {
+  for (auto& [param, handle] : hooks_) param.remove_hook(handle);
+}
+
+void GradientSync::enable_overlap() {
+  if (overlap_ || mesh_->shape().dp == 1) return;
+  overlap_ = true;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    for (size_t i = 0; i < buckets_[b].params.size(); ++i) {
+      at::Tensor param = buckets_[b].params[i];
+      const unsigned handle = param.register_hook([this, b, i](const at::Tensor& grad) { on_gradient(b, i, grad); });
+      hooks_.emplace_back(param, handle);
+    }
+  }
+}
+
+void GradientSync::on_gradient(size_t b, size_t i, const at::Tensor& grad) {
+  if (!armed_) return;
+  Bucket& bucket = buckets_[b];
+  if (bucket.work || bucket.filled[i]) return;
+  if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, at::kFloat);
+  // The step's gradient is what earlier micro-batches accumulated plus this one.
+  const at::Tensor& param = bucket.params[i];
+  at::Tensor slot = bucket.flat.narrow(0, bucket.offsets[i], param.numel());
+  slot.copy_(grad.reshape({-1}));
+  if (param.grad().defined()) slot.add_(param.grad().reshape({-1}));
+  bucket.filled[i] = true;
+  if (++bucket.ready == static_cast<int64_t>(bucket.params.size())) {
+    launch(bucket);
+    ++launched_in_backward_;
+  }
+}
+
+void GradientSync::launch(Bucket& bucket) {
+  Communicator& group = bucket.expert ? mesh_->edp() : mesh_->dp();
+  bucket.work = group.size() > 1 ? group.all_reduce(bucket.flat, {ReduceOp::kSum}) : nullptr;
+  if (!bucket.work) bucket.work = std::make_unique<DoneWork>();
 }
 
 void GradientSync::sync() {
   const Mesh& mesh = *mesh_;
   const int64_t dp = mesh.shape().dp;
+  armed_ = false;
   if (dp == 1) return;
-  std::vector<at::Tensor> flats;
-  std::vector<std::unique_ptr<Work>> works;
-  for (const Bucket& bucket : buckets_) {
-    Communicator& group = bucket.expert ? mesh.edp() : mesh.dp();
-    std::vector<at::Tensor> pieces;
-    for (const at::Tensor& p : bucket.params) {
-      pieces.push_back(p.grad().defined() ? p.grad().reshape({-1}).to(at::kFloat) : at::zeros({p.numel()}, at::kFloat));
+  // Buckets backward did not complete, in bucket order (the same on every rank).
+  for (Bucket& bucket : buckets_) {
+    if (bucket.work) continue;
+    if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, at::kFloat);
+    for (size_t i = 0; i < bucket.params.size(); ++i) {
+      if (bucket.filled[i]) continue;
+      const at::Tensor& p = bucket.params[i];
+      at::Tensor slot = bucket.flat.narrow(0, bucket.offsets[i], p.numel());
+      if (p.grad().defined()) {
+        slot.copy_(p.grad().reshape({-1}));
+      } else {
+        slot.zero_();
+      }
     }
-    flats.push_back(at::cat(pieces));
-    works.push_back(group.size() > 1 ? group.all_reduce(flats.back(), {ReduceOp::kSum}) : nullptr);
+    launch(bucket);
   }
-  for (size_t b = 0; b < buckets_.size(); ++b) {
-    if (works[b]) works[b]->wait();
-    flats[b].div_(static_cast<double>(dp));
-    int64_t offset = 0;
-    for (const at::Tensor& p : buckets_[b].params) {
-      const at::Tensor piece = flats[b].narrow(0, offset, p.numel()).view_as(p);
+  for (Bucket& bucket : buckets_) {
+    bucket.work->wait();
+    bucket.flat.div_(static_cast<double>(dp));
+    for (size_t i = 0; i < bucket.params.size(); ++i) {
+      at::Tensor p = bucket.params[i];
+      const at::Tensor piece = bucket.flat.narrow(0, bucket.offsets[i], p.numel()).view_as(p);
       if (p.grad().defined()) {
         p.mutable_grad().copy_(piece);
       } else {
         p.mutable_grad() = piece.to(p.scalar_type()).clone();
       }
-      offset += p.numel();
     }
+    bucket.work.reset();
+    bucket.ready = 0;
+    std::fill(bucket.filled.begin(), bucket.filled.end(), false);
   }
 }
 

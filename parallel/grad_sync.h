@@ -3,8 +3,12 @@
 // expert-data-parallel group (dp / ep ranks), and their gradient is the sum over
 // that group divided by dp (every dp rank's loss carries weight 1 / dp).
 //
-// Gradients travel in flat FP32 buckets of about bucket_bytes, all issued
-// before any is waited on, so several reductions are in flight at once.
+// Gradients travel in flat FP32 buckets of about bucket_bytes, filled in reverse
+// parameter order (the order backward produces them). With overlap on, a hook
+// on every parameter copies its gradient into its bucket as soon as backward
+// produces it during the last micro-batch, and a full bucket's all-reduce starts
+// at once, while backward goes on with earlier layers; sync() then waits and
+// writes the averages back.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,18 +24,42 @@ class GradientSync {
  public:
   GradientSync(std::vector<at::Tensor> dense, std::vector<at::Tensor> experts, const Mesh& mesh,
                int64_t bucket_bytes = 32 << 20);
-  // Averages the parameters' .grad() in place (every rank of the mesh calls it).
+  ~GradientSync();
+  GradientSync(const GradientSync&) = delete;
+  GradientSync& operator=(const GradientSync&) = delete;
+
+  // Registers the gradient hooks (once). Then call arm(true) before the backward of
+  // the last micro-batch of a step, so buckets launch during it.
+  void enable_overlap();
+  void arm(bool last_micro_batch) {
+    armed_ = last_micro_batch && overlap_;
+    if (armed_) launched_in_backward_ = 0;
+  }
+  // Averages the parameters' .grad() in place (every rank of the mesh calls it):
+  // launches what backward has not, waits for every bucket, writes the results.
   void sync();
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
+  // Buckets whose all-reduce started inside the last armed backward (overlap).
+  int64_t launched_in_backward() const { return launched_in_backward_; }
 
  private:
   struct Bucket {
     std::vector<at::Tensor> params;
+    std::vector<int64_t> offsets;
     int64_t numel = 0;
     bool expert = false;
+    at::Tensor flat;
+    std::vector<bool> filled;
+    int64_t ready = 0;
+    std::unique_ptr<Work> work;
   };
+  void on_gradient(size_t bucket, size_t index, const at::Tensor& grad);
+  void launch(Bucket& bucket);
   std::vector<Bucket> buckets_;
   const Mesh* mesh_;
+  bool overlap_ = false, armed_ = false;
+  int64_t launched_in_backward_ = 0;
+  std::vector<std::pair<at::Tensor, unsigned>> hooks_;
 };
 
 // Sums over tp the gradients of tensors marked tp_partial_grad (norm weights under

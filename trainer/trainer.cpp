@@ -351,6 +351,7 @@ TrainResult Trainer::Impl::run() {
     is_expert.push_back(spec.is_expert() && (shape.ep > 1 || shape.tp > 1));
   }
   grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
+  if (!(cfg.parallel.zero1 && shape.dp > 1)) grad_sync->enable_overlap();
   if (cfg.parallel.zero1 && shape.dp > 1) {
     zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer);
   } else {
@@ -449,6 +450,7 @@ TrainResult Trainer::Impl::run() {
       const at::Tensor batch = loader->train_batch(step, micro, dp_rank);
       data_seconds += seconds_since(data_start);
       const moe::ModelOutput out = model->forward(batch, dtype, cfg.precision.fp8);
+      grad_sync->arm(/*last_micro_batch=*/micro + 1 == tc.grad_accum_steps);
       (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }

@@ -141,6 +141,7 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
       is_expert.push_back(spec.is_expert());
     }
     parallel::GradientSync sync(dense, experts, mesh, /*bucket_bytes=*/16 << 10);  // several buckets
+    sync.enable_overlap();
     std::unique_ptr<trainer::AdamW> sharded_opt;
     std::unique_ptr<trainer::Zero1> zero;
     if (zero1) {
@@ -158,6 +159,7 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
       if (step == 0) initial_loss = ref_loss;
 
       sharded->zero_grad();
+      sync.arm(/*last_micro_batch=*/!zero1);
       const moe::ModelOutput out = sharded->forward(tokens.narrow(0, c.dp * kLocalBatch, kLocalBatch), at::kFloat);
       out.loss.backward();
       parallel::sum_partial_gradients_over_tp(partial, mesh);
@@ -165,6 +167,8 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
         zero->reduce_scatter_gradients();
       } else {
         sync.sync();
+        // Buckets of the last layers start reducing while backward still runs.
+        if (dp > 1) EXPECT_GT(sync.launched_in_backward(), 0);
       }
       at::Tensor loss = out.loss.detach().clone().view({1});
       mesh.dp().all_reduce(loss, {parallel::ReduceOp::kAvg})->wait();
