@@ -23,7 +23,7 @@ breakdown() {
   local ranks=$1 name=$2; shift 2
   local dir; dir=$(mktemp -d)
   mpirun --oversubscribe --bind-to none -np "$ranks" build/launch/moe-train --config configs/tiny.yaml \
-    --set training.steps="${BREAKDOWN_STEPS:-12}" --set training.eval_interval=0 --set training.checkpoint_interval=0 \
+    --set training.steps="${BREAKDOWN_STEPS:-12}" --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0 \
     --set training.eval_batches=1 --set training.micro_batch_size=$((16 / ranks)) --set training.run_dir="$dir" "$@" > "$dir/log" 2>&1
   python3 - "$dir/metrics.jsonl" "$ranks" "$name" <<'PY'
 import json, sys

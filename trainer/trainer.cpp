@@ -226,8 +226,13 @@ struct Trainer::Impl {
     torch::NoGradGuard no_grad;
     const int64_t batches = config.training.eval_batches;
     at::Tensor sums = at::zeros({2}, at::kDouble);  // loss sum, batches
-    for (int64_t i = dp_rank; i < batches; i += dp_size) {
-      const moe::ModelOutput out = model->forward(loader->val_batch(i), dtype, config.precision.fp8);
+    // Batches are dealt out over dp ranks. Under expert or tensor parallelism every
+    // forward is collective, so each rank runs the same number of them; a rank with
+    // no batch left repeats one and does not count it.
+    const int64_t rounds = sharded_model ? (batches + dp_size - 1) / dp_size : 0;
+    for (int64_t i = dp_rank, round = 0; i < batches || round < rounds; i += dp_size, ++round) {
+      const moe::ModelOutput out = model->forward(loader->val_batch(i % batches), dtype, config.precision.fp8);
+      if (i >= batches) continue;
       sums[0] += out.ce_loss.to(at::kDouble);
       sums[1] += 1;
     }
