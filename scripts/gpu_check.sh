@@ -4,7 +4,8 @@
 # GoogleTest comes from .deps/, made here beforehand by `scripts/gpu_check.sh --fetch-deps`
 # (Debian's libgtest-dev unpacked with dpkg -x) and carried to the GPU machine (.deps
 # is git-ignored: copy it along with the tree). Without a GPU the tests
-# report SKIPPED and the script still checks that the CUDA path builds.
+# report SKIPPED and the script still checks that the CUDA path builds. The NCCL
+# backend's test is built and run only where MPI exists (its bootstrap needs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-deps" ]; then
@@ -33,9 +34,21 @@ cast=$(run_check test_fp8_cuda)
 t1=$(date +%s)
 gemm=$(run_check test_fp8_gemm_cuda)
 t2=$(date +%s)
+# The NCCL backend on one GPU: a one-rank communicator (NCCL needs a GPU per rank).
+if [ -x build-gpu/test_nccl ] && command -v mpirun >/dev/null; then
+  if OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np 1 build-gpu/test_nccl > build-gpu/test_nccl.log 2>&1; then
+    grep -q "SKIPPED:" build-gpu/test_nccl.log && nccl=SKIPPED || nccl=PASS
+  else
+    nccl=FAIL
+  fi
+else
+  nccl="SKIPPED (no MPI here)"
+fi
+t3=$(date +%s)
 cat build-gpu/test_fp8_cuda.log build-gpu/test_fp8_gemm_cuda.log | grep -E "Failure|backend|SKIPPED:" || true
 printf '\n| check | result | seconds |\n|---|---|---|\n'
 printf '| build CUDA path (sm_90) | ok | %d |\n' $((built - start))
 printf '| test_fp8_cuda (FP8 cast kernels vs CPU codec) | %s | %d |\n' "$cast" $((t1 - built))
 printf '| test_fp8_gemm_cuda (FP8 linear on GPU vs CPU emulation) | %s | %d |\n' "$gemm" $((t2 - t1))
-[ "$cast" != FAIL ] && [ "$gemm" != FAIL ]
+printf '| test_nccl (NCCL backend, 1 rank, closed forms) | %s | %d |\n' "$nccl" $((t3 - t2))
+[ "$cast" != FAIL ] && [ "$gemm" != FAIL ] && [ "$nccl" != FAIL ]
