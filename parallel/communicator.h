@@ -28,6 +28,13 @@ class Work {
   virtual void wait() = 0;
 };
 
+// A Work that is done when made (groups of one, ops that completed inline).
+class CompletedWork : public Work {
+ public:
+  bool is_completed() override { return true; }
+  void wait() override {}
+};
+
 struct AllReduceOptions {
   ReduceOp op = ReduceOp::kSum;
   std::chrono::milliseconds timeout = kDefaultTimeout;

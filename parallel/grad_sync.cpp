@@ -3,15 +3,6 @@
 #include <ATen/ATen.h>
 
 namespace fmoe::parallel {
-namespace {
-
-class DoneWork : public Work {
- public:
-  bool is_completed() override { return true; }
-  void wait() override {}
-};
-
-}  // namespace
 
 GradientSync::GradientSync(std::vector<at::Tensor> dense, std::vector<at::Tensor> experts, const Mesh& mesh, int64_t bucket_bytes)
     : mesh_(&mesh) {
@@ -73,7 +64,7 @@ void GradientSync::on_gradient(size_t b, size_t i, const at::Tensor& grad) {
 void GradientSync::launch(Bucket& bucket) {
   Communicator& group = bucket.expert ? mesh_->edp() : mesh_->dp();
   bucket.work = group.size() > 1 ? group.all_reduce(bucket.flat, {ReduceOp::kSum}) : nullptr;
-  if (!bucket.work) bucket.work = std::make_unique<DoneWork>();
+  if (!bucket.work) bucket.work = std::make_unique<CompletedWork>();
 }
 
 void GradientSync::sync() {

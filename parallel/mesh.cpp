@@ -7,12 +7,6 @@
 namespace fmoe::parallel {
 namespace {
 
-class DoneWork : public Work {
- public:
-  bool is_completed() override { return true; }
-  void wait() override {}
-};
-
 class SelfCommunicator : public Communicator {
  public:
   int rank() const override { return 0; }
@@ -46,7 +40,7 @@ class SelfCommunicator : public Communicator {
   }
 
  private:
-  static std::unique_ptr<Work> done() { return std::make_unique<DoneWork>(); }
+  static std::unique_ptr<Work> done() { return std::make_unique<CompletedWork>(); }
 };
 
 }  // namespace
