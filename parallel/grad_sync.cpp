@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace fmoe::parallel {
 
 GradientSync::GradientSync(std::vector<at::Tensor> dense, std::vector<at::Tensor> experts, const Mesh& mesh, int64_t bucket_bytes)
@@ -32,12 +34,14 @@ GradientSync::~GradientSync() {
   for (auto& [param, handle] : hooks_) param.remove_hook(handle);
 }
 
-void GradientSync::enable_overlap() {
+void GradientSync::enable_overlap(const std::vector<at::Tensor>& deferred) {
   if (overlap_ || mesh_->shape().dp == 1) return;
   overlap_ = true;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     for (size_t i = 0; i < buckets_[b].params.size(); ++i) {
       at::Tensor param = buckets_[b].params[i];
+      const bool later = std::any_of(deferred.begin(), deferred.end(), [&](const at::Tensor& d) { return d.is_same(param); });
+      if (later) continue;
       const unsigned handle = param.register_hook([this, b, i](const at::Tensor& grad) { on_gradient(b, i, grad); });
       hooks_.emplace_back(param, handle);
     }

@@ -29,8 +29,10 @@ class GradientSync {
   GradientSync& operator=(const GradientSync&) = delete;
 
   // Registers the gradient hooks (once). Then call arm(true) before the backward of
-  // the last micro-batch of a step, so buckets launch during it.
-  void enable_overlap();
+  // the last micro-batch of a step, so buckets launch during it. Parameters in
+  // deferred get no hook (their gradient is still changed after backward, as
+  // sum_partial_gradients_over_tp does): their buckets launch in sync().
+  void enable_overlap(const std::vector<at::Tensor>& deferred = {});
   void arm(bool last_micro_batch) {
     armed_ = last_micro_batch && overlap_;
     if (armed_) launched_in_backward_ = 0;

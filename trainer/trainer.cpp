@@ -356,7 +356,7 @@ TrainResult Trainer::Impl::run() {
     is_expert.push_back(spec.is_expert() && (shape.ep > 1 || shape.tp > 1));
   }
   grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
-  if (!(cfg.parallel.zero1 && shape.dp > 1)) grad_sync->enable_overlap();
+  if (!(cfg.parallel.zero1 && shape.dp > 1)) grad_sync->enable_overlap(/*deferred=*/tp_partial);
   if (cfg.parallel.zero1 && shape.dp > 1) {
     zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer);
   } else {

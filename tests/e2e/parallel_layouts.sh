@@ -18,13 +18,14 @@ run "$WORK_DIR/tp2" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/tp2") "${ARGS[@]}" --
 run "$WORK_DIR/tp2sp" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/tp2sp") "${ARGS[@]}" --set parallel.tp=2 --set parallel.sequence_parallel=true --set training.grad_accum_steps=2
 run "$WORK_DIR/zero1" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/zero1") "${ARGS[@]}" --set parallel.zero1=true
 run "$WORK_DIR/mixed" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/mixed") "${ARGS[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.zero1=true
+run "$WORK_DIR/mixedsp" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/mixedsp") "${ARGS[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.sequence_parallel=true
 grep -q "layout dp=2 tp=2 ep=2" "$WORK_DIR/mixed.log" || fail "mixed run did not report its layout"
 grep -q "ep: 2" "$WORK_DIR/mixed/config.yaml" || fail "the run directory does not record the layout"
 python3 - "$WORK_DIR" <<'PY'
 import json, sys
 load = lambda name: [json.loads(l) for l in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
 ref = load("single")
-for name in ["ep2", "ep2acc", "ep2ag", "tp2", "tp2sp", "zero1", "mixed"]:
+for name in ["ep2", "ep2acc", "ep2ag", "tp2", "tp2sp", "zero1", "mixed", "mixedsp"]:
     other = load(name)
     assert len(other) == 20, name
     worst = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(ref, other))

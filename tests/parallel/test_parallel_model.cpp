@@ -141,7 +141,7 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
       is_expert.push_back(spec.is_expert());
     }
     parallel::GradientSync sync(dense, experts, mesh, /*bucket_bytes=*/16 << 10);  // several buckets
-    sync.enable_overlap();
+    sync.enable_overlap(/*deferred=*/partial);
     std::unique_ptr<trainer::AdamW> sharded_opt;
     std::unique_ptr<trainer::Zero1> zero;
     if (zero1) {
