@@ -124,21 +124,27 @@ void sum_partial_gradients_over_tp(const std::vector<at::Tensor>& params, const 
 }
 
 double global_grad_square_sum(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
-                              const std::vector<bool>& expert, const Mesh& mesh) {
-  // [replicated, tp-sharded dense, expert]
+                              const std::vector<bool>& expert, const Mesh& mesh, const std::vector<bool>* owned) {
+  // [replicated, tp-sharded dense, expert], accumulated as tensors: one host sync at the end.
   at::Tensor sums = at::zeros({3}, at::kDouble);
   for (size_t i = 0; i < grads.size(); ++i) {
-    if (!grads[i].defined()) continue;
-    const double s = grads[i].to(at::kDouble).square().sum().item<double>();
+    if (!grads[i].defined() || (owned && !(*owned)[i])) continue;
     const int64_t slot = expert[i] ? 2 : (sharded_over_tp[i] ? 1 : 0);
-    sums[slot] += s;
+    sums[slot] += grads[i].to(at::kDouble).square().sum();
+  }
+  if (owned) {
+    // ZeRO-1: each gradient lives on one rank of its data-parallel group.
+    at::Tensor dense = sums.narrow(0, 0, 2);
+    at::Tensor experts = sums.narrow(0, 2, 1);
+    if (mesh.dp().size() > 1) mesh.dp().all_reduce(dense, {ReduceOp::kSum})->wait();
+    if (mesh.edp().size() > 1) mesh.edp().all_reduce(experts, {ReduceOp::kSum})->wait();
   }
   // Expert shards differ over ep and (split) over tp; dense tp shards over tp only.
-  at::Tensor tp_part = sums.narrow(0, 1, 2).contiguous();
+  at::Tensor tp_part = sums.narrow(0, 1, 2);
   if (mesh.shape().tp > 1) mesh.tp().all_reduce(tp_part, {ReduceOp::kSum})->wait();
-  at::Tensor expert_part = tp_part.narrow(0, 1, 1).contiguous();
+  at::Tensor expert_part = sums.narrow(0, 2, 1);
   if (mesh.shape().ep > 1) mesh.ep().all_reduce(expert_part, {ReduceOp::kSum})->wait();
-  return sums[0].item<double>() + tp_part[0].item<double>() + expert_part[0].item<double>();
+  return sums.sum().item<double>();
 }
 
 }  // namespace fmoe::parallel

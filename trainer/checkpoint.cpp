@@ -1,5 +1,7 @@
 #include "trainer/checkpoint.h"
 
+#include <ATen/ATen.h>
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 
 #include "data/file_util.h"
 #include "data/json_file.h"
+#include "parallel/communicator.h"
 
 namespace fmoe::trainer {
 namespace fs = std::filesystem;
@@ -166,6 +169,45 @@ CheckpointContents load_checkpoint(const std::string& directory) {
   check("config.yaml", data::crc32_of(contents.config_yaml));
   check("index.json", data::crc32_of_file((dir / "index.json").string()));
   return contents;
+}
+
+std::string rank_state_file(int rank) {
+  char name[48];
+  std::snprintf(name, sizeof(name), "optimizer.rank%05d.safetensors", rank);
+  return name;
+}
+
+void send_rank_state(const TensorMap& state, parallel::Communicator& world) {
+  const std::string serialized = to_safetensors(state, {{"format", "pt"}});
+  at::Tensor size = at::full({1}, static_cast<int64_t>(serialized.size()), at::kLong);
+  world.send(size, 0, {})->wait();
+  const at::Tensor bytes = at::from_blob(const_cast<char*>(serialized.data()), {static_cast<int64_t>(serialized.size())}, at::kByte);
+  world.send(bytes, 0, {})->wait();
+}
+
+std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states(parallel::Communicator& world) {
+  return [&world](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
+    for (int r = 1; r < world.size(); ++r) {
+      at::Tensor size = at::empty({1}, at::kLong);
+      world.recv(size, r, {})->wait();
+      at::Tensor bytes = at::empty({size.item<int64_t>()}, at::kByte);
+      world.recv(bytes, r, {})->wait();
+      const std::string_view view(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+      data::write_file_atomic(tmp_dir + "/" + rank_state_file(r), view);
+      checksums[rank_state_file(r)] = data::crc32_of(view);
+    }
+  };
+}
+
+TensorMap load_rank_state(const std::string& directory, const CheckpointContents& contents, int rank) {
+  const std::string path = directory + "/" + rank_state_file(rank);
+  uint32_t crc = 0;
+  TensorMap state = read_safetensors(path, &crc);
+  const auto expected = contents.checksums.find(rank_state_file(rank));
+  if (expected == contents.checksums.end() || crc != expected->second) {
+    throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+  }
+  return state;
 }
 
 }  // namespace fmoe::trainer

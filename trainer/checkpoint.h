@@ -22,6 +22,10 @@
 
 #include "trainer/safetensors.h"
 
+namespace fmoe::parallel {
+class Communicator;
+}
+
 namespace fmoe::trainer {
 
 struct TrainerState {
@@ -53,5 +57,16 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 
 // Reads and verifies a checkpoint directory. Throws a one-line error naming the bad file.
 CheckpointContents load_checkpoint(const std::string& directory);
+
+// Optimizer state sharded over ranks (tensor / expert parallelism, ZeRO-1):
+// rank 0 writes its own as optimizer.safetensors, every other rank's goes to
+// rank_state_file(rank) inside the same atomic save. The other ranks call
+// send_rank_state while rank 0 saves with write_extra = receive_rank_states(world),
+// which receives them one at a time and streams each to disk.
+std::string rank_state_file(int rank);
+void send_rank_state(const TensorMap& state, parallel::Communicator& world);
+std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states(parallel::Communicator& world);
+// Reads and verifies rank's file of a loaded checkpoint.
+TensorMap load_rank_state(const std::string& directory, const CheckpointContents& contents, int rank);
 
 }  // namespace fmoe::trainer

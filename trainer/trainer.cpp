@@ -89,14 +89,9 @@ struct Trainer::Impl {
 
   // The full model (shards gathered over tp and ep): every rank takes part, rank 0 writes.
   TensorMap full_model_tensors() const {
-    if (!sharded_model) return model_tensors();
-    TensorMap tensors;
-    for (const auto& item : model->named_parameters()) {
-      tensors[item.key()] = parallel::gather_full(item.value(), model->shard_specs().at(item.key()), *mesh);
-    }
-    for (const auto& item : model->named_buffers()) {
-      if (item.key().find("step_load") == std::string::npos) tensors[item.key()] = item.value();
-    }
+    TensorMap tensors = model_tensors();
+    if (!sharded_model) return tensors;
+    for (const auto& [name, spec] : model->shard_specs()) tensors[name] = parallel::gather_full(tensors.at(name), spec, *mesh);
     return tensors;
   }
 
@@ -144,12 +139,7 @@ struct Trainer::Impl {
     std::string state_file = directory + "/optimizer.safetensors";
     if (sharded_state && rank != 0) {
       state_file = directory + "/" + rank_state_file(rank);
-      uint32_t crc = 0;
-      own_state = read_safetensors(state_file, &crc);
-      const auto expected = contents.checksums.find(rank_state_file(rank));
-      if (expected == contents.checksums.end() || crc != expected->second) {
-        throw std::runtime_error(state_file + ": checksum mismatch: the file is truncated or corrupt");
-      }
+      own_state = load_rank_state(directory, contents, rank);
     }
     if (zero1) {
       zero1->load_state(own_state, state_file);
@@ -163,12 +153,6 @@ struct Trainer::Impl {
     }
     state = contents.state;
     log("resumed from " + directory + " at step " + std::to_string(state.step));
-  }
-
-  static std::string rank_state_file(int r) {
-    char name[48];
-    std::snprintf(name, sizeof(name), "optimizer.rank%05d.safetensors", r);
-    return name;
   }
 
   // Seconds blocked in collectives so far, over every group of the mesh.
@@ -187,8 +171,11 @@ struct Trainer::Impl {
 
   void save(const Config& cfg) {
     TensorMap model_state = full_model_tensors();  // collective when sharded
-    TensorMap optimizer_state = zero1 ? zero1->state() : optimizer->state();
-    optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+    TensorMap optimizer_state;
+    if (rank == 0 || sharded_state) {  // the ranks whose state is written
+      optimizer_state = zero1 ? zero1->state() : optimizer->state();
+      optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+    }
     if (rank == 0) {
       CheckpointContents contents;
       contents.model = std::move(model_state);
@@ -196,28 +183,11 @@ struct Trainer::Impl {
       contents.state = state;
       contents.config_yaml = to_yaml(cfg);
       contents.layout = layout_name();
-      if (sharded_state) {
-        // The other ranks' optimizer shards arrive one at a time and go straight to disk.
-        contents.write_extra = [&](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
-          for (int r = 1; r < world_size; ++r) {
-            at::Tensor size = at::empty({1}, at::kLong);
-            mesh->world().recv(size, r, {})->wait();
-            at::Tensor bytes = at::empty({size.item<int64_t>()}, at::kByte);
-            mesh->world().recv(bytes, r, {})->wait();
-            const std::string_view view(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
-            data::write_file_atomic(tmp_dir + "/" + rank_state_file(r), view);
-            checksums[rank_state_file(r)] = data::crc32_of(view);
-          }
-        };
-      }
+      if (sharded_state) contents.write_extra = receive_rank_states(mesh->world());
       const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints);
       log("checkpoint saved: " + dir);
     } else if (sharded_state) {
-      const std::string serialized = to_safetensors(optimizer_state, {{"format", "pt"}});
-      at::Tensor size = at::full({1}, static_cast<int64_t>(serialized.size()), at::kLong);
-      mesh->world().send(size, 0, {})->wait();
-      const at::Tensor bytes = at::from_blob(const_cast<char*>(serialized.data()), {static_cast<int64_t>(serialized.size())}, at::kByte);
-      mesh->world().send(bytes, 0, {})->wait();
+      send_rank_state(optimizer_state, mesh->world());
     }
     if (world_size > 1) mesh->world().barrier();
   }
@@ -329,8 +299,9 @@ TrainResult Trainer::Impl::run() {
   }
   dp_size = shape.dp;
   dp_rank = mesh->coords().dp;
+  const bool use_zero1 = cfg.parallel.zero1 && shape.dp > 1;
   sharded_model = shape.tp > 1 || shape.ep > 1;
-  sharded_state = sharded_model || (cfg.parallel.zero1 && shape.dp > 1);
+  sharded_state = sharded_model || use_zero1;
   const int64_t threads = tc.threads > 0 ? tc.threads : default_threads(world_size);
   at::set_num_threads(static_cast<int>(threads));
   dtype = tc.precision == "bf16" ? at::kBFloat16 : at::kFloat;
@@ -352,14 +323,14 @@ TrainResult Trainer::Impl::run() {
     const parallel::ShardSpec& spec = model->shard_specs().at(item.key());
     (spec.is_expert() ? experts : dense).push_back(item.value());
     if (spec.tp_partial_grad) tp_partial.push_back(item.value());
-    sharded_over_tp.push_back(spec.tp_dim >= 0 && shape.tp > 1);
-    is_expert.push_back(spec.is_expert() && (shape.ep > 1 || shape.tp > 1));
+    sharded_over_tp.push_back(spec.tp_dim >= 0);
+    is_expert.push_back(spec.is_expert());
   }
-  grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
-  if (!(cfg.parallel.zero1 && shape.dp > 1)) grad_sync->enable_overlap(/*deferred=*/tp_partial);
-  if (cfg.parallel.zero1 && shape.dp > 1) {
+  if (use_zero1) {
     zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer);
   } else {
+    grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
+    grad_sync->enable_overlap(/*deferred=*/tp_partial);
     optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
   }
 
@@ -455,7 +426,7 @@ TrainResult Trainer::Impl::run() {
       const at::Tensor batch = loader->train_batch(step, micro, dp_rank);
       data_seconds += seconds_since(data_start);
       const moe::ModelOutput out = model->forward(batch, dtype, cfg.precision.fp8);
-      grad_sync->arm(/*last_micro_batch=*/micro + 1 == tc.grad_accum_steps);
+      if (grad_sync) grad_sync->arm(/*last_micro_batch=*/micro + 1 == tc.grad_accum_steps);
       (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "parallel/grad_sync.h"
+
 namespace fmoe::trainer {
 
 Zero1::Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>& sharded_over_tp, const std::vector<bool>& expert,
@@ -82,27 +84,12 @@ void Zero1::reduce_scatter_gradients() {
 }
 
 double Zero1::clip_grad_norm(double max_norm) {
-  // [replicated over tp, tp-sharded dense, expert] squared sums of the owned gradients.
-  at::Tensor sums = at::zeros({3}, at::kDouble);
-  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> all, grads;
   for (size_t i = 0; i < params_.size(); ++i) {
-    if (!owned_[i] || !params_[i].tensor.grad().defined()) continue;
-    grads.push_back(params_[i].tensor.grad());
-    const int64_t slot = expert_[i] ? 2 : (sharded_over_tp_[i] ? 1 : 0);
-    sums[slot] += grads.back().to(at::kDouble).square().sum();
+    all.push_back(params_[i].tensor.grad());
+    if (owned_[i] && all.back().defined()) grads.push_back(all.back());
   }
-  const parallel::Mesh& m = *mesh_;
-  at::Tensor dense = sums.narrow(0, 0, 2).contiguous();
-  if (m.dp().size() > 1) m.dp().all_reduce(dense, {parallel::ReduceOp::kSum})->wait();
-  at::Tensor experts = sums.narrow(0, 2, 1).contiguous();
-  if (m.edp().size() > 1) m.edp().all_reduce(experts, {parallel::ReduceOp::kSum})->wait();
-  // Then over the model-parallel shards, as for an unsharded optimizer.
-  at::Tensor model_parallel = at::stack({dense[1], experts[0]}).contiguous();
-  if (m.tp().size() > 1) m.tp().all_reduce(model_parallel, {parallel::ReduceOp::kSum})->wait();
-  at::Tensor expert_total = model_parallel.narrow(0, 1, 1).contiguous();
-  if (m.ep().size() > 1) m.ep().all_reduce(expert_total, {parallel::ReduceOp::kSum})->wait();
-  const double total =
-      std::sqrt(dense[0].item<double>() + model_parallel[0].item<double>() + expert_total[0].item<double>());
+  const double total = std::sqrt(parallel::global_grad_square_sum(all, sharded_over_tp_, expert_, *mesh_, &owned_));
   if (max_norm > 0 && total > max_norm && !grads.empty()) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
   return total;
 }
