@@ -4,7 +4,13 @@
 
 namespace fmoe::moe {
 
-DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts, int64_t pad_multiple) {
+DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK_in, int64_t num_experts_in, int64_t pad_multiple,
+                                const at::Tensor& keep_TK) {
+  // Skipped assignments become one more group, the last, taken off the computed ones below.
+  const bool skipping = keep_TK.defined();
+  const at::Tensor experts_TK =
+      skipping ? at::where(keep_TK, experts_TK_in, at::full({}, num_experts_in, at::kLong)) : experts_TK_in;
+  const int64_t num_experts = num_experts_in + (skipping ? 1 : 0);
   DispatchPlan plan;
   const int64_t tokens = experts_TK.size(0);
   const int64_t k = experts_TK.size(1);
@@ -33,17 +39,26 @@ DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK, int64_t num_expert
   plan.gather_index_P = at::full({padded_offset.back()}, tokens, at::kLong);
   plan.gather_index_P.index_put_({padded_rows_S}, sorted_slots.div(k, "floor"));
   plan.slot_rows_TK = at::empty({flat.numel()}, at::kLong).index_put_({sorted_slots}, padded_rows_S).view({tokens, k});
+  if (skipping) {
+    plan.dropped_rows = plan.rows_per_expert.back();
+    plan.rows_per_expert.pop_back();
+    plan.tokens_per_expert_E = plan.tokens_per_expert_E.narrow(0, 0, num_experts_in);
+  }
   return plan;
 }
 
 at::Tensor permute_tokens(const at::Tensor& x_TD, const DispatchPlan& plan) {
   // Row T of the extended input is the zero row that padding rows gather.
   const at::Tensor extended = at::cat({x_TD, at::zeros({1, x_TD.size(1)}, x_TD.options())});
-  return extended.index_select(0, plan.gather_index_P);
+  const int64_t computed = plan.gather_index_P.size(0) - plan.dropped_rows;
+  return extended.index_select(0, plan.dropped_rows > 0 ? plan.gather_index_P.narrow(0, 0, computed) : plan.gather_index_P);
 }
 
-at::Tensor unpermute_and_combine(const at::Tensor& y_PD, const at::Tensor& probs_TK, const DispatchPlan& plan) {
+at::Tensor unpermute_and_combine(const at::Tensor& y_computed, const at::Tensor& probs_TK, const DispatchPlan& plan) {
   const int64_t tokens = probs_TK.size(0), k = probs_TK.size(1);
+  const at::Tensor y_PD = plan.dropped_rows > 0
+                              ? at::cat({y_computed, at::zeros({plan.dropped_rows, y_computed.size(1)}, y_computed.options())})
+                              : y_computed;
   // A gather and a batched [1, K] x [K, D] product per token: no scatter, no atomics.
   const at::Tensor y_TKD = y_PD.index_select(0, plan.slot_rows_TK.reshape({-1})).view({tokens, k, y_PD.size(1)});
   return at::bmm(probs_TK.unsqueeze(1), y_TKD.to(at::kFloat)).squeeze(1);

@@ -45,14 +45,11 @@ at::Tensor dispatch_all_to_all(const at::Tensor& x_TD, const at::Tensor& experts
                                parallel::Communicator& tp, const at::Tensor& keep_TK) {
   const int64_t ranks = ep.size(), local = num_experts / ranks;
   // Local preprocess: rows grouped by global expert, so each destination's rows are
-  // contiguous; dropped assignments go to an extra bucket, sorted last and never sent.
-  const bool dropping = keep_TK.defined();
-  const at::Tensor buckets = dropping ? at::where(keep_TK, experts_TK, at::full({}, num_experts, at::kLong)) : experts_TK;
-  const DispatchPlan plan = make_dispatch_plan(buckets, num_experts + (dropping ? 1 : 0));
-  const int64_t dropped = dropping ? plan.rows_per_expert.back() : 0;
-  const at::Tensor x_sorted = permute_tokens(x_TD, plan).narrow(0, 0, plan.gather_index_P.size(0) - dropped);
+  // contiguous; dropped assignments form a last group that is never sent.
+  const DispatchPlan plan = make_dispatch_plan(experts_TK, num_experts, 1, keep_TK);
+  const at::Tensor x_sorted = permute_tokens(x_TD, plan);
   // Counts: [ranks, local] sent, and the same shape received (one small all-to-all).
-  at::Tensor send_counts = plan.tokens_per_expert_E.narrow(0, 0, num_experts).reshape({ranks, local}).contiguous();
+  at::Tensor send_counts = plan.tokens_per_expert_E.reshape({ranks, local}).contiguous();
   at::Tensor recv_counts = at::empty_like(send_counts);
   ep.all_to_all(recv_counts, send_counts, {}, {}, {})->wait();
   const std::vector<int64_t> input_splits = to_vector(send_counts.sum(1));
@@ -63,10 +60,8 @@ at::Tensor dispatch_all_to_all(const at::Tensor& x_TD, const at::Tensor& experts
   const at::Tensor y_expert_major = experts(x_received.index_select(0, order), to_vector(recv_counts.sum(0)));
   const at::Tensor inverse = at::empty_like(order).index_put_({order}, at::arange(order.numel(), at::kLong));
   // Combine: back to the source ranks, summed over tp, weighted by the routing probabilities.
-  at::Tensor y_sorted = parallel::all_to_all_rows(y_expert_major.index_select(0, inverse), input_splits, output_splits, ep);
-  y_sorted = parallel::reduce_from_group(y_sorted, tp);
-  if (dropped > 0) y_sorted = at::cat({y_sorted, at::zeros({dropped, y_sorted.size(1)}, y_sorted.options())});
-  return unpermute_and_combine(y_sorted, probs_TK, plan);
+  const at::Tensor y_sorted = parallel::all_to_all_rows(y_expert_major.index_select(0, inverse), input_splits, output_splits, ep);
+  return unpermute_and_combine(parallel::reduce_from_group(y_sorted, tp), probs_TK, plan);
 }
 
 at::Tensor dispatch_all_gather(const at::Tensor& x_TD, const at::Tensor& experts_TK, const at::Tensor& probs_TK,
@@ -77,19 +72,12 @@ at::Tensor dispatch_all_gather(const at::Tensor& x_TD, const at::Tensor& experts
   const at::Tensor x_all = parallel::all_gather_along(x_TD, 0, ep, /*reduce_scatter_grad=*/true);
   const at::Tensor probs_all = parallel::all_gather_along(probs_TK, 0, ep, /*reduce_scatter_grad=*/true);
   const at::Tensor experts_all = parallel::gather_along_dim(experts_TK, 0, ep);
-  // Choices of other ranks' experts go to one extra bucket, sorted last and never computed.
+  // Choices of other ranks' experts (and dropped ones) form a last group that is never computed.
   at::Tensor mine = (experts_all >= first) & (experts_all < first + local);
   if (keep_TK.defined()) mine = mine & parallel::gather_along_dim(keep_TK.to(at::kByte), 0, ep).to(at::kBool);
-  const at::Tensor bucket = at::where(mine, experts_all - first, at::full({}, local, at::kLong));
-  const DispatchPlan plan = make_dispatch_plan(bucket, local + 1);
-  const std::vector<int64_t> rows(plan.rows_per_expert.begin(), plan.rows_per_expert.end() - 1);
-  int64_t computed = 0;
-  for (int64_t r : rows) computed += r;
-  const at::Tensor x_sorted = permute_tokens(x_all, plan).narrow(0, 0, computed);
-  at::Tensor y = experts(x_sorted, rows);
-  y = at::cat({y, at::zeros({plan.rows_per_expert.back(), y.size(1)}, y.options())});
-  y = parallel::reduce_from_group(y, tp);
-  const at::Tensor partial = unpermute_and_combine(y, probs_all * mine.to(probs_all.scalar_type()), plan);
+  const DispatchPlan plan = make_dispatch_plan(experts_all - first, local, 1, mine);
+  const at::Tensor y = parallel::reduce_from_group(experts(permute_tokens(x_all, plan), plan.rows_per_expert), tp);
+  const at::Tensor partial = unpermute_and_combine(y, probs_all, plan);
   // Each token's output is the sum of the partial outputs of every ep rank.
   return parallel::reduce_scatter_along(partial, 0, ep);
 }

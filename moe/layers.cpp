@@ -172,16 +172,8 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
               ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep)
               : dispatch_all_gather(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep);
   } else {
-    // Dropped assignments form an extra, last group that is never computed.
-    const bool dropping = keep.defined();
-    const at::Tensor buckets = dropping ? at::where(keep, routing.experts_TK, at::full({}, config_.num_experts, at::kLong))
-                                        : routing.experts_TK;
-    const DispatchPlan plan = make_dispatch_plan(buckets, config_.num_experts + (dropping ? 1 : 0), ctx.expert_pad_multiple);
-    std::vector<int64_t> rows = plan.rows_per_expert;
-    const int64_t dropped = dropping ? rows.back() : 0;
-    if (dropping) rows.pop_back();
-    at::Tensor y_sorted = experts(permute_tokens(x, plan).narrow(0, 0, plan.gather_index_P.size(0) - dropped), rows);
-    if (dropped > 0) y_sorted = at::cat({y_sorted, at::zeros({dropped, y_sorted.size(1)}, y_sorted.options())});
+    const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts, ctx.expert_pad_multiple, keep);
+    const at::Tensor y_sorted = experts(permute_tokens(x, plan), plan.rows_per_expert);
     out = unpermute_and_combine(parallel::reduce_from_group(y_sorted, par.tp()), routing.probs_TK, plan);
   }
   // The combined output is complete on every tp rank: each keeps its own tokens.
