@@ -90,13 +90,12 @@ at::Tensor TokenLoader::train_batch(int64_t step, int64_t micro, int64_t dp_rank
   return batch;
 }
 
-at::Tensor TokenLoader::val_batch(int64_t index) const {
-  const int64_t rows = options_.micro_batch_size;
-  at::Tensor batch = at::empty({rows, options_.seq_len + 1}, at::kLong);
+at::Tensor TokenLoader::val_batch(int64_t index) const { return val_windows(index * options_.micro_batch_size, options_.micro_batch_size); }
+
+at::Tensor TokenLoader::val_windows(int64_t first, int64_t count) const {
+  at::Tensor batch = at::empty({count, options_.seq_len + 1}, at::kLong);
   const int64_t windows = num_val_windows();
-  for (int64_t row = 0; row < rows; ++row) {
-    copy_window(val_, (index * rows + row) % windows, batch[row].data_ptr<int64_t>());
-  }
+  for (int64_t row = 0; row < count; ++row) copy_window(val_, (first + row) % windows, batch[row].data_ptr<int64_t>());
   return batch;
 }
 

@@ -45,6 +45,9 @@ class TokenLoader {
   at::Tensor train_batch(int64_t step, int64_t micro, int64_t dp_rank) const;
   // The index-th validation batch: windows taken in order, identical on every run.
   at::Tensor val_batch(int64_t index) const;
+  // count validation windows from first on ([count, seq_len + 1]), in order,
+  // wrapping around the held-out stream: a layout-independent validation set.
+  at::Tensor val_windows(int64_t first, int64_t count) const;
 
   int64_t num_train_windows() const;
   int64_t num_val_windows() const;

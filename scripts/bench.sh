@@ -1,30 +1,40 @@
 #!/usr/bin/env bash
-# Benchmarks on this machine: the tiny config's step breakdown, tokens/s and MFU
-# (C++, BF16 and FP32), against the plain-PyTorch version of the same model on the
-# same threads; MPI collective bandwidth at 2 and 4 ranks; the step-time breakdown
-# of the tiny config under expert and tensor parallelism at 2 and 4 ranks.
+# Benchmarks on this machine: its ISA and both GEMM peaks; the tiny config's step
+# breakdown, tokens/s and MFU at the precision training.precision: auto picks (and
+# at the other one), against the plain-PyTorch version of the same model on the
+# same threads, eager and torch.compile'd; MPI collective bandwidth at 2 and 4
+# ranks; the step-time breakdown of the tiny config under expert and tensor
+# parallelism at 2 and 4 ranks. SKIP_PARALLEL=1 stops after the single-process part.
 # Needs the corpus (moe-data prepare) and a build. Results go to docs/benchmarks.md by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh bench_step bench_collectives moe-data moe-train >/dev/null
 build/launch/moe-data prepare --config configs/tiny.yaml >/dev/null
-echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "== FrugalMoE C++ step, configs/tiny.yaml (seq 256 x batch 16)"
-build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}"
-build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.precision=fp32
-echo "== plain PyTorch, same model and threads"
-python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" --bf16
-python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}"
+isa=$(grep -o -w 'avx512_bf16\|amx_bf16\|avx512f\|avx2' /proc/cpuinfo | sort -u | xargs)
+echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), ISA: $isa"
+echo "== FrugalMoE C++ step, configs/tiny.yaml (seq 256 x batch 16); the first line is precision auto's choice"
+auto_log=$(build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.precision=auto)
+echo "$auto_log"
+chosen=$(echo "$auto_log" | sed -n 's/^precision auto -> \([a-z0-9]*\).*/\1/p')
+other=$([ "$chosen" = fp32 ] && echo bf16 || echo fp32)
+echo "-- the other precision ($other), for comparison"
+build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.precision="$other"
+echo "== plain PyTorch, same model and threads, at the chosen precision ($chosen), eager then torch.compile"
+flag=$([ "$chosen" = bf16 ] && echo --bf16 || true)
+python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" $flag
+python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" $flag --compile
+[ -z "${SKIP_PARALLEL:-}" ] || exit 0
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 echo "== MPI collectives (bus bandwidth as nccl-tests defines it)"
 for ranks in 2 4; do mpirun --oversubscribe --bind-to none -np $ranks build/tests/bench/bench_collectives; done
-echo "== tiny config step breakdown (global batch 16 x 256 tokens, BF16, steps 3-${BREAKDOWN_STEPS:-12} averaged)"
+echo "== tiny config step breakdown (global batch 16 x 256 tokens, precision $chosen, steps 3-${BREAKDOWN_STEPS:-12} averaged)"
 breakdown() {
   local ranks=$1 name=$2; shift 2
   local dir; dir=$(mktemp -d)
   mpirun --oversubscribe --bind-to none -np "$ranks" build/launch/moe-train --config configs/tiny.yaml \
     --set training.steps="${BREAKDOWN_STEPS:-12}" --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0 \
-    --set training.eval_batches=1 --set training.micro_batch_size=$((16 / ranks)) --set training.run_dir="$dir" "$@" > "$dir/log" 2>&1
+    --set training.eval_sequences=16 --set training.micro_batch_size=$((16 / ranks)) --set training.run_dir="$dir" \
+    --set training.precision="$chosen" "$@" > "$dir/log" 2>&1
   python3 - "$dir/metrics.jsonl" "$ranks" "$name" <<'PY'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[1])][2:]

@@ -86,6 +86,10 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
       {"tokens_seen", contents.state.tokens_seen},
       {"loader_seed", contents.state.loader_seed},
       {"elapsed_seconds", contents.state.elapsed_seconds},
+      {"precision", contents.state.precision},
+      {"schedule", {{"total_steps", contents.state.total_steps},
+                    {"step_seconds", contents.state.calibrated_step_seconds},
+                    {"eval_seconds", contents.state.calibrated_eval_seconds}}},
       {"checksums", checksums},
   };
   data::write_file_atomic((tmp_dir / "trainer_state.json").string(), state.dump(2) + "\n");
@@ -137,6 +141,13 @@ CheckpointContents load_checkpoint(const std::string& directory) {
     contents.state.loader_seed = state.at("loader_seed").get<uint64_t>();
     contents.state.elapsed_seconds = state.at("elapsed_seconds").get<double>();
     contents.layout = state.value("layout", std::string());
+    contents.state.precision = state.value("precision", std::string());
+    if (state.contains("schedule")) {
+      const nlohmann::json& schedule = state.at("schedule");
+      contents.state.total_steps = schedule.at("total_steps").get<int64_t>();
+      contents.state.calibrated_step_seconds = schedule.at("step_seconds").get<double>();
+      contents.state.calibrated_eval_seconds = schedule.at("eval_seconds").get<double>();
+    }
     for (const auto& [file, crc] : state.at("checksums").items()) contents.checksums[file] = crc.get<uint32_t>();
   } catch (const nlohmann::json::exception&) {
     throw std::runtime_error(state_path + ": corrupt (missing or mistyped fields)");

@@ -33,6 +33,11 @@ struct TrainerState {
   int64_t tokens_seen = 0;
   uint64_t loader_seed = 0;    // the loader is stateless: (seed, step) is its whole state
   double elapsed_seconds = 0;  // training wall time so far, carried over on resume
+  std::string precision;       // the GEMM dtype the run chose (training.precision: auto), kept on resume
+  // A schedule sized by the budget (training.steps: 0): the decision, fixed once.
+  int64_t total_steps = 0;     // 0: not fixed yet
+  double calibrated_step_seconds = 0;
+  double calibrated_eval_seconds = 0;
 };
 
 struct CheckpointContents {

@@ -98,7 +98,7 @@ void visit(V& v, TrainingConfig& c) {
   v.field("threads", c.threads);
   v.field("log_interval", c.log_interval);
   v.field("eval_interval", c.eval_interval);
-  v.field("eval_batches", c.eval_batches);
+  v.field("eval_sequences", c.eval_sequences);
   v.field("checkpoint_interval", c.checkpoint_interval);
   v.field("keep_checkpoints", c.keep_checkpoints);
   v.field("run_dir", c.run_dir);
@@ -125,6 +125,8 @@ void visit(V& v, BudgetConfig& c) {
   v.field("max_usd", c.max_usd);
   v.field("max_gpu_hours", c.max_gpu_hours);
   v.field("max_tokens", c.max_tokens);
+  v.field("max_minutes", c.max_minutes);
+  v.field("calibration_steps", c.calibration_steps);
 }
 
 template <class V>
@@ -175,7 +177,9 @@ class Reader {
         return edit_distance(key, a) < edit_distance(key, b);
       });
       std::string message = location(source_, entry.first.Mark()) + ": unknown key '" + prefix_ + key + "'";
-      if (nearest != known_.end()) message += "; did you mean '" + prefix_ + *nearest + "'?";
+      if (prefix_ + key == "training.eval_batches") {
+        message += "; validation is now a fixed number of held-out windows: use 'training.eval_sequences'";
+      } else if (nearest != known_.end()) message += "; did you mean '" + prefix_ + *nearest + "'?";
       throw ConfigError(message);
     }
   }
@@ -366,15 +370,17 @@ std::string OptimizerConfig::validate() const {
 }
 
 std::string TrainingConfig::validate() const {
-  if (steps < 1) return "steps: must be >= 1, got " + std::to_string(steps);
+  if (steps < 0) return "steps: must be >= 1, or 0 to size the run by the budget, got " + std::to_string(steps);
   if (seq_len < 1) return "seq_len: must be >= 1";
   if (micro_batch_size < 1) return "micro_batch_size: must be >= 1";
   if (grad_accum_steps < 1) return "grad_accum_steps: must be >= 1";
-  if (precision != "bf16" && precision != "fp32") return "precision: must be bf16 or fp32, got '" + precision + "'";
+  if (precision != "auto" && precision != "bf16" && precision != "fp32") {
+    return "precision: must be auto, bf16 or fp32, got '" + precision + "'";
+  }
   if (threads < 0) return "threads: must be >= 0";
   if (log_interval < 1) return "log_interval: must be >= 1";
   if (eval_interval < 0) return "eval_interval: must be >= 0";
-  if (eval_batches < 1) return "eval_batches: must be >= 1";
+  if (eval_sequences < 1) return "eval_sequences: must be >= 1";
   if (checkpoint_interval < 0) return "checkpoint_interval: must be >= 0";
   if (keep_checkpoints < 1) return "keep_checkpoints: must be >= 1";
   if (run_dir.empty()) return "run_dir: must not be empty";
@@ -409,6 +415,8 @@ std::string BudgetConfig::validate() const {
     if (!(value >= 0)) return std::string(name) + ": must be >= 0";
   }
   if (max_tokens < 0) return "max_tokens: must be >= 0";
+  if (!(max_minutes >= 0)) return "max_minutes: must be >= 0";
+  if (calibration_steps < 3) return "calibration_steps: must be >= 3 (the first two steps warm caches up and are not timed)";
   if (max_usd > 0 && usd_per_gpu_hour <= 0) return "max_usd: needs usd_per_gpu_hour > 0 to convert time into dollars";
   return "";
 }
@@ -423,7 +431,19 @@ std::string Config::validate() const {
   if (training.seq_len > model.max_seq_len) {
     return "training.seq_len: " + std::to_string(training.seq_len) + " exceeds model.max_seq_len " + std::to_string(model.max_seq_len);
   }
-  if (optimizer.warmup_steps > training.steps) return "optimizer.warmup_steps: exceeds training.steps";
+  if (training.steps == 0) {
+    if (!budget.limited()) {
+      return "training.steps: 0 sizes the run by the budget, but no budget limit is set (budget.max_minutes, max_gpu_hours, "
+             "max_usd or max_tokens)";
+    }
+    // The learning rate of the steps run before the schedule is fixed must not depend on its length.
+    if (budget.limited_in_time() && optimizer.warmup_steps < budget.calibration_steps) {
+      return "optimizer.warmup_steps: " + std::to_string(optimizer.warmup_steps) + " is shorter than budget.calibration_steps " +
+             std::to_string(budget.calibration_steps) + "; a budget-sized schedule is fixed during warmup";
+    }
+  } else if (optimizer.warmup_steps > training.steps) {
+    return "optimizer.warmup_steps: exceeds training.steps";
+  }
   return "";
 }
 

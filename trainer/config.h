@@ -58,16 +58,18 @@ struct PrecisionConfig {
 };
 
 struct TrainingConfig {
-  int64_t steps = 1000;
+  int64_t steps = 1000;              // 0: sized by the budget (see BudgetConfig)
   int64_t seq_len = 256;
   int64_t micro_batch_size = 16;     // rows per micro-batch per data-parallel rank
   int64_t grad_accum_steps = 1;
   int64_t seed = 1234;
-  std::string precision = "bf16";    // bf16 (FP32 master weights, BF16 GEMMs) | fp32
+  // auto: BF16 GEMMs only where a GEMM at the run's shapes measures faster in BF16
+  // than in FP32 on this machine; bf16 (FP32 master weights, BF16 GEMMs) | fp32.
+  std::string precision = "auto";
   int64_t threads = 0;               // intra-op threads per rank; 0 = cores / local ranks
   int64_t log_interval = 10;
   int64_t eval_interval = 100;       // 0: only at the end
-  int64_t eval_batches = 16;
+  int64_t eval_sequences = 256;      // held-out windows of seq_len tokens, dealt over data-parallel ranks
   int64_t checkpoint_interval = 200;  // 0: only at the end
   int64_t keep_checkpoints = 2;
   std::string run_dir = "runs/tiny";
@@ -92,13 +94,20 @@ struct ParallelConfig {
 };
 
 // A run's spending limits. On CPU a rank counts as one device.
+// With training.steps: 0 the limits size the schedule instead of cutting it: the
+// total step count is fixed once (from the step time measured over the first
+// calibration_steps when a limit is in time or money) so that the learning-rate
+// decay ends inside the budget. docs/planning.md states the rule.
 struct BudgetConfig {
   double usd_per_gpu_hour = 0;  // 0: no dollar accounting
   double max_usd = 0;           // 0: no limit
   double max_gpu_hours = 0;     // 0: no limit
   int64_t max_tokens = 0;       // 0: no limit
+  double max_minutes = 0;       // wall-clock minutes of training (steps, evaluation, checkpoints); 0: no limit
+  int64_t calibration_steps = 10;  // steps timed before a time-sized schedule is fixed
   std::string validate() const;
-  bool limited() const { return max_usd > 0 || max_gpu_hours > 0 || max_tokens > 0; }
+  bool limited() const { return max_usd > 0 || max_gpu_hours > 0 || max_tokens > 0 || max_minutes > 0; }
+  bool limited_in_time() const { return max_usd > 0 || max_gpu_hours > 0 || max_minutes > 0; }
 };
 
 struct Config {

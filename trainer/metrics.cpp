@@ -13,22 +13,6 @@
 
 namespace fmoe::trainer {
 
-double measure_peak_gflops(at::ScalarType dtype, int64_t size) {
-  const at::Tensor a = at::randn({size, size}).to(dtype);
-  const at::Tensor b = at::randn({size, size}).to(dtype);
-  at::Tensor c = at::mm(a, b);  // warm up kernels and caches
-  double best = 0;
-  // Best of five short rounds: robust to a noisy neighbour, still well under a second.
-  for (int round = 0; round < 5; ++round) {
-    const int reps = 2;
-    const auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) at::mm_out(c, a, b);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, 2.0 * static_cast<double>(size * size * size) * reps / seconds / 1e9);
-  }
-  return best;
-}
-
 std::string format_duration(double seconds) {
   const auto total = static_cast<int64_t>(seconds + 0.5);
   char text[32];
@@ -42,9 +26,11 @@ std::string format_duration(double seconds) {
 
 std::string ProgressLine::format() const {
   char text[256];
-  std::snprintf(text, sizeof(text), "step %lld/%lld | loss %.4f | lr %.2e | %.0f tok/s | MFU %.1f%% | ETA %s",
-                static_cast<long long>(step), static_cast<long long>(total_steps), loss, lr, tokens_per_second,
-                100.0 * mfu, format_duration(eta_seconds).c_str());
+  // total_steps 0: a budget-sized schedule still calibrating (its length is not known yet).
+  const std::string total = total_steps > 0 ? std::to_string(total_steps) : "?";
+  const std::string eta = total_steps > 0 ? format_duration(eta_seconds) : "calibrating";
+  std::snprintf(text, sizeof(text), "step %lld/%s | loss %.4f | lr %.2e | %.0f tok/s | MFU %.1f%% | ETA %s",
+                static_cast<long long>(step), total.c_str(), loss, lr, tokens_per_second, 100.0 * mfu, eta.c_str());
   return spend.empty() ? std::string(text) : std::string(text) + " | " + spend;
 }
 

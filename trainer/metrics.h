@@ -1,5 +1,5 @@
-// Progress reporting: the live progress line, the metrics JSONL, and the peak
-// GEMM throughput that MFU is measured against.
+// Progress reporting: the live progress line and the metrics JSONL (the peak
+// GEMM throughput that MFU is measured against is in trainer/precision.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,10 +9,6 @@
 #include <string>
 
 namespace fmoe::trainer {
-
-// GFLOP/s of a square GEMM in dtype with the current intra-op threads: the
-// peak this machine actually reaches, against which MFU is reported.
-double measure_peak_gflops(at::ScalarType dtype, int64_t size = 2048);
 
 std::string format_duration(double seconds);
 

@@ -138,6 +138,9 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
       } else if (key == "activation_overhead") {
         c.activation_overhead = entry.second.as<double>();
         if (!(c.activation_overhead >= 1)) throw ConfigError(where + "activation_overhead: must be >= 1");
+      } else if (key == "activation_overhead_fp32") {
+        c.activation_overhead_fp32 = entry.second.as<double>();
+        if (!(c.activation_overhead_fp32 >= 1)) throw ConfigError(where + "activation_overhead_fp32: must be >= 1");
       } else if (key == "gpus_per_node") {
         c.gpus_per_node = entry.second.as<int64_t>();
       } else {
@@ -234,7 +237,11 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
         static_cast<double>(m.first_k_dense) * cpu_activation_bytes_per_token_layer(m, false, c) +
         static_cast<double>(m.num_moe_layers()) * cpu_activation_bytes_per_token_layer(m, true, c) +
         2.0 * c * static_cast<double>(m.vocab_size);  // logits and their gradient
-    p.memory.activations = tokens_per_micro * per_token * cluster.activation_overhead;
+    // BF16 runs hold more beyond the graph than FP32 ones (oneDNN's reordered BF16
+    // weights and per-shape primitives, cast temporaries): measured per precision.
+    const double overhead = c == 4.0 && cluster.activation_overhead_fp32 > 0 ? cluster.activation_overhead_fp32
+                                                                             : cluster.activation_overhead;
+    p.memory.activations = tokens_per_micro * per_token * overhead;
   }
   p.memory.runtime = cluster.runtime_gib * kGiB;
   p.fits = p.memory.total() <= cluster.hbm_gib * kGiB * a.memory_headroom;

@@ -25,7 +25,8 @@ struct ClusterSpec {
   // whose memory is modelled as that implementation holds it (see make_plan).
   std::string device = "gpu";
   double runtime_gib = 0;           // per-process memory before the model: libraries, context, communicator
-  double activation_overhead = 1;   // measured resident / counted activation bytes (allocator, kernel caches)
+  double activation_overhead = 1;   // measured resident / counted activation bytes (allocator, kernel caches), BF16 runs
+  double activation_overhead_fp32 = 0;  // the same for FP32 runs; 0: as activation_overhead
 };
 
 // Loads configs/clusters/<name>.yaml (or a path); unknown keys and bad values are ConfigErrors.

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -26,6 +27,8 @@
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/budget.h"
+#include "trainer/precision.h"
 #include "trainer/zero1.h"
 
 namespace fmoe::trainer {
@@ -73,6 +76,7 @@ struct Trainer::Impl {
   bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
   std::unique_ptr<Zero1> zero1;
   int64_t dp_size = 1, dp_rank = 0;
+  double peak_gflops_per_rank = 0;
 
   void log(const std::string& line) const {
     if (rank == 0) std::fprintf(stdout, "%s\n", line.c_str()), std::fflush(stdout);
@@ -192,19 +196,28 @@ struct Trainer::Impl {
     if (world_size > 1) mesh->world().barrier();
   }
 
+  // The validation loss over a fixed set of held-out windows (the first
+  // eval_sequences of the validation stream), dealt out over the data-parallel
+  // ranks in contiguous slices: the same number on every layout and machine.
   double evaluate() {
     torch::NoGradGuard no_grad;
-    const int64_t batches = config.training.eval_batches;
-    at::Tensor sums = at::zeros({2}, at::kDouble);  // loss sum, batches
-    // Batches are dealt out over dp ranks. Under expert or tensor parallelism every
-    // forward is collective, so each rank runs the same number of them; a rank with
-    // no batch left repeats one and does not count it.
-    const int64_t rounds = sharded_model ? (batches + dp_size - 1) / dp_size : 0;
-    for (int64_t i = dp_rank, round = 0; i < batches || round < rounds; i += dp_size, ++round) {
-      const moe::ModelOutput out = model->forward(loader->val_batch(i % batches), dtype, config.precision.fp8);
-      if (i >= batches) continue;
-      sums[0] += out.ce_loss.to(at::kDouble);
-      sums[1] += 1;
+    const int64_t total = std::min(config.training.eval_sequences, loader->num_val_windows());
+    const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
+    const int64_t rows_per_batch = config.training.micro_batch_size;
+    // Under expert or tensor parallelism every forward is collective: each rank runs
+    // as many as the largest slice needs, and a rank whose slice is done runs one
+    // window more and does not count it.
+    const int64_t largest = (total + dp_size - 1) / dp_size;
+    const int64_t rounds = ((sharded_model ? largest : end - begin) + rows_per_batch - 1) / rows_per_batch;
+    at::Tensor sums = at::zeros({2}, at::kDouble);  // summed per-window mean losses, windows
+    for (int64_t round = 0; round < rounds; ++round) {
+      const int64_t first = begin + round * rows_per_batch;
+      const int64_t rows = std::clamp<int64_t>(end - first, 0, rows_per_batch);
+      const at::Tensor batch = loader->val_windows(rows > 0 ? first : 0, std::max<int64_t>(rows, 1));
+      const moe::ModelOutput out = model->forward(batch, dtype, config.precision.fp8);
+      if (rows == 0) continue;
+      sums[0] += out.ce_loss.to(at::kDouble) * static_cast<double>(rows);
+      sums[1] += static_cast<double>(rows);
     }
     sum_over_ranks(sums);
     for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
@@ -215,11 +228,15 @@ struct Trainer::Impl {
   double gpu_hours() const { return state.elapsed_seconds * world_size / 3600.0; }  // every rank of the mesh
   double usd() const { return gpu_hours() * config.budget.usd_per_gpu_hour; }
 
-  // The first budget limit reached, or empty.
+  // The first budget limit reached, or empty. A schedule sized by the budget
+  // (training.steps: 0) runs to its fixed end instead: its limits set its length.
   std::string budget_exhausted() const {
     const BudgetConfig& b = config.budget;
     char text[160] = "";
-    if (b.max_tokens > 0 && state.tokens_seen >= b.max_tokens) {
+    if (config.training.steps == 0) return text;
+    if (b.max_minutes > 0 && state.elapsed_seconds >= b.max_minutes * 60) {
+      std::snprintf(text, sizeof(text), "%.4g of budget.max_minutes %.4g minutes", state.elapsed_seconds / 60, b.max_minutes);
+    } else if (b.max_tokens > 0 && state.tokens_seen >= b.max_tokens) {
       std::snprintf(text, sizeof(text), "%lld of budget.max_tokens %lld tokens", static_cast<long long>(state.tokens_seen),
                     static_cast<long long>(b.max_tokens));
     } else if (b.max_gpu_hours > 0 && gpu_hours() >= b.max_gpu_hours) {
@@ -243,8 +260,79 @@ struct Trainer::Impl {
     return text;
   }
 
+  // Steps of the run: configured, or fixed by the budget; until a budget-sized
+  // schedule is decided, unbounded (the calibration steps run inside warmup).
+  int64_t total_steps() const {
+    if (config.training.steps > 0) return config.training.steps;
+    return state.total_steps > 0 ? state.total_steps : std::numeric_limits<int64_t>::max();
+  }
+
+  void choose_precision_once();
+  void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
+
   TrainResult run();
 };
+
+// Measures BF16 and FP32 GEMMs at the run's shapes (or takes injected rates),
+// averaged over ranks so that every rank makes the same choice; a resumed
+// `auto` run keeps the dtype its checkpoint recorded.
+void Trainer::Impl::choose_precision_once() {
+  const TrainingConfig& tc = config.training;
+  GemmRates rates;
+  if (const auto injected = injected_gemm_rates()) {
+    rates = *injected;
+  } else {
+    rates = measure_gemm_rates({tc.micro_batch_size * tc.seq_len, config.model.hidden_size, 2 * config.model.moe_ffn_hidden_size});
+  }
+  if (world_size > 1) {
+    at::Tensor both = at::tensor({rates.bf16_gflops, rates.fp32_gflops}, at::kDouble);
+    mesh->world().all_reduce(both, {parallel::ReduceOp::kSum})->wait();
+    rates.bf16_gflops = both[0].item<double>() / world_size;
+    rates.fp32_gflops = both[1].item<double>() / world_size;
+  }
+  PrecisionChoice choice = choose_precision(tc.precision, rates);
+  if (tc.precision == "auto" && !state.precision.empty()) {
+    choice = choose_precision(state.precision, rates);
+    choice.message = "precision auto -> " + state.precision + " (kept from the checkpoint; " + choice.message + ")";
+  }
+  dtype = choice.dtype;
+  state.precision = choice.name;
+  log(choice.message);
+  peak_gflops_per_rank = injected_gemm_rates() ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops)
+                                               : measure_peak_gflops(dtype);
+}
+
+// Fixes a budget-sized schedule's length once, from the measured times (or
+// FMOE_CALIBRATION's), and says how it was decided.
+void Trainer::Impl::fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step) {
+  const BudgetConfig& b = config.budget;
+  // Injected times (tests) stand for the clock too, so the decision is reproducible.
+  const bool injected = injected_calibration(step_seconds, eval_seconds);
+  ScheduleInputs in;
+  in.limit_seconds = budget_seconds(b, world_size);
+  in.elapsed_seconds = injected ? step_seconds * static_cast<double>(state.step) + eval_seconds : state.elapsed_seconds;
+  in.decided_at_step = state.step;
+  in.step_seconds = step_seconds;
+  in.eval_seconds = eval_seconds;
+  in.eval_interval = config.training.eval_interval;
+  in.token_limit_steps = b.max_tokens > 0 ? std::max<int64_t>(1, b.max_tokens / tokens_per_step) : 0;
+  state.total_steps = size_schedule(in);
+  state.calibrated_step_seconds = step_seconds;
+  state.calibrated_eval_seconds = eval_seconds;
+  char text[320];
+  if (in.limit_seconds > 0) {
+    std::snprintf(text, sizeof(text),
+                  "schedule: %lld steps, fixed at step %lld from %.3f s/step and %.2f s per validation pass "
+                  "(%.0f%% of a %.1f-minute budget planned, %.1f s spent)",
+                  static_cast<long long>(state.total_steps), static_cast<long long>(state.step), step_seconds, eval_seconds,
+                  100 * kBudgetPlannedFraction, in.limit_seconds / 60, in.elapsed_seconds);
+  } else {
+    std::snprintf(text, sizeof(text), "schedule: %lld steps from budget.max_tokens %lld (%lld tokens/step)",
+                  static_cast<long long>(state.total_steps), static_cast<long long>(b.max_tokens),
+                  static_cast<long long>(tokens_per_step));
+  }
+  log(text);
+}
 
 Trainer::Trainer(Config config, TrainerOptions options) : impl_(std::make_unique<Impl>()) {
   impl_->config = std::move(config);
@@ -304,7 +392,8 @@ TrainResult Trainer::Impl::run() {
   sharded_state = sharded_model || use_zero1;
   const int64_t threads = tc.threads > 0 ? tc.threads : default_threads(world_size);
   at::set_num_threads(static_cast<int>(threads));
-  dtype = tc.precision == "bf16" ? at::kBFloat16 : at::kFloat;
+  log("moe-train: " + std::to_string(world_size) + " rank" + (world_size > 1 ? "s" : "") + " x " + std::to_string(threads) +
+      " thread" + (threads > 1 ? "s" : "") + "; building the model, then timing BF16 and FP32 GEMMs (about a second)");
 
   // Every rank draws the same initial parameters from the shared seed and keeps its shard.
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
@@ -365,7 +454,8 @@ TrainResult Trainer::Impl::run() {
 
   const moe::ParameterCounts counts = moe::count_parameters(cfg.model);
   const double flops_per_token = moe::training_flops_per_token(cfg.model, tc.seq_len);
-  const double peak_gflops = measure_peak_gflops(dtype) * world_size;
+  choose_precision_once();
+  const double peak_gflops = peak_gflops_per_rank * world_size;
   const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * dp_size;
   char summary[512];
   std::snprintf(summary, sizeof(summary),
@@ -373,9 +463,9 @@ TrainResult Trainer::Impl::run() {
                 "data: %lld train tokens, %lld validation tokens | %lld tokens/step | peak %.0f GFLOP/s (%s GEMM, all ranks)",
                 counts.total / 1e6, counts.activated / 1e6, flops_per_token / 1e6, static_cast<long long>(shape.dp),
                 static_cast<long long>(shape.tp), static_cast<long long>(shape.ep), cfg.parallel.expert_dispatcher.c_str(),
-                static_cast<long long>(threads), tc.precision.c_str(), static_cast<long long>(loader->train_tokens()),
+                static_cast<long long>(threads), state.precision.c_str(), static_cast<long long>(loader->train_tokens()),
                 static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
-                tc.precision.c_str());
+                state.precision.c_str());
   log(summary);
   const StateBytes state_bytes = zero1 ? zero1->bytes_per_parameter() : optimizer->bytes_per_parameter();
   if (zero1) {
@@ -390,7 +480,12 @@ TrainResult Trainer::Impl::run() {
   if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(at::Device(at::kCPU)));
 
   const BudgetConfig& budget = cfg.budget;
-  if (budget.max_tokens > 0 && budget.max_tokens < tc.steps * tokens_per_step) {
+  if (tc.eval_sequences > loader->num_val_windows()) {
+    log("validation: training.eval_sequences " + std::to_string(tc.eval_sequences) + " exceeds the " +
+        std::to_string(loader->num_val_windows()) + " held-out windows; evaluating all of them");
+  }
+  if (tc.steps == 0 && state.total_steps == 0 && !budget.limited_in_time()) fix_schedule(0, 0, tokens_per_step);
+  if (tc.steps > 0 && budget.max_tokens > 0 && budget.max_tokens < tc.steps * tokens_per_step) {
     log("budget warning: " + std::to_string(tc.steps * tokens_per_step) + " tokens planned, budget.max_tokens is " +
         std::to_string(budget.max_tokens) + ": the run will stop near step " + std::to_string(budget.max_tokens / tokens_per_step));
   }
@@ -405,6 +500,7 @@ TrainResult Trainer::Impl::run() {
 
   TrainResult result;
   const bool interactive = rank == 0 && isatty(STDERR_FILENO);
+  auto last_progress = Clock::now();  // a line at least every 10 s, whatever log_interval says
   const auto moe_layers = model->moe_layers();
   double train_seconds = 0;
   int64_t timed_tokens = 0;
@@ -415,7 +511,8 @@ TrainResult Trainer::Impl::run() {
   const char* stall_rank = std::getenv("FMOE_STALL_RANK");
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
 
-  for (int64_t step = state.step; step < tc.steps; ++step) {
+  std::vector<double> timed_steps;  // step times of this invocation, for a budget-sized schedule
+  for (int64_t step = state.step; step < total_steps(); ++step) {
     if (stall_rank && std::atoi(stall_rank) == rank && step == stall_step) std::this_thread::sleep_for(std::chrono::hours(1));
     const auto step_start = Clock::now();
     const double comm_start = communication_seconds();
@@ -430,7 +527,8 @@ TrainResult Trainer::Impl::run() {
       (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }
-    const double lr = learning_rate(cfg.optimizer, step, tc.steps);
+    // Before a budget-sized schedule is fixed the steps are in warmup, where the rate ignores the length.
+    const double lr = learning_rate(cfg.optimizer, step, state.total_steps > 0 || tc.steps > 0 ? total_steps() : step + 1);
     double grad_norm = 0;
     const auto optimizer_start = Clock::now();
     const double optimizer_comm_start = communication_seconds();
@@ -469,13 +567,34 @@ TrainResult Trainer::Impl::run() {
     const double comm_seconds = communication_seconds() - comm_start;
     train_seconds += step_seconds;
     timed_tokens += tokens_per_step;
+    timed_steps.push_back(step_seconds);
 
     StepRecord record{state.step, loss, -1};
-    const bool last = state.step == tc.steps;
-    if ((tc.eval_interval > 0 && state.step % tc.eval_interval == 0) || last) record.val_loss = evaluate();
+    bool last = state.step == total_steps();
+    // A budget-sized schedule is fixed after its calibration steps, from their
+    // mean time (the first two of this process warm caches up) and one timed validation pass.
+    const bool deciding = tc.steps == 0 && state.total_steps == 0 && state.step >= budget.calibration_steps;
+    double eval_seconds = 0;
+    if ((tc.eval_interval > 0 && state.step % tc.eval_interval == 0) || last || deciding) {
+      // A pass can take tens of seconds on a slow CPU: say so before it starts.
+      if (rank == 0 && !interactive) {
+        std::fprintf(stderr, "eval step %lld: validating on %lld held-out sequences\n", static_cast<long long>(state.step),
+                     static_cast<long long>(std::min(tc.eval_sequences, loader->num_val_windows())));
+      }
+      const auto eval_start = Clock::now();
+      record.val_loss = evaluate();
+      eval_seconds = seconds_since(eval_start);
+    }
     // Spend counts the whole iteration (step and evaluation) and carries over on resume.
     state.elapsed_seconds += seconds_since(step_start);
-    if (!projection_warned && (budget.max_gpu_hours > 0 || budget.max_usd > 0)) {
+    if (deciding) {
+      const size_t skip = timed_steps.size() > 2 ? 2 : 0;
+      const double mean = std::accumulate(timed_steps.begin() + static_cast<long>(skip), timed_steps.end(), 0.0) /
+                          static_cast<double>(timed_steps.size() - skip);
+      fix_schedule(mean, eval_seconds, tokens_per_step);
+      last = state.step == total_steps();
+    }
+    if (!projection_warned && tc.steps > 0 && (budget.max_gpu_hours > 0 || budget.max_usd > 0)) {
       const double projected = gpu_hours() / static_cast<double>(state.step) * static_cast<double>(tc.steps);
       if ((budget.max_gpu_hours > 0 && projected > budget.max_gpu_hours) ||
           (budget.max_usd > 0 && projected * budget.usd_per_gpu_hour > budget.max_usd)) {
@@ -497,7 +616,12 @@ TrainResult Trainer::Impl::run() {
                              {"step_seconds", step_seconds}, {"gpu_hours", gpu_hours()},
                              {"time", {{"data", data_seconds}, {"communication", comm_seconds}, {"optimizer", optimizer_seconds},
                                        {"compute", step_seconds - data_seconds - comm_seconds - optimizer_seconds}}},
-                             {"peak_rss_bytes", peak_rss_bytes()}};
+                             {"peak_rss_bytes", peak_rss_bytes()}, {"precision", state.precision}};
+      if (deciding) {
+        line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},
+                            {"step_seconds", state.calibrated_step_seconds}, {"eval_seconds", state.calibrated_eval_seconds},
+                            {"limit_seconds", budget_seconds(budget, world_size)}};
+      }
       if (budget.usd_per_gpu_hour > 0) line["usd"] = usd();
       if (record.val_loss >= 0) line["val_loss"] = record.val_loss;
       nlohmann::json max_load = nlohmann::json::array(), mean_load = nlohmann::json::array();
@@ -514,14 +638,17 @@ TrainResult Trainer::Impl::run() {
       line["expert_load_mean"] = mean_load;
       metrics->write(line.dump());
 
-      ProgressLine progress{state.step, tc.steps, loss, lr, tokens_per_second, mfu,
-                            (tc.steps - state.step) * train_seconds / std::max<int64_t>(1, timed_tokens / tokens_per_step),
-                            spend_text(tc.steps)};
+      const bool known = tc.steps > 0 || state.total_steps > 0;
+      const int64_t total = known ? total_steps() : 0;
+      ProgressLine progress{state.step, total, loss, lr, tokens_per_second, mfu,
+                            (total - state.step) * train_seconds / std::max<int64_t>(1, timed_tokens / tokens_per_step),
+                            known ? spend_text(total) : ""};
       if (interactive) {
         std::fprintf(stderr, "\r%s", progress.format().c_str());
         if (last) std::fprintf(stderr, "\n");
-      } else if (state.step % tc.log_interval == 0 || last) {
+      } else if (state.step % tc.log_interval == 0 || last || seconds_since(last_progress) >= 10) {
         std::fprintf(stderr, "%s\n", progress.format().c_str());
+        last_progress = Clock::now();
       }
       if (record.val_loss >= 0) {
         if (interactive) std::fprintf(stderr, "\n");
@@ -542,7 +669,11 @@ TrainResult Trainer::Impl::run() {
     stop[1] = exhausted.empty() ? 0L : 1L;
     sum_over_world(stop);
     const bool stopping = stop[0].item<int64_t>() > 0 || stop[1].item<int64_t>() > 0;
-    if (last || stopping || (tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0)) save(cfg);
+    if (last || stopping || (tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0)) {
+      const auto save_start = Clock::now();
+      save(cfg);
+      state.elapsed_seconds += seconds_since(save_start);  // the budget's clock counts checkpoint writes too
+    }
     if (stopping && !last) {
       if (stop[1].item<int64_t>() > 0) {
         char text[320];

@@ -2,7 +2,11 @@
 // backward, optimizer, data, with tokens/s and MFU. Not a test: run by scripts/bench.sh.
 //
 //   bench_step --config configs/tiny.yaml [--steps N] [--set k=v]...
+//
+// FMOE_PROFILE=trace.json records the timed steps with LibTorch's profiler
+// (a Chrome trace; tests/bench/profile_summary.py totals self time per op).
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -14,6 +18,7 @@
 #include "trainer/config.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/precision.h"
 
 using namespace fmoe;
 using Clock = std::chrono::steady_clock;
@@ -27,7 +32,11 @@ int main(int argc, char** argv) {
     const int64_t warmup = 2;
     const auto& tc = cfg.training;
     if (tc.threads > 0) at::set_num_threads(static_cast<int>(tc.threads));
-    const at::ScalarType dtype = tc.precision == "bf16" ? at::kBFloat16 : at::kFloat;
+    const trainer::GemmRates rates = trainer::measure_gemm_rates(
+        {tc.micro_batch_size * tc.seq_len, cfg.model.hidden_size, 2 * cfg.model.moe_ffn_hidden_size});
+    const trainer::PrecisionChoice choice = trainer::choose_precision(tc.precision, rates);
+    std::printf("%s\n", choice.message.c_str());
+    const at::ScalarType dtype = choice.dtype;
     torch::manual_seed(static_cast<uint64_t>(tc.seed));
     auto model = std::make_shared<moe::MoEModel>(cfg.model);
     std::vector<trainer::NamedParameter> params;
@@ -42,8 +51,12 @@ int main(int argc, char** argv) {
 
     double t_data = 0, t_fwd = 0, t_bwd = 0, t_opt = 0;
     const auto seconds = [](Clock::time_point a) { return std::chrono::duration<double>(Clock::now() - a).count(); };
+    std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
     for (int64_t step = 0; step < warmup + steps; ++step) {
       const bool timed = step >= warmup;
+      if (step == warmup && std::getenv("FMOE_PROFILE")) {
+        profile = std::make_unique<torch::autograd::profiler::RecordProfile>(std::string(std::getenv("FMOE_PROFILE")));
+      }
       for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
         auto t = Clock::now();
         const at::Tensor batch = loader.train_batch(step, micro, 0);
@@ -67,12 +80,13 @@ int main(int argc, char** argv) {
       model->update_expert_biases(loads);
       if (timed) t_opt += seconds(t);
     }
+    profile.reset();  // writes the trace
     const double total = t_data + t_fwd + t_bwd + t_opt;
     const double tokens = static_cast<double>(steps * tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps);
     const double flops = moe::training_flops_per_token(cfg.model, tc.seq_len);
     const double peak = trainer::measure_peak_gflops(dtype);
     std::printf("threads %d | %s | %.2fM params | %.1f MFLOP/token | peak %.0f GFLOP/s\n", at::get_num_threads(),
-                tc.precision.c_str(), moe::count_parameters(cfg.model).total / 1e6, flops / 1e6, peak);
+                choice.name.c_str(), moe::count_parameters(cfg.model).total / 1e6, flops / 1e6, peak);
     std::printf("per step: data %.1f ms | forward %.1f ms | backward %.1f ms | optimizer %.1f ms | total %.1f ms\n",
                 1e3 * t_data / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps, 1e3 * total / steps);
     std::printf("tokens/s %.0f | MFU %.1f%%\n", tokens / total, 100.0 * flops * tokens / total / (peak * 1e9));

@@ -3,7 +3,11 @@
 with torch.optim.AdamW on the same GCIDE tokens, seq 256 x batch 16, on the same threads.
 Prints tokens/s; scripts/bench.sh compares it with moe-train's C++ step.
 
-    python3 tests/bench/pytorch_baseline.py --steps 12 [--bf16] [--data corpus/gcide.bin]
+    python3 tests/bench/pytorch_baseline.py --steps 12 [--bf16] [--compile] [--data corpus/gcide.bin]
+
+--compile wraps the model in torch.compile (what a performance-minded user would
+write instead of eager); its first steps, which compile, are not timed. A failure
+to compile is reported as such, not hidden.
 """
 import argparse
 import math
@@ -97,6 +101,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--data", default="corpus/gcide.bin")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -104,25 +109,31 @@ def main():
         tokens = torch.frombuffer(bytearray(f.read()), dtype=torch.uint16).to(torch.int64)
     model = Model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    step_fn = torch.compile(model) if args.compile else model
+    warmup = 3 if args.compile else 2  # compiled: recompilations for new expert row counts settle
     seq, batch = 256, 16
     gen = torch.Generator().manual_seed(0)
     timed = 0.0
-    for step in range(args.steps + 2):
+    for step in range(args.steps + warmup):
         starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=gen)
         x = torch.stack([tokens[s:s + seq + 1] for s in starts])
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(x)
+            loss = step_fn(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step >= 2:
+        if step >= warmup:
             timed += time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
-    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} {'bf16 autocast' if args.bf16 else 'fp32'}: "
+    kind = ("bf16 autocast" if args.bf16 else "fp32") + (" torch.compile" if args.compile else " eager")
+    print(f"pytorch {torch.__version__} threads {torch.get_num_threads()} {kind}: "
           f"{params / 1e6:.2f}M params, {args.steps * seq * batch / timed:.0f} tokens/s, last loss {loss.item():.3f}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:  # report, do not hide: bench.sh prints this line in its table
+        print(f"pytorch baseline failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # moe-plan's memory estimate for the tiny config on cpu-local agrees within 15% with
 # the peak resident memory moe-train measures (getrusage ru_maxrss, the largest rank)
-# over a run with validation and a checkpoint, at 1 and 2 data-parallel ranks.
+# over a run with validation and a checkpoint, at 1 and 2 data-parallel ranks, in
+# the precision the run chose (training.precision: auto: FP32 where BF16 GEMMs are
+# slow, BF16 where they are fast), which the plan is then given.
 source "$(dirname "$0")/common.sh"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 PLAN="$BIN_DIR/moe-plan"
 TINY=(--config "$ROOT/configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" --set "data.tokenizer=$CORPUS/tok.model"
-      --set training.steps=12 --set optimizer.warmup_steps=2 --set training.eval_interval=12 --set training.eval_batches=2
+      --set training.steps=12 --set optimizer.warmup_steps=2 --set training.eval_interval=12 --set training.eval_sequences=32
       --set training.checkpoint_interval=12 --set training.log_interval=4)
 for ranks in 1 2; do
   run="$WORK_DIR/memory$ranks"; rm -rf "$run"
   mpirun -np $ranks --bind-to none "$TRAIN" "${TINY[@]}" --set "training.run_dir=$run" > "$run.log" 2>&1 || { cat "$run.log"; fail "tiny run at $ranks ranks failed"; }
   measured=$(sed -n 's/^peak resident memory: \([0-9.]*\) GiB.*/\1/p' "$run.log")
   [ -n "$measured" ] || fail "no peak resident memory line in $run.log"
-  "$PLAN" "${TINY[@]}" --cluster "$ROOT/configs/clusters/cpu-local.yaml" --gpus $ranks --json > "$run.plan.json" || fail "moe-plan failed"
+  precision=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])["precision"])' "$run/metrics.jsonl")
+  echo "$ranks rank(s) ran in $precision: $(grep -m1 '^precision' "$run.log")"
+  "$PLAN" "${TINY[@]}" --set training.precision="$precision" --cluster "$ROOT/configs/clusters/cpu-local.yaml" --gpus $ranks --json > "$run.plan.json" || fail "moe-plan failed"
   python3 - "$measured" "$run.plan.json" "$ranks" <<'PY'
 import json, sys
 measured = float(sys.argv[1])

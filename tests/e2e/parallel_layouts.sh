@@ -9,8 +9,9 @@ ERROR_PREFIX=moe-train:
 run() { local dir="$1"; shift; rm -rf "$dir"; mpirun --bind-to none "$@" > "$dir.log" 2>&1 || { cat "$dir.log"; fail "run $dir failed"; }; }
 ARGS=(--set training.steps=20)
 run "$WORK_DIR/single" -np 1 "$TRAIN" $(micro_args "$WORK_DIR/single") "${ARGS[@]}" --set training.grad_accum_steps=2
-# An odd number of validation batches: every ep rank still runs the same collective forwards.
-run "$WORK_DIR/ep2" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2") "${ARGS[@]}" --set parallel.ep=2 --set training.eval_batches=3
+# 27 validation windows dealt over 2 ranks (13 + 14): every ep rank still runs the same collective forwards.
+run "$WORK_DIR/ep2" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2") "${ARGS[@]}" --set parallel.ep=2
+run "$WORK_DIR/ep4" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/ep4") "${ARGS[@]}" --set parallel.ep=4 --set training.micro_batch_size=4
 # Accumulation under overlapped reductions: buckets launch during the last micro-batch's backward.
 run "$WORK_DIR/ep2acc" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2acc") "${ARGS[@]}" --set parallel.ep=2 --set training.micro_batch_size=4 --set training.grad_accum_steps=2
 run "$WORK_DIR/ep2ag" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2ag") "${ARGS[@]}" --set parallel.ep=2 --set parallel.expert_dispatcher=allgather
@@ -25,12 +26,19 @@ python3 - "$WORK_DIR" <<'PY'
 import json, sys
 load = lambda name: [json.loads(l) for l in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
 ref = load("single")
-for name in ["ep2", "ep2acc", "ep2ag", "tp2", "tp2sp", "zero1", "mixed", "mixedsp"]:
+for name in ["ep2", "ep4", "ep2acc", "ep2ag", "tp2", "tp2sp", "zero1", "mixed", "mixedsp"]:
     other = load(name)
     assert len(other) == 20, name
     worst = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(ref, other))
     print(f"{name}: worst relative loss difference over 20 steps {worst:.2e}")
     assert worst <= 1e-5, (name, worst)
+    # Validation: the same 27 held-out windows whatever the layout and micro-batch size.
+    for a, b in zip(ref, other):
+        if "val_loss" in a:
+            assert "val_loss" in b, (name, a["step"])
+            difference = abs(a["val_loss"] - b["val_loss"]) / a["val_loss"]
+            assert difference <= 1e-5, (name, a["step"], a["val_loss"], b["val_loss"])
+    print(f"{name}: validation loss at step 20 {other[-1]['val_loss']:.7f} (one process: {ref[-1]['val_loss']:.7f})")
 PY
 
 # Sharded checkpoints (per-rank optimizer state) resume exactly.

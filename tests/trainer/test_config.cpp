@@ -37,7 +37,18 @@ TEST(Config, WrongTypeReportsLineAndColumn) {
 
 TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("model:\n  top_k: 17\n"), "run.yaml: model.top_k: must be in [1, num_experts=16], got 17");
-  EXPECT_EQ(error_of("training:\n  steps: 0\n"), "run.yaml: training.steps: must be >= 1, got 0");
+  EXPECT_EQ(error_of("training:\n  steps: -1\n"), "run.yaml: training.steps: must be >= 1, or 0 to size the run by the budget, got -1");
+  EXPECT_EQ(error_of("training:\n  steps: 0\n"),
+            "run.yaml: training.steps: 0 sizes the run by the budget, but no budget limit is set (budget.max_minutes, "
+            "max_gpu_hours, max_usd or max_tokens)");
+  EXPECT_EQ(error_of("training:\n  steps: 0\noptimizer:\n  warmup_steps: 5\nbudget:\n  max_minutes: 8\n"),
+            "run.yaml: optimizer.warmup_steps: 5 is shorter than budget.calibration_steps 10; a budget-sized schedule is "
+            "fixed during warmup");
+  EXPECT_EQ(error_of("training:\n  steps: 0\noptimizer:\n  warmup_steps: 5\nbudget:\n  max_tokens: 4096\n"), "");
+  EXPECT_EQ(error_of("training:\n  precision: fp16\n"), "run.yaml: training.precision: must be auto, bf16 or fp32, got 'fp16'");
+  EXPECT_EQ(error_of("training:\n  eval_batches: 4\n"),
+            "run.yaml:2:3: unknown key 'training.eval_batches'; validation is now a fixed number of held-out windows: use "
+            "'training.eval_sequences'");
   EXPECT_EQ(error_of("training:\n  seq_len: 512\n"), "run.yaml: training.seq_len: 512 exceeds model.max_seq_len 256");
   EXPECT_EQ(error_of("parallel:\n  dp: 4\n  ep: 3\n"), "run.yaml: parallel.ep: must divide dp (4), got 3");
   EXPECT_EQ(error_of("budget:\n  max_usd: 5\n"), "run.yaml: budget.max_usd: needs usd_per_gpu_hour > 0 to convert time into dollars");

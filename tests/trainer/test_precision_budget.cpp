@@ -1,0 +1,117 @@
+// The precision choice from measured GEMM rates (injected, so the test does not
+// depend on the machine) and the sizing of a schedule from a budget.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "trainer/budget.h"
+#include "trainer/precision.h"
+
+namespace {
+
+using namespace fmoe::trainer;
+
+const GemmRates kAvx2{1.3, 121};     // AMD EPYC, AVX2 only: BF16 falls back to a generic loop
+const GemmRates kAmx{690, 190};      // Xeon with AMX / AVX512-BF16
+const GemmRates kAvx512Bf16{80, 126};  // a Xeon with AVX512-BF16 but no AMX, as measured here
+
+TEST(Precision, AutoPicksFp32WhereBf16IsSlower) {
+  const PrecisionChoice c = choose_precision("auto", kAvx2);
+  EXPECT_EQ(c.name, "fp32");
+  EXPECT_EQ(c.dtype, at::kFloat);
+  EXPECT_FALSE(c.warning);
+  EXPECT_EQ(c.message, "precision auto -> fp32 (bf16 GEMM 1.3 GFLOP/s, fp32 121 GFLOP/s)");
+  EXPECT_EQ(choose_precision("auto", kAvx512Bf16).name, "fp32");
+}
+
+TEST(Precision, AutoPicksBf16WhereItIsFaster) {
+  const PrecisionChoice c = choose_precision("auto", kAmx);
+  EXPECT_EQ(c.name, "bf16");
+  EXPECT_EQ(c.dtype, at::kBFloat16);
+  EXPECT_EQ(c.message, "precision auto -> bf16 (bf16 GEMM 690 GFLOP/s, fp32 190 GFLOP/s)");
+}
+
+TEST(Precision, ExplicitBf16OnASlowMachineRunsButWarns) {
+  const PrecisionChoice c = choose_precision("bf16", kAvx2);
+  EXPECT_EQ(c.dtype, at::kBFloat16);
+  EXPECT_TRUE(c.warning);
+  EXPECT_EQ(c.message,
+            "warning: training.precision bf16 is slower than fp32 on this machine (bf16 GEMM 1.3 GFLOP/s, fp32 121 "
+            "GFLOP/s); set training.precision: auto or fp32 to train faster");
+  EXPECT_FALSE(choose_precision("bf16", kAmx).warning);
+  const PrecisionChoice f = choose_precision("fp32", kAmx);
+  EXPECT_EQ(f.dtype, at::kFloat);
+  EXPECT_FALSE(f.warning);
+}
+
+TEST(Precision, InjectedRatesParseAndBadOnesAreNamed) {
+  ::setenv("FMOE_GEMM_GFLOPS", "bf16=1.3,fp32=121", 1);
+  const auto rates = injected_gemm_rates();
+  ASSERT_TRUE(rates.has_value());
+  EXPECT_DOUBLE_EQ(rates->bf16_gflops, 1.3);
+  EXPECT_DOUBLE_EQ(rates->fp32_gflops, 121);
+  ::setenv("FMOE_GEMM_GFLOPS", "fast", 1);
+  try {
+    injected_gemm_rates();
+    FAIL() << "expected an error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()), "FMOE_GEMM_GFLOPS: expected 'bf16=RATE,fp32=RATE' in GFLOP/s, got 'fast'");
+  }
+  ::unsetenv("FMOE_GEMM_GFLOPS");
+  EXPECT_FALSE(injected_gemm_rates().has_value());
+}
+
+TEST(Precision, MeasuredRatesArePositive) {
+  // Not a speed assertion: the measurement returns a rate for both dtypes at a small shape.
+  const GemmRates r = measure_gemm_rates({256, 64, 128}, 0.05);
+  EXPECT_GT(r.bf16_gflops, 0);
+  EXPECT_GT(r.fp32_gflops, 0);
+  EXPECT_GT(measure_peak_gflops(at::kFloat, 0.05), 0);
+}
+
+TEST(Budget, SecondsAreTheTightestLimit) {
+  BudgetConfig b;
+  EXPECT_EQ(budget_seconds(b, 2), 0);
+  b.max_minutes = 8;
+  EXPECT_DOUBLE_EQ(budget_seconds(b, 2), 480);
+  b.max_gpu_hours = 0.1;  // 2 ranks: 180 s of wall clock
+  EXPECT_DOUBLE_EQ(budget_seconds(b, 2), 180);
+  b.usd_per_gpu_hour = 2;
+  b.max_usd = 0.1;  // 0.05 GPU-hours over 2 ranks: 90 s
+  EXPECT_DOUBLE_EQ(budget_seconds(b, 2), 90);
+}
+
+TEST(Budget, ScheduleFillsThePlannedFraction) {
+  ScheduleInputs in;
+  in.limit_seconds = 480;
+  in.elapsed_seconds = 10;
+  in.decided_at_step = 10;
+  in.step_seconds = 1.0;
+  in.eval_seconds = 2.0;
+  in.eval_interval = 100;
+  // 0.95 * 480 - 10 spent - 2 for the final pass = 444 s at 1.02 s per step (eval amortised): 435 more.
+  EXPECT_EQ(size_schedule(in), 445);
+  in.eval_interval = 0;  // only the final pass: 444 more
+  EXPECT_EQ(size_schedule(in), 454);
+  in.token_limit_steps = 300;  // a token limit caps it
+  EXPECT_EQ(size_schedule(in), 300);
+  in.token_limit_steps = 0;
+  in.elapsed_seconds = 1000;  // already over: one more step, never none
+  EXPECT_EQ(size_schedule(in), 11);
+  ScheduleInputs tokens_only;
+  tokens_only.token_limit_steps = 123;
+  EXPECT_EQ(size_schedule(tokens_only), 123);
+}
+
+TEST(Budget, InjectedCalibration) {
+  double step = 0, eval = 0;
+  ::unsetenv("FMOE_CALIBRATION");
+  EXPECT_FALSE(injected_calibration(step, eval));
+  ::setenv("FMOE_CALIBRATION", "step=0.25,eval=0.5", 1);
+  EXPECT_TRUE(injected_calibration(step, eval));
+  EXPECT_DOUBLE_EQ(step, 0.25);
+  EXPECT_DOUBLE_EQ(eval, 0.5);
+  ::unsetenv("FMOE_CALIBRATION");
+}
+
+}  // namespace

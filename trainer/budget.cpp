@@ -1,0 +1,42 @@
+#include "trainer/budget.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace fmoe::trainer {
+
+double budget_seconds(const BudgetConfig& b, int world_size) {
+  double limit = 0;
+  const auto take = [&](double seconds) { limit = limit > 0 ? std::min(limit, seconds) : seconds; };
+  if (b.max_minutes > 0) take(b.max_minutes * 60.0);
+  if (b.max_gpu_hours > 0) take(b.max_gpu_hours * 3600.0 / world_size);
+  if (b.max_usd > 0 && b.usd_per_gpu_hour > 0) take(b.max_usd / b.usd_per_gpu_hour * 3600.0 / world_size);
+  return limit;
+}
+
+int64_t size_schedule(const ScheduleInputs& in) {
+  int64_t total = in.token_limit_steps > 0 ? in.token_limit_steps : 0;
+  if (in.limit_seconds > 0) {
+    const double left = kBudgetPlannedFraction * in.limit_seconds - in.elapsed_seconds - in.eval_seconds;  // the final pass
+    const double per_step =
+        std::max(1e-9, in.step_seconds + (in.eval_interval > 0 ? in.eval_seconds / static_cast<double>(in.eval_interval) : 0.0));
+    const auto more = static_cast<int64_t>(std::floor(std::max(0.0, left) / per_step));
+    const int64_t by_time = in.decided_at_step + more;
+    total = total > 0 ? std::min(total, by_time) : by_time;
+  }
+  return std::max(total, in.decided_at_step + 1);
+}
+
+bool injected_calibration(double& step_seconds, double& eval_seconds) {
+  const char* text = std::getenv("FMOE_CALIBRATION");
+  if (!text || !*text) return false;
+  if (std::sscanf(text, "step=%lf,eval=%lf", &step_seconds, &eval_seconds) != 2 || !(step_seconds > 0) || !(eval_seconds >= 0)) {
+    throw std::runtime_error(std::string("FMOE_CALIBRATION: expected 'step=SECONDS,eval=SECONDS', got '") + text + "'");
+  }
+  return true;
+}
+
+}  // namespace fmoe::trainer

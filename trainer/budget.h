@@ -1,0 +1,42 @@
+// Sizing a run to its budget. With training.steps: 0 the schedule's length is
+// not given but derived, once: from max_tokens directly, or, for limits in time
+// or money, from the step time measured over the first budget.calibration_steps
+// and the time of one validation pass. The decision is stored in the
+// checkpoint, so a resumed run follows the same schedule bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "trainer/config.h"
+
+namespace fmoe::trainer {
+
+// Of a time-sized schedule: this fraction of the budget is planned, the rest
+// absorbs checkpoint writes and step-time drift on a shared machine.
+inline constexpr double kBudgetPlannedFraction = 0.95;
+
+// The wall-clock seconds the budget allows the whole run (every rank counts as a
+// device for GPU-hours and dollars); 0 when no limit is in time or money.
+double budget_seconds(const BudgetConfig& budget, int world_size);
+
+struct ScheduleInputs {
+  double limit_seconds = 0;    // budget_seconds()
+  double elapsed_seconds = 0;  // spent when the decision is taken (calibration included)
+  int64_t decided_at_step = 0; // steps done at the decision
+  double step_seconds = 0;     // measured mean step time
+  double eval_seconds = 0;     // measured time of one validation pass
+  int64_t eval_interval = 0;   // training.eval_interval (0: only at the end)
+  int64_t token_limit_steps = 0;  // max_tokens / tokens per step; 0: none
+};
+
+// The total step count: the most steps whose time, with the validation passes
+// they trigger and the final one, fits in the planned fraction of what is left;
+// never fewer than decided_at_step + 1, never more than the token limit.
+int64_t size_schedule(const ScheduleInputs& in);
+
+// "step=S,eval=E" from FMOE_CALIBRATION (seconds): replaces the measured times,
+// so that tests can size a schedule deterministically. False when unset.
+bool injected_calibration(double& step_seconds, double& eval_seconds);
+
+}  // namespace fmoe::trainer

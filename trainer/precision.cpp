@@ -1,0 +1,110 @@
+#include "trainer/precision.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace fmoe::trainer {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// Best GFLOP/s of a @ b repeated until max_seconds have passed (at least once after a warm-up product).
+double time_products(const at::Tensor& a, const at::Tensor& b, double max_seconds) {
+  at::Tensor c = at::mm(a, b);  // warm-up: kernel selection, caches
+  const double flops = 2.0 * static_cast<double>(a.size(0) * a.size(1) * b.size(1));
+  double best = 0;
+  const auto start = Clock::now();
+  do {
+    const auto t0 = Clock::now();
+    at::mm_out(c, a, b);
+    best = std::max(best, flops / std::max(seconds_since(t0), 1e-9) / 1e9);
+  } while (seconds_since(start) < max_seconds);
+  return best;
+}
+
+std::string format_rate(double gflops) {
+  char text[32];
+  std::snprintf(text, sizeof(text), gflops < 10 ? "%.1f" : "%.0f", gflops);
+  return text;
+}
+
+}  // namespace
+
+GemmRates measure_gemm_rates(GemmShape shape, double max_seconds) {
+  // A small probe first: where a dtype runs at ~1 GFLOP/s the full shape would take seconds.
+  const int64_t k = std::max<int64_t>(1, shape.k), n = std::max<int64_t>(1, shape.n);
+  GemmRates rates;
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor probe_a = at::randn({64, k}).to(dtype), b = at::randn({k, n}).to(dtype);
+    const auto t0 = Clock::now();
+    at::mm(probe_a, b);
+    const double probe_seconds = std::max(seconds_since(t0), 1e-6);
+    // Rows such that one product takes about a quarter of the time allowed.
+    const int64_t fit = static_cast<int64_t>(64.0 * (max_seconds / 4) / probe_seconds);
+    const int64_t m = std::clamp<int64_t>(std::min(fit, shape.m), 64, std::max<int64_t>(64, shape.m));
+    const double rate = time_products(at::randn({m, k}).to(dtype), b, max_seconds / 2);
+    (dtype == at::kFloat ? rates.fp32_gflops : rates.bf16_gflops) = rate;
+  }
+  return rates;
+}
+
+std::optional<GemmRates> injected_gemm_rates() {
+  const char* text = std::getenv("FMOE_GEMM_GFLOPS");
+  if (!text || !*text) return std::nullopt;
+  GemmRates rates;
+  double bf16 = -1, fp32 = -1;
+  if (std::sscanf(text, "bf16=%lf,fp32=%lf", &bf16, &fp32) != 2 || !(bf16 > 0) || !(fp32 > 0)) {
+    throw std::runtime_error(std::string("FMOE_GEMM_GFLOPS: expected 'bf16=RATE,fp32=RATE' in GFLOP/s, got '") + text + "'");
+  }
+  rates.bf16_gflops = bf16;
+  rates.fp32_gflops = fp32;
+  return rates;
+}
+
+PrecisionChoice choose_precision(const std::string& requested, const GemmRates& rates) {
+  const std::string figures = "bf16 GEMM " + format_rate(rates.bf16_gflops) + " GFLOP/s, fp32 " + format_rate(rates.fp32_gflops) + " GFLOP/s";
+  const bool bf16_faster = rates.bf16_gflops > rates.fp32_gflops;
+  PrecisionChoice choice;
+  choice.name = requested == "auto" ? (bf16_faster ? "bf16" : "fp32") : requested;
+  choice.dtype = choice.name == "bf16" ? at::kBFloat16 : at::kFloat;
+  if (requested == "auto") {
+    choice.message = "precision auto -> " + choice.name + " (" + figures + ")";
+  } else if (requested == "bf16" && !bf16_faster) {
+    choice.warning = true;
+    choice.message = "warning: training.precision bf16 is slower than fp32 on this machine (" + figures +
+                     "); set training.precision: auto or fp32 to train faster";
+  } else {
+    choice.message = "precision " + choice.name + " (" + figures + ")";
+  }
+  return choice;
+}
+
+double measure_peak_gflops(at::ScalarType dtype, double max_seconds) {
+  const auto start = Clock::now();
+  int64_t size = 256;
+  double best = 0;
+  for (;;) {
+    const at::Tensor a = at::randn({size, size}).to(dtype), b = at::randn({size, size}).to(dtype);
+    const double left = max_seconds - seconds_since(start);
+    const auto t0 = Clock::now();
+    at::Tensor c = at::mm(a, b);
+    const double one = std::max(seconds_since(t0), 1e-9);
+    // Twice the size is 8x the work: grow while that still fits twice in the time left.
+    const bool grow = size < 2048 && 16 * one < left - one;
+    if (!grow) {
+      best = std::max(best, time_products(a, b, std::max(0.0, max_seconds - seconds_since(start))));
+      break;
+    }
+    best = std::max(best, 2.0 * static_cast<double>(size * size * size) / one / 1e9);
+    size *= 2;
+  }
+  return best;
+}
+
+}  // namespace fmoe::trainer

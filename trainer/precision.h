@@ -1,0 +1,50 @@
+// Which dtype the GEMMs run in, chosen by measurement. On CPUs with AMX or
+// AVX512-BF16 LibTorch's BF16 GEMM is several times faster than FP32; on CPUs
+// with AVX2 only it falls back to a generic loop that is ~90x slower. The
+// machine a run lands on is not chosen, so `training.precision: auto` times a
+// short GEMM at the run's shapes in both dtypes and takes the faster one.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace fmoe::trainer {
+
+struct GemmRates {
+  double bf16_gflops = 0;
+  double fp32_gflops = 0;
+};
+
+struct GemmShape {
+  int64_t m = 0, k = 0, n = 0;
+};
+
+// Times [m, k] x [k, n] in BF16 and in FP32 on the current intra-op threads,
+// each for at most max_seconds (at least one product; m is cut so that one
+// product of the slow kind cannot take much longer).
+GemmRates measure_gemm_rates(GemmShape shape, double max_seconds = 0.4);
+
+// Rates given in FMOE_GEMM_GFLOPS="bf16=1.3,fp32=121" (tests inject a machine's
+// figures so that the choice does not depend on the machine that runs them).
+std::optional<GemmRates> injected_gemm_rates();
+
+struct PrecisionChoice {
+  at::ScalarType dtype = at::kFloat;
+  std::string name;     // "bf16" | "fp32"
+  std::string message;  // "precision auto -> fp32 (bf16 GEMM 1.3 GFLOP/s, fp32 121 GFLOP/s)"
+  bool warning = false; // an explicit bf16 on a machine where BF16 is slower
+};
+
+// requested: auto | bf16 | fp32. Pure: the same rates give the same choice.
+PrecisionChoice choose_precision(const std::string& requested, const GemmRates& rates);
+
+// GFLOP/s of square GEMMs in dtype, the peak MFU is reported against: the size
+// grows from 256 while one product fits the time left, so the whole measurement
+// stays under about max_seconds on any CPU (a 2048^3 BF16 product takes 13 s
+// where BF16 falls back to the generic loop).
+double measure_peak_gflops(at::ScalarType dtype, double max_seconds = 0.6);
+
+}  // namespace fmoe::trainer
