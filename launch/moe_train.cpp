@@ -1,7 +1,7 @@
 // moe-train: trains the model a YAML config describes. Launch it with mpirun;
 // every rank runs this same program (data parallel over all ranks).
 //
-//   mpirun -np 1 moe-train --config configs/tiny.yaml [--set a.b=c]... [--resume]
+//   mpirun -np 1 moe-train --config configs/tiny.yaml [--set a.b=c]... [--resume | --eval-only]
 #include <csignal>
 #include <cstdio>
 #include <exception>
@@ -16,7 +16,8 @@ namespace {
 void on_signal(int) { fmoe::trainer::request_stop(); }
 
 constexpr const char* kUsage =
-    "usage: moe-train --config FILE [--set key.path=value]... [--resume] [--stop-at STEP]\n"
+    "usage: moe-train --config FILE [--set key.path=value]... [--resume] [--stop-at STEP] [--eval-only]\n"
+    "  --eval-only validates the latest checkpoint's model under this layout and precision, writing nothing.\n"
     "  --stop-at STEP saves a checkpoint and exits 0 after STEP steps (resume later with --resume).\n"
     "  SIGINT / SIGTERM finish the current step, save a checkpoint and exit 0.\n";
 
@@ -27,7 +28,7 @@ int main(int argc, char** argv) {
   fmoe::parallel::MpiRuntime mpi(&argc, &argv);
   const int rank = mpi.world_rank();
   try {
-    const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "help"});
+    const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "eval-only", "help"});
     if (args.has("help")) {
       std::fputs(kUsage, stdout);
       return 0;
@@ -42,6 +43,7 @@ int main(int argc, char** argv) {
     auto world = fmoe::parallel::make_mpi_world_communicator();
     fmoe::trainer::TrainerOptions options;
     options.resume = args.has("resume");
+    options.eval_only = args.has("eval-only");
     if (args.has("stop-at")) options.stop_at_step = std::stoll(args.get("stop-at"));
     options.world = world.get();
     fmoe::trainer::Trainer trainer(config, options);

@@ -131,6 +131,11 @@ struct Trainer::Impl {
       }
       tensor.copy_(source);
     }
+    if (options.eval_only) {  // the weights are all validation needs, under any layout
+      state = contents.state;
+      log("loaded the model of " + directory + " (step " + std::to_string(state.step) + ") for validation");
+      return;
+    }
     // Optimizer state: one file when every rank holds the same state, else one per rank.
     const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
     const bool written_sharded = contents.checksums.count(rank_state_file(1)) > 0;
@@ -204,20 +209,26 @@ struct Trainer::Impl {
     const int64_t total = std::min(config.training.eval_sequences, loader->num_val_windows());
     const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
     const int64_t rows_per_batch = config.training.micro_batch_size;
-    // Under expert or tensor parallelism every forward is collective: each rank runs
-    // as many as the largest slice needs, and a rank whose slice is done runs one
-    // window more and does not count it.
-    const int64_t largest = (total + dp_size - 1) / dp_size;
-    const int64_t rounds = ((sharded_model ? largest : end - begin) + rows_per_batch - 1) / rows_per_batch;
     at::Tensor sums = at::zeros({2}, at::kDouble);  // summed per-window mean losses, windows
-    for (int64_t round = 0; round < rounds; ++round) {
-      const int64_t first = begin + round * rows_per_batch;
-      const int64_t rows = std::clamp<int64_t>(end - first, 0, rows_per_batch);
-      const at::Tensor batch = loader->val_windows(rows > 0 ? first : 0, std::max<int64_t>(rows, 1));
-      const moe::ModelOutput out = model->forward(batch, dtype, config.precision.fp8);
-      if (rows == 0) continue;
+    const auto run = [&](int64_t first, int64_t rows, bool counted) {
+      const moe::ModelOutput out = model->forward(loader->val_windows(first, rows), dtype, config.precision.fp8);
+      if (!counted) return;
       sums[0] += out.ce_loss.to(at::kDouble) * static_cast<double>(rows);
       sums[1] += static_cast<double>(rows);
+    };
+    // Full micro-batches while every rank has one left (slices differ by at most one window).
+    const int64_t full_rounds = total / dp_size / rows_per_batch;
+    for (int64_t round = 0; round < full_rounds; ++round) run(begin + round * rows_per_batch, rows_per_batch, true);
+    const int64_t tail = begin + full_rounds * rows_per_batch;
+    if (!sharded_model) {
+      if (end > tail) run(tail, end - tail, true);
+    } else {
+      // Every forward is collective under expert or tensor parallelism, and the
+      // expert exchange wants equal row counts: the rest goes one window per
+      // forward, as many as the largest slice needs; a rank whose slice is done
+      // runs a window it does not count.
+      const int64_t largest = (total + dp_size - 1) / dp_size;
+      for (int64_t i = tail; i < begin + largest; ++i) run(i < end ? i : begin, 1, i < end);
     }
     sum_over_ranks(sums);
     for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
@@ -439,12 +450,28 @@ TrainResult Trainer::Impl::run() {
   loader = std::make_unique<data::TokenLoader>(dataset, loader_options);
   state.loader_seed = loader_options.seed;
 
-  if (options.resume) {
+  if (options.resume || options.eval_only) {
     const auto latest = latest_checkpoint(tc.run_dir);
-    if (!latest) throw std::runtime_error(tc.run_dir + "/checkpoints: no checkpoint to resume from; run without --resume");
+    if (!latest) {
+      throw std::runtime_error(tc.run_dir + "/checkpoints: no checkpoint to " + (options.eval_only ? "evaluate" : "resume from") +
+                               (options.eval_only ? "" : "; run without --resume"));
+    }
     restore(*latest);
   }
 
+  if (options.eval_only) {
+    // Validation of a checkpoint's weights under this run's layout: nothing is written.
+    choose_precision_once();
+    TrainResult result;
+    result.final_step = state.step;
+    result.final_val_loss = evaluate();
+    char text[128];
+    std::snprintf(text, sizeof(text), "eval step %lld: val_loss %.7f (%lld held-out sequences, layout %s)",
+                  static_cast<long long>(state.step), result.final_val_loss,
+                  static_cast<long long>(std::min(tc.eval_sequences, loader->num_val_windows())), layout_name().c_str());
+    log(text);
+    return result;
+  }
   std::unique_ptr<MetricsWriter> metrics;
   if (rank == 0) {
     std::filesystem::create_directories(tc.run_dir);

@@ -19,6 +19,9 @@ struct TrainerOptions {
   bool resume = false;
   // Stop (checkpoint, return) once this many steps are done, as on SIGTERM; 0: never.
   int64_t stop_at_step = 0;
+  // Load the model of run_dir's latest checkpoint (written under any layout), run
+  // validation under this run's layout and precision, write nothing.
+  bool eval_only = false;
   // Data-parallel group over all ranks; null means a single process.
   parallel::Communicator* world = nullptr;
 };

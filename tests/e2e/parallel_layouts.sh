@@ -33,13 +33,35 @@ for name in ["ep2", "ep4", "ep2acc", "ep2ag", "tp2", "tp2sp", "zero1", "mixed", 
     print(f"{name}: worst relative loss difference over 20 steps {worst:.2e}")
     assert worst <= 1e-5, (name, worst)
     # Validation: the same 27 held-out windows whatever the layout and micro-batch size.
+    # Runs trained under different layouts differ by ~1e-7 in their weights, which can
+    # flip a top-k routing choice (or an expert-bias sign) for a token: 1e-4 here; the
+    # same weights under every layout are compared at 1e-5 below.
     for a, b in zip(ref, other):
         if "val_loss" in a:
             assert "val_loss" in b, (name, a["step"])
             difference = abs(a["val_loss"] - b["val_loss"]) / a["val_loss"]
-            assert difference <= 1e-5, (name, a["step"], a["val_loss"], b["val_loss"])
+            assert difference <= 1e-4, (name, a["step"], a["val_loss"], b["val_loss"])
     print(f"{name}: validation loss at step 20 {other[-1]['val_loss']:.7f} (one process: {ref[-1]['val_loss']:.7f})")
 PY
+
+# One checkpoint validated under four layouts (--eval-only loads the model under any
+# layout): the same held-out windows dealt over 1, 2 or 4 data-parallel ranks, in
+# micro-batches of 8 or 4, through the all-to-all and tensor-parallel paths.
+evaluate() { mpirun --bind-to none "$@" --eval-only 2>&1 | sed -n 's/^eval step 20: val_loss \([0-9.]*\) .*/\1/p'; }
+v1=$(evaluate -np 1 "$TRAIN" $(micro_args "$WORK_DIR/single"))
+v2=$(evaluate -np 2 "$TRAIN" $(micro_args "$WORK_DIR/single") --set parallel.ep=2)
+v4=$(evaluate -np 4 "$TRAIN" $(micro_args "$WORK_DIR/single") --set parallel.ep=4 --set training.micro_batch_size=4)
+vt=$(evaluate -np 4 "$TRAIN" $(micro_args "$WORK_DIR/single") --set parallel.tp=2 --set parallel.ep=2)
+python3 - "$v1" "$v2" "$v4" "$vt" <<'PY' || fail "validation depends on the layout"
+import sys
+ref, *others = (float(v) for v in sys.argv[1:])
+for name, value in zip(["dp2+ep2", "dp4+ep4", "dp2xtp2+ep2"], others):
+    difference = abs(value - ref) / ref
+    print(f"validation of one checkpoint under {name}: {value:.7f} (one process {ref:.7f}, relative {difference:.1e})")
+    assert difference <= 1e-5, (name, value, ref)
+PY
+[ -d "$WORK_DIR/single/checkpoints/step_00000020" ] && [ "$(wc -l < "$WORK_DIR/single/metrics.jsonl")" -eq 20 ] \
+  || fail "--eval-only wrote into the run directory"
 
 # Sharded checkpoints (per-rank optimizer state) resume exactly.
 sharded() { echo -np 2 "$TRAIN" $(micro_args "$1") --set training.steps=20 --set parallel.ep=2 --set parallel.zero1=true; }
