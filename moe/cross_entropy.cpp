@@ -35,11 +35,15 @@ class ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy
     // d loss / d logits = (softmax - onehot) * grad / N
     const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
     at::Tensor grad = at::empty_like(logits);
+    const bool fp32 = logits.scalar_type() == at::kFloat;  // then each chunk is computed in place in grad
+    const at::Tensor minus_one = at::full({chunk, 1}, -1.0f);
     for (int64_t start = 0; start < rows; start += chunk) {
       const int64_t n = std::min(chunk, rows - start);
-      at::Tensor p = logits.narrow(0, start, n).to(at::kFloat).sub_(lse.narrow(0, start, n).unsqueeze(1)).exp_();
-      p.scatter_add_(1, targets.narrow(0, start, n).unsqueeze(1), at::full({n, 1}, -1.0f));
-      grad.narrow(0, start, n).copy_(p.mul_(scale));
+      at::Tensor p = fp32 ? grad.narrow(0, start, n) : at::empty({n, logits.size(1)}, logits.options().dtype(at::kFloat));
+      at::sub_out(p, logits.narrow(0, start, n), lse.narrow(0, start, n).unsqueeze(1)).exp_();
+      p.scatter_add_(1, targets.narrow(0, start, n).unsqueeze(1), minus_one.narrow(0, 0, n));
+      p.mul_(scale);
+      if (!fp32) grad.narrow(0, start, n).copy_(p);
     }
     return {grad, at::Tensor(), at::Tensor()};
   }

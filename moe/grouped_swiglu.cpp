@@ -27,6 +27,13 @@ void for_each_group(const std::vector<int64_t>& rows_per_group, Fn&& fn) {
   }
 }
 
+// Zeroes the [G, ...] slices of groups with no rows (the GEMMs write all the others).
+void zero_empty_groups(at::Tensor& per_group, const std::vector<int64_t>& rows_per_group) {
+  for (size_t g = 0; g < rows_per_group.size(); ++g) {
+    if (rows_per_group[g] == 0) per_group[static_cast<int64_t>(g)].zero_();
+  }
+}
+
 // The operands as one GEMM sees them: unchanged, or E4M3 fake-quantized in FP32.
 struct Operands {
   bool fp8;
@@ -77,7 +84,9 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
 
     const at::Tensor dy_rows = op.rows(dy);
     at::Tensor da = at::empty({x.size(0), ffn}, h.options());
-    at::Tensor dw2 = at::zeros(w2q.sizes(), h.options());
+    // Every expert's weight gradient is written whole by its GEMM; only those of experts without rows stay zero.
+    at::Tensor dw2 = at::empty(w2q.sizes(), h.options());
+    zero_empty_groups(dw2, rows_per_group);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(da.narrow(0, offset, rows), dy_rows.narrow(0, offset, rows), w2q[g].t());
       mm_into(dw2[g], op.cols(a.narrow(0, offset, rows)).t(), op.cols(dy.narrow(0, offset, rows)));
@@ -92,7 +101,8 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     const at::Tensor dh_rows = op.rows(dh);
     const at::Tensor xh = x.to(h.scalar_type());
     at::Tensor dx = at::empty({x.size(0), x.size(1)}, h.options());
-    at::Tensor dw13 = at::zeros(w13q.sizes(), h.options());
+    at::Tensor dw13 = at::empty(w13q.sizes(), h.options());
+    zero_empty_groups(dw13, rows_per_group);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(dx.narrow(0, offset, rows), dh_rows.narrow(0, offset, rows), w13q[g].t());
       mm_into(dw13[g], op.cols(xh.narrow(0, offset, rows)).t(), op.cols(dh.narrow(0, offset, rows)));

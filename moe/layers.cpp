@@ -8,6 +8,8 @@
 #include "moe/dispatch.h"
 #include "moe/expert_parallel.h"
 #include "moe/grouped_swiglu.h"
+#include "moe/rms_norm.h"
+#include "moe/rope.h"
 #include "parallel/autograd.h"
 
 namespace fmoe::moe {
@@ -57,10 +59,7 @@ RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
   weight = register_parameter("weight", at::ones({dim}));
 }
 
-at::Tensor RMSNorm::forward(const at::Tensor& x, at::ScalarType out_dtype) {
-  const at::Tensor scale = (x.square().mean(-1, true) + eps_).rsqrt();
-  return (x * scale * weight).to(out_dtype);
-}
+at::Tensor RMSNorm::forward(const at::Tensor& x, at::ScalarType out_dtype) { return rms_norm(x, weight, eps_, out_dtype); }
 
 Attention::Attention(const ModelConfig& c) : num_heads_(c.num_heads), num_kv_heads_(c.num_kv_heads), head_dim_(c.head_dim) {
   const double out_std = c.init_std / std::sqrt(2.0 * static_cast<double>(c.num_layers));
@@ -75,11 +74,9 @@ at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx)
   const int64_t kv_heads = (wqkv.size(0) / head_dim_ - heads) / 2;
   const at::Tensor h = enter_tp(h_in, *ctx.parallel);
   const at::Tensor qkv = project(h, wqkv, ctx).view({b, t, heads + 2 * kv_heads, head_dim_});
-  at::Tensor q = apply_rope(qkv.narrow(2, 0, heads), ctx.rope_cos_TH, ctx.rope_sin_TH);
-  at::Tensor k = apply_rope(qkv.narrow(2, heads, kv_heads), ctx.rope_cos_TH, ctx.rope_sin_TH);
-  at::Tensor v = qkv.narrow(2, heads + kv_heads, kv_heads);
+  const RotatedQkv r = split_qkv_rope(qkv, heads, kv_heads, ctx.rope_cos_TH, ctx.rope_sin_TH);
   const at::Tensor context = at::scaled_dot_product_attention(
-      q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
+      r.q_BTHd.transpose(1, 2), r.k_BTKd.transpose(1, 2), r.v_BTKd.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
       /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/kv_heads != heads);
   return exit_tp(project(context.transpose(1, 2).reshape({b * t, heads * head_dim_}), wo, ctx), *ctx.parallel);
 }

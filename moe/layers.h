@@ -49,6 +49,7 @@ struct ForwardContext {
 
 // cos/sin tables for rotary embeddings (half-split convention).
 std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta);
+// The plain rotation (the reference that moe/rope.h's fused split-and-rotate is tested against).
 at::Tensor apply_rope(const at::Tensor& x_BTHd, const at::Tensor& cos_TH, const at::Tensor& sin_TH);
 
 // x W^T in the context's precision: an FP8 linear, or a GEMM in the compute dtype.

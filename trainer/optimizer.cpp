@@ -76,18 +76,16 @@ void AdamW::quantize_gradients() {
 
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;
-  const double step = static_cast<double>(steps_taken_ + 1);
-  const double bias_correction1 = 1.0 - std::pow(config_.beta1, step);
-  const double bias_correction2 = 1.0 - std::pow(config_.beta2, step);
   if (all_fp32_) {
-    step_foreach(lr, bias_correction1, bias_correction2);
+    step_fused(lr);
   } else {
-    step_stored(lr, bias_correction1, bias_correction2);
+    const double step = static_cast<double>(steps_taken_ + 1);
+    step_stored(lr, 1.0 - std::pow(config_.beta1, step), 1.0 - std::pow(config_.beta2, step));
   }
   ++steps_taken_;
 }
 
-void AdamW::step_foreach(double lr, double bias_correction1, double bias_correction2) {
+void AdamW::step_fused(double lr) {
   for (const Group& group : groups_) {
     std::vector<at::Tensor> p, g, m, v;
     for (size_t i : group.members) {
@@ -99,15 +97,13 @@ void AdamW::step_foreach(double lr, double bias_correction1, double bias_correct
       v.push_back(exp_avg_sq_[i].load());
     }
     if (p.empty()) continue;
-    // Multi-tensor (foreach) kernels: a handful of passes over all tensors of the group.
-    at::_foreach_lerp_(m, g, 1.0 - config_.beta1);
-    at::_foreach_mul_(v, config_.beta2);
-    at::_foreach_addcmul_(v, g, g, 1.0 - config_.beta2);
-    if (group.weight_decay > 0) at::_foreach_mul_(p, 1.0 - lr * group.weight_decay);
-    std::vector<at::Tensor> denom = at::_foreach_sqrt(v);
-    at::_foreach_div_(denom, std::sqrt(bias_correction2));
-    at::_foreach_add_(denom, config_.eps);
-    at::_foreach_addcdiv_(p, m, denom, -lr / bias_correction1);
+    // LibTorch's fused AdamW: one pass over each tensor (moments, decoupled decay,
+    // bias-corrected update) instead of eight, on the CPU and on CUDA alike. It
+    // reads the step count from a tensor per parameter.
+    const double step = static_cast<double>(steps_taken_ + 1);
+    std::vector<at::Tensor> steps(p.size(), at::full({}, step, p.front().options().dtype(at::kFloat)));
+    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, config_.beta1, config_.beta2, group.weight_decay,
+                      config_.eps, /*amsgrad=*/false, /*maximize=*/false);
   }
 }
 

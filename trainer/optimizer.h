@@ -60,7 +60,7 @@ class AdamW {
     double weight_decay;
     std::vector<size_t> members;
   };
-  void step_foreach(double lr, double bias_correction1, double bias_correction2);
+  void step_fused(double lr);
   void step_stored(double lr, double bias_correction1, double bias_correction2);
 
   std::vector<NamedParameter> params_;

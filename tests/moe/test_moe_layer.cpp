@@ -5,6 +5,9 @@
 #include "fp8/fp8_gemm.h"
 #include "moe/grouped_swiglu.h"
 #include "moe/model.h"
+#include "moe/layers.h"
+#include "moe/rms_norm.h"
+#include "moe/rope.h"
 
 namespace {
 
@@ -302,3 +305,57 @@ TEST(Router, CapacityMaskHandComputed) {
 }
 
 }  // namespace fmoe_capacity_test
+
+namespace {
+
+// The fused split-and-rotate equals narrow + apply_rope, forward and backward, in FP32 and BF16.
+TEST(Rope, FusedSplitMatchesThePlainComposition) {
+  torch::manual_seed(3);
+  const int64_t heads = 4, kv_heads = 2, head_dim = 16, t = 12;
+  const auto [cos, sin] = fmoe::moe::rope_tables(t, head_dim, 10000.0);
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor base = at::randn({3, t, heads + 2 * kv_heads, head_dim}).to(dtype);
+    const at::Tensor gq = at::randn({3, t, heads, head_dim}).to(dtype), gk = at::randn({3, t, kv_heads, head_dim}).to(dtype);
+    const at::Tensor gv = at::randn({3, t, kv_heads, head_dim}).to(dtype);
+    at::Tensor a = base.clone().requires_grad_(true), b = base.clone().requires_grad_(true);
+    const auto fused = fmoe::moe::split_qkv_rope(a, heads, kv_heads, cos, sin);
+    const at::Tensor q = fmoe::moe::apply_rope(b.narrow(2, 0, heads), cos, sin);
+    const at::Tensor k = fmoe::moe::apply_rope(b.narrow(2, heads, kv_heads), cos, sin);
+    const at::Tensor v = b.narrow(2, heads + kv_heads, kv_heads);
+    const double tol = dtype == at::kFloat ? 1e-6 : 1e-2;
+    EXPECT_LT(relative_error(fused.q_BTHd.to(at::kFloat), q.to(at::kFloat)), tol);
+    EXPECT_LT(relative_error(fused.k_BTKd.to(at::kFloat), k.to(at::kFloat)), tol);
+    EXPECT_TRUE(at::equal(fused.v_BTKd, v));
+    ((fused.q_BTHd * gq).sum() + (fused.k_BTKd * gk).sum() + (fused.v_BTKd * gv).sum()).backward();
+    ((q * gq).sum() + (k * gk).sum() + (v * gv).sum()).backward();
+    EXPECT_LT(relative_error(a.grad().to(at::kFloat), b.grad().to(at::kFloat)), tol);
+    EXPECT_GT(a.grad().abs().sum().item<double>(), 0);
+  }
+  // An unused output (no gradient) leaves zeros in its part of dqkv.
+  at::Tensor c = at::randn({1, t, heads + 2 * kv_heads, head_dim}).requires_grad_(true);
+  fmoe::moe::split_qkv_rope(c, heads, kv_heads, cos, sin).q_BTHd.sum().backward();
+  EXPECT_EQ(c.grad().narrow(2, heads, 2 * kv_heads).abs().sum().item<double>(), 0.0);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(RmsNorm, FusedMatchesTheAutogradComposition) {
+  torch::manual_seed(5);
+  for (const at::ScalarType out : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor x = at::randn({3, 7, 64}) * 3, w = at::randn({64}), g = at::randn({3, 7, 64});
+    at::Tensor xa = x.clone().requires_grad_(true), wa = w.clone().requires_grad_(true);
+    at::Tensor xb = x.clone().requires_grad_(true), wb = w.clone().requires_grad_(true);
+    const at::Tensor ya = fmoe::moe::rms_norm(xa, wa, 1e-6, out), yb = fmoe::moe::rms_norm_reference(xb, wb, 1e-6, out);
+    ASSERT_EQ(ya.scalar_type(), out);
+    EXPECT_LT(relative_error(ya.to(at::kFloat), yb.to(at::kFloat)), 1e-6);
+    ya.backward(g.to(out));
+    yb.backward(g.to(out));
+    EXPECT_LT(relative_error(xa.grad(), xb.grad()), 1e-5);
+    EXPECT_LT(relative_error(wa.grad(), wb.grad()), 1e-5);
+    EXPECT_EQ(xa.grad().scalar_type(), at::kFloat);
+  }
+}
+
+}  // namespace
