@@ -12,13 +12,13 @@ scripts/build.sh bench_step bench_collectives moe-data moe-train >/dev/null
 build/launch/moe-data prepare --config configs/tiny.yaml >/dev/null
 isa=$(grep -o -w 'avx512_bf16\|amx_bf16\|avx512f\|avx2' /proc/cpuinfo | sort -u | xargs)
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), ISA: $isa"
-echo "== FrugalMoE C++ step, configs/tiny.yaml (seq 256 x batch 16); the first line is precision auto's choice"
-auto_log=$(build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.precision=auto)
+echo "== FrugalMoE C++ step, configs/tiny.yaml at seq 256 x batch 16 (the plain-PyTorch batch); the first line is precision auto's choice"
+auto_log=$(build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.micro_batch_size=16 --set training.precision=auto)
 echo "$auto_log"
 chosen=$(echo "$auto_log" | sed -n 's/^precision auto -> \([a-z0-9]*\).*/\1/p')
 other=$([ "$chosen" = fp32 ] && echo bf16 || echo fp32)
 echo "-- the other precision ($other), for comparison"
-build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.precision="$other"
+build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.micro_batch_size=16 --set training.precision="$other"
 echo "== plain PyTorch, same model and threads, at the chosen precision ($chosen), eager then torch.compile"
 flag=$([ "$chosen" = bf16 ] && echo --bf16 || true)
 python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" $flag

@@ -104,7 +104,7 @@ struct BudgetConfig {
   double max_gpu_hours = 0;     // 0: no limit
   int64_t max_tokens = 0;       // 0: no limit
   double max_minutes = 0;       // wall-clock minutes of training (steps, evaluation, checkpoints); 0: no limit
-  int64_t calibration_steps = 10;  // steps timed before a time-sized schedule is fixed
+  int64_t calibration_steps = 20;  // steps timed before a time-sized schedule is fixed
   std::string validate() const;
   bool limited() const { return max_usd > 0 || max_gpu_hours > 0 || max_tokens > 0 || max_minutes > 0; }
   bool limited_in_time() const { return max_usd > 0 || max_gpu_hours > 0 || max_minutes > 0; }

@@ -74,7 +74,7 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, v=8192, d=256, layers=6, heads=4, kv=2, ffn=1024, dense=1, experts=16, k=4, f=256, shared=1):
+    def __init__(self, v=8192, d=256, layers=4, heads=4, kv=2, ffn=1024, dense=1, experts=16, k=4, f=256, shared=1):
         super().__init__()
         self.emb = nn.Embedding(v, d)
         self.blocks = nn.ModuleList(

@@ -8,7 +8,7 @@ source "$(dirname "$0")/common.sh"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 PLAN="$BIN_DIR/moe-plan"
 TINY=(--config "$ROOT/configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" --set "data.tokenizer=$CORPUS/tok.model"
-      --set training.steps=12 --set optimizer.warmup_steps=2 --set training.eval_interval=12 --set training.eval_sequences=32
+      --set training.micro_batch_size=16 --set training.steps=12 --set optimizer.warmup_steps=2 --set training.eval_interval=12 --set training.eval_sequences=32
       --set training.checkpoint_interval=12 --set training.log_interval=4)
 for ranks in 1 2; do
   run="$WORK_DIR/memory$ranks"; rm -rf "$run"

@@ -42,7 +42,7 @@ TEST(Config, RangesAreValidated) {
             "run.yaml: training.steps: 0 sizes the run by the budget, but no budget limit is set (budget.max_minutes, "
             "max_gpu_hours, max_usd or max_tokens)");
   EXPECT_EQ(error_of("training:\n  steps: 0\noptimizer:\n  warmup_steps: 5\nbudget:\n  max_minutes: 8\n"),
-            "run.yaml: optimizer.warmup_steps: 5 is shorter than budget.calibration_steps 10; a budget-sized schedule is "
+            "run.yaml: optimizer.warmup_steps: 5 is shorter than budget.calibration_steps 20; a budget-sized schedule is "
             "fixed during warmup");
   EXPECT_EQ(error_of("training:\n  steps: 0\noptimizer:\n  warmup_steps: 5\nbudget:\n  max_tokens: 4096\n"), "");
   EXPECT_EQ(error_of("training:\n  precision: fp16\n"), "run.yaml: training.precision: must be auto, bf16 or fp32, got 'fp16'");
