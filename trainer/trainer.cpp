@@ -319,9 +319,19 @@ void Trainer::Impl::fix_schedule(double step_seconds, double eval_seconds, int64
   const BudgetConfig& b = config.budget;
   // Injected times (tests) stand for the clock too, so the decision is reproducible.
   const bool injected = injected_calibration(step_seconds, eval_seconds);
+  double elapsed = injected ? step_seconds * static_cast<double>(state.step) + eval_seconds : state.elapsed_seconds;
+  if (world_size > 1) {
+    // Every rank must fix the same length, or the last steps' collectives would hang:
+    // all take the slowest rank's times.
+    at::Tensor times = at::tensor({step_seconds, eval_seconds, elapsed}, at::kDouble);
+    mesh->world().all_reduce(times, {parallel::ReduceOp::kMax})->wait();
+    step_seconds = times[0].item<double>();
+    eval_seconds = times[1].item<double>();
+    elapsed = times[2].item<double>();
+  }
   ScheduleInputs in;
   in.limit_seconds = budget_seconds(b, world_size);
-  in.elapsed_seconds = injected ? step_seconds * static_cast<double>(state.step) + eval_seconds : state.elapsed_seconds;
+  in.elapsed_seconds = elapsed;
   in.decided_at_step = state.step;
   in.step_seconds = step_seconds;
   in.eval_seconds = eval_seconds;

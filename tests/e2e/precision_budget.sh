@@ -56,3 +56,17 @@ python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["schedule"]; assert 
 [ "$(grep -c '^schedule:' "$b.log")" -eq 1 ] || { cat "$b.log"; fail "the schedule was decided more than once"; }
 diff <(losses "$a/metrics.jsonl") <(losses "$b/metrics.jsonl") || fail "the resumed budget-sized run differs"
 echo "ok: a budget-sized schedule is fixed once and resumes bit for bit"
+
+# Two ranks time their steps apart; they must still fix one length (measured, not injected).
+unset FMOE_CALIBRATION
+c="$WORK_DIR/sized_ranks"; rm -rf "$c"
+mpirun --bind-to none -np 2 "$TRAIN" $(micro_args "$c") --set training.steps=0 --set budget.max_minutes=0.1 \
+  --set budget.calibration_steps=4 --set optimizer.warmup_steps=5 --set parallel.ep=2 > "$c.log" 2>&1 \
+  || { cat "$c.log"; fail "a budget-sized run on two ranks failed"; }
+python3 - "$c" <<'PY' || fail "the two-rank budget-sized run is inconsistent"
+import json, sys
+rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
+total = [r for r in rows if "schedule" in r][0]["schedule"]["total_steps"]
+assert len(rows) == total and rows[-1]["step"] == total, (len(rows), total)
+print(f"two ranks: {total} steps fixed and run")
+PY
