@@ -1,10 +1,14 @@
 #include "trainer/budget.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
+
+#include "parallel/communicator.h"
 
 namespace fmoe::trainer {
 
@@ -28,6 +32,30 @@ int64_t size_schedule(const ScheduleInputs& in) {
     total = total > 0 ? std::min(total, by_time) : by_time;
   }
   return std::max(total, in.decided_at_step + 1);
+}
+
+void agree_over_ranks(ScheduleInputs& in, parallel::Communicator& world) {
+  if (world.size() == 1) return;
+  at::Tensor times = at::tensor({in.step_seconds, in.eval_seconds, in.elapsed_seconds}, at::kDouble);
+  world.all_reduce(times, {parallel::ReduceOp::kMax})->wait();
+  in.step_seconds = times[0].item<double>();
+  in.eval_seconds = times[1].item<double>();
+  in.elapsed_seconds = times[2].item<double>();
+}
+
+std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int64_t max_tokens, int64_t tokens_per_step) {
+  char text[320];
+  if (in.limit_seconds > 0) {
+    std::snprintf(text, sizeof(text),
+                  "schedule: %lld steps, fixed at step %lld from %.3f s/step and %.2f s per validation pass "
+                  "(%.0f%% of a %.1f-minute budget planned, %.1f s spent)",
+                  static_cast<long long>(total_steps), static_cast<long long>(in.decided_at_step), in.step_seconds,
+                  in.eval_seconds, 100 * kBudgetPlannedFraction, in.limit_seconds / 60, in.elapsed_seconds);
+  } else {
+    std::snprintf(text, sizeof(text), "schedule: %lld steps from budget.max_tokens %lld (%lld tokens/step)",
+                  static_cast<long long>(total_steps), static_cast<long long>(max_tokens), static_cast<long long>(tokens_per_step));
+  }
+  return text;
 }
 
 bool injected_calibration(double& step_seconds, double& eval_seconds) {

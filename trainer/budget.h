@@ -10,6 +10,10 @@
 
 #include "trainer/config.h"
 
+namespace fmoe::parallel {
+class Communicator;
+}
+
 namespace fmoe::trainer {
 
 // Of a time-sized schedule: this fraction of the budget is planned, the rest
@@ -35,6 +39,13 @@ struct ScheduleInputs {
 // they trigger and the final one, fits in the planned fraction of what is left;
 // never fewer than decided_at_step + 1, never more than the token limit.
 int64_t size_schedule(const ScheduleInputs& in);
+
+// Every rank must fix the same length, or the last steps' collectives would
+// hang: all take the slowest rank's step, validation and elapsed times.
+void agree_over_ranks(ScheduleInputs& in, parallel::Communicator& world);
+
+// The line that announces a decision of size_schedule.
+std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int64_t max_tokens, int64_t tokens_per_step);
 
 // "step=S,eval=E" from FMOE_CALIBRATION (seconds): replaces the measured times,
 // so that tests can size a schedule deterministically. False when unset.

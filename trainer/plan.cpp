@@ -135,12 +135,10 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
       } else if (key == "runtime_gib") {
         c.runtime_gib = entry.second.as<double>();
         if (!(c.runtime_gib >= 0)) throw ConfigError(where + "runtime_gib: must be >= 0");
-      } else if (key == "activation_overhead") {
-        c.activation_overhead = entry.second.as<double>();
-        if (!(c.activation_overhead >= 1)) throw ConfigError(where + "activation_overhead: must be >= 1");
-      } else if (key == "activation_overhead_fp32") {
-        c.activation_overhead_fp32 = entry.second.as<double>();
-        if (!(c.activation_overhead_fp32 >= 1)) throw ConfigError(where + "activation_overhead_fp32: must be >= 1");
+      } else if (key == "activation_overhead" || key == "activation_overhead_fp32") {
+        double& overhead = key == "activation_overhead" ? c.activation_overhead : c.activation_overhead_fp32;
+        overhead = entry.second.as<double>();
+        if (!(overhead >= 1)) throw ConfigError(where + key + ": must be >= 1");
       } else if (key == "gpus_per_node") {
         c.gpus_per_node = entry.second.as<int64_t>();
       } else {

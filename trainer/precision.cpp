@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "parallel/communicator.h"
+
 namespace fmoe::trainer {
 namespace {
 
@@ -35,6 +37,18 @@ std::string format_rate(double gflops) {
 }
 
 }  // namespace
+
+GemmShape run_gemm_shape(const Config& config) {
+  return {config.training.micro_batch_size * config.training.seq_len, config.model.hidden_size,
+          2 * config.model.moe_ffn_hidden_size};
+}
+
+GemmRates average_over_ranks(const GemmRates& rates, parallel::Communicator& world) {
+  if (world.size() == 1) return rates;
+  at::Tensor both = at::tensor({rates.bf16_gflops, rates.fp32_gflops}, at::kDouble);
+  world.all_reduce(both, {parallel::ReduceOp::kSum})->wait();
+  return {both[0].item<double>() / world.size(), both[1].item<double>() / world.size()};
+}
 
 GemmRates measure_gemm_rates(GemmShape shape, double max_seconds) {
   // A small probe first: where a dtype runs at ~1 GFLOP/s the full shape would take seconds.

@@ -11,6 +11,12 @@
 #include <optional>
 #include <string>
 
+#include "trainer/config.h"
+
+namespace fmoe::parallel {
+class Communicator;
+}
+
 namespace fmoe::trainer {
 
 struct GemmRates {
@@ -22,6 +28,10 @@ struct GemmShape {
   int64_t m = 0, k = 0, n = 0;
 };
 
+// The GEMM a run's precision is chosen at: a micro-batch's tokens through an
+// expert's gate/up projection ([tokens, hidden] x [hidden, 2 moe_ffn]).
+GemmShape run_gemm_shape(const Config& config);
+
 // Times [m, k] x [k, n] in BF16 and in FP32 on the current intra-op threads,
 // each for at most max_seconds (at least one product; m is cut so that one
 // product of the slow kind cannot take much longer).
@@ -30,6 +40,9 @@ GemmRates measure_gemm_rates(GemmShape shape, double max_seconds = 0.4);
 // Rates given in FMOE_GEMM_GFLOPS="bf16=1.3,fp32=121" (tests inject a machine's
 // figures so that the choice does not depend on the machine that runs them).
 std::optional<GemmRates> injected_gemm_rates();
+
+// The mean of every rank's rates, so that all ranks make the same choice.
+GemmRates average_over_ranks(const GemmRates& rates, parallel::Communicator& world);
 
 struct PrecisionChoice {
   at::ScalarType dtype = at::kFloat;

@@ -206,7 +206,7 @@ struct Trainer::Impl {
   // ranks in contiguous slices: the same number on every layout and machine.
   double evaluate() {
     torch::NoGradGuard no_grad;
-    const int64_t total = std::min(config.training.eval_sequences, loader->num_val_windows());
+    const int64_t total = eval_windows();
     const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
     const int64_t rows_per_batch = config.training.micro_batch_size;
     at::Tensor sums = at::zeros({2}, at::kDouble);  // summed per-window mean losses, windows
@@ -271,14 +271,20 @@ struct Trainer::Impl {
     return text;
   }
 
-  // Steps of the run: configured, or fixed by the budget; until a budget-sized
-  // schedule is decided, unbounded (the calibration steps run inside warmup).
+  // Whether the run's length is known: configured, or fixed by the budget.
+  bool length_known() const { return config.training.steps > 0 || state.total_steps > 0; }
+  // Steps of the run; until a budget-sized schedule is decided, unbounded (the
+  // calibration steps run inside warmup).
   int64_t total_steps() const {
     if (config.training.steps > 0) return config.training.steps;
     return state.total_steps > 0 ? state.total_steps : std::numeric_limits<int64_t>::max();
   }
 
+  // The held-out windows validation covers.
+  int64_t eval_windows() const { return std::min(config.training.eval_sequences, loader->num_val_windows()); }
+
   void choose_precision_once();
+  TrainResult evaluate_checkpoint();
   void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
 
   TrainResult run();
@@ -288,71 +294,52 @@ struct Trainer::Impl {
 // averaged over ranks so that every rank makes the same choice; a resumed
 // `auto` run keeps the dtype its checkpoint recorded.
 void Trainer::Impl::choose_precision_once() {
-  const TrainingConfig& tc = config.training;
-  GemmRates rates;
-  if (const auto injected = injected_gemm_rates()) {
-    rates = *injected;
-  } else {
-    rates = measure_gemm_rates({tc.micro_batch_size * tc.seq_len, config.model.hidden_size, 2 * config.model.moe_ffn_hidden_size});
-  }
-  if (world_size > 1) {
-    at::Tensor both = at::tensor({rates.bf16_gflops, rates.fp32_gflops}, at::kDouble);
-    mesh->world().all_reduce(both, {parallel::ReduceOp::kSum})->wait();
-    rates.bf16_gflops = both[0].item<double>() / world_size;
-    rates.fp32_gflops = both[1].item<double>() / world_size;
-  }
-  PrecisionChoice choice = choose_precision(tc.precision, rates);
-  if (tc.precision == "auto" && !state.precision.empty()) {
-    choice = choose_precision(state.precision, rates);
-    choice.message = "precision auto -> " + state.precision + " (kept from the checkpoint; " + choice.message + ")";
-  }
+  const std::string& requested = config.training.precision;
+  const std::optional<GemmRates> injected = injected_gemm_rates();
+  GemmRates rates = injected ? *injected : measure_gemm_rates(run_gemm_shape(config));
+  if (world_size > 1) rates = average_over_ranks(rates, mesh->world());
+  const bool kept = requested == "auto" && !state.precision.empty();
+  PrecisionChoice choice = choose_precision(kept ? state.precision : requested, rates);
+  if (kept) choice.message = "precision auto -> " + state.precision + " (kept from the checkpoint; " + choice.message + ")";
   dtype = choice.dtype;
   state.precision = choice.name;
   log(choice.message);
-  peak_gflops_per_rank = injected_gemm_rates() ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops)
-                                               : measure_peak_gflops(dtype);
+  peak_gflops_per_rank = injected ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops) : measure_peak_gflops(dtype);
 }
 
 // Fixes a budget-sized schedule's length once, from the measured times (or
 // FMOE_CALIBRATION's), and says how it was decided.
 void Trainer::Impl::fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step) {
   const BudgetConfig& b = config.budget;
+  ScheduleInputs in;
   // Injected times (tests) stand for the clock too, so the decision is reproducible.
   const bool injected = injected_calibration(step_seconds, eval_seconds);
-  double elapsed = injected ? step_seconds * static_cast<double>(state.step) + eval_seconds : state.elapsed_seconds;
-  if (world_size > 1) {
-    // Every rank must fix the same length, or the last steps' collectives would hang:
-    // all take the slowest rank's times.
-    at::Tensor times = at::tensor({step_seconds, eval_seconds, elapsed}, at::kDouble);
-    mesh->world().all_reduce(times, {parallel::ReduceOp::kMax})->wait();
-    step_seconds = times[0].item<double>();
-    eval_seconds = times[1].item<double>();
-    elapsed = times[2].item<double>();
-  }
-  ScheduleInputs in;
-  in.limit_seconds = budget_seconds(b, world_size);
-  in.elapsed_seconds = elapsed;
-  in.decided_at_step = state.step;
+  in.elapsed_seconds = injected ? step_seconds * static_cast<double>(state.step) + eval_seconds : state.elapsed_seconds;
   in.step_seconds = step_seconds;
   in.eval_seconds = eval_seconds;
+  if (world_size > 1) agree_over_ranks(in, mesh->world());
+  in.limit_seconds = budget_seconds(b, world_size);
+  in.decided_at_step = state.step;
   in.eval_interval = config.training.eval_interval;
   in.token_limit_steps = b.max_tokens > 0 ? std::max<int64_t>(1, b.max_tokens / tokens_per_step) : 0;
   state.total_steps = size_schedule(in);
-  state.calibrated_step_seconds = step_seconds;
-  state.calibrated_eval_seconds = eval_seconds;
-  char text[320];
-  if (in.limit_seconds > 0) {
-    std::snprintf(text, sizeof(text),
-                  "schedule: %lld steps, fixed at step %lld from %.3f s/step and %.2f s per validation pass "
-                  "(%.0f%% of a %.1f-minute budget planned, %.1f s spent)",
-                  static_cast<long long>(state.total_steps), static_cast<long long>(state.step), step_seconds, eval_seconds,
-                  100 * kBudgetPlannedFraction, in.limit_seconds / 60, in.elapsed_seconds);
-  } else {
-    std::snprintf(text, sizeof(text), "schedule: %lld steps from budget.max_tokens %lld (%lld tokens/step)",
-                  static_cast<long long>(state.total_steps), static_cast<long long>(b.max_tokens),
-                  static_cast<long long>(tokens_per_step));
-  }
+  state.calibrated_step_seconds = in.step_seconds;
+  state.calibrated_eval_seconds = in.eval_seconds;
+  log(describe_schedule(in, state.total_steps, b.max_tokens, tokens_per_step));
+}
+
+// --eval-only: validation of a checkpoint's weights under this run's layout; nothing is written.
+TrainResult Trainer::Impl::evaluate_checkpoint() {
+  choose_precision_once();
+  TrainResult result;
+  result.final_step = state.step;
+  result.final_val_loss = evaluate();
+  char text[128];
+  std::snprintf(text, sizeof(text), "eval step %lld: val_loss %.7f (%lld held-out sequences, layout %s)",
+                static_cast<long long>(state.step), result.final_val_loss, static_cast<long long>(eval_windows()),
+                layout_name().c_str());
   log(text);
+  return result;
 }
 
 Trainer::Trainer(Config config, TrainerOptions options) : impl_(std::make_unique<Impl>()) {
@@ -469,19 +456,7 @@ TrainResult Trainer::Impl::run() {
     restore(*latest);
   }
 
-  if (options.eval_only) {
-    // Validation of a checkpoint's weights under this run's layout: nothing is written.
-    choose_precision_once();
-    TrainResult result;
-    result.final_step = state.step;
-    result.final_val_loss = evaluate();
-    char text[128];
-    std::snprintf(text, sizeof(text), "eval step %lld: val_loss %.7f (%lld held-out sequences, layout %s)",
-                  static_cast<long long>(state.step), result.final_val_loss,
-                  static_cast<long long>(std::min(tc.eval_sequences, loader->num_val_windows())), layout_name().c_str());
-    log(text);
-    return result;
-  }
+  if (options.eval_only) return evaluate_checkpoint();
   std::unique_ptr<MetricsWriter> metrics;
   if (rank == 0) {
     std::filesystem::create_directories(tc.run_dir);
@@ -521,7 +496,7 @@ TrainResult Trainer::Impl::run() {
     log("validation: training.eval_sequences " + std::to_string(tc.eval_sequences) + " exceeds the " +
         std::to_string(loader->num_val_windows()) + " held-out windows; evaluating all of them");
   }
-  if (tc.steps == 0 && state.total_steps == 0 && !budget.limited_in_time()) fix_schedule(0, 0, tokens_per_step);
+  if (!length_known() && !budget.limited_in_time()) fix_schedule(0, 0, tokens_per_step);
   if (tc.steps > 0 && budget.max_tokens > 0 && budget.max_tokens < tc.steps * tokens_per_step) {
     log("budget warning: " + std::to_string(tc.steps * tokens_per_step) + " tokens planned, budget.max_tokens is " +
         std::to_string(budget.max_tokens) + ": the run will stop near step " + std::to_string(budget.max_tokens / tokens_per_step));
@@ -548,7 +523,7 @@ TrainResult Trainer::Impl::run() {
   const char* stall_rank = std::getenv("FMOE_STALL_RANK");
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
 
-  std::vector<double> timed_steps;  // step times of this invocation, for a budget-sized schedule
+  std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
   for (int64_t step = state.step; step < total_steps(); ++step) {
     if (stall_rank && std::atoi(stall_rank) == rank && step == stall_step) std::this_thread::sleep_for(std::chrono::hours(1));
     const auto step_start = Clock::now();
@@ -565,7 +540,7 @@ TrainResult Trainer::Impl::run() {
       losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
     }
     // Before a budget-sized schedule is fixed the steps are in warmup, where the rate ignores the length.
-    const double lr = learning_rate(cfg.optimizer, step, state.total_steps > 0 || tc.steps > 0 ? total_steps() : step + 1);
+    const double lr = learning_rate(cfg.optimizer, step, length_known() ? total_steps() : step + 1);
     double grad_norm = 0;
     const auto optimizer_start = Clock::now();
     const double optimizer_comm_start = communication_seconds();
@@ -604,19 +579,19 @@ TrainResult Trainer::Impl::run() {
     const double comm_seconds = communication_seconds() - comm_start;
     train_seconds += step_seconds;
     timed_tokens += tokens_per_step;
-    timed_steps.push_back(step_seconds);
+    if (!length_known()) timed_steps.push_back(step_seconds);
 
     StepRecord record{state.step, loss, -1};
     bool last = state.step == total_steps();
     // A budget-sized schedule is fixed after its calibration steps, from their
     // mean time (the first two of this process warm caches up) and one timed validation pass.
-    const bool deciding = tc.steps == 0 && state.total_steps == 0 && state.step >= budget.calibration_steps;
+    const bool deciding = !length_known() && state.step >= budget.calibration_steps;
     double eval_seconds = 0;
     if ((tc.eval_interval > 0 && state.step % tc.eval_interval == 0) || last || deciding) {
       // A pass can take tens of seconds on a slow CPU: say so before it starts.
       if (rank == 0 && !interactive) {
         std::fprintf(stderr, "eval step %lld: validating on %lld held-out sequences\n", static_cast<long long>(state.step),
-                     static_cast<long long>(std::min(tc.eval_sequences, loader->num_val_windows())));
+                     static_cast<long long>(eval_windows()));
       }
       const auto eval_start = Clock::now();
       record.val_loss = evaluate();
@@ -675,11 +650,10 @@ TrainResult Trainer::Impl::run() {
       line["expert_load_mean"] = mean_load;
       metrics->write(line.dump());
 
-      const bool known = tc.steps > 0 || state.total_steps > 0;
-      const int64_t total = known ? total_steps() : 0;
+      const int64_t total = length_known() ? total_steps() : 0;
       ProgressLine progress{state.step, total, loss, lr, tokens_per_second, mfu,
                             (total - state.step) * train_seconds / std::max<int64_t>(1, timed_tokens / tokens_per_step),
-                            known ? spend_text(total) : ""};
+                            total > 0 ? spend_text(total) : ""};
       if (interactive) {
         std::fprintf(stderr, "\r%s", progress.format().c_str());
         if (last) std::fprintf(stderr, "\n");

@@ -32,8 +32,7 @@ int main(int argc, char** argv) {
     const int64_t warmup = 2;
     const auto& tc = cfg.training;
     if (tc.threads > 0) at::set_num_threads(static_cast<int>(tc.threads));
-    const trainer::GemmRates rates = trainer::measure_gemm_rates(
-        {tc.micro_batch_size * tc.seq_len, cfg.model.hidden_size, 2 * cfg.model.moe_ffn_hidden_size});
+    const trainer::GemmRates rates = trainer::measure_gemm_rates(trainer::run_gemm_shape(cfg));
     const trainer::PrecisionChoice choice = trainer::choose_precision(tc.precision, rates);
     std::printf("%s\n", choice.message.c_str());
     const at::ScalarType dtype = choice.dtype;
