@@ -96,7 +96,7 @@ class Communicator {
   std::chrono::milliseconds default_timeout() const { return default_timeout_; }
   // Seconds this rank has spent blocked in Work::wait on this group: the
   // communication time compute did not hide.
-  double wait_seconds() const { return *wait_seconds_; }
+  virtual double wait_seconds() const { return *wait_seconds_; }
 
  protected:
   std::chrono::milliseconds resolve(std::chrono::milliseconds timeout) const {

@@ -52,7 +52,7 @@ void GradientSync::on_gradient(size_t b, size_t i, const at::Tensor& grad) {
   if (!armed_) return;
   Bucket& bucket = buckets_[b];
   if (bucket.work || bucket.filled[i]) return;
-  if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, at::kFloat);
+  if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, bucket.params.front().options().dtype(at::kFloat));
   // The step's gradient is what earlier micro-batches accumulated plus this one.
   const at::Tensor& param = bucket.params[i];
   at::Tensor slot = bucket.flat.narrow(0, bucket.offsets[i], param.numel());
@@ -79,7 +79,7 @@ void GradientSync::sync() {
   // Buckets backward did not complete, in bucket order (the same on every rank).
   for (Bucket& bucket : buckets_) {
     if (bucket.work) continue;
-    if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, at::kFloat);
+    if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, bucket.params.front().options().dtype(at::kFloat));
     for (size_t i = 0; i < bucket.params.size(); ++i) {
       if (bucket.filled[i]) continue;
       const at::Tensor& p = bucket.params[i];
@@ -123,10 +123,17 @@ void sum_partial_gradients_over_tp(const std::vector<at::Tensor>& params, const 
   }
 }
 
-double global_grad_square_sum(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
-                              const std::vector<bool>& expert, const Mesh& mesh, const std::vector<bool>* owned) {
-  // [replicated, tp-sharded dense, expert], accumulated as tensors: one host sync at the end.
-  at::Tensor sums = at::zeros({3}, at::kDouble);
+at::Tensor global_grad_square_sum(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
+                                  const std::vector<bool>& expert, const Mesh& mesh, const std::vector<bool>* owned) {
+  // [replicated, tp-sharded dense, expert], accumulated as tensors on the gradients' device.
+  at::TensorOptions options = at::TensorOptions().dtype(at::kDouble);
+  for (const at::Tensor& g : grads) {
+    if (g.defined()) {
+      options = options.device(g.device());
+      break;
+    }
+  }
+  at::Tensor sums = at::zeros({3}, options);
   for (size_t i = 0; i < grads.size(); ++i) {
     if (!grads[i].defined() || (owned && !(*owned)[i])) continue;
     const int64_t slot = expert[i] ? 2 : (sharded_over_tp[i] ? 1 : 0);
@@ -144,7 +151,7 @@ double global_grad_square_sum(const std::vector<at::Tensor>& grads, const std::v
   if (mesh.shape().tp > 1) mesh.tp().all_reduce(tp_part, {ReduceOp::kSum})->wait();
   at::Tensor expert_part = sums.narrow(0, 2, 1);
   if (mesh.shape().ep > 1) mesh.ep().all_reduce(expert_part, {ReduceOp::kSum})->wait();
-  return sums.sum().item<double>();
+  return sums.sum();
 }
 
 }  // namespace fmoe::parallel

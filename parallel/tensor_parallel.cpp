@@ -40,7 +40,7 @@ class VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallel
     const at::Tensor local_target = targets - vocab_start;
     const at::Tensor mine = (local_target >= 0) & (local_target < local_vocab);
     const at::Tensor index = at::where(mine, local_target, at::zeros_like(local_target));
-    at::Tensor target_logit = at::where(mine, shifted.gather(1, index.unsqueeze(1)).squeeze(1), at::zeros({}, at::kFloat)).contiguous();
+    at::Tensor target_logit = at::where(mine, shifted.gather(1, index.unsqueeze(1)).squeeze(1), at::zeros({}, x.options())).contiguous();
     at::Tensor both = at::stack({sum_exp, target_logit});
     tp->all_reduce(both, {ReduceOp::kSum})->wait();
     const at::Tensor lse = both[0].log();

@@ -5,6 +5,10 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cstdlib>
+#include <string>
+
+#include "parallel/device_communicators.h"
 #include "tests/parallel/mpi_test_env.h"
 
 namespace fmoe::testing {
@@ -26,6 +30,11 @@ int main(int argc, char** argv) {
     delete listeners.Release(listeners.default_result_printer());
   }
   fmoe::testing::world_communicator() = fmoe::parallel::make_mpi_world_communicator();
+  // FMOE_TEST_HOST_STAGING=1: every collective goes through the host-staging
+  // layer that moves CUDA tensors over MPI, here staging CPU tensors too.
+  if (const char* staged = std::getenv("FMOE_TEST_HOST_STAGING"); staged && std::string(staged) == "1") {
+    fmoe::testing::world_communicator() = fmoe::parallel::with_host_staging(fmoe::testing::world_communicator(), /*always=*/true);
+  }
   int failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
   int any_failed = 0;
   MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);

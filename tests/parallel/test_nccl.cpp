@@ -4,7 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <torch/torch.h>
 
+#include "moe/dispatch.h"
+#include "moe/expert_parallel.h"
+#include "moe/grouped_swiglu.h"
 #include "parallel/nccl/nccl_communicator.h"
 #include "tests/parallel/mpi_test_env.h"
 
@@ -76,6 +80,52 @@ TEST_F(Nccl, GatherScatterBroadcastAndAllToAll) {
       EXPECT_EQ(host[row][0].item<float>(), static_cast<float>(s));
       EXPECT_EQ(host[row][1].item<float>(), static_cast<float>(r));
     }
+  }
+}
+
+// A real MoE step's communication on device tensors: the expert all-to-all
+// (counts exchange, then rows, forward and backward) over NCCL with every
+// expert's rows, then the gradient all-reduce; against the same experts run
+// without communication. At one rank (gpu_check.sh) the exchange is with itself.
+TEST_F(Nccl, ExpertAllToAllAndGradientAllReduceOfARealStep) {
+  const int64_t n = nccl_->size();
+  const at::Device cuda(at::kCUDA, 0);
+  torch::manual_seed(7);  // the same weights on every rank; each rank its own tokens below
+  const int64_t experts = 4 * n, hidden = 32, ffn = 16, tokens = 24, k = 2;
+  const at::Tensor w13_all = (at::randn({experts, hidden, 2 * ffn}) * 0.1).to(cuda);
+  const at::Tensor w2_all = (at::randn({experts, ffn, hidden}) * 0.1).to(cuda);
+  torch::manual_seed(100 + nccl_->rank());
+  const at::Tensor x = at::randn({tokens, hidden}).to(cuda);
+  const at::Tensor chosen = std::get<1>(at::rand({tokens, experts}).topk(k, -1)).to(cuda);
+  const at::Tensor probs = at::rand({tokens, k}).to(cuda);
+  const int64_t local = experts / n, first = nccl_->rank() * local;
+
+  // Through NCCL: this rank's experts are [first, first + local).
+  const at::Tensor w13 = w13_all.narrow(0, first, local).clone().requires_grad_();
+  const at::Tensor w2 = w2_all.narrow(0, first, local).clone().requires_grad_();
+  const at::Tensor xa = x.clone().requires_grad_();
+  const fmoe::moe::ExpertCompute compute = [&](const at::Tensor& rows_x, const std::vector<int64_t>& rows) {
+    return fmoe::moe::grouped_swiglu(rows_x, w13, w2, rows);
+  };
+  const std::unique_ptr<Communicator> tp = nccl_->split(static_cast<int>(nccl_->rank()), 0);  // a group of one
+  const at::Tensor out = fmoe::moe::dispatch_all_to_all(xa, chosen, probs, experts, compute, *nccl_, *tp, {});
+  out.square().sum().backward();
+  // The data-parallel gradient reduction of the expert weights, as a bucket.
+  at::Tensor bucket = at::cat({w13.grad().reshape({-1}), w2.grad().reshape({-1})}).contiguous();
+  nccl_->all_reduce(bucket, {ReduceOp::kSum})->wait();
+
+  // Locally, all experts on this rank's own tokens.
+  const at::Tensor w13_ref = w13_all.clone().requires_grad_(), w2_ref = w2_all.clone().requires_grad_();
+  const at::Tensor x_ref = x.clone().requires_grad_();
+  const fmoe::moe::DispatchPlan plan = fmoe::moe::make_dispatch_plan(chosen, experts);
+  const at::Tensor y = fmoe::moe::grouped_swiglu(fmoe::moe::permute_tokens(x_ref, plan), w13_ref, w2_ref, plan.rows_per_expert);
+  const at::Tensor ref = fmoe::moe::unpermute_and_combine(y, probs, plan);
+  ref.square().sum().backward();
+  EXPECT_LT(((out - ref).norm() / ref.norm()).item<double>(), 1e-5);
+  EXPECT_LT(((xa.grad() - x_ref.grad()).norm() / x_ref.grad().norm()).item<double>(), 1e-5);
+  if (n == 1) {  // the all-reduce over one rank returns this rank's gradient
+    const at::Tensor expected = at::cat({w13_ref.grad().reshape({-1}), w2_ref.grad().reshape({-1})});
+    EXPECT_LT(((bucket - expected).norm() / expected.norm()).item<double>(), 1e-5);
   }
 }
 
