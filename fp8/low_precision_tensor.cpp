@@ -38,9 +38,10 @@ std::string storage_dtype_name(StorageDtype dtype) {
   return "?";
 }
 
-LowPrecisionTensor::LowPrecisionTensor(at::IntArrayRef shape, StorageDtype dtype, int64_t block_size, bool sqrt_transform)
+LowPrecisionTensor::LowPrecisionTensor(at::IntArrayRef shape, StorageDtype dtype, int64_t block_size, bool sqrt_transform,
+                                       c10::Device device)
     : shape_(shape.vec()), dtype_(dtype), block_size_(block_size), sqrt_transform_(sqrt_transform) {
-  store(at::zeros(shape, at::kFloat));
+  store(at::zeros(shape, at::TensorOptions().dtype(at::kFloat).device(device)));
 }
 
 void LowPrecisionTensor::store(const at::Tensor& value) {
@@ -49,10 +50,11 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
     case StorageDtype::kFp32: data_ = v.clone(); break;
     case StorageDtype::kBf16: data_ = v.to(at::kBFloat16); break;
     case StorageDtype::kFp16: {
-      const double amax = v.abs().max().item<double>();
-      const double scale = amax > 0 ? std::exp2(std::ceil(std::log2(amax / kFp16Target))) : 1.0;
-      scales_ = at::full({1}, scale, at::kFloat);
-      data_ = (v / scale).to(at::kHalf);
+      // A power-of-two scale from the max-abs, computed where the data lives (no host read-back).
+      const at::Tensor amax = v.abs().max().to(at::kDouble);
+      const at::Tensor scale = at::where(amax > 0, at::exp2(at::ceil(at::log2(amax / kFp16Target))), at::ones_like(amax));
+      scales_ = scale.to(at::kFloat).reshape({1});
+      data_ = (v / scales_).to(at::kHalf);
       break;
     }
     case StorageDtype::kFp8: {
@@ -103,13 +105,13 @@ void LowPrecisionTensor::restore(const std::map<std::string, at::Tensor>& parts,
   if (data == parts.end() || data->second.scalar_type() != data_.scalar_type() || !data->second.sizes().equals(data_.sizes())) {
     throw std::runtime_error(source + ": stored " + storage_dtype_name(dtype_) + " state has the wrong dtype or shape");
   }
-  data_ = data->second.clone();
+  data_ = data->second.to(data_.device(), /*non_blocking=*/false, /*copy=*/true);
   if (scales_.defined()) {
     const auto scales = parts.find("scales");
     if (scales == parts.end() || !scales->second.sizes().equals(scales_.sizes())) {
       throw std::runtime_error(source + ": stored " + storage_dtype_name(dtype_) + " state is missing its scales");
     }
-    scales_ = scales->second.clone();
+    scales_ = scales->second.to(scales_.device(), /*non_blocking=*/false, /*copy=*/true);
   }
 }
 

@@ -22,7 +22,9 @@ std::string storage_dtype_name(StorageDtype dtype);
 class LowPrecisionTensor {
  public:
   LowPrecisionTensor() = default;
-  LowPrecisionTensor(at::IntArrayRef shape, StorageDtype dtype, int64_t block_size = 128, bool sqrt_transform = false);
+  // Zeros of shape, stored on device.
+  LowPrecisionTensor(at::IntArrayRef shape, StorageDtype dtype, int64_t block_size = 128, bool sqrt_transform = false,
+                     c10::Device device = c10::kCPU);
 
   void store(const at::Tensor& value);  // any float tensor of the shape
   at::Tensor load() const;              // fp32, the shape

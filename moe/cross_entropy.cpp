@@ -33,10 +33,11 @@ class ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const int64_t rows = logits.size(0);
     // d loss / d logits = (softmax - onehot) * grad / N
-    const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
+    // The incoming gradient stays a device scalar: reading it back would stall a GPU.
+    const at::Tensor scale = grad_outputs[0].to(at::kFloat) / static_cast<double>(rows);
     at::Tensor grad = at::empty_like(logits);
     const bool fp32 = logits.scalar_type() == at::kFloat;  // then each chunk is computed in place in grad
-    const at::Tensor minus_one = at::full({chunk, 1}, -1.0f);
+    const at::Tensor minus_one = at::full({chunk, 1}, -1.0f, logits.options().dtype(at::kFloat));
     for (int64_t start = 0; start < rows; start += chunk) {
       const int64_t n = std::min(chunk, rows - start);
       at::Tensor p = fp32 ? grad.narrow(0, start, n) : at::empty({n, logits.size(1)}, logits.options().dtype(at::kFloat));

@@ -13,7 +13,8 @@ namespace fmoe::moe {
 
 struct DispatchPlan {
   at::Tensor tokens_per_expert_E;           // int64 [E]: real rows per expert
-  std::vector<int64_t> rows_per_expert;     // padded rows per expert (host): the grouped GEMM shapes
+  std::vector<int64_t> rows_per_expert;     // padded rows per expert (host): the grouped GEMM shapes; empty when not asked for
+  at::Tensor ends_E;                        // int32 [E] on the device: cumulative ends of rows_per_expert
   at::Tensor gather_index_P;                // int64 [P]: source token of each padded row; T for a padding row
   at::Tensor slot_rows_TK;                  // int64 [T, K]: the padded row holding each (token, k) assignment
   int64_t dropped_rows = 0;                 // rows of the skipped group, after every computed one
@@ -28,6 +29,15 @@ struct DispatchPlan {
 // and unpermute_and_combine gives it zero output.
 DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts, int64_t pad_multiple = 1,
                                 const at::Tensor& keep_TK = {});
+
+// The same plan without padding or skipped assignments, computed on experts_TK's
+// device with no copy to the host: rows_per_expert stays empty and the experts
+// take their groups from ends_E (a GPU step then never waits on the router).
+DispatchPlan make_device_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts);
+
+// int64 [E]: how many of experts_TK's choices name each expert, on its device
+// (without the host read-back that bincount does on a GPU).
+at::Tensor count_per_expert(const at::Tensor& experts_TK, int64_t num_experts);
 
 // x_TD -> x_PD: each token's row once per chosen expert, grouped by expert, zero rows as
 // padding; the rows of the computed groups only.

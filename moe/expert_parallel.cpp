@@ -8,7 +8,7 @@
 namespace fmoe::moe {
 
 at::Tensor expert_major_order(const at::Tensor& counts_SE) {
-  const at::Tensor counts = counts_SE.to(at::kLong).contiguous();
+  const at::Tensor counts = counts_SE.to(at::kCPU).to(at::kLong).contiguous();
   const int64_t sources = counts.size(0), experts = counts.size(1);
   const int64_t* c = counts.data_ptr<int64_t>();
   // Offsets of block (s, e) in the received (source-major) layout.
@@ -34,7 +34,7 @@ at::Tensor expert_major_order(const at::Tensor& counts_SE) {
 namespace {
 
 std::vector<int64_t> to_vector(const at::Tensor& t) {
-  const at::Tensor c = t.to(at::kLong).contiguous();
+  const at::Tensor c = t.to(at::kCPU).to(at::kLong).contiguous();
   return {c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()};
 }
 
@@ -52,13 +52,16 @@ at::Tensor dispatch_all_to_all(const at::Tensor& x_TD, const at::Tensor& experts
   at::Tensor send_counts = plan.tokens_per_expert_E.reshape({ranks, local}).contiguous();
   at::Tensor recv_counts = at::empty_like(send_counts);
   ep.all_to_all(recv_counts, send_counts, {}, {}, {})->wait();
-  const std::vector<int64_t> input_splits = to_vector(send_counts.sum(1));
-  const std::vector<int64_t> output_splits = to_vector(recv_counts.sum(1));
+  // The one host read of the exchange (a device synchronisation on a GPU): the row splits size the buffers.
+  const at::Tensor counts_host = at::cat({send_counts, recv_counts}).to(at::kCPU);
+  const at::Tensor send_host = counts_host.narrow(0, 0, ranks), recv_host = counts_host.narrow(0, ranks, ranks);
+  const std::vector<int64_t> input_splits = to_vector(send_host.sum(1));
+  const std::vector<int64_t> output_splits = to_vector(recv_host.sum(1));
   // Communication, then the local experts over rows regrouped expert-major.
   const at::Tensor x_received = parallel::all_to_all_rows(x_sorted, output_splits, input_splits, ep);
-  const at::Tensor order = expert_major_order(recv_counts);
-  const at::Tensor y_expert_major = experts(x_received.index_select(0, order), to_vector(recv_counts.sum(0)));
-  const at::Tensor inverse = at::empty_like(order).index_put_({order}, at::arange(order.numel(), at::kLong));
+  const at::Tensor order = expert_major_order(recv_host).to(x_TD.device());
+  const at::Tensor y_expert_major = experts(x_received.index_select(0, order), to_vector(recv_host.sum(0)));
+  const at::Tensor inverse = at::empty_like(order).index_put_({order}, at::arange(order.numel(), order.options()));
   // Combine: back to the source ranks, summed over tp, weighted by the routing probabilities.
   const at::Tensor y_sorted = parallel::all_to_all_rows(y_expert_major.index_select(0, inverse), input_splits, output_splits, ep);
   return unpermute_and_combine(parallel::reduce_from_group(y_sorted, tp), probs_TK, plan);

@@ -1,9 +1,14 @@
 #include "moe/grouped_swiglu.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <stdexcept>
+#include <string>
 
 #include "fp8/fp8_gemm.h"
 
@@ -111,6 +116,53 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
   }
 };
 
+// sum over each group's rows of a_g^T b_g: [S, P] x [S, Q] -> [G, P, Q], one
+// grouped call with the groups along the reduction dim. The operands are laid
+// out as LibTorch's grouped kernel wants them (the first row-major, the second
+// column-major, the reduction dim padded to 16 bytes); groups without rows are
+// set to zero rather than trusted to be.
+at::Tensor grouped_weight_grad(const at::Tensor& a_SP, const at::Tensor& b_SQ, const at::Tensor& ends_G) {
+  const int64_t rows = a_SP.size(0);
+  const int64_t padded = (rows + 7) / 8 * 8;
+  at::Tensor a_PS = at::zeros({a_SP.size(1), padded}, a_SP.options());
+  a_PS.narrow(1, 0, rows).copy_(a_SP.t());
+  at::Tensor b_QS = at::zeros({b_SQ.size(1), padded}, b_SQ.options());
+  b_QS.narrow(1, 0, rows).copy_(b_SQ.t());
+  at::Tensor grad = at::_grouped_mm(a_PS, b_QS.t(), ends_G);
+  const at::Tensor starts = at::cat({at::zeros({1}, ends_G.options()), ends_G.narrow(0, 0, ends_G.size(0) - 1)});
+  return grad.masked_fill_((ends_G == starts).view({-1, 1, 1}), 0);
+}
+
+class GroupedSwiGLUGroupedMm : public torch::autograd::Function<GroupedSwiGLUGroupedMm> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                            const at::Tensor& ends) {
+    const int64_t ffn = w2.size(1);
+    const at::Tensor h = at::_grouped_mm(x, w13, ends);
+    const at::Tensor a = at::silu(h.narrow(1, 0, ffn)) * h.narrow(1, ffn, ffn);
+    ctx->save_for_backward({x, w13, w2, h, ends});
+    return at::_grouped_mm(a, w2, ends);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w13 = saved[1], &w2 = saved[2], &h = saved[3], &ends = saved[4];
+    const at::Tensor dy = grad_outputs[0].to(h.scalar_type()).contiguous();
+    const int64_t ffn = w2.size(1);
+    const at::Tensor gate = h.narrow(1, 0, ffn), up = h.narrow(1, ffn, ffn);
+    const at::Tensor silu = at::silu(gate);
+    const at::Tensor da = at::_grouped_mm(dy, w2.transpose(1, 2), ends);
+    const at::Tensor dw2 = grouped_weight_grad(silu * up, dy, ends);
+    at::Tensor dh = at::empty({x.size(0), 2 * ffn}, h.options());
+    at::Tensor dgate = dh.narrow(1, 0, ffn), dup = dh.narrow(1, ffn, ffn);
+    at::silu_backward_out(dgate, da * up, gate);
+    at::mul_out(dup, da, silu);
+    const at::Tensor dx = at::_grouped_mm(dh, w13.transpose(1, 2), ends);
+    const at::Tensor dw13 = grouped_weight_grad(x, dh, ends);
+    return {dx, dw13, dw2, at::Tensor()};
+  }
+};
+
 void check_shapes(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const std::vector<int64_t>& rows,
                   bool fp8 = false) {
   int64_t total = 0;
@@ -128,6 +180,74 @@ at::Tensor grouped_swiglu(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, co
                           const std::vector<int64_t>& rows_per_group, bool fp8) {
   check_shapes(x_SD, w13_GD2F, w2_GFD, rows_per_group, fp8);
   return GroupedSwiGLU::apply(x_SD.contiguous(), w13_GD2F.contiguous(), w2_GFD.contiguous(), rows_per_group, fp8);
+}
+
+at::Tensor grouped_swiglu_grouped_mm(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
+                                     const at::Tensor& ends_G) {
+  if (x_SD.dim() != 2 || w13_GD2F.dim() != 3 || w2_GFD.dim() != 3 || ends_G.dim() != 1 || ends_G.size(0) != w13_GD2F.size(0) ||
+      ends_G.scalar_type() != at::kInt || x_SD.scalar_type() != w13_GD2F.scalar_type() || w13_GD2F.size(1) != x_SD.size(1) ||
+      w13_GD2F.size(2) != 2 * w2_GFD.size(1) || w2_GFD.size(0) != w13_GD2F.size(0)) {
+    throw std::invalid_argument("grouped_swiglu_grouped_mm: inconsistent shapes or dtypes");
+  }
+  return GroupedSwiGLUGroupedMm::apply(x_SD.contiguous(), w13_GD2F.contiguous(), w2_GFD.contiguous(), ends_G.contiguous());
+}
+
+at::Tensor group_ends(const std::vector<int64_t>& rows_per_group, c10::Device device) {
+  std::vector<int32_t> ends(rows_per_group.size());
+  int64_t total = 0;
+  for (size_t g = 0; g < ends.size(); ++g) ends[g] = static_cast<int32_t>(total += rows_per_group[g]);
+  const at::Tensor host = at::tensor(ends, at::kInt);
+  return device.is_cpu() ? host : host.to(device, /*non_blocking=*/false);
+}
+
+namespace {
+
+// The grouped path against the loop on a small problem with an empty group and
+// uneven ones, forward and backward: LibTorch versions and GPUs differ in what
+// their grouped kernel accepts, so it is used only where it agrees.
+bool grouped_mm_agrees(c10::Device device, at::ScalarType dtype) {
+  try {
+    at::AutoGradMode grad_mode(true);  // the first forward may be a validation pass
+    // A private generator: the probe leaves the training run's random streams untouched.
+    at::Generator generator = at::detail::createCPUGenerator(20260101);
+    const auto random = [&](at::IntArrayRef shape, double scale) {
+      return (at::randn(shape, generator, at::TensorOptions().dtype(at::kFloat)) * scale).to(device, dtype);
+    };
+    const std::vector<int64_t> rows{5, 0, 19, 8};
+    const at::Tensor x = random({32, 64}, 1.0), w13 = random({4, 64, 64}, 0.1), w2 = random({4, 32, 64}, 0.1),
+                     dy = random({32, 64}, 1.0);
+    std::vector<at::Tensor> grads[2];
+    for (int path = 0; path < 2; ++path) {
+      const at::Tensor xa = x.clone().requires_grad_(), a = w13.clone().requires_grad_(), b = w2.clone().requires_grad_();
+      const at::Tensor y = path == 0 ? grouped_swiglu(xa, a, b, rows) : grouped_swiglu_grouped_mm(xa, a, b, group_ends(rows, device));
+      y.backward(dy);
+      grads[path] = {y.detach(), xa.grad(), a.grad(), b.grad()};
+    }
+    const double tolerance = dtype == at::kFloat ? 1e-4 : 3e-2;
+    for (size_t i = 0; i < grads[0].size(); ++i) {
+      const at::Tensor ref = grads[0][i].to(at::kFloat), got = grads[1][i].to(at::kFloat);
+      if (!at::allclose(got, ref, tolerance, tolerance)) return false;
+    }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+bool use_grouped_mm(c10::Device device, at::ScalarType dtype) {
+  const char* forced = std::getenv("FMOE_GROUPED_MM");
+  if (forced && std::string(forced) == "off") return false;
+  const bool force_on = forced && std::string(forced) == "on";
+  if (!force_on && !(device.is_cuda() && dtype == at::kBFloat16)) return false;
+  static std::mutex mutex;
+  static std::map<std::pair<std::string, int>, bool> verdicts;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device.str(), static_cast<int>(dtype));
+  auto it = verdicts.find(key);
+  if (it == verdicts.end()) it = verdicts.emplace(key, grouped_mm_agrees(device, dtype)).first;
+  return it->second;
 }
 
 at::Tensor grouped_swiglu_reference(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,

@@ -21,6 +21,22 @@ namespace fmoe::moe {
 at::Tensor grouped_swiglu(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
                           const std::vector<int64_t>& rows_per_group, bool fp8 = false);
 
+// The same product through LibTorch's grouped GEMM (at::_grouped_mm): group
+// g holds rows [ends_G[g-1], ends_G[g]) of x (int32 cumulative ends on x's
+// device), so the group sizes never reach the host. Five grouped calls per
+// step (two forward, three backward pairs), whatever the number of experts.
+at::Tensor grouped_swiglu_grouped_mm(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
+                                     const at::Tensor& ends_G);
+
+// Whether the experts of a forward in dtype on device go through
+// grouped_swiglu_grouped_mm: on CUDA in BF16 when a small probe agrees with
+// the per-expert loop (checked once per device and dtype). FMOE_GROUPED_MM=on
+// or off overrides it (on also runs LibTorch's CPU version, for tests).
+bool use_grouped_mm(c10::Device device, at::ScalarType dtype);
+
+// int32 cumulative ends of groups of these sizes, on device.
+at::Tensor group_ends(const std::vector<int64_t>& rows_per_group, c10::Device device);
+
 // One token at a time, with plain autograd ops: the slow reference for tests.
 at::Tensor grouped_swiglu_reference(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
                                     const std::vector<int64_t>& rows_per_group);

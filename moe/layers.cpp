@@ -108,9 +108,11 @@ at::Tensor run_padded(const at::Tensor& x, const std::vector<int64_t>& rows, int
     real += rows[e];
     total += padded[e];
   }
+  const at::TensorOptions index = x.options().dtype(at::kLong);
   const at::Tensor positions =
-      at::arange(real, at::kLong) + at::repeat_interleave(at::tensor(shift, at::kLong), at::tensor(rows, at::kLong));
-  const at::Tensor gather = at::full({total}, real, at::kLong).index_put_({positions}, at::arange(real, at::kLong));
+      at::arange(real, index) +
+      at::repeat_interleave(at::tensor(shift, at::kLong), at::tensor(rows, at::kLong), /*dim=*/0, /*output_size=*/real).to(x.device());
+  const at::Tensor gather = at::full({total}, real, index).index_put_({positions}, at::arange(real, index));
   const at::Tensor x_padded = at::cat({x, at::zeros({1, x.size(1)}, x.options())}).index_select(0, gather);
   return compute(x_padded, padded).index_select(0, positions);
 }
@@ -146,8 +148,11 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
   const at::Tensor logits = at::linear(h.to(at::kFloat), router_weight);
   const Routing routing = route(logits, expert_bias, router_options_);
   const ExpertCompute experts = [&](const at::Tensor& x, const std::vector<int64_t>& rows) {
-    return ctx.fp8 ? grouped_swiglu(x, w13, w2, rows, /*fp8=*/true)
-                   : grouped_swiglu(x, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), rows);
+    if (ctx.fp8) return grouped_swiglu(x, w13, w2, rows, /*fp8=*/true);
+    if (ctx.grouped_mm) {
+      return grouped_swiglu_grouped_mm(x, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), group_ends(rows, x.device()));
+    }
+    return grouped_swiglu(x, w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), rows);
   };
   // The experts (and shared experts) may be split over tp along their width: their
   // input gradients are partial sums, added up over tp by copy_to_group's backward.
@@ -158,7 +163,7 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
     const int64_t capacity = expert_capacity(config_.capacity_factor, h.size(0), config_.top_k, config_.num_experts);
     keep = capacity_mask(routing.experts_TK, routing.probs_TK, config_.num_experts, capacity);
   }
-  step_load.add_(at::bincount(routing.experts_TK.reshape({-1}), {}, config_.num_experts));
+  step_load.add_(count_per_expert(routing.experts_TK, config_.num_experts));
   at::Tensor out;
   if (par.ep().size() > 1) {
     // The received rows arrive unpadded: pad them per local expert here.
@@ -168,6 +173,12 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
     out = par.dispatcher == ExpertDispatcher::kAllToAll
               ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep)
               : dispatch_all_gather(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep);
+  } else if (ctx.grouped_mm && !keep.defined()) {
+    // The GPU path: routing, permutation and grouped GEMMs without the host seeing a count.
+    const DispatchPlan plan = make_device_dispatch_plan(routing.experts_TK, config_.num_experts);
+    const at::Tensor y_sorted =
+        grouped_swiglu_grouped_mm(permute_tokens(x, plan), w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), plan.ends_E);
+    out = unpermute_and_combine(parallel::reduce_from_group(y_sorted, par.tp()), routing.probs_TK, plan);
   } else {
     const DispatchPlan plan = make_dispatch_plan(routing.experts_TK, config_.num_experts, ctx.expert_pad_multiple, keep);
     const at::Tensor y_sorted = experts(permute_tokens(x, plan), plan.rows_per_expert);

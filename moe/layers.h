@@ -35,6 +35,8 @@ struct Parallelism {
 struct ForwardContext {
   at::ScalarType compute_dtype = at::kFloat;
   int64_t expert_pad_multiple = 1;  // see make_dispatch_plan
+  // Routed experts through LibTorch's grouped GEMM with device-side group ends (use_grouped_mm).
+  bool grouped_mm = false;
   // FP8 GEMMs for the attention projections, dense FFNs and experts; embedding,
   // head, router, norms and the attention core stay in high precision.
   bool fp8 = false;

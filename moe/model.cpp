@@ -1,5 +1,7 @@
 #include "moe/model.h"
 
+#include "moe/grouped_swiglu.h"
+
 #include "moe/cross_entropy.h"
 #include "parallel/autograd.h"
 
@@ -120,16 +122,24 @@ ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_d
   }
   ForwardContext ctx;
   ctx.compute_dtype = compute_dtype;
-  // BF16 GEMMs go through oneDNN, which JIT-compiles a kernel per shape: padded
-  // expert groups keep the set of shapes small. FP32 runs unpadded.
-  ctx.expert_pad_multiple = compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1;
+  const c10::Device device = tokens.device();
+  // On the CPU, BF16 GEMMs go through oneDNN, which JIT-compiles a kernel per
+  // shape: padded expert groups keep the set of shapes small; FP32 runs
+  // unpadded. cuBLAS and the grouped kernel pick kernels without compiling, so
+  // a GPU never pads (padding would only add rows).
+  ctx.expert_pad_multiple = device.is_cpu() && compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1;
+  ctx.grouped_mm = !fp8 && use_grouped_mm(device, compute_dtype);
+  if (rope_cos_.device() != device) {  // the tables follow the model to its device once
+    rope_cos_ = rope_cos_.to(device);
+    rope_sin_ = rope_sin_.to(device);
+  }
   ctx.fp8 = fp8;
   ctx.batch = tokens.size(0);
   ctx.seq_len = seq_len;
   ctx.rope_cos_TH = rope_cos_.narrow(0, 0, seq_len);
   ctx.rope_sin_TH = rope_sin_.narrow(0, 0, seq_len);
-  ctx.aux_loss = at::zeros({}, at::kFloat);
-  ctx.z_loss = at::zeros({}, at::kFloat);
+  ctx.aux_loss = at::zeros({}, tokens.options().dtype(at::kFloat));
+  ctx.z_loss = at::zeros({}, tokens.options().dtype(at::kFloat));
   ctx.parallel = &parallel_;
 
   at::Tensor x = embedding->forward(tokens.narrow(1, 0, seq_len), parallel_);

@@ -24,7 +24,7 @@ at::Tensor group_limited_mask(const at::Tensor& selection_TE, const RouterOption
     group_scores = std::get<0>(grouped.max(-1));
   }
   const at::Tensor best_groups = std::get<1>(group_scores.topk(options.group_top_k, -1));
-  at::Tensor group_mask = at::zeros({tokens, options.num_groups}, at::kBool).scatter_(1, best_groups, true);
+  at::Tensor group_mask = at::zeros({tokens, options.num_groups}, selection_TE.options().dtype(at::kBool)).scatter_(1, best_groups, true);
   return group_mask.unsqueeze(-1).expand({tokens, options.num_groups, per_group}).reshape({tokens, experts});
 }
 
@@ -68,8 +68,8 @@ at::Tensor capacity_mask(const at::Tensor& experts_TK, const at::Tensor& probs_T
   const at::Tensor sorted_experts = experts.index_select(0, order);
   const at::Tensor counts = at::bincount(experts, {}, num_experts);
   const at::Tensor starts = counts.cumsum(0) - counts;
-  const at::Tensor rank_in_expert = at::arange(experts.numel(), at::kLong) - starts.index_select(0, sorted_experts);
-  at::Tensor keep = at::empty({experts.numel()}, at::kBool);
+  const at::Tensor rank_in_expert = at::arange(experts.numel(), experts.options()) - starts.index_select(0, sorted_experts);
+  at::Tensor keep = at::empty({experts.numel()}, experts.options().dtype(at::kBool));
   keep.index_put_({order}, rank_in_expert < capacity);
   return keep.view(experts_TK.sizes());
 }

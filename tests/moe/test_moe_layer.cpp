@@ -56,6 +56,39 @@ TEST(GroupedSwiGLU, MatchesPerRowReferenceIncludingEmptyGroups) {
   EXPECT_TRUE(at::all(grads[1][1] == 0).item<bool>());  // an empty expert gets zero gradient
 }
 
+TEST(GroupedSwiGLU, GroupedGemmPathMatchesTheLoopIncludingEmptyGroups) {
+  torch::manual_seed(5);
+  // Uneven groups, empty ones first, inside and last; 21 rows (not a multiple of 8).
+  const std::vector<int64_t> rows = {0, 6, 0, 11, 4, 0};
+  const at::Tensor x = at::randn({21, 16}).requires_grad_();
+  const at::Tensor w13 = (at::randn({6, 16, 24}) * 0.2).requires_grad_();
+  const at::Tensor w2 = (at::randn({6, 12, 16}) * 0.2).requires_grad_();
+  const at::Tensor upstream = at::randn({21, 16});
+  const at::Tensor ends = group_ends(rows, x.device());
+  EXPECT_TRUE(at::equal(ends, at::tensor({0, 6, 6, 17, 21, 21}, at::kInt)));
+  const at::Tensor y = grouped_swiglu_grouped_mm(x, w13, w2, ends);
+  const auto grads = torch::autograd::grad({y}, {x, w13, w2}, {upstream});
+  const at::Tensor y_loop = grouped_swiglu(x, w13, w2, rows);
+  const auto grads_loop = torch::autograd::grad({y_loop}, {x, w13, w2}, {upstream});
+  EXPECT_LT(relative_error(y, y_loop), 1e-6);
+  for (size_t i = 0; i < 3; ++i) EXPECT_LT(relative_error(grads[i], grads_loop[i]), 1e-6) << "grad " << i;
+  for (int64_t empty : {0, 2, 5}) {
+    EXPECT_TRUE(at::all(grads[1][empty] == 0).item<bool>()) << "expert " << empty;
+    EXPECT_TRUE(at::all(grads[2][empty] == 0).item<bool>()) << "expert " << empty;
+  }
+}
+
+TEST(GroupedSwiGLU, GroupedGemmIsOnlyAutomaticOnCudaBf16) {
+  unsetenv("FMOE_GROUPED_MM");
+  EXPECT_FALSE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat));
+  EXPECT_FALSE(use_grouped_mm(c10::Device(c10::kCPU), at::kBFloat16));
+  setenv("FMOE_GROUPED_MM", "on", 1);
+  EXPECT_TRUE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat));  // LibTorch's CPU version agrees with the loop
+  setenv("FMOE_GROUPED_MM", "off", 1);
+  EXPECT_FALSE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat));
+  unsetenv("FMOE_GROUPED_MM");
+}
+
 // The MoE layer against a loop over tokens that routes and runs experts one
 // token at a time with plain ops (FP32).
 TEST(MoELayer, OutputsAndGradientsMatchNaivePerTokenLoop) {
@@ -124,17 +157,20 @@ TEST(MoELayer, OutputsAndGradientsMatchNaivePerTokenLoop) {
   EXPECT_GT(ctx.z_loss.item<double>(), 0.0);
 }
 
-TEST(MoELayer, PaddedExpertGroupsGiveTheSameResult) {
+TEST(MoELayer, PaddedAndGroupedGemmExpertsGiveTheSameResult) {
   torch::manual_seed(12);
   const ModelConfig c = small_config();
   MoELayer layer(c);
   const at::Tensor h = at::randn({16, c.hidden_size}).requires_grad_();
   std::vector<at::Tensor> outs, grads;
-  for (int64_t pad : {1, 8, 64}) {
+  // Padding 1, 8, 64 through the per-expert loop; then the GPU's route: the
+  // device-side plan and grouped GEMMs (LibTorch's CPU version here).
+  for (int64_t pad : {1, 8, 64, 0}) {
     ForwardContext ctx;
     ctx.batch = 2;
     ctx.seq_len = 8;
-    ctx.expert_pad_multiple = pad;
+    ctx.expert_pad_multiple = std::max<int64_t>(1, pad);
+    ctx.grouped_mm = pad == 0;
     ctx.aux_loss = at::zeros({});
     ctx.z_loss = at::zeros({});
     const at::Tensor out = layer.forward(h, ctx);

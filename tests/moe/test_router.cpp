@@ -166,3 +166,38 @@ TEST(Router, GroupLimitsBoundTheExpertParallelRanksATokenReaches) {
   const Routing free = route(logits, at::zeros({16}), o);
   EXPECT_GT(max_ranks_per_token(free.experts_TK, 16, 4), 2);  // without the limit some token spreads wider
 }
+
+namespace {
+
+using namespace fmoe::moe;
+
+TEST(Dispatch, DevicePlanEqualsTheHostPlanWithoutHostCounts) {
+  // Token 0 -> experts (2, 0), token 1 -> (0, 1), token 2 -> (1, 2); expert 3 gets nothing.
+  const at::Tensor experts = at::tensor({2L, 0L, 0L, 1L, 1L, 2L}).view({3, 2});
+  const DispatchPlan host = make_dispatch_plan(experts, 4);
+  const DispatchPlan device = make_device_dispatch_plan(experts, 4);
+  EXPECT_TRUE(device.rows_per_expert.empty());
+  EXPECT_TRUE(at::equal(device.tokens_per_expert_E, at::tensor({2L, 2L, 2L, 0L})));
+  EXPECT_TRUE(at::equal(device.ends_E, at::tensor({2, 4, 6, 6}, at::kInt)));
+  EXPECT_TRUE(at::equal(host.ends_E, device.ends_E));
+  EXPECT_TRUE(at::equal(device.gather_index_P, host.gather_index_P));
+  EXPECT_TRUE(at::equal(device.slot_rows_TK, host.slot_rows_TK));
+  const at::Tensor x = at::tensor({1.0f, 2.0f, 3.0f}).view({3, 1});
+  EXPECT_TRUE(at::equal(permute_tokens(x, device), permute_tokens(x, host)));
+}
+
+TEST(Dispatch, DevicePlanOnRandomRoutingMatchesAndCountsAgree) {
+  torch::manual_seed(11);
+  const at::Tensor experts = at::randint(0, 16, {257, 3}, at::kLong);
+  const DispatchPlan host = make_dispatch_plan(experts, 16);
+  const DispatchPlan device = make_device_dispatch_plan(experts, 16);
+  EXPECT_TRUE(at::equal(device.gather_index_P, host.gather_index_P));
+  EXPECT_TRUE(at::equal(device.slot_rows_TK, host.slot_rows_TK));
+  EXPECT_TRUE(at::equal(device.tokens_per_expert_E, host.tokens_per_expert_E));
+  EXPECT_TRUE(at::equal(count_per_expert(experts, 16), at::bincount(experts.reshape({-1}), {}, 16)));
+  // The padded host plan's ends count the padding rows.
+  const DispatchPlan padded = make_dispatch_plan(experts, 16, /*pad_multiple=*/8);
+  EXPECT_EQ(padded.ends_E[15].item<int>(), padded.gather_index_P.size(0));
+}
+
+}  // namespace
