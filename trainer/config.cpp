@@ -85,6 +85,7 @@ void visit(V& v, OptimizerConfig& c) {
 template <class V>
 void visit(V& v, PrecisionConfig& c) {
   v.field("fp8", c.fp8);
+  v.field("tf32", c.tf32);
 }
 
 template <class V>
@@ -96,6 +97,8 @@ void visit(V& v, TrainingConfig& c) {
   v.field("seed", c.seed);
   v.field("precision", c.precision);
   v.field("threads", c.threads);
+  v.field("device", c.device);
+  v.field("deterministic", c.deterministic);
   v.field("log_interval", c.log_interval);
   v.field("eval_interval", c.eval_interval);
   v.field("eval_sequences", c.eval_sequences);
@@ -117,6 +120,7 @@ void visit(V& v, ParallelConfig& c) {
   v.field("sequence_parallel", c.sequence_parallel);
   v.field("timeout_s", c.timeout_s);
   v.field("bucket_mb", c.bucket_mb);
+  v.field("backend", c.backend);
 }
 
 template <class V>
@@ -378,6 +382,7 @@ std::string TrainingConfig::validate() const {
     return "precision: must be auto, bf16 or fp32, got '" + precision + "'";
   }
   if (threads < 0) return "threads: must be >= 0";
+  if (device != "auto" && device != "cpu" && device != "cuda") return "device: must be auto, cpu or cuda, got '" + device + "'";
   if (log_interval < 1) return "log_interval: must be >= 1";
   if (eval_interval < 0) return "eval_interval: must be >= 0";
   if (eval_sequences < 1) return "eval_sequences: must be >= 1";
@@ -401,6 +406,7 @@ std::string ParallelConfig::validate() const {
   }
   if (!(timeout_s > 0)) return "timeout_s: must be > 0";
   if (!(bucket_mb > 0)) return "bucket_mb: must be > 0";
+  if (backend != "auto" && backend != "nccl" && backend != "mpi") return "backend: must be auto, nccl or mpi, got '" + backend + "'";
   return "";
 }
 

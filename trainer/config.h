@@ -54,6 +54,7 @@ struct OptimizerConfig {
 
 struct PrecisionConfig {
   bool fp8 = false;  // E4M3 GEMMs (1x128 / 128x128 scaling) for attention projections, FFNs, experts
+  bool tf32 = false; // on CUDA: FP32 GEMMs and convolutions may use TF32 tensor cores (10-bit mantissa)
   std::string validate() const { return ""; }
 };
 
@@ -67,6 +68,11 @@ struct TrainingConfig {
   // than in FP32 on this machine; bf16 (FP32 master weights, BF16 GEMMs) | fp32.
   std::string precision = "auto";
   int64_t threads = 0;               // intra-op threads per rank; 0 = cores / local ranks
+  // auto: CUDA when a GPU is visible (rank r takes GPU local_rank % GPUs), else the CPU; cpu | cuda.
+  std::string device = "auto";
+  // LibTorch's deterministic algorithms (and a fixed cuBLAS workspace): bit-identical
+  // repeats and resumes on a GPU, at some speed. The CPU path is deterministic anyway.
+  bool deterministic = false;
   int64_t log_interval = 10;
   int64_t eval_interval = 100;       // 0: only at the end
   int64_t eval_sequences = 256;      // held-out windows of seq_len tokens, dealt over data-parallel ranks
@@ -88,6 +94,9 @@ struct ParallelConfig {
   bool sequence_parallel = false;               // with tp > 1: split the residual stream over tp by tokens
   double timeout_s = 300;                       // a collective that does not complete by then ends the job
   double bucket_mb = 32;                        // data-parallel gradient bucket size
+  // For CUDA tensors: nccl, or mpi through page-locked host buffers (ranks may then
+  // share a GPU); auto: nccl when every rank of a node has a GPU of its own. CPU tensors use MPI.
+  std::string backend = "auto";
   std::string validate() const;
   // Empty when moe-train can run this layout, else "field: why" (moe-plan takes any).
   std::string trainer_support() const;

@@ -48,11 +48,11 @@ AdamW::AdamW(std::vector<NamedParameter> parameters, const OptimizerConfig& conf
   Group decay{config.weight_decay, {}}, no_decay{0.0, {}};
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i].tensor;
-    exp_avg_.emplace_back(p.sizes(), m_dtype, block);
+    exp_avg_.emplace_back(p.sizes(), m_dtype, block, /*sqrt_transform=*/false, p.device());
     // FP8 second moments are stored as their square root (half the dynamic range).
-    exp_avg_sq_.emplace_back(p.sizes(), v_dtype, block, /*sqrt_transform=*/v_dtype == fp8::StorageDtype::kFp8);
+    exp_avg_sq_.emplace_back(p.sizes(), v_dtype, block, /*sqrt_transform=*/v_dtype == fp8::StorageDtype::kFp8, p.device());
     if (main_dtype != fp8::StorageDtype::kFp32) {
-      master_.emplace_back(p.sizes(), main_dtype, block);
+      master_.emplace_back(p.sizes(), main_dtype, block, /*sqrt_transform=*/false, p.device());
       master_.back().store(p.detach());
       at::NoGradGuard no_grad;
       p.copy_(master_.back().load());  // the working copy starts from the rounded master
@@ -177,7 +177,7 @@ TensorMap AdamW::state() const {
     add_parts(state, "exp_avg_sq." + params_[i].name, exp_avg_sq_[i]);
     if (!master_.empty()) add_parts(state, "master." + params_[i].name, master_[i]);
   }
-  state["optimizer_steps"] = at::full({}, steps_taken_, at::kLong);
+  state["optimizer_steps"] = at::full({}, steps_taken_, at::kLong);  // a host scalar: the checkpoint reads it
   return state;
 }
 
@@ -189,7 +189,7 @@ void AdamW::load_state(const TensorMap& state, const std::string& source) {
   }
   const auto steps = state.find("optimizer_steps");
   if (steps == state.end()) throw std::runtime_error(source + ": optimizer state 'optimizer_steps' is missing");
-  steps_taken_ = steps->second.item<int64_t>();
+  steps_taken_ = steps->second.to(at::kCPU).item<int64_t>();
 }
 
 double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps) {
@@ -209,19 +209,27 @@ double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps
   return c.lr + (c.min_lr - c.lr) * progress;
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm) {
-  if (grads.empty()) return 0.0;
+void scale_to_norm(const std::vector<at::Tensor>& grads, const at::Tensor& total, double max_norm) {
+  if (max_norm <= 0 || grads.empty()) return;
+  // min(1, max_norm / norm) as a device scalar: a GPU clips without the host reading the norm
+  // (below the limit the factor is exactly 1, which leaves every gradient unchanged).
+  const at::Tensor factor = (max_norm / (total + 1e-6)).clamp_max(1.0).to(at::kFloat);
+  at::_foreach_mul_(grads, factor);
+}
+
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm) {
+  if (grads.empty()) return at::zeros({}, at::kDouble);
   const std::vector<at::Tensor> norms = at::_foreach_norm(grads, 2);
-  const double total = at::stack(norms).to(at::kDouble).square().sum().sqrt().item<double>();
-  if (max_norm > 0 && total > max_norm) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
+  const at::Tensor total = at::stack(norms).to(at::kDouble).square().sum().sqrt();
+  scale_to_norm(grads, total, max_norm);
   return total;
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
-                      const std::vector<bool>& expert, const parallel::Mesh& mesh, double max_norm) {
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
+                          const std::vector<bool>& expert, const parallel::Mesh& mesh, double max_norm) {
   if (mesh.shape().tp == 1 && mesh.shape().ep == 1) return clip_grad_norm(grads, max_norm);
-  const double total = std::sqrt(parallel::global_grad_square_sum(grads, sharded_over_tp, expert, mesh));
-  if (max_norm > 0 && total > max_norm) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
+  const at::Tensor total = parallel::global_grad_square_sum(grads, sharded_over_tp, expert, mesh).sqrt();
+  scale_to_norm(grads, total, max_norm);
   return total;
 }
 

@@ -77,12 +77,16 @@ class AdamW {
 double learning_rate(const OptimizerConfig& config, int64_t step, int64_t total_steps);
 
 // Global L2 norm of the gradients; scales them down to max_norm when above it
-// (max_norm 0: no clipping). Returns the norm before clipping.
-double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm);
+// (max_norm 0: no clipping). Returns the norm before clipping, an FP64 scalar
+// on the gradients' device (read it when the step's scalars go to the host).
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm);
 
 // The same over a model sharded on a mesh: the norm counts every shard once
 // (parallel::global_grad_square_sum), so all ranks scale by the same factor.
-double clip_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
-                      const std::vector<bool>& expert, const parallel::Mesh& mesh, double max_norm);
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
+                          const std::vector<bool>& expert, const parallel::Mesh& mesh, double max_norm);
+
+// Scales grads by min(1, max_norm / total) without reading total on the host.
+void scale_to_norm(const std::vector<at::Tensor>& grads, const at::Tensor& total, double max_norm);
 
 }  // namespace fmoe::trainer

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "parallel/communicator.h"
+#include "parallel/device.h"
 
 namespace fmoe::trainer {
 namespace {
@@ -17,14 +18,17 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 // Best GFLOP/s of a @ b repeated until max_seconds have passed (at least once after a warm-up product).
+// (A GPU runs the products asynchronously: each is timed up to its completion.)
 double time_products(const at::Tensor& a, const at::Tensor& b, double max_seconds) {
   at::Tensor c = at::mm(a, b);  // warm-up: kernel selection, caches
+  parallel::synchronize(a.device());
   const double flops = 2.0 * static_cast<double>(a.size(0) * a.size(1) * b.size(1));
   double best = 0;
   const auto start = Clock::now();
   do {
     const auto t0 = Clock::now();
     at::mm_out(c, a, b);
+    parallel::synchronize(a.device());
     best = std::max(best, flops / std::max(seconds_since(t0), 1e-9) / 1e9);
   } while (seconds_since(start) < max_seconds);
   return best;
@@ -50,19 +54,22 @@ GemmRates average_over_ranks(const GemmRates& rates, parallel::Communicator& wor
   return {both[0].item<double>() / world.size(), both[1].item<double>() / world.size()};
 }
 
-GemmRates measure_gemm_rates(GemmShape shape, double max_seconds) {
+GemmRates measure_gemm_rates(GemmShape shape, double max_seconds, c10::Device device) {
   // A small probe first: where a dtype runs at ~1 GFLOP/s the full shape would take seconds.
   const int64_t k = std::max<int64_t>(1, shape.k), n = std::max<int64_t>(1, shape.n);
   GemmRates rates;
   for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-    const at::Tensor probe_a = at::randn({64, k}).to(dtype), b = at::randn({k, n}).to(dtype);
+    const at::Tensor probe_a = at::randn({64, k}).to(device, dtype), b = at::randn({k, n}).to(device, dtype);
+    at::mm(probe_a, b);  // a GPU's first product of a dtype loads its kernels
+    parallel::synchronize(device);
     const auto t0 = Clock::now();
     at::mm(probe_a, b);
+    parallel::synchronize(device);
     const double probe_seconds = std::max(seconds_since(t0), 1e-6);
     // Rows such that one product takes about a quarter of the time allowed.
     const int64_t fit = static_cast<int64_t>(64.0 * (max_seconds / 4) / probe_seconds);
     const int64_t m = std::clamp<int64_t>(std::min(fit, shape.m), 64, std::max<int64_t>(64, shape.m));
-    const double rate = time_products(at::randn({m, k}).to(dtype), b, max_seconds / 2);
+    const double rate = time_products(at::randn({m, k}).to(device, dtype), b, max_seconds / 2);
     (dtype == at::kFloat ? rates.fp32_gflops : rates.bf16_gflops) = rate;
   }
   return rates;
@@ -99,18 +106,27 @@ PrecisionChoice choose_precision(const std::string& requested, const GemmRates& 
   return choice;
 }
 
-double measure_peak_gflops(at::ScalarType dtype, double max_seconds) {
+double measure_peak_gflops(at::ScalarType dtype, double max_seconds, c10::Device device) {
   const auto start = Clock::now();
   int64_t size = 256;
+  const int64_t largest = device.is_cuda() ? 8192 : 2048;
   double best = 0;
   for (;;) {
-    const at::Tensor a = at::randn({size, size}).to(dtype), b = at::randn({size, size}).to(dtype);
+    // Drawn where they are used (the CPU draws FP32 and rounds, as it always has).
+    const auto random = [&] {
+      return device.is_cuda() ? at::randn({size, size}, at::TensorOptions().device(device).dtype(dtype))
+                              : at::randn({size, size}).to(dtype);
+    };
+    const at::Tensor a = random(), b = random();
+    at::mm(a, b);  // kernel selection
+    parallel::synchronize(device);
     const double left = max_seconds - seconds_since(start);
     const auto t0 = Clock::now();
     at::Tensor c = at::mm(a, b);
+    parallel::synchronize(device);
     const double one = std::max(seconds_since(t0), 1e-9);
     // Twice the size is 8x the work: grow while that still fits twice in the time left.
-    const bool grow = size < 2048 && 16 * one < left - one;
+    const bool grow = size < largest && 16 * one < left - one;
     if (!grow) {
       best = std::max(best, time_products(a, b, std::max(0.0, max_seconds - seconds_since(start))));
       break;

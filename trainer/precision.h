@@ -32,10 +32,10 @@ struct GemmShape {
 // expert's gate/up projection ([tokens, hidden] x [hidden, 2 moe_ffn]).
 GemmShape run_gemm_shape(const Config& config);
 
-// Times [m, k] x [k, n] in BF16 and in FP32 on the current intra-op threads,
+// Times [m, k] x [k, n] in BF16 and in FP32 on device (the CPU: its current intra-op threads),
 // each for at most max_seconds (at least one product; m is cut so that one
 // product of the slow kind cannot take much longer).
-GemmRates measure_gemm_rates(GemmShape shape, double max_seconds = 0.4);
+GemmRates measure_gemm_rates(GemmShape shape, double max_seconds = 0.4, c10::Device device = c10::kCPU);
 
 // Rates given in FMOE_GEMM_GFLOPS="bf16=1.3,fp32=121" (tests inject a machine's
 // figures so that the choice does not depend on the machine that runs them).
@@ -58,6 +58,7 @@ PrecisionChoice choose_precision(const std::string& requested, const GemmRates& 
 // grows from 256 while one product fits the time left, so the whole measurement
 // stays under about max_seconds on any CPU (a 2048^3 BF16 product takes 13 s
 // where BF16 falls back to the generic loop).
-double measure_peak_gflops(at::ScalarType dtype, double max_seconds = 0.6);
+// On a GPU the size grows to 8192 (a GPU needs large products to reach its peak).
+double measure_peak_gflops(at::ScalarType dtype, double max_seconds = 0.6, c10::Device device = c10::kCPU);
 
 }  // namespace fmoe::trainer

@@ -21,14 +21,20 @@
 #include "data/loader.h"
 #include "moe/model.h"
 #include "parallel/communicator.h"
+#include "parallel/device.h"
+#include "parallel/device_communicators.h"
 #include "parallel/grad_sync.h"
 #include "parallel/mesh.h"
+#ifdef FMOE_HAVE_NCCL
+#include "parallel/nccl/nccl_communicator.h"
+#endif
 #include "parallel/tensor_parallel.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/budget.h"
 #include "trainer/precision.h"
+#include "trainer/step_readback.h"
 #include "trainer/zero1.h"
 
 namespace fmoe::trainer {
@@ -46,9 +52,16 @@ double peak_rss_bytes() {
   return static_cast<double>(usage.ru_maxrss) * 1024.0;
 }
 
+// Ranks of this job on this machine, as the launcher says (all of them without one).
+int64_t local_ranks(int world_size) {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"}) {
+    if (const char* value = std::getenv(name); value && *value) return std::max(1, std::atoi(value));
+  }
+  return world_size;
+}
+
 int64_t default_threads(int world_size) {
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  const int64_t local_ranks = local ? std::max(1, std::atoi(local)) : world_size;
+  const int64_t local_ranks = fmoe::trainer::local_ranks(world_size);
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
   return std::max<int64_t>(1, cores / local_ranks);
 }
@@ -63,6 +76,7 @@ struct Trainer::Impl {
   int rank = 0;
   int world_size = 1;
   at::ScalarType dtype = at::kBFloat16;
+  c10::Device device{c10::kCPU};
   std::shared_ptr<moe::MoEModel> model;
   std::unique_ptr<data::TokenLoader> loader;
   std::unique_ptr<AdamW> optimizer;
@@ -185,6 +199,10 @@ struct Trainer::Impl {
       optimizer_state = zero1 ? zero1->state() : optimizer->state();
       optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
     }
+    // Checkpoints are written from host memory, whatever device trained.
+    for (TensorMap* map : {&model_state, &optimizer_state}) {
+      for (auto& [name, tensor] : *map) tensor = tensor.to(at::kCPU);
+    }
     if (rank == 0) {
       CheckpointContents contents;
       contents.model = std::move(model_state);
@@ -209,9 +227,9 @@ struct Trainer::Impl {
     const int64_t total = eval_windows();
     const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
     const int64_t rows_per_batch = config.training.micro_batch_size;
-    at::Tensor sums = at::zeros({2}, at::kDouble);  // summed per-window mean losses, windows
+    at::Tensor sums = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));  // summed per-window mean losses, windows
     const auto run = [&](int64_t first, int64_t rows, bool counted) {
-      const moe::ModelOutput out = model->forward(loader->val_windows(first, rows), dtype, config.precision.fp8);
+      const moe::ModelOutput out = model->forward(to_device(loader->val_windows(first, rows)), dtype, config.precision.fp8);
       if (!counted) return;
       sums[0] += out.ce_loss.to(at::kDouble) * static_cast<double>(rows);
       sums[1] += static_cast<double>(rows);
@@ -284,6 +302,13 @@ struct Trainer::Impl {
   int64_t eval_windows() const { return std::min(config.training.eval_sequences, loader->num_val_windows()); }
 
   void choose_precision_once();
+  void choose_device();
+  std::shared_ptr<parallel::Communicator> device_world(std::shared_ptr<parallel::Communicator> world) const;
+  // A batch made by the loader (host memory) on the run's device, queued without waiting.
+  at::Tensor to_device(const at::Tensor& batch) const {
+    if (device.is_cpu()) return batch;
+    return batch.pin_memory().to(device, /*non_blocking=*/true);
+  }
   TrainResult evaluate_checkpoint();
   void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
 
@@ -296,7 +321,7 @@ struct Trainer::Impl {
 void Trainer::Impl::choose_precision_once() {
   const std::string& requested = config.training.precision;
   const std::optional<GemmRates> injected = injected_gemm_rates();
-  GemmRates rates = injected ? *injected : measure_gemm_rates(run_gemm_shape(config));
+  GemmRates rates = injected ? *injected : measure_gemm_rates(run_gemm_shape(config), 0.4, device);
   if (world_size > 1) rates = average_over_ranks(rates, mesh->world());
   const bool kept = requested == "auto" && !state.precision.empty();
   PrecisionChoice choice = choose_precision(kept ? state.precision : requested, rates);
@@ -304,7 +329,63 @@ void Trainer::Impl::choose_precision_once() {
   dtype = choice.dtype;
   state.precision = choice.name;
   log(choice.message);
-  peak_gflops_per_rank = injected ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops) : measure_peak_gflops(dtype);
+  peak_gflops_per_rank =
+      injected ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops) : measure_peak_gflops(dtype, 0.6, device);
+}
+
+// The rank's device (training.device), made current, with the numerics the
+// config asks of it: deterministic algorithms, TF32 or not.
+void Trainer::Impl::choose_device() {
+  const std::string& requested = config.training.device;
+  const int devices = requested == "cpu" ? 0 : parallel::visible_cuda_devices();
+  parallel::DeviceChoice choice;
+  try {
+    choice = parallel::choose_device(requested, parallel::launcher_local_rank(), devices);
+  } catch (const std::invalid_argument& e) {
+    throw ConfigError(e.what());
+  }
+  device = choice.device;
+  parallel::use_device(device);
+  if (config.training.deterministic) {
+    // cuBLAS reads this before it creates its first handle: its reductions then run in a fixed order.
+    setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+    at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
+    at::globalContext().setDeterministicCuDNN(true);
+    at::globalContext().setBenchmarkCuDNN(false);
+  }
+  if (device.is_cuda()) {
+    at::globalContext().setAllowTF32CuBLAS(config.precision.tf32);
+    at::globalContext().setAllowTF32CuDNN(config.precision.tf32);
+  }
+  log(choice.message + (config.training.deterministic ? ", deterministic algorithms" : "") +
+      (device.is_cuda() ? (config.precision.tf32 ? ", tf32 on" : ", tf32 off") : ""));
+}
+
+// The group every mesh axis is split from, for a GPU run: NCCL for CUDA tensors
+// beside MPI for host ones, or MPI alone through host buffers where ranks share
+// a GPU (NCCL refuses that) or parallel.backend says mpi.
+std::shared_ptr<parallel::Communicator> Trainer::Impl::device_world(std::shared_ptr<parallel::Communicator> world) const {
+  const int64_t local = local_ranks(world_size);
+  const int devices = parallel::visible_cuda_devices();
+  const bool shared = local > devices;
+#ifdef FMOE_HAVE_NCCL
+  const bool have_nccl = true;
+#else
+  const bool have_nccl = false;
+#endif
+  std::string backend = config.parallel.backend;
+  if (backend == "auto") backend = have_nccl && !shared ? "nccl" : "mpi";
+  if (backend == "nccl" && shared) {
+    throw ConfigError("parallel.backend: nccl needs a GPU per rank, but " + std::to_string(local) + " ranks share " +
+                      std::to_string(devices) + " GPU" + (devices > 1 ? "s" : "") + " on this machine; use mpi");
+  }
+  if (backend == "nccl" && !have_nccl) throw ConfigError("parallel.backend: nccl is not in this build (built without the CUDA toolkit)");
+  log(std::string("communication: ") + (backend == "nccl" ? "NCCL for device tensors, MPI for host ones"
+                                                           : "MPI through page-locked host buffers"));
+#ifdef FMOE_HAVE_NCCL
+  if (backend == "nccl") return parallel::route_by_device(world, parallel::make_nccl_communicator(*world));
+#endif
+  return parallel::with_host_staging(world);
 }
 
 // Fixes a budget-sized schedule's length once, from the measured times (or
@@ -373,6 +454,7 @@ TrainResult Trainer::Impl::run() {
       }
     }
   }
+  choose_device();
   // The mesh: dp x pp x tp = world, ep carved out of dp.
   if (world_size % (cfg.parallel.tp * cfg.parallel.pp) != 0) {
     throw ConfigError("parallel.tp: tp x pp = " + std::to_string(cfg.parallel.tp * cfg.parallel.pp) + " does not divide the " +
@@ -389,7 +471,15 @@ TrainResult Trainer::Impl::run() {
   if (options.world) {
     options.world->set_default_timeout(std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.timeout_s * 1000)));
     // Non-owning: the caller keeps the world communicator alive for the run.
-    mesh.emplace(std::shared_ptr<parallel::Communicator>(options.world, [](parallel::Communicator*) {}), shape);
+    std::shared_ptr<parallel::Communicator> world(options.world, [](parallel::Communicator*) {});
+    if (device.is_cuda()) {
+      world = device_world(world);
+    } else if (const char* staged = std::getenv("FMOE_HOST_STAGING"); staged && std::string(staged) == "1") {
+      // Tests: a CPU run through the staging layer that carries CUDA tensors over MPI.
+      world = parallel::with_host_staging(world, /*always=*/true);
+      log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
+    }
+    mesh.emplace(world, shape);
   } else {
     mesh.emplace(parallel::Mesh::single());
   }
@@ -414,6 +504,8 @@ TrainResult Trainer::Impl::run() {
   } catch (const std::invalid_argument& e) {
     throw ConfigError(e.what());
   }
+  // Drawn on the CPU from the seed, then moved: a GPU run starts from the CPU run's weights.
+  model->to(device);
   std::vector<at::Tensor> dense, experts;
   for (const auto& item : model->named_parameters()) {
     params.push_back({item.key(), item.value()});
@@ -489,7 +581,7 @@ TrainResult Trainer::Impl::run() {
   }
   log("memory per parameter: " + state_bytes.format() + " (master " + cfg.optimizer.main_params_dtype + ", grads " +
       cfg.optimizer.grad_dtype + ", exp_avg " + cfg.optimizer.exp_avg_dtype + ", exp_avg_sq " + cfg.optimizer.exp_avg_sq_dtype + ")");
-  if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(at::Device(at::kCPU)));
+  if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(device));
 
   const BudgetConfig& budget = cfg.budget;
   if (tc.eval_sequences > loader->num_val_windows()) {
@@ -524,15 +616,21 @@ TrainResult Trainer::Impl::run() {
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
 
   std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
+  StepReadback readback;
+  StepTimer timer(device);
+  parallel::reset_peak_device_memory(device);
   for (int64_t step = state.step; step < total_steps(); ++step) {
     if (stall_rank && std::atoi(stall_rank) == rank && step == stall_step) std::this_thread::sleep_for(std::chrono::hours(1));
     const auto step_start = Clock::now();
+    timer.start();
+    const int64_t copies_before = StepReadback::copies();
     const double comm_start = communication_seconds();
     double data_seconds = 0;
-    at::Tensor losses = at::zeros({3}, at::kDouble);  // ce, aux, z summed over micro-batches
+    // ce, aux, z summed over micro-batches, on the device: read with the step's other scalars.
+    at::Tensor losses = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device));
     for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
       const auto data_start = Clock::now();
-      const at::Tensor batch = loader->train_batch(step, micro, dp_rank);
+      const at::Tensor batch = to_device(loader->train_batch(step, micro, dp_rank));
       data_seconds += seconds_since(data_start);
       const moe::ModelOutput out = model->forward(batch, dtype, cfg.precision.fp8);
       if (grad_sync) grad_sync->arm(/*last_micro_batch=*/micro + 1 == tc.grad_accum_steps);
@@ -541,7 +639,7 @@ TrainResult Trainer::Impl::run() {
     }
     // Before a budget-sized schedule is fixed the steps are in warmup, where the rate ignores the length.
     const double lr = learning_rate(cfg.optimizer, step, length_known() ? total_steps() : step + 1);
-    double grad_norm = 0;
+    at::Tensor grad_norm;
     const auto optimizer_start = Clock::now();
     const double optimizer_comm_start = communication_seconds();
     parallel::sum_partial_gradients_over_tp(tp_partial, *mesh);
@@ -572,10 +670,16 @@ TrainResult Trainer::Impl::run() {
 
     sum_over_ranks(losses);
     losses /= static_cast<double>(tc.grad_accum_steps * dp_size);
-    const double loss = losses[0].item<double>();
+    // The step's one device-to-host copy: losses, gradient norm, per-layer max and mean expert load.
+    timer.stop();
+    readback.add(losses);
+    readback.add(grad_norm);
+    for (const auto& load : loads) readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean()}));
+    const std::vector<double> scalars = readback.read();
+    const double loss = scalars[0], grad_norm_value = scalars[3];
     state.step = step + 1;
     state.tokens_seen += tokens_per_step;
-    const double step_seconds = seconds_since(step_start);
+    const double step_seconds = device.is_cpu() ? seconds_since(step_start) : timer.seconds();
     const double comm_seconds = communication_seconds() - comm_start;
     train_seconds += step_seconds;
     timed_tokens += tokens_per_step;
@@ -621,14 +725,17 @@ TrainResult Trainer::Impl::run() {
     const double tokens_per_second = timed_tokens / train_seconds;
     const double mfu = flops_per_token * tokens_per_second / (peak_gflops * 1e9);
     if (rank == 0) {
-      nlohmann::json line = {{"step", state.step}, {"loss", loss}, {"aux_loss", losses[1].item<double>()},
-                             {"z_loss", losses[2].item<double>()}, {"lr", lr}, {"grad_norm", grad_norm},
+      nlohmann::json line = {{"step", state.step}, {"loss", loss}, {"aux_loss", scalars[1]},
+                             {"z_loss", scalars[2]}, {"lr", lr}, {"grad_norm", grad_norm_value},
                              {"tokens_seen", state.tokens_seen}, {"tokens_per_second", tokens_per_step / step_seconds},
                              {"mfu", flops_per_token * tokens_per_step / step_seconds / (peak_gflops * 1e9)},
                              {"step_seconds", step_seconds}, {"gpu_hours", gpu_hours()},
                              {"time", {{"data", data_seconds}, {"communication", comm_seconds}, {"optimizer", optimizer_seconds},
                                        {"compute", step_seconds - data_seconds - comm_seconds - optimizer_seconds}}},
-                             {"peak_rss_bytes", peak_rss_bytes()}, {"precision", state.precision}};
+                             {"peak_rss_bytes", peak_rss_bytes()}, {"precision", state.precision},
+                             {"device", device.str()},
+                             {"device_to_host_copies", StepReadback::copies() - copies_before}};
+      if (device.is_cuda()) line["peak_device_memory_bytes"] = parallel::peak_device_memory_bytes(device);
       if (deciding) {
         line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},
                             {"step_seconds", state.calibrated_step_seconds}, {"eval_seconds", state.calibrated_eval_seconds},
@@ -637,10 +744,9 @@ TrainResult Trainer::Impl::run() {
       if (budget.usd_per_gpu_hour > 0) line["usd"] = usd();
       if (record.val_loss >= 0) line["val_loss"] = record.val_loss;
       nlohmann::json max_load = nlohmann::json::array(), mean_load = nlohmann::json::array();
-      for (const auto& load : loads) {
-        const at::Tensor f = load.to(at::kDouble);
-        max_load.push_back(f.max().item<double>());
-        mean_load.push_back(f.mean().item<double>());
+      for (size_t i = 0; i < loads.size(); ++i) {
+        max_load.push_back(scalars[4 + 2 * i]);
+        mean_load.push_back(scalars[5 + 2 * i]);
       }
       line["state_bytes_per_param"] = state_bytes.training_state();
       line["memory_bytes_per_param"] = {{"weights", state_bytes.weights},       {"master", state_bytes.master},
@@ -710,6 +816,11 @@ TrainResult Trainer::Impl::run() {
   std::snprintf(text, sizeof(text), "peak resident memory: %.2f GiB (largest of %d rank%s, getrusage ru_maxrss)",
                 result.peak_rss_bytes / (1024.0 * 1024 * 1024), world_size, world_size > 1 ? "s" : "");
   log(text);
+  if (device.is_cuda()) {
+    std::snprintf(text, sizeof(text), "peak device memory: %.2f GiB on rank %d's %s (LibTorch caching allocator)",
+                  static_cast<double>(parallel::peak_device_memory_bytes(device)) / (1024.0 * 1024 * 1024), rank, device.str().c_str());
+    log(text);
+  }
   return result;
 }
 

@@ -13,7 +13,8 @@ namespace fmoe::trainer {
 
 Zero1::Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>& sharded_over_tp, const std::vector<bool>& expert,
              const parallel::Mesh& mesh, const OptimizerConfig& config)
-    : params_(params), sharded_over_tp_(sharded_over_tp), expert_(expert), owned_(params.size(), false), mesh_(&mesh) {
+    : params_(params), sharded_over_tp_(sharded_over_tp), expert_(expert), owned_(params.size(), false), mesh_(&mesh),
+      options_(at::TensorOptions().dtype(at::kFloat).device(params.empty() ? at::Device(at::kCPU) : params.front().tensor.device())) {
   for (bool experts : {false, true}) {
     Partition p;
     p.group = experts ? &mesh.edp() : &mesh.dp();
@@ -58,12 +59,12 @@ void Zero1::reduce_scatter_gradients() {
   const double dp = static_cast<double>(mesh_->shape().dp);
   for (const Partition& p : partitions_) {
     const int64_t ranks = p.group->size();
-    at::Tensor flat = at::zeros({ranks * p.segment}, at::kFloat);
+    at::Tensor flat = at::zeros({ranks * p.segment}, options_);
     for (size_t k = 0; k < p.members.size(); ++k) {
       const at::Tensor& t = params_[p.members[k]].tensor;
       if (t.grad().defined()) flat.narrow(0, p.owner[k] * p.segment + p.offset[k], t.numel()).copy_(t.grad().reshape({-1}));
     }
-    at::Tensor mine = at::empty({p.segment}, at::kFloat);
+    at::Tensor mine = at::empty({p.segment}, options_);
     p.group->reduce_scatter(mine, flat, {parallel::ReduceOp::kSum})->wait();
     // Every dp rank's loss weighs 1 / dp (experts: summed over edp, divided by dp).
     mine.div_(dp);
@@ -83,14 +84,14 @@ void Zero1::reduce_scatter_gradients() {
   }
 }
 
-double Zero1::clip_grad_norm(double max_norm) {
+at::Tensor Zero1::clip_grad_norm(double max_norm) {
   std::vector<at::Tensor> all, grads;
   for (size_t i = 0; i < params_.size(); ++i) {
     all.push_back(params_[i].tensor.grad());
     if (owned_[i] && all.back().defined()) grads.push_back(all.back());
   }
-  const double total = std::sqrt(parallel::global_grad_square_sum(all, sharded_over_tp_, expert_, *mesh_, &owned_));
-  if (max_norm > 0 && total > max_norm && !grads.empty()) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
+  const at::Tensor total = parallel::global_grad_square_sum(all, sharded_over_tp_, expert_, *mesh_, &owned_).sqrt();
+  scale_to_norm(grads, total, max_norm);
   return total;
 }
 
@@ -103,14 +104,14 @@ void Zero1::gather_parameters(const Partition& p) {
   torch::NoGradGuard no_grad;
   const int64_t ranks = p.group->size();
   if (ranks == 1) return;
-  at::Tensor mine = at::zeros({p.segment}, at::kFloat);
+  at::Tensor mine = at::zeros({p.segment}, options_);
   for (size_t k = 0; k < p.members.size(); ++k) {
     if (p.owner[k] == p.group->rank()) {
       const at::Tensor& t = params_[p.members[k]].tensor;
       mine.narrow(0, p.offset[k], t.numel()).copy_(t.reshape({-1}));
     }
   }
-  at::Tensor all = at::empty({ranks * p.segment}, at::kFloat);
+  at::Tensor all = at::empty({ranks * p.segment}, options_);
   p.group->all_gather(all, mine, {})->wait();
   for (size_t k = 0; k < p.members.size(); ++k) {
     if (p.owner[k] == p.group->rank()) continue;

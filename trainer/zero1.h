@@ -27,7 +27,7 @@ class Zero1 {
   // Gradient rounding to grad_dtype (owned gradients).
   void quantize_gradients() { optimizer_->quantize_gradients(); }
   // Clips the owned gradients by the global norm (every shard counted once); returns that norm.
-  double clip_grad_norm(double max_norm);
+  at::Tensor clip_grad_norm(double max_norm);
   // AdamW on the owned parameters, then every rank receives every parameter.
   void step(double lr);
 
@@ -51,6 +51,7 @@ class Zero1 {
   std::vector<bool> owned_;
   std::vector<Partition> partitions_;
   const parallel::Mesh* mesh_;
+  at::TensorOptions options_;  // FP32 on the parameters' device: the flat buffers
   std::unique_ptr<AdamW> optimizer_;
 };
 

@@ -147,9 +147,9 @@ TEST(Optimizer, AdamWFirstStepMatchesClosedForm) {
 
 TEST(Optimizer, ClipGradNorm) {
   std::vector<at::Tensor> grads = {at::tensor({3.0f}), at::tensor({4.0f})};
-  EXPECT_DOUBLE_EQ(clip_grad_norm(grads, 10.0), 5.0);
+  EXPECT_DOUBLE_EQ(clip_grad_norm(grads, 10.0).item<double>(), 5.0);
   EXPECT_FLOAT_EQ(grads[0].item<float>(), 3.0f);
-  EXPECT_NEAR(clip_grad_norm(grads, 1.0), 5.0, 1e-6);
+  EXPECT_NEAR(clip_grad_norm(grads, 1.0).item<double>(), 5.0, 1e-6);
   EXPECT_NEAR(std::hypot(grads[0].item<double>(), grads[1].item<double>()), 1.0, 1e-5);
 }
 
