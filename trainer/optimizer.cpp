@@ -211,6 +211,12 @@ double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps
 
 void scale_to_norm(const std::vector<at::Tensor>& grads, const at::Tensor& total, double max_norm) {
   if (max_norm <= 0 || grads.empty()) return;
+  if (total.is_cpu()) {
+    // On the CPU reading the norm is free, and skipping the pass below the limit saves one sweep over every gradient.
+    const double norm = total.item<double>();
+    if (norm > max_norm) at::_foreach_mul_(grads, max_norm / (norm + 1e-6));
+    return;
+  }
   // min(1, max_norm / norm) as a device scalar: a GPU clips without the host reading the norm
   // (below the limit the factor is exactly 1, which leaves every gradient unchanged).
   const at::Tensor factor = (max_norm / (total + 1e-6)).clamp_max(1.0).to(at::kFloat);
