@@ -83,14 +83,6 @@ const Probe& probe(const at::Device& device) {
   return probes.emplace(device.str(), result).first->second;
 }
 
-// out[M, N] = A . B^T with the given operand tiling, native where probed good.
-at::Tensor fp8_mm(const at::Tensor& a, const at::Tensor& b, bool b_blocks) {
-  if (a.is_cuda() && native_shapes_ok(a.size(0), b.size(0), a.size(1)) && probe(a.device()).native) {
-    return scaled_mm_native(a, b, b_blocks, at::kFloat);
-  }
-  return scaled_mm_emulated(a, b, b_blocks);
-}
-
 class Fp8Linear : public torch::autograd::Function<Fp8Linear> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
@@ -119,6 +111,13 @@ class Fp8Linear : public torch::autograd::Function<Fp8Linear> {
 };
 
 }  // namespace
+
+at::Tensor fp8_mm(const at::Tensor& a, const at::Tensor& b, bool b_blocks) {
+  if (a.is_cuda() && native_shapes_ok(a.size(0), b.size(0), a.size(1)) && probe(a.device()).native) {
+    return scaled_mm_native(a, b, b_blocks, at::kFloat);
+  }
+  return scaled_mm_emulated(a, b, b_blocks);
+}
 
 at::Tensor quantize_rowwise(const at::Tensor& x) { return fake_quantize(x, tiles(1, kTile)); }
 at::Tensor quantize_colwise(const at::Tensor& x) { return fake_quantize(x, tiles(kTile, 1)); }

@@ -29,6 +29,12 @@ at::Tensor quantize_blockwise(const at::Tensor& w);
 // Returns x's dtype. Differentiable in x and w.
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w);
 
+// out[M, N] = A[M, K] . B[N, K]^T on E4M3 operands, in FP32: A in 1 x 128 tiles
+// along K; B in 128 x 128 blocks (b_blocks) or 1 x 128 tiles along K. Native
+// at::_scaled_mm on a CUDA device where the probe accepted it and M, N and K are
+// multiples of 128; the exact emulation otherwise.
+at::Tensor fp8_mm(const at::Tensor& a, const at::Tensor& b, bool b_blocks);
+
 // Which GEMM a device gets, and why, for the log.
 std::string fp8_gemm_backend(const at::Device& device);
 

@@ -163,6 +163,64 @@ class GroupedSwiGLUGroupedMm : public torch::autograd::Function<GroupedSwiGLUGro
   }
 };
 
+// FP8 experts with one fp8::fp8_mm per GEMM and group: DeepSeek-V3's tiling,
+// native block-scaled GEMMs on a GPU (each group's rows padded to 128 there,
+// see MoEModel::forward), the emulation where the native GEMM does not apply.
+// The weights stay FP32 masters; each product quantizes what it reads.
+class GroupedSwiGLUFp8Gemms : public torch::autograd::Function<GroupedSwiGLUFp8Gemms> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                            const std::vector<int64_t>& rows_per_group) {
+    const int64_t ffn = w2.size(1);
+    const at::TensorOptions fp32 = x.options().dtype(at::kFloat);
+    at::Tensor h = at::empty({x.size(0), 2 * ffn}, fp32);
+    for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
+      h.narrow(0, offset, rows).copy_(fp8::fp8_mm(x.narrow(0, offset, rows), w13[g].t(), /*b_blocks=*/true));
+    });
+    const at::Tensor a = at::silu(h.narrow(1, 0, ffn)) * h.narrow(1, ffn, ffn);
+    at::Tensor y = at::empty({x.size(0), w2.size(2)}, fp32);
+    for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
+      y.narrow(0, offset, rows).copy_(fp8::fp8_mm(a.narrow(0, offset, rows), w2[g].t(), /*b_blocks=*/true));
+    });
+    ctx->save_for_backward({x, w13, w2, h});
+    ctx->saved_data["rows"] = c10::IValue(rows_per_group);
+    return y.to(x.scalar_type());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w13 = saved[1], &w2 = saved[2], &h = saved[3];
+    const std::vector<int64_t> rows_per_group = ctx->saved_data["rows"].toIntVector();
+    const at::Tensor dy = grad_outputs[0].to(at::kFloat).contiguous();
+    const int64_t ffn = w2.size(1);
+    const at::Tensor gate = h.narrow(1, 0, ffn), up = h.narrow(1, ffn, ffn);
+    const at::Tensor silu = at::silu(gate);
+    const at::Tensor a = silu * up;
+    at::Tensor da = at::empty({x.size(0), ffn}, h.options());
+    at::Tensor dw2 = at::empty(w2.sizes(), h.options());
+    zero_empty_groups(dw2, rows_per_group);
+    for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
+      const at::Tensor dy_g = dy.narrow(0, offset, rows);
+      da.narrow(0, offset, rows).copy_(fp8::fp8_mm(dy_g, w2[g], /*b_blocks=*/true));
+      // Weight gradients reduce over the group's tokens: both operands in 1 x 128 tiles along them.
+      dw2[g].copy_(fp8::fp8_mm(a.narrow(0, offset, rows).t(), dy_g.t(), /*b_blocks=*/false));
+    });
+    at::Tensor dh = at::empty({x.size(0), 2 * ffn}, h.options());
+    at::Tensor dgate = dh.narrow(1, 0, ffn), dup = dh.narrow(1, ffn, ffn);
+    at::silu_backward_out(dgate, da * up, gate);
+    at::mul_out(dup, da, silu);
+    at::Tensor dx = at::empty({x.size(0), x.size(1)}, h.options());
+    at::Tensor dw13 = at::empty(w13.sizes(), h.options());
+    zero_empty_groups(dw13, rows_per_group);
+    for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
+      const at::Tensor dh_g = dh.narrow(0, offset, rows);
+      dx.narrow(0, offset, rows).copy_(fp8::fp8_mm(dh_g, w13[g], /*b_blocks=*/true));
+      dw13[g].copy_(fp8::fp8_mm(x.narrow(0, offset, rows).t(), dh_g.t(), /*b_blocks=*/false));
+    });
+    return {dx.to(x.scalar_type()), dw13, dw2, at::Tensor()};
+  }
+};
+
 void check_shapes(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const std::vector<int64_t>& rows,
                   bool fp8 = false) {
   int64_t total = 0;
@@ -179,7 +237,14 @@ void check_shapes(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& 
 at::Tensor grouped_swiglu(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
                           const std::vector<int64_t>& rows_per_group, bool fp8) {
   check_shapes(x_SD, w13_GD2F, w2_GFD, rows_per_group, fp8);
+  if (fp8 && !x_SD.device().is_cpu()) return grouped_swiglu_fp8_gemms(x_SD, w13_GD2F, w2_GFD, rows_per_group);
   return GroupedSwiGLU::apply(x_SD.contiguous(), w13_GD2F.contiguous(), w2_GFD.contiguous(), rows_per_group, fp8);
+}
+
+at::Tensor grouped_swiglu_fp8_gemms(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
+                                    const std::vector<int64_t>& rows_per_group) {
+  check_shapes(x_SD, w13_GD2F, w2_GFD, rows_per_group, /*fp8=*/true);
+  return GroupedSwiGLUFp8Gemms::apply(x_SD.contiguous(), w13_GD2F.contiguous(), w2_GFD.contiguous(), rows_per_group);
 }
 
 at::Tensor grouped_swiglu_grouped_mm(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,

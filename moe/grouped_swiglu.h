@@ -21,6 +21,13 @@ namespace fmoe::moe {
 at::Tensor grouped_swiglu(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
                           const std::vector<int64_t>& rows_per_group, bool fp8 = false);
 
+// FP8 experts as one fp8::fp8_mm per GEMM and group (DeepSeek-V3's tiling): what
+// grouped_swiglu(..., fp8=true) runs on a GPU, where each product is a native
+// block-scaled at::_scaled_mm when its dims are multiples of 128; elsewhere the
+// same products emulated (tests compare it with the CPU path).
+at::Tensor grouped_swiglu_fp8_gemms(const at::Tensor& x_SD, const at::Tensor& w13_GD2F, const at::Tensor& w2_GFD,
+                                    const std::vector<int64_t>& rows_per_group);
+
 // The same product through LibTorch's grouped GEMM (at::_grouped_mm): group
 // g holds rows [ends_G[g-1], ends_G[g]) of x (int32 cumulative ends on x's
 // device), so the group sizes never reach the host. Five grouped calls per

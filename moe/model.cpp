@@ -126,8 +126,9 @@ ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_d
   // On the CPU, BF16 GEMMs go through oneDNN, which JIT-compiles a kernel per
   // shape: padded expert groups keep the set of shapes small; FP32 runs
   // unpadded. cuBLAS and the grouped kernel pick kernels without compiling, so
-  // a GPU never pads (padding would only add rows).
-  ctx.expert_pad_multiple = device.is_cpu() && compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1;
+  // a GPU pads only FP8 experts, to 128 rows: the native block-scaled GEMM wants
+  // every dimension, the tokens of a weight gradient included, in 128s.
+  ctx.expert_pad_multiple = device.is_cpu() ? (compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1) : (fp8 ? 128 : 1);
   ctx.grouped_mm = !fp8 && use_grouped_mm(device, compute_dtype);
   if (rope_cos_.device() != device) {  // the tables follow the model to its device once
     rope_cos_ = rope_cos_.to(device);
