@@ -1,0 +1,77 @@
+// Pipeline schedules as data. A schedule is, for every pipeline rank, the
+// ordered list of actions that rank runs: a forward (F), a whole backward (B),
+// or a backward split into its input-gradient (I) and weight-gradient (W)
+// halves, of one micro-batch on one stage; lowering adds the point-to-point
+// actions (SF/RF: send/receive a forward activation, SB/RB: a gradient).
+// Generators are pure functions of (pp, v, micro-batches); the validator checks
+// any list; the simulator (pipeline_sim.h) runs all ranks' lists in lockstep.
+//
+// Stages are global: with v chunks per rank there are pp x v of them, stage s
+// of chunk c on rank r being s = c x pp + r (the interleaved "loop" placement).
+// Text form of an action: stage, code, micro-batch: "2F0", "1I3", "0W3", "1SF2".
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fmoe::parallel {
+
+enum class PipeOp : uint8_t { kForward, kBackward, kInputGrad, kWeightGrad, kSendForward, kRecvForward, kSendBackward, kRecvBackward };
+
+struct PipeAction {
+  int stage = 0;
+  PipeOp op = PipeOp::kForward;
+  int micro = 0;
+  std::string text() const;
+  bool is_compute() const { return op == PipeOp::kForward || op == PipeOp::kBackward || op == PipeOp::kInputGrad || op == PipeOp::kWeightGrad; }
+  bool operator==(const PipeAction& o) const { return stage == o.stage && op == o.op && micro == o.micro; }
+};
+
+// "2F0" -> {2, F, 0}; nullopt for anything else.
+std::optional<PipeAction> parse_action(const std::string& text);
+
+struct PipelineSchedule {
+  std::string name;              // gpipe | 1f1b | interleaved | zbh1
+  int pp = 1, v = 1, micro_batches = 1;
+  std::vector<int> stage_rank;   // the rank holding each of the pp x v stages
+  std::vector<std::vector<PipeAction>> ranks;  // each rank's actions, in order
+  bool split_backward = false;   // I and W instead of B
+  bool lowered = false;          // send/receive actions present
+  int num_stages() const { return static_cast<int>(stage_rank.size()); }
+  // "index,action" rows, one per action of rank r (with a header line).
+  std::string csv(int rank) const;
+};
+
+// The schedule names make_schedule knows, for messages.
+inline constexpr const char* kScheduleNames = "gpipe, 1f1b, interleaved, zbh1";
+
+// Throws std::invalid_argument with one line naming what is wrong (an unknown
+// name; v other than 1 for gpipe, 1f1b and zbh1; v < 2 for interleaved, or
+// micro-batches not a multiple of pp there; pp or micro-batches < 1).
+//   gpipe: every forward, then every backward.
+//   1f1b: pp - 1 - r warm-up forwards on rank r, then one forward, one backward.
+//   interleaved: Megatron's interleaved 1F1B over v chunks per rank, micro-batches
+//     in groups of pp; bubble (pp - 1)(F + B) / v.
+//   zbh1: zero-bubble ZB-H1: backwards split into I and W; a rank runs an input
+//     gradient as soon as it can (it is on the critical path), keeps up to r
+//     weight gradients deferred to fill the waits, and a forward when fewer than
+//     2 pp - r micro-batches hold activations; bubble (pp - 1)(F + I - W) when
+//     micro-batches >= pp.
+PipelineSchedule make_schedule(const std::string& name, int pp, int v, int micro_batches);
+
+// The same schedule with the point-to-point actions added: after a forward
+// whose next stage lives on another rank, a send; before the forward that
+// consumes it, the matching receive (and the same for backward gradients).
+// Sends are non-blocking, so the receive orders follow the compute orders and
+// cannot deadlock.
+PipelineSchedule lower(const PipelineSchedule& schedule);
+
+// Empty when valid, else one line naming the first problem: every micro-batch
+// runs F once and its backward (B, or I and W) once per stage, on the rank that
+// holds the stage, F before I before W; with lowering, every send has exactly
+// one matching receive on the next (or previous) stage's rank.
+std::string validate(const PipelineSchedule& schedule);
+
+}  // namespace fmoe::parallel

@@ -1,0 +1,201 @@
+// Pipeline schedules as data: every generator over a grid of (pp, v,
+// micro-batches) is valid before and after lowering and simulates without a
+// deadlock; on unit costs the simulated bubble equals each schedule's formula;
+// invalid combinations are refused in one line; the validator and the
+// simulator name what is wrong; golden CSVs pin a few schedules exactly.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "parallel/pipeline_schedule.h"
+#include "parallel/pipeline_sim.h"
+
+namespace {
+
+using namespace fmoe::parallel;
+
+// F = I = W = 1 per stage; a chunk of v costs 1 / v of that.
+PipeCosts unit_costs(int v) {
+  PipeCosts c;
+  c.forward = c.input_grad = c.weight_grad = 1.0 / v;
+  c.backward = 2.0 / v;
+  return c;
+}
+
+// The bubble each rank sees, by the schedule's formula (F = I = W = 1, B = I + W).
+double formula(const std::string& name, int pp, int v, int m) {
+  const double f = 1, b = 2, w = 1;
+  if (name == "interleaved") return (pp - 1) * (f + b) / v;
+  if (name == "zbh1" && m >= pp) return (pp - 1) * (f + b - 2 * w);
+  return (pp - 1) * (f + b);
+}
+
+TEST(PipelineSchedule, EveryGeneratorOverTheGridIsValidAndMeetsItsFormula) {
+  int valid = 0, refused = 0;
+  for (const std::string name : {"gpipe", "1f1b", "interleaved", "zbh1"}) {
+    for (int pp : {2, 3, 4, 8}) {
+      for (int v : {1, 2}) {
+        for (int m = pp - 1; m <= 4 * pp; ++m) {
+          const std::string where = name + " pp" + std::to_string(pp) + " v" + std::to_string(v) + " m" + std::to_string(m);
+          PipelineSchedule s;
+          try {
+            s = make_schedule(name, pp, v, m);
+          } catch (const std::invalid_argument& e) {
+            const std::string what = e.what();
+            EXPECT_EQ(what.find('\n'), std::string::npos) << where;
+            EXPECT_NE(what.find(name), std::string::npos) << what;
+            ++refused;
+            continue;
+          }
+          ++valid;
+          ASSERT_EQ(validate(s), "") << where;
+          const PipelineSchedule lowered = lower(s);
+          ASSERT_EQ(validate(lowered), "") << where << " lowered";
+          for (const PipelineSchedule* schedule : {static_cast<const PipelineSchedule*>(&s), &lowered}) {
+            const PipeSimResult r = simulate(*schedule, unit_costs(v));
+            ASSERT_EQ(r.deadlock, "") << where;
+            const double expected = formula(name, pp, v, m);
+            for (int rank = 0; rank < pp; ++rank) {
+              if (name == "zbh1" && m < pp) {
+                EXPECT_LE(r.idle[static_cast<size_t>(rank)], expected + 1e-9) << where;  // never worse than 1F1B
+              } else {
+                EXPECT_NEAR(r.idle[static_cast<size_t>(rank)], expected, 1e-9) << where << " rank " << rank;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  // gpipe, 1f1b and zbh1 at v 1 for every m (3 pp + 2 values each); interleaved
+  // at v 2 for m = pp, 2 pp, 3 pp, 4 pp.
+  EXPECT_EQ(valid, 3 * (8 + 11 + 14 + 26) + 4 * 4);
+  EXPECT_GT(refused, 0);
+}
+
+TEST(PipelineSchedule, InvalidCombinationsAreRefusedInOneLine) {
+  const auto message = [](const std::string& name, int pp, int v, int m) {
+    try {
+      make_schedule(name, pp, v, m);
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_EQ(message("1f1b", 4, 2, 8), "pipeline schedule 1f1b (pp 4, v 2, 8 micro-batches): 1f1b runs one chunk per rank (v 1); interleaved runs several");
+  EXPECT_EQ(message("interleaved", 4, 2, 6),
+            "pipeline schedule interleaved (pp 4, v 2, 6 micro-batches): interleaved needs micro-batches in whole groups of pp (a multiple of 4)");
+  EXPECT_EQ(message("interleaved", 4, 1, 8), "pipeline schedule interleaved (pp 4, v 1, 8 micro-batches): interleaved needs v >= 2 chunks per rank (parallel.virtual_pp)");
+  EXPECT_EQ(message("dualpipe", 4, 1, 8), "pipeline schedule: unknown name 'dualpipe' (gpipe, 1f1b, interleaved, zbh1)");
+  EXPECT_EQ(message("1f1b", 0, 1, 8), "pipeline schedule 1f1b (pp 0, v 1, 8 micro-batches): pp, v and micro-batches must be >= 1");
+}
+
+TEST(PipelineSchedule, ActionsPrintAndParse) {
+  for (const std::string text : {"2F0", "1I3", "0W3", "12B7", "1SF2", "3RF0", "0SB11", "4RB1"}) {
+    const auto a = parse_action(text);
+    ASSERT_TRUE(a.has_value()) << text;
+    EXPECT_EQ(a->text(), text);
+  }
+  EXPECT_EQ(parse_action("1I3")->op, PipeOp::kInputGrad);
+  EXPECT_EQ(parse_action("12B7")->stage, 12);
+  EXPECT_EQ(parse_action("12B7")->micro, 7);
+  for (const std::string bad : {"", "F0", "1X2", "1F", "1F2x", "-1F2", "1f2"}) EXPECT_FALSE(parse_action(bad).has_value()) << bad;
+}
+
+TEST(PipelineSchedule, OneFOneBHandComputedAndItsLowering) {
+  const PipelineSchedule s = make_schedule("1f1b", 2, 1, 3);
+  EXPECT_EQ(s.csv(0), "index,action\n0,0F0\n1,0F1\n2,0B0\n3,0F2\n4,0B1\n5,0B2\n");
+  EXPECT_EQ(s.csv(1), "index,action\n0,1F0\n1,1B0\n2,1F1\n3,1B1\n4,1F2\n5,1B2\n");
+  const PipelineSchedule l = lower(s);
+  EXPECT_EQ(l.csv(0), "index,action\n0,0F0\n1,0SF0\n2,0F1\n3,0SF1\n4,0RB0\n5,0B0\n6,0F2\n7,0SF2\n8,0RB1\n9,0B1\n10,0RB2\n11,0B2\n");
+  EXPECT_EQ(l.csv(1), "index,action\n0,1RF0\n1,1F0\n2,1B0\n3,1SB0\n4,1RF1\n5,1F1\n6,1B1\n7,1SB1\n8,1RF2\n9,1F2\n10,1B2\n11,1SB2\n");
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+TEST(PipelineSchedule, GoldenCsvs) {
+  const std::string dir = std::string(FMOE_SOURCE_DIR) + "/tests/parallel/golden/";
+  for (const auto& [name, pp, v, m] : {std::tuple<std::string, int, int, int>{"interleaved", 2, 2, 4}, {"zbh1", 3, 1, 4}, {"gpipe", 2, 1, 2}}) {
+    const PipelineSchedule s = make_schedule(name, pp, v, m);
+    for (int r = 0; r < pp; ++r) {
+      const std::string file = name + "_pp" + std::to_string(pp) + "_v" + std::to_string(v) + "_m" + std::to_string(m) + "_rank" + std::to_string(r) + ".csv";
+      EXPECT_EQ(s.csv(r), read_file(dir + file)) << file;
+    }
+  }
+}
+
+TEST(PipelineSchedule, PeakActivationsFollowTheSchedule) {
+  const PipeSimResult one = simulate(make_schedule("1f1b", 4, 1, 8), unit_costs(1));
+  EXPECT_EQ(one.peak_activations, (std::vector<int>{4, 3, 2, 1}));  // pp - r on rank r
+  const PipeSimResult all = simulate(make_schedule("gpipe", 4, 1, 8), unit_costs(1));
+  EXPECT_EQ(all.peak_activations, (std::vector<int>{8, 8, 8, 8}));
+  // Interleaved: (pp - r - 1) x 2 + (v - 1) x pp warm-up chunk forwards, plus the one in flight.
+  const PipeSimResult inter = simulate(make_schedule("interleaved", 4, 2, 8), unit_costs(2));
+  EXPECT_EQ(inter.peak_activations, (std::vector<int>{11, 9, 7, 5}));
+}
+
+TEST(PipelineSchedule, ValidatorNamesTheFirstProblem) {
+  PipelineSchedule s = make_schedule("1f1b", 2, 1, 2);
+  PipelineSchedule missing = s;
+  missing.ranks[1].pop_back();
+  EXPECT_EQ(validate(missing), "1B1 is missing");
+  PipelineSchedule wrong_rank = s;
+  wrong_rank.ranks[0][0].stage = 1;
+  EXPECT_EQ(validate(wrong_rank), "rank 0 action 0 (1F0): stage 1 lives on rank 1");
+  PipelineSchedule reversed = s;
+  std::swap(reversed.ranks[1][0], reversed.ranks[1][1]);  // 1B0 before 1F0
+  EXPECT_EQ(validate(reversed), "1B0 runs before the step it depends on (F before I before W)");
+  PipelineSchedule repeated = s;
+  repeated.ranks[0].push_back(repeated.ranks[0][0]);
+  EXPECT_EQ(validate(repeated), "rank 0 action 4 (0F0): repeated");
+  PipelineSchedule unmatched = lower(s);
+  unmatched.ranks[1].erase(unmatched.ranks[1].begin());  // rank 1's receive of 0F0's activation
+  EXPECT_EQ(validate(unmatched), "0SF0 has no matching receive on rank 1");
+  PipelineSchedule split = s;
+  split.split_backward = true;
+  EXPECT_EQ(validate(split), "rank 0 action 2 (0B0): a whole backward in a split-backward schedule");
+}
+
+TEST(PipelineSchedule, SimulatorNamesADeadlock) {
+  // Valid per stage, but the ranks wait on each other: rank 0 wants 1B0 first,
+  // rank 1 starts with micro-batch 1, which rank 0 has not forwarded yet.
+  PipelineSchedule s = make_schedule("gpipe", 2, 1, 2);
+  s.ranks[0] = {{0, PipeOp::kForward, 0}, {0, PipeOp::kBackward, 0}, {0, PipeOp::kForward, 1}, {0, PipeOp::kBackward, 1}};
+  s.ranks[1] = {{1, PipeOp::kForward, 1}, {1, PipeOp::kBackward, 1}, {1, PipeOp::kForward, 0}, {1, PipeOp::kBackward, 0}};
+  EXPECT_EQ(validate(s), "");
+  const PipeSimResult r = simulate(s, unit_costs(1));
+  EXPECT_EQ(r.deadlock, "deadlock: rank 0 waits at 0B0 for 1B0; rank 1 waits at 1F1 for 0F1");
+  EXPECT_EQ(simulate(lower(s), unit_costs(1)).deadlock, "deadlock: rank 0 waits at 0RB0 for 1SB0; rank 1 waits at 1RF1 for 0SF1");
+}
+
+TEST(PipelineSchedule, CommunicationTimeLengthensTheCriticalPath) {
+  PipeCosts c = unit_costs(1);
+  c.comm = 0.5;
+  // 1F1B pp2, one micro-batch: F, send, F, B, send, B: 1 + 0.5 + 1 + 2 + 0.5 + 2.
+  EXPECT_DOUBLE_EQ(simulate(lower(make_schedule("1f1b", 2, 1, 1)), c).makespan, 7.0);
+  EXPECT_DOUBLE_EQ(simulate(make_schedule("1f1b", 2, 1, 1), c).makespan, 7.0);
+}
+
+TEST(PipelineSchedule, TimelineRendersAsTextAndSvg) {
+  const PipelineSchedule s = make_schedule("1f1b", 2, 1, 2);
+  const PipeSimResult r = simulate(s, unit_costs(1));
+  // Unit = the forward: F takes one cell, B two. Rank 0 waits two units for
+  // rank 1's first backward and one for its second; rank 1 one unit at each end.
+  EXPECT_EQ(render_text(s, r), "rank 0 |F0 F1  .  . B0 B0  . B1 B1 |\n"
+                               "rank 1 | . F0 B0 B0 F1 B1 B1  .  . |\n");
+  const std::string svg = render_svg(s, r);
+  EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.find("1f1b, pp 2, v 1, 2 micro-batches: bubble 33.3%"), std::string::npos);
+  EXPECT_NE(svg.find("<title>1B1</title>"), std::string::npos);
+}
+
+}  // namespace
