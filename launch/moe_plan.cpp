@@ -1,13 +1,17 @@
 // moe-plan: prices a run before it starts.
 //
 //   moe-plan --config FILE --cluster NAME [--gpus G] [--tokens N] [--global-batch SEQS]
-//            [--mfu X] [--search [--top K]] [--json] [--set key.path=value]...
+//            [--mfu X] [--search [--top K]] [--json] [--schedule FILE.svg] [--set key.path=value]...
 #include <cstdio>
 #include <exception>
+#include <fstream>
+#include <stdexcept>
 
 #include "launch/cli.h"
 #include "trainer/config.h"
-#include "trainer/plan.h"
+#include "parallel/pipeline_schedule.h"
+#include "parallel/pipeline_sim.h"
+#include "plan/plan.h"
 
 namespace {
 
@@ -15,11 +19,12 @@ using namespace fmoe;
 
 constexpr const char* kUsage =
     "usage: moe-plan --config FILE --cluster NAME|FILE [--gpus G] [--tokens N] [--global-batch SEQUENCES]\n"
-    "                [--mfu X] [--search [--top K]] [--json] [--set key.path=value]...\n"
+    "                [--mfu X] [--search [--top K]] [--json] [--schedule FILE.svg] [--set key.path=value]...\n"
     "  The layout comes from the config's parallel section (dp = gpus / (tp x pp)) and\n"
     "  training.micro_batch_size x grad_accum_steps; --global-batch sets the accumulation.\n"
     "  --mfu X also prices the tokens at a given model-FLOPs utilisation. --search ranks\n"
-    "  every layout that fits by cost.\n";
+    "  every layout that fits by cost. --schedule FILE.svg prints the pipeline schedule\n"
+    "  (parallel.pipeline_schedule) simulated on the plan's times and draws it in FILE.svg.\n";
 
 double to_number(const std::string& text, const std::string& option) {
   try {
@@ -33,6 +38,32 @@ double to_number(const std::string& text, const std::string& option) {
 
 }  // namespace
 
+// --schedule FILE: the layout's pipeline schedule simulated on this plan's
+// per-chunk times, as a text timeline here and an SVG picture in FILE.
+void show_schedule(const plan::Plan& p, const std::string& svg_path) {
+  const plan::Layout& l = p.layout;
+  if (l.pp == 1) {
+    std::printf("schedule: pp 1, no pipeline to show\n");
+    return;
+  }
+  const parallel::PipelineSchedule schedule = parallel::make_schedule(
+      plan::resolved_schedule(l), static_cast<int>(l.pp), static_cast<int>(l.virtual_pp), static_cast<int>(l.num_micro_batches));
+  const plan::PipeCostsSeconds c = plan::chunk_costs(p);
+  parallel::PipeCosts costs;
+  costs.forward = c.forward;
+  costs.input_grad = c.input_grad;
+  costs.weight_grad = c.weight_grad;
+  costs.backward = c.input_grad + c.weight_grad;
+  const parallel::PipeSimResult r = parallel::simulate(schedule, costs);
+  std::printf("schedule %s, pp %lld, v %lld, %lld micro-batches per step: %.4g s of pipeline, %.1f%% of it idle\n%s",
+              schedule.name.c_str(), static_cast<long long>(l.pp), static_cast<long long>(l.virtual_pp),
+              static_cast<long long>(l.num_micro_batches), r.makespan, 100 * r.bubble_fraction, parallel::render_text(schedule, r).c_str());
+  std::ofstream out(svg_path);
+  out << parallel::render_svg(schedule, r);
+  if (!out) throw std::runtime_error(svg_path + ": cannot write the schedule picture");
+  std::printf("picture: %s\n", svg_path.c_str());
+}
+
 int main(int argc, char** argv) {
   try {
     const auto args = launch::parse_args(argc, argv, 1, {"search", "json", "help"});
@@ -45,21 +76,21 @@ int main(int argc, char** argv) {
       return 2;
     }
     trainer::Config config = trainer::load_config(args.get("config"), args.all("set"));
-    const trainer::ClusterSpec cluster = trainer::load_cluster(args.get("cluster"));
+    const plan::ClusterSpec cluster = plan::load_cluster(args.get("cluster"));
     const auto gpus = static_cast<int64_t>(to_number(args.get("gpus", "8"), "gpus"));
     const double tokens = to_number(args.get("tokens", "1e12"), "tokens");
-    const trainer::Assumptions assumptions;
-    trainer::Layout layout = trainer::layout_from_config(config, gpus);
+    const plan::Assumptions assumptions;
+    plan::Layout layout = plan::layout_from_config(config, gpus);
     if (args.has("search")) {
       const auto global = args.has("global-batch") ? static_cast<int64_t>(to_number(args.get("global-batch"), "global-batch"))
                                                    : layout.micro_batch_size * layout.num_micro_batches * layout.dp;
-      const auto plans = trainer::search_plans(config, cluster, gpus, global, tokens, assumptions);
+      const auto plans = plan::search_plans(config, cluster, gpus, global, tokens, assumptions);
       if (plans.empty()) throw trainer::ConfigError("no layout of " + std::to_string(gpus) + " x " + cluster.name + " fits this model");
       const auto top = std::min(plans.size(), static_cast<size_t>(to_number(args.get("top", "10"), "top")));
       if (args.has("json")) {
         std::printf("[\n");
         for (size_t i = 0; i < top; ++i) {
-          std::printf("%s%s\n", trainer::plan_json(plans[i], cluster, assumptions).c_str(), i + 1 < top ? "," : "");
+          std::printf("%s%s\n", plan::plan_json(plans[i], cluster, assumptions).c_str(), i + 1 < top ? "," : "");
         }
         std::printf("]\n");
         return 0;
@@ -87,12 +118,13 @@ int main(int argc, char** argv) {
       layout.num_micro_batches = sequences / per_micro;
       config.training.grad_accum_steps = layout.num_micro_batches;
     }
-    const trainer::Plan plan = trainer::make_plan(config, cluster, layout, tokens, assumptions);
+    const plan::Plan plan = plan::make_plan(config, cluster, layout, tokens, assumptions);
     if (args.has("json")) {
-      std::printf("%s\n", trainer::plan_json(plan, cluster, assumptions).c_str());
+      std::printf("%s\n", plan::plan_json(plan, cluster, assumptions).c_str());
       return 0;
     }
-    std::fputs(trainer::format_plan(plan, cluster, assumptions).c_str(), stdout);
+    std::fputs(plan::format_plan(plan, cluster, assumptions).c_str(), stdout);
+    if (args.has("schedule")) show_schedule(plan, args.get("schedule"));
     if (args.has("mfu")) {
       const double mfu = to_number(args.get("mfu"), "mfu");
       const double peak = (config.precision.fp8 ? cluster.peak_fp8_tflops : cluster.peak_bf16_tflops) * 1e12;

@@ -1,4 +1,11 @@
-#include "trainer/plan.h"
+#include "plan/plan.h"
+
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "parallel/pipeline_schedule.h"
+#include "parallel/pipeline_sim.h"
 
 #include <yaml-cpp/yaml.h>
 
@@ -11,7 +18,7 @@
 
 #include "moe/model_config.h"
 
-namespace fmoe::trainer {
+namespace fmoe::plan {
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
@@ -158,6 +165,57 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
   return c;
 }
 
+std::string resolved_schedule(const Layout& layout) {
+  if (layout.pipeline_schedule != "auto") return layout.pipeline_schedule;
+  return layout.virtual_pp > 1 ? "interleaved" : "1f1b";
+}
+
+namespace {
+
+struct PipelineFigures {
+  std::string schedule;
+  double overhead = 0;        // idle / compute, mean over ranks
+  int64_t peak_in_flight = 0; // in whole-stage micro-batches: chunk activations / v
+};
+
+// Simulated on unit costs (the ratio does not depend on the time scale) and
+// cached: a layout search asks for the same few schedules many times.
+PipelineFigures pipeline_figures(const Layout& layout) {
+  static std::mutex mutex;
+  static std::map<std::tuple<std::string, int64_t, int64_t, int64_t>, PipelineFigures> cache;
+  const std::string name = resolved_schedule(layout);
+  const auto key = std::make_tuple(name, layout.pp, layout.virtual_pp, layout.num_micro_batches);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  parallel::PipelineSchedule schedule;
+  try {
+    schedule = parallel::make_schedule(name, static_cast<int>(layout.pp), static_cast<int>(layout.virtual_pp),
+                                       static_cast<int>(layout.num_micro_batches));
+  } catch (const std::invalid_argument& e) {
+    throw ConfigError("layout " + layout.describe() + ": parallel.pipeline_schedule: " + e.what());
+  }
+  const double v = static_cast<double>(layout.virtual_pp);
+  parallel::PipeCosts costs;
+  costs.forward = costs.input_grad = costs.weight_grad = 1.0 / v;
+  costs.backward = 2.0 / v;
+  const parallel::PipeSimResult r = parallel::simulate(schedule, costs);
+  PipelineFigures f;
+  f.schedule = name;
+  double idle = 0, busy = 0;
+  for (size_t i = 0; i < r.busy.size(); ++i) idle += r.idle[i], busy += r.busy[i];
+  f.overhead = busy > 0 ? idle / busy : 0;
+  const int peak = *std::max_element(r.peak_activations.begin(), r.peak_activations.end());
+  f.peak_in_flight = static_cast<int64_t>(std::ceil(static_cast<double>(peak) / v));
+  return cache.emplace(key, f).first->second;
+}
+
+}  // namespace
+
+PipeCostsSeconds chunk_costs(const Plan& plan) {
+  const double per_chunk = plan.compute_seconds / static_cast<double>(plan.layout.num_micro_batches * plan.layout.virtual_pp);
+  return {per_chunk / 3, per_chunk / 3, per_chunk / 3};
+}
+
 Layout layout_from_config(const Config& config, int64_t gpus) {
   Layout l;
   l.tp = config.parallel.tp;
@@ -169,12 +227,13 @@ Layout layout_from_config(const Config& config, int64_t gpus) {
   l.micro_batch_size = config.training.micro_batch_size;
   l.num_micro_batches = config.training.grad_accum_steps;
   l.recompute = config.training.recompute;
+  l.pipeline_schedule = config.parallel.pipeline_schedule;
   return l;
 }
 
 Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, double tokens, const Assumptions& a) {
   const moe::ModelConfig& m = config.model;
-  const OptimizerConfig& o = config.optimizer;
+  const trainer::OptimizerConfig& o = config.optimizer;
   const auto bad = [&](const std::string& why) { return ConfigError("layout " + layout.describe() + ": " + why); };
   if (layout.tp < 1 || layout.pp < 1 || layout.ep < 1 || layout.dp < 1) throw bad("every degree must be >= 1");
   if (layout.dp % layout.ep != 0) throw bad("ep must divide dp (experts are sharded inside the data-parallel group)");
@@ -216,8 +275,16 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   const double per_token_layer =
       moe_fraction * activation_bytes_per_token_layer(m, true, layout.recompute, fp8, a.moe_imbalance) +
       (1 - moe_fraction) * activation_bytes_per_token_layer(m, false, layout.recompute, fp8, a.moe_imbalance);
-  // 1F1B keeps up to pp micro-batches in flight on the first stage; sequence parallel shards by tp.
-  const double in_flight = static_cast<double>(std::min(layout.pp, layout.num_micro_batches));
+  // The schedule's busiest rank holds the most micro-batch stages in flight (1F1B: pp on the first).
+  if (layout.pp > 1) {
+    const PipelineFigures figures = pipeline_figures(layout);
+    p.pipeline_schedule = figures.schedule;
+    p.bubble_fraction = figures.overhead;
+    p.peak_in_flight = figures.peak_in_flight;
+  } else {
+    p.peak_in_flight = 1;
+  }
+  const double in_flight = static_cast<double>(p.peak_in_flight);
   const double logits = tokens_per_micro * static_cast<double>(m.vocab_size) * 4.0 / static_cast<double>(layout.tp);
   p.memory.activations =
       layers_per_stage * tokens_per_micro * per_token_layer * in_flight / static_cast<double>(layout.tp) + logits;
@@ -286,7 +353,6 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   // the MLA up-projections (a few percent).
   if (layout.recompute == "full") p.compute_seconds *= 4.0 / 3.0;
   if (layout.recompute == "selective") p.compute_seconds *= 1.03;
-  p.bubble_fraction = static_cast<double>(layout.pp - 1) / static_cast<double>(layout.num_micro_batches * layout.virtual_pp);
   const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
                          p.comm.dp_seconds * (1 - a.dp_overlap);
   p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + exposed;
@@ -369,7 +435,8 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   out << "time\n";
   row("compute per step", seconds(p.compute_seconds));
   std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.bubble_fraction);
-  row("pipeline bubble (1F1B)", line);
+  const std::string bubble = p.pipeline_schedule.empty() ? "pipeline bubble" : "pipeline bubble (" + p.pipeline_schedule + ", simulated)";
+  row(bubble.c_str(), line);
   row("step", seconds(p.step_seconds));
   std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.mfu);
   row("MFU", line);
@@ -408,6 +475,8 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"comm_bytes", {{"tp", p.comm.tp_bytes}, {"ep", p.comm.ep_bytes}, {"pp", p.comm.pp_bytes}, {"dp", p.comm.dp_bytes}}},
       {"comm_seconds", {{"tp", p.comm.tp_seconds}, {"ep", p.comm.ep_seconds}, {"pp", p.comm.pp_seconds}, {"dp", p.comm.dp_seconds}}},
       {"bubble_fraction", p.bubble_fraction},
+      {"pipeline_schedule", p.pipeline_schedule},
+      {"peak_in_flight", p.peak_in_flight},
       {"compute_seconds", p.compute_seconds},
       {"step_seconds", p.step_seconds},
       {"mfu", p.mfu},
@@ -420,4 +489,4 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
   return j.dump(2);
 }
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::plan

@@ -9,7 +9,10 @@
 
 #include "trainer/config.h"
 
-namespace fmoe::trainer {
+namespace fmoe::plan {
+
+using trainer::Config;
+using trainer::ConfigError;
 
 struct ClusterSpec {
   std::string name;
@@ -41,6 +44,8 @@ struct Layout {
   // none | selective (norms, MLA up-projections and SwiGLU activations recomputed,
   // as DeepSeek-V3 does) | full (only each layer's input is kept)
   std::string recompute = "none";
+  // gpipe | 1f1b | interleaved | zbh1, or auto: 1f1b, interleaved when virtual_pp > 1
+  std::string pipeline_schedule = "auto";
   int64_t gpus() const { return tp * pp * dp; }
   std::string describe() const;
 };
@@ -74,7 +79,9 @@ struct Plan {
   MemoryEstimate memory;
   bool fits = false;
   CommEstimate comm;
-  double bubble_fraction = 0;
+  std::string pipeline_schedule;  // the one simulated ("" without pipelining)
+  double bubble_fraction = 0;     // pipeline idle time over compute time, simulated (parallel/pipeline_sim.h)
+  int64_t peak_in_flight = 0;     // most micro-batch stages whose activations the busiest rank holds
   double compute_seconds = 0;
   double step_seconds = 0;
   double mfu = 0;                // against the peak of the run's GEMM precision
@@ -91,7 +98,16 @@ Layout layout_from_config(const Config& config, int64_t gpus);
 std::vector<Plan> search_plans(const Config& config, const ClusterSpec& cluster, int64_t gpus, int64_t global_batch,
                                double tokens, const Assumptions& assumptions);
 
+// The schedule a layout runs (auto resolved), its action costs per chunk in
+// seconds for this plan (F : I : W = 1 : 1 : 1, a backward twice a forward),
+// for moe-plan --schedule. Throws ConfigError for a combination no schedule takes.
+std::string resolved_schedule(const Layout& layout);
+struct PipeCostsSeconds {
+  double forward = 0, input_grad = 0, weight_grad = 0;
+};
+PipeCostsSeconds chunk_costs(const Plan& plan);
+
 std::string format_plan(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);
 std::string plan_json(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::plan

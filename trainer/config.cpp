@@ -121,6 +121,7 @@ void visit(V& v, ParallelConfig& c) {
   v.field("timeout_s", c.timeout_s);
   v.field("bucket_mb", c.bucket_mb);
   v.field("backend", c.backend);
+  v.field("pipeline_schedule", c.pipeline_schedule);
 }
 
 template <class V>
@@ -407,6 +408,10 @@ std::string ParallelConfig::validate() const {
   if (!(timeout_s > 0)) return "timeout_s: must be > 0";
   if (!(bucket_mb > 0)) return "bucket_mb: must be > 0";
   if (backend != "auto" && backend != "nccl" && backend != "mpi") return "backend: must be auto, nccl or mpi, got '" + backend + "'";
+  if (pipeline_schedule != "auto" && pipeline_schedule != "gpipe" && pipeline_schedule != "1f1b" && pipeline_schedule != "interleaved" &&
+      pipeline_schedule != "zbh1") {
+    return "pipeline_schedule: must be auto, gpipe, 1f1b, interleaved or zbh1, got '" + pipeline_schedule + "'";
+  }
   return "";
 }
 

@@ -97,6 +97,9 @@ struct ParallelConfig {
   // For CUDA tensors: nccl, or mpi through page-locked host buffers (ranks may then
   // share a GPU); auto: nccl when every rank of a node has a GPU of its own. CPU tensors use MPI.
   std::string backend = "auto";
+  // gpipe | 1f1b | interleaved | zbh1 (parallel/pipeline_schedule.h); auto: 1f1b,
+  // or interleaved when virtual_pp > 1. moe-plan simulates it for the bubble.
+  std::string pipeline_schedule = "auto";
   std::string validate() const;
   // Empty when moe-train can run this layout, else "field: why" (moe-plan takes any).
   std::string trainer_support() const;

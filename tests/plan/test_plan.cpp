@@ -4,11 +4,12 @@
 
 #include "moe/model_config.h"
 #include "trainer/config.h"
-#include "trainer/plan.h"
+#include "plan/plan.h"
 
 namespace {
 
-using namespace fmoe::trainer;
+using namespace fmoe::plan;
+using fmoe::trainer::load_config;
 
 Layout layout(int64_t tp, int64_t pp, int64_t ep, int64_t dp, int64_t mb, int64_t micro, bool zero1) {
   Layout l;
