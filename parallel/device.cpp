@@ -15,6 +15,11 @@ namespace {
 
 // LibTorch's CUDA backend registers itself when its library loads; CPU-only
 // binaries link libtorch_cpu alone and load it here when a GPU may be present.
+std::string& load_error() {
+  static std::string error;
+  return error;
+}
+
 bool load_torch_cuda() {
   static std::once_flag once;
   static bool loaded = false;
@@ -25,6 +30,9 @@ bool load_torch_cuda() {
     }
 #ifdef FMOE_TORCH_LIB_DIR
     loaded = dlopen(FMOE_TORCH_LIB_DIR "/libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL) != nullptr;
+    if (!loaded) load_error() = std::string("LibTorch's CUDA library did not load: ") + dlerror();
+#else
+    load_error() = "this build does not know where LibTorch's CUDA library is";
 #endif
   });
   return loaded;
@@ -61,10 +69,14 @@ int launcher_local_rank() {
 
 int visible_cuda_devices() {
   // No driver, no GPU: skip loading the CUDA libraries (half a second) on CPU machines.
-  if (access("/proc/driver/nvidia/version", F_OK) != 0 && access("/dev/nvidiactl", F_OK) != 0) return 0;
+  if (access("/proc/driver/nvidia/version", F_OK) != 0 && access("/dev/nvidiactl", F_OK) != 0 && access("/dev/nvidia0", F_OK) != 0) {
+    return 0;
+  }
   if (!load_torch_cuda()) return 0;
   return at::detail::getCUDAHooks().deviceCount();
 }
+
+std::string cuda_load_error() { return load_error(); }
 
 void use_device(c10::Device device) {
   if (device.is_cuda()) at::accelerator::setDeviceIndex(device.index());

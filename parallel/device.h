@@ -29,6 +29,9 @@ int launcher_local_rank();
 // when an NVIDIA driver is present; 0 on machines without one.
 int visible_cuda_devices();
 
+// Why LibTorch's CUDA library could not be loaded (empty when it was, or was not tried).
+std::string cuda_load_error();
+
 // Makes device current for this thread (a no-op for the CPU).
 void use_device(c10::Device device);
 

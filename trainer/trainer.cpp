@@ -342,7 +342,8 @@ void Trainer::Impl::choose_device() {
   try {
     choice = parallel::choose_device(requested, parallel::launcher_local_rank(), devices);
   } catch (const std::invalid_argument& e) {
-    throw ConfigError(e.what());
+    const std::string why = parallel::cuda_load_error();
+    throw ConfigError(std::string(e.what()) + (why.empty() ? "" : " (" + why + ")"));
   }
   device = choice.device;
   parallel::use_device(device);
