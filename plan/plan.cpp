@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "moe/model_config.h"
+#include "moe/stage_split.h"
 
 namespace fmoe::plan {
 namespace {
@@ -228,6 +229,7 @@ Layout layout_from_config(const Config& config, int64_t gpus) {
   l.num_micro_batches = config.training.grad_accum_steps;
   l.recompute = config.training.recompute;
   l.pipeline_schedule = config.parallel.pipeline_schedule;
+  l.pipeline_layout = config.parallel.pipeline_layout;
   return l;
 }
 
@@ -269,7 +271,23 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   p.memory.grads = local * dtype_bytes(o.grad_dtype, block);
   p.memory.master = sharded * dtype_bytes(o.main_params_dtype, block);
   p.memory.optimizer = sharded * (dtype_bytes(o.exp_avg_dtype, block) + dtype_bytes(o.exp_avg_sq_dtype, block));
-  const double layers_per_stage = std::ceil(static_cast<double>(m.num_layers) / static_cast<double>(layout.pp));
+  // The stages: written, or split by cost; the busiest holds the most layers.
+  double layers_per_stage = static_cast<double>(m.num_layers);
+  if (layout.pp > 1) {
+    const int64_t stages = layout.pp * layout.virtual_pp;
+    moe::StageSplit split;
+    try {
+      split = layout.pipeline_layout.empty() ? moe::balance_stages(m, seq, stages) : moe::parse_stage_layout(layout.pipeline_layout, m, seq, stages);
+    } catch (const std::invalid_argument& e) {
+      throw bad(std::string("parallel.pipeline_layout: ") + e.what());
+    }
+    p.stage_layout = split.describe();
+    p.stage_imbalance = split.imbalance();
+    // A rank holds v chunks: its layers are the sum over them.
+    std::vector<double> per_rank(static_cast<size_t>(layout.pp), 0);
+    for (size_t s = 0; s < split.stages.size(); ++s) per_rank[s % static_cast<size_t>(layout.pp)] += static_cast<double>(split.stages[s].num_layers);
+    layers_per_stage = *std::max_element(per_rank.begin(), per_rank.end());
+  }
   const double moe_fraction = static_cast<double>(m.num_moe_layers()) / static_cast<double>(m.num_layers);
   const bool fp8 = config.precision.fp8;
   const double per_token_layer =
@@ -353,6 +371,8 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   // the MLA up-projections (a few percent).
   if (layout.recompute == "full") p.compute_seconds *= 4.0 / 3.0;
   if (layout.recompute == "selective") p.compute_seconds *= 1.03;
+  // Every stage waits for the costliest one.
+  p.compute_seconds *= p.stage_imbalance;
   const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
                          p.comm.dp_seconds * (1 - a.dp_overlap);
   p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + exposed;
@@ -413,6 +433,10 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   row("degrees", p.layout.describe());
   std::snprintf(line, sizeof(line), "%s tokens", human_count(p.tokens_per_step).c_str());
   row("global batch", line);
+  if (!p.stage_layout.empty()) {
+    std::snprintf(line, sizeof(line), " (costliest %.3gx the mean)", p.stage_imbalance);
+    row("stages", p.stage_layout + line);
+  }
   out << "memory per GPU (busiest stage)\n";
   row("weights (BF16)", human_bytes(p.memory.weights));
   row("gradients", human_bytes(p.memory.grads));
@@ -476,6 +500,8 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"comm_seconds", {{"tp", p.comm.tp_seconds}, {"ep", p.comm.ep_seconds}, {"pp", p.comm.pp_seconds}, {"dp", p.comm.dp_seconds}}},
       {"bubble_fraction", p.bubble_fraction},
       {"pipeline_schedule", p.pipeline_schedule},
+      {"stage_layout", p.stage_layout},
+      {"stage_imbalance", p.stage_imbalance},
       {"peak_in_flight", p.peak_in_flight},
       {"compute_seconds", p.compute_seconds},
       {"step_seconds", p.step_seconds},

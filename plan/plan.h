@@ -46,6 +46,7 @@ struct Layout {
   std::string recompute = "none";
   // gpipe | 1f1b | interleaved | zbh1, or auto: 1f1b, interleaved when virtual_pp > 1
   std::string pipeline_schedule = "auto";
+  std::string pipeline_layout;  // written stages, or empty: balanced by cost
   int64_t gpus() const { return tp * pp * dp; }
   std::string describe() const;
 };
@@ -80,6 +81,8 @@ struct Plan {
   bool fits = false;
   CommEstimate comm;
   std::string pipeline_schedule;  // the one simulated ("" without pipelining)
+  std::string stage_layout;       // the stage split ("E t*4 | ... | t*3 L")
+  double stage_imbalance = 1;     // the costliest stage over the mean: the pipeline runs at its pace
   double bubble_fraction = 0;     // pipeline idle time over compute time, simulated (parallel/pipeline_sim.h)
   int64_t peak_in_flight = 0;     // most micro-batch stages whose activations the busiest rank holds
   double compute_seconds = 0;

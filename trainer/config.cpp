@@ -1,5 +1,7 @@
 #include "trainer/config.h"
 
+#include "moe/stage_split.h"
+
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -122,6 +124,7 @@ void visit(V& v, ParallelConfig& c) {
   v.field("bucket_mb", c.bucket_mb);
   v.field("backend", c.backend);
   v.field("pipeline_schedule", c.pipeline_schedule);
+  v.field("pipeline_layout", c.pipeline_layout);
 }
 
 template <class V>
@@ -438,6 +441,13 @@ std::string Config::validate() const {
         check("training", training.validate()), check("parallel", parallel.validate()),
         check("precision", precision.validate()), check("budget", budget.validate())}) {
     if (!error.empty()) return error;
+  }
+  if (!parallel.pipeline_layout.empty()) {
+    try {
+      moe::parse_stage_layout(parallel.pipeline_layout, model, training.seq_len, parallel.pp * parallel.virtual_pp);
+    } catch (const std::invalid_argument& e) {
+      return std::string("parallel.pipeline_layout: ") + e.what();
+    }
   }
   if (training.seq_len > model.max_seq_len) {
     return "training.seq_len: " + std::to_string(training.seq_len) + " exceeds model.max_seq_len " + std::to_string(model.max_seq_len);

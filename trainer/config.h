@@ -100,6 +100,9 @@ struct ParallelConfig {
   // gpipe | 1f1b | interleaved | zbh1 (parallel/pipeline_schedule.h); auto: 1f1b,
   // or interleaved when virtual_pp > 1. moe-plan simulates it for the bubble.
   std::string pipeline_schedule = "auto";
+  // Stages as a written layout ("E t*2 | t*2 | t*2 L", moe/stage_split.h), pp x
+  // virtual_pp of them; empty: split by cost automatically.
+  std::string pipeline_layout;
   std::string validate() const;
   // Empty when moe-train can run this layout, else "field: why" (moe-plan takes any).
   std::string trainer_support() const;

@@ -94,3 +94,44 @@ TEST(Plan, ClusterSpecsLoadAndRefuseBadFiles) {
 }
 
 }  // namespace
+
+namespace {
+
+using namespace fmoe::plan;
+
+TEST(Plan, PipelineFiguresComeFromTheSimulatedScheduleAndTheStageSplit) {
+  fmoe::trainer::Config c = fmoe::trainer::load_config("configs/presets/deepseek-v3.yaml");
+  const ClusterSpec h800 = load_cluster("h800");
+  Layout l = layout_from_config(c, 2048);
+  l.num_micro_batches = 20;
+  // 1F1B: (pp - 1) / micro-batches idle per unit of compute; the first stage holds pp micro-batches.
+  const Plan one = make_plan(c, h800, l, 1e12, Assumptions());
+  EXPECT_EQ(one.pipeline_schedule, "1f1b");
+  EXPECT_NEAR(one.bubble_fraction, 15.0 / 20, 1e-12);
+  EXPECT_EQ(one.peak_in_flight, 16);
+  EXPECT_EQ(one.stage_layout, "E t*4 | t*3 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*2 L");
+  EXPECT_GT(one.stage_imbalance, 1.0);
+  // ZB-H1 on the same layout: (pp - 1)(F + B - 2W) over 3 units of work per micro-batch.
+  l.pipeline_schedule = "zbh1";
+  const Plan zero = make_plan(c, h800, l, 1e12, Assumptions());
+  EXPECT_NEAR(zero.bubble_fraction, 15.0 / 60, 1e-12);
+  EXPECT_LT(zero.step_seconds, one.step_seconds);
+  // A written layout replaces the balanced split; one that drops a layer is refused by name.
+  l.pipeline_schedule = "auto";
+  l.pipeline_layout = "E t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t L";
+  const Plan written = make_plan(c, h800, l, 1e12, Assumptions());
+  EXPECT_EQ(written.stage_layout, l.pipeline_layout);  // printed back as written
+  l.pipeline_layout = "E t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | t*4 | L";
+  try {
+    make_plan(c, h800, l, 1e12, Assumptions());
+    FAIL() << "accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("places 60 of the 61 layers: layer 60 is missing"), std::string::npos) << e.what();
+  }
+  // An interleaved schedule needs whole groups of pp micro-batches.
+  l.pipeline_layout.clear();
+  l.virtual_pp = 2;
+  EXPECT_THROW(make_plan(c, h800, l, 1e12, Assumptions()), ConfigError);
+}
+
+}  // namespace

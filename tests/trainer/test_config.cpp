@@ -87,6 +87,19 @@ TEST(Config, ResolvedYamlRoundTrips) {
   EXPECT_EQ(again.model.num_experts, c.model.num_experts);
 }
 
+TEST(Config, PipelineLayoutIsCheckedAgainstTheModel) {
+  Config c;
+  c.model.num_layers = 4;
+  c.parallel.pp = 2;
+  c.parallel.pipeline_layout = "E t*2 | t*2 L";
+  EXPECT_EQ(c.validate(), "");
+  c.parallel.pipeline_layout = "E t*2 | t L";
+  EXPECT_EQ(c.validate(), "parallel.pipeline_layout: pipeline layout 'E t*2 | t L': places 3 of the 4 layers: layer 3 is missing");
+  c.parallel.pipeline_layout = "";
+  c.parallel.pipeline_schedule = "dualpipe";
+  EXPECT_EQ(c.validate(), "parallel.pipeline_schedule: must be auto, gpipe, 1f1b, interleaved or zbh1, got 'dualpipe'");
+}
+
 TEST(Config, EditDistance) {
   EXPECT_EQ(edit_distance("kitten", "sitting"), 3u);
   EXPECT_EQ(edit_distance("", "abc"), 3u);
