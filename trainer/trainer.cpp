@@ -35,6 +35,7 @@
 #include "trainer/budget.h"
 #include "trainer/precision.h"
 #include "trainer/step_readback.h"
+#include "trainer/step_runtime.h"
 #include "trainer/zero1.h"
 
 namespace fmoe::trainer {
@@ -617,6 +618,7 @@ TrainResult Trainer::Impl::run() {
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
 
   std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
+  StepRuntime step_runtime(*model, parallel::make_schedule("1f1b", 1, 1, static_cast<int>(tc.grad_accum_steps)));
   StepReadback readback;
   StepTimer timer(device);
   parallel::reset_peak_device_memory(device);
@@ -626,18 +628,16 @@ TrainResult Trainer::Impl::run() {
     timer.start();
     const int64_t copies_before = StepReadback::copies();
     const double comm_start = communication_seconds();
-    double data_seconds = 0;
+    // The micro-batches' forwards and backwards: this rank's schedule for the step.
+    StepHooks hooks;
+    hooks.batch = [&](int64_t micro) { return to_device(loader->train_batch(step, micro, dp_rank)); };
+    hooks.before_backward = [&](bool last) {
+      if (grad_sync) grad_sync->arm(/*last_micro_batch=*/last);
+    };
+    const StepTotals totals = step_runtime.run(hooks, dtype, cfg.precision.fp8);
+    const double data_seconds = totals.data_seconds;
     // ce, aux, z summed over micro-batches, on the device: read with the step's other scalars.
-    at::Tensor losses = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device));
-    for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
-      const auto data_start = Clock::now();
-      const at::Tensor batch = to_device(loader->train_batch(step, micro, dp_rank));
-      data_seconds += seconds_since(data_start);
-      const moe::ModelOutput out = model->forward(batch, dtype, cfg.precision.fp8);
-      if (grad_sync) grad_sync->arm(/*last_micro_batch=*/micro + 1 == tc.grad_accum_steps);
-      (out.loss / static_cast<double>(tc.grad_accum_steps)).backward();
-      losses += at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
-    }
+    at::Tensor losses = totals.losses;
     // Before a budget-sized schedule is fixed the steps are in warmup, where the rate ignores the length.
     const double lr = learning_rate(cfg.optimizer, step, length_known() ? total_steps() : step + 1);
     at::Tensor grad_norm;
