@@ -53,7 +53,6 @@ std::string check_divides(const ModelConfig& c, const parallel::MeshShape& s) {
   if (c.num_moe_layers() > 0 && !divides(s.ep, c.num_experts)) {
     return "parallel.ep: " + std::to_string(s.ep) + " does not divide model.num_experts " + std::to_string(c.num_experts);
   }
-  if (s.pp != 1) return "parallel.pp: pipeline parallelism is not implemented by the trainer yet";
   return {};
 }
 
@@ -110,7 +109,20 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
   }
 }
 
+PipelineStage MoEModel::whole_model_stage() const {
+  PipelineStage all;
+  all.embedding = all.head = true;
+  all.num_layers = config_.num_layers;
+  return all;
+}
+
 ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_dtype, bool fp8) {
+  const StageOutput out = forward_stage(whole_model_stage(), tokens, {}, compute_dtype, fp8);
+  return {out.ce_loss + out.aux_loss + out.z_loss, out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()};
+}
+
+StageOutput MoEModel::forward_stage(const PipelineStage& stage, const at::Tensor& tokens, const at::Tensor& hidden_in,
+                                    at::ScalarType compute_dtype, bool fp8) {
   const int64_t seq_len = tokens.size(1) - 1;
   if (parallel_.sp() && (tokens.size(0) * (tokens.size(1) - 1)) % parallel_.mesh.shape().tp != 0) {
     throw std::invalid_argument("parallel.sequence_parallel: the micro-batch's " + std::to_string(tokens.size(0) * (tokens.size(1) - 1)) +
@@ -143,10 +155,17 @@ ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_d
   ctx.z_loss = at::zeros({}, tokens.options().dtype(at::kFloat));
   ctx.parallel = &parallel_;
 
-  at::Tensor x = embedding->forward(tokens.narrow(1, 0, seq_len), parallel_);
-  for (auto& layer : layers) x = layer->forward(x, ctx);
-  const at::Tensor ce = head->forward(x, tokens.narrow(1, 1, seq_len), compute_dtype, parallel_);
-  return {ce + ctx.aux_loss + ctx.z_loss, ce.detach(), ctx.aux_loss.detach(), ctx.z_loss.detach()};
+  at::Tensor x = stage.embedding ? embedding->forward(tokens.narrow(1, 0, seq_len), parallel_) : hidden_in;
+  for (int64_t i = stage.first_layer; i < stage.first_layer + stage.num_layers; ++i) x = layers[static_cast<size_t>(i)]->forward(x, ctx);
+  StageOutput out;
+  out.aux_loss = ctx.aux_loss;
+  out.z_loss = ctx.z_loss;
+  if (stage.head) {
+    out.ce_loss = head->forward(x, tokens.narrow(1, 1, seq_len), compute_dtype, parallel_);
+  } else {
+    out.hidden = x;
+  }
+  return out;
 }
 
 std::vector<std::shared_ptr<MoELayer>> MoEModel::moe_layers() const {

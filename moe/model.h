@@ -11,6 +11,7 @@
 
 #include "moe/layers.h"
 #include "moe/model_config.h"
+#include "moe/stage_split.h"
 #include "parallel/tensor_parallel.h"
 
 namespace fmoe::moe {
@@ -33,6 +34,18 @@ class HeadStage : public torch::nn::Module {
   at::Tensor weight;  // [V, D], untied from the embedding
 };
 
+// One pipeline stage's forward: the hidden state it hands to the next stage
+// (FP32 [B * T, D], or [B * T / tp, D] under sequence parallelism), or, on the
+// stage with the head, the loss. aux_loss and z_loss are the stage's own MoE
+// layers' terms (with their coefficients); a stage without the head backpropagates
+// them beside the gradient that arrives for its output.
+struct StageOutput {
+  at::Tensor hidden;     // undefined on the stage with the head
+  at::Tensor ce_loss;    // the head's cross-entropy (attached); undefined elsewhere
+  at::Tensor aux_loss;   // attached, FP32 scalars (zero when the stage has no MoE layer)
+  at::Tensor z_loss;
+};
+
 struct ModelOutput {
   at::Tensor loss;        // what backward runs on: cross-entropy + aux + z losses
   at::Tensor ce_loss;     // detached, for logging
@@ -51,6 +64,15 @@ class MoEModel : public torch::nn::Module {
   // tokens_BT1: int64 [B, T + 1]; inputs are [:, :-1], targets [:, 1:].
   // fp8: E4M3 GEMMs for the attention projections, FFNs and experts (see ForwardContext).
   ModelOutput forward(const at::Tensor& tokens_BT1, at::ScalarType compute_dtype, bool fp8 = false);
+
+  // The part of the forward a pipeline stage holds: from the tokens (the stage
+  // with the embedding) or the previous stage's hidden state, through its
+  // layers, to the next stage's input or (the stage with the head) the loss.
+  // tokens_BT1 is the micro-batch on every stage (the head takes its targets).
+  StageOutput forward_stage(const PipelineStage& stage, const at::Tensor& tokens_BT1, const at::Tensor& hidden_in,
+                            at::ScalarType compute_dtype, bool fp8 = false);
+  // The whole model as one stage.
+  PipelineStage whole_model_stage() const;
 
   const ModelConfig& config() const { return config_; }
   const Parallelism& parallelism() const { return parallel_; }

@@ -151,6 +151,8 @@ at::Tensor global_grad_square_sum(const std::vector<at::Tensor>& grads, const st
   if (mesh.shape().tp > 1) mesh.tp().all_reduce(tp_part, {ReduceOp::kSum})->wait();
   at::Tensor expert_part = sums.narrow(0, 2, 1);
   if (mesh.shape().ep > 1) mesh.ep().all_reduce(expert_part, {ReduceOp::kSum})->wait();
+  // Pipeline stages hold different parameters: their sums add up.
+  if (mesh.shape().pp > 1) mesh.pp().all_reduce(sums, {ReduceOp::kSum})->wait();
   return sums.sum();
 }
 

@@ -72,7 +72,8 @@ void sum_partial_gradients_over_tp(const std::vector<at::Tensor>& params, const 
 // tensor-parallel shards summed over tp, expert shards over tp and ep, replicated
 // tensors taken as they are. sharded_over_tp[i] says whether tensor i is split over tp.
 // With owned (ZeRO-1), only owned gradients count, first summed over dp (dense)
-// or the expert-data-parallel group (experts). An FP64 scalar on the gradients' device.
+// or the expert-data-parallel group (experts). Pipeline stages' sums add over pp.
+// An FP64 scalar on the gradients' device.
 at::Tensor global_grad_square_sum(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
                               const std::vector<bool>& expert, const Mesh& mesh, const std::vector<bool>* owned = nullptr);
 

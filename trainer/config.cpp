@@ -419,8 +419,7 @@ std::string ParallelConfig::validate() const {
 }
 
 std::string ParallelConfig::trainer_support() const {
-  if (pp != 1) return "pp: pipeline parallelism is not available in moe-train yet; set 1";
-  if (virtual_pp != 1) return "virtual_pp: pipeline parallelism is not available in moe-train yet; set 1";
+  if (pp == 1 && virtual_pp != 1) return "virtual_pp: chunks per rank need pipeline parallelism (pp > 1)";
   return "";
 }
 

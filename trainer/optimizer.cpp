@@ -233,7 +233,7 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm)
 
 at::Tensor clip_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<bool>& sharded_over_tp,
                           const std::vector<bool>& expert, const parallel::Mesh& mesh, double max_norm) {
-  if (mesh.shape().tp == 1 && mesh.shape().ep == 1) return clip_grad_norm(grads, max_norm);
+  if (mesh.shape().tp == 1 && mesh.shape().ep == 1 && mesh.shape().pp == 1) return clip_grad_norm(grads, max_norm);
   const at::Tensor total = parallel::global_grad_square_sum(grads, sharded_over_tp, expert, mesh).sqrt();
   scale_to_norm(grads, total, max_norm);
   return total;

@@ -1,22 +1,38 @@
 #include "trainer/step_runtime.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <chrono>
 #include <map>
 #include <stdexcept>
 
 namespace fmoe::trainer {
+namespace {
 
-StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule) : model_(model), schedule_(std::move(schedule)) {
-  if (schedule_.pp != 1) {
-    throw std::invalid_argument("parallel.pp: moe-train runs one pipeline stage per step for now (schedule " + schedule_.name +
-                                " has " + std::to_string(schedule_.pp) + ")");
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+at::Tensor stage_losses(const moe::StageOutput& out, const at::Tensor& zero) {
+  return at::stack({out.ce_loss.defined() ? out.ce_loss.detach() : zero, out.aux_loss.detach(), out.z_loss.detach()}).to(at::kDouble);
+}
+
+}  // namespace
+
+StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule, PipelineContext pipeline)
+    : model_(model), schedule_(std::move(schedule)), pipeline_(std::move(pipeline)) {
+  if (schedule_.pp != 1 && !pipeline_.pp) throw std::invalid_argument("step runtime: a pipelined schedule needs the pipeline group");
+  if (schedule_.split_backward) {
+    throw std::invalid_argument("parallel.pipeline_schedule: " + schedule_.name +
+                                " splits backward into input and weight gradients, which moe-train does not run yet (use 1f1b or interleaved)");
   }
+  if (schedule_.pp > 1 && !schedule_.lowered) schedule_ = parallel::lower(schedule_);
   if (const std::string error = parallel::validate(schedule_); !error.empty()) throw std::invalid_argument("step schedule: " + error);
 }
 
 StepTotals StepRuntime::run(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8) {
+  if (schedule_.pp > 1) return run_pipelined(hooks, compute_dtype, fp8);
   StepTotals totals;
   const double micro_batches = static_cast<double>(schedule_.micro_batches);
   std::map<int, moe::ModelOutput> in_flight;  // forwarded micro-batches awaiting their backward
@@ -26,7 +42,7 @@ StepTotals StepRuntime::run(const StepHooks& hooks, at::ScalarType compute_dtype
       case parallel::PipeOp::kForward: {
         const auto start = std::chrono::steady_clock::now();
         const at::Tensor tokens = hooks.batch(action.micro);
-        totals.data_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        totals.data_seconds += seconds_since(start);
         in_flight[action.micro] = model_.forward(tokens, compute_dtype, fp8);
         break;
       }
@@ -40,9 +56,98 @@ StepTotals StepRuntime::run(const StepHooks& hooks, at::ScalarType compute_dtype
         break;
       }
       default:
-        throw std::logic_error("step runtime: " + action.text() + " needs the pipeline's point-to-point runtime");
+        throw std::logic_error("step runtime: " + action.text() + " in a one-stage schedule");
     }
   }
+  return totals;
+}
+
+StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8) {
+  parallel::Communicator& pp = *pipeline_.pp;
+  const int rank = pp.rank();
+  const int micro_batches = schedule_.micro_batches;
+  const auto rank_of = [&](int stage) { return schedule_.stage_rank[static_cast<size_t>(stage)]; };
+  // One tag per (sending stage, micro-batch, direction): with pp 2 the previous and next stage are one rank.
+  const auto tag = [&](int sending_stage, int micro, int backward) { return (sending_stage * micro_batches + micro) * 2 + backward; };
+  const auto buffer = [&] {
+    return at::empty({pipeline_.hidden_rows, pipeline_.hidden_dim}, at::TensorOptions().dtype(at::kFloat).device(pipeline_.device));
+  };
+  struct InFlight {
+    at::Tensor input;         // the received hidden state (a leaf whose gradient goes back), or undefined on the first stage
+    moe::StageOutput output;
+  };
+  std::map<std::pair<int, int>, InFlight> in_flight;
+  std::map<std::pair<int, int>, at::Tensor> received;  // (stage, micro) -> activation, or gradient of the output
+  std::vector<std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> sends;  // kept until they complete
+  StepTotals totals;
+  const at::Tensor zero = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(pipeline_.device));
+  totals.losses = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(pipeline_.device));
+  int backwards_left = 0;
+  for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(rank)]) backwards_left += a.op == parallel::PipeOp::kBackward;
+  const double scale = 1.0 / micro_batches;
+
+  for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(rank)]) {
+    const auto key = std::make_pair(a.stage, a.micro);
+    switch (a.op) {
+      case parallel::PipeOp::kRecvForward: {
+        at::Tensor activation = buffer();
+        pp.recv(activation, rank_of(a.stage - 1), {tag(a.stage - 1, a.micro, 0)})->wait();
+        received[key] = activation;
+        break;
+      }
+      case parallel::PipeOp::kForward: {
+        const auto start = std::chrono::steady_clock::now();
+        const at::Tensor tokens = hooks.batch(a.micro);
+        totals.data_seconds += seconds_since(start);
+        InFlight f;
+        if (!pipeline_.stages[static_cast<size_t>(a.stage)].embedding) {
+          f.input = received.at(key).requires_grad_();
+          received.erase(key);
+        }
+        f.output = model_.forward_stage(pipeline_.stages[static_cast<size_t>(a.stage)], tokens, f.input, compute_dtype, fp8);
+        in_flight[key] = std::move(f);
+        break;
+      }
+      case parallel::PipeOp::kSendForward: {
+        const at::Tensor out = in_flight.at(key).output.hidden.detach().contiguous();
+        sends.emplace_back(pp.send(out, rank_of(a.stage + 1), {tag(a.stage, a.micro, 0)}), out);
+        break;
+      }
+      case parallel::PipeOp::kRecvBackward: {
+        at::Tensor gradient = buffer();
+        pp.recv(gradient, rank_of(a.stage + 1), {tag(a.stage + 1, a.micro, 1)})->wait();
+        received[key] = gradient;
+        break;
+      }
+      case parallel::PipeOp::kBackward: {
+        InFlight& f = in_flight.at(key);
+        if (hooks.before_backward) hooks.before_backward(--backwards_left == 0);
+        const moe::StageOutput& out = f.output;
+        const at::Tensor extra = (out.aux_loss + out.z_loss) * scale;  // this stage's own loss terms
+        if (out.ce_loss.defined()) {
+          (out.ce_loss * scale + extra).backward();
+        } else {
+          std::vector<at::Tensor> roots{out.hidden}, grads{received.at(key)};
+          if (extra.requires_grad()) roots.push_back(extra), grads.push_back(at::ones_like(extra));
+          torch::autograd::backward(roots, grads);
+          received.erase(key);
+        }
+        totals.losses += stage_losses(out, zero);
+        f.output = {};  // the stage's activations go back now
+        if (!f.input.defined()) in_flight.erase(key);
+        break;
+      }
+      case parallel::PipeOp::kSendBackward: {
+        const at::Tensor gradient = in_flight.at(key).input.grad().contiguous();
+        sends.emplace_back(pp.send(gradient, rank_of(a.stage - 1), {tag(a.stage, a.micro, 1)}), gradient);
+        in_flight.erase(key);
+        break;
+      }
+      default:
+        throw std::logic_error("step runtime: " + a.text() + " is not run by moe-train yet");
+    }
+  }
+  for (auto& [work, tensor] : sends) work->wait();
   return totals;
 }
 

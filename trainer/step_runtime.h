@@ -1,8 +1,11 @@
 // One optimizer step's forwards and backwards, run as this rank's action list
 // of a pipeline schedule (parallel/pipeline_schedule.h). Without pipelining the
 // list is the one-stage 1F1B schedule — forward a micro-batch, then its
-// backward — so gradient accumulation is the schedule's micro-batch loop, and a
-// pipelined step will run through the same loop with its sends and receives.
+// backward — so gradient accumulation is the schedule's micro-batch loop. With
+// pipelining the list is lowered: a stage's output goes to the next stage's rank
+// by a non-blocking send, its gradient comes back the same way, receives wait
+// where the schedule puts them. A stage's MoE aux and z losses are
+// backpropagated on that stage beside the gradient of its output.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +14,8 @@
 #include <memory>
 
 #include "moe/model.h"
+#include "moe/stage_split.h"
+#include "parallel/communicator.h"
 #include "parallel/pipeline_schedule.h"
 
 namespace fmoe::trainer {
@@ -24,21 +29,34 @@ struct StepHooks {
 };
 
 struct StepTotals {
-  at::Tensor losses;        // FP64 [3] on the device: cross-entropy, aux and z losses summed over micro-batches
+  // FP64 [3] on the device: cross-entropy, aux and z losses summed over
+  // micro-batches, of this rank's stages (the cross-entropy on the head's rank).
+  at::Tensor losses;
   double data_seconds = 0;  // spent making batches
+};
+
+// What a pipelined step needs beyond the model.
+struct PipelineContext {
+  parallel::Communicator* pp = nullptr;       // the pipeline group: rank r holds stages c x pp + r
+  std::vector<moe::PipelineStage> stages;     // every stage of the split, pp x v of them
+  int64_t hidden_rows = 0, hidden_dim = 0;    // what crosses between stages: FP32 [rows, dim]
+  c10::Device device{c10::kCPU};
 };
 
 class StepRuntime {
  public:
   // schedule: this step's actions (its micro-batches are the gradient-accumulation steps).
-  // Throws std::invalid_argument for a schedule of several pipeline ranks (not run by moe-train yet).
-  StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule);
+  // Without a pipeline context the schedule has one rank. Throws std::invalid_argument
+  // for a schedule that does not validate or needs a split backward (ZB-H1).
+  StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule, PipelineContext pipeline = {});
   StepTotals run(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8);
   const parallel::PipelineSchedule& schedule() const { return schedule_; }
 
  private:
+  StepTotals run_pipelined(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8);
   moe::MoEModel& model_;
   parallel::PipelineSchedule schedule_;
+  PipelineContext pipeline_;
 };
 
 }  // namespace fmoe::trainer

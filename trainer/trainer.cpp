@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -20,6 +21,7 @@
 #include "fp8/fp8_gemm.h"
 #include "data/loader.h"
 #include "moe/model.h"
+#include "moe/stage_split.h"
 #include "parallel/communicator.h"
 #include "parallel/device.h"
 #include "parallel/device_communicators.h"
@@ -87,6 +89,9 @@ struct Trainer::Impl {
   std::unique_ptr<parallel::GradientSync> grad_sync;
   std::vector<bool> sharded_over_tp, is_expert;
   std::vector<at::Tensor> tp_partial;  // norm weights under sequence parallelism
+  // Pipeline parallelism: the split, and which rank's stages hold each parameter.
+  moe::StageSplit split;
+  std::map<std::string, int> param_owner;  // parameter name -> pipeline rank holding it
   bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
   bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
   std::unique_ptr<Zero1> zero1;
@@ -191,9 +196,33 @@ struct Trainer::Impl {
     return total;
   }
 
-  std::string layout_name() const { return mesh->shape().describe() + (zero1 ? " zero1" : ""); }
+  std::string layout_name() const {
+    std::string name = mesh->shape().describe();
+    if (config.parallel.virtual_pp > 1) name += " v" + std::to_string(config.parallel.virtual_pp);
+    if (mesh->shape().pp > 1) name += " stages " + split.describe();
+    return name + (zero1 ? " zero1" : "");
+  }
+
+  // The pipeline rank whose stages hold a parameter (by name prefix).
+  int owner_of(const std::string& name) const {
+    for (const auto& [prefix, rank] : param_owner) {
+      if (name.rfind(prefix, 0) == 0) return rank;
+    }
+    throw std::logic_error("pipeline: no stage holds parameter " + name);
+  }
+
+  // Every rank's copy of every parameter, from the pipeline rank that trains it.
+  void sync_pipeline_parameters() {
+    if (mesh->shape().pp == 1) return;
+    torch::NoGradGuard no_grad;
+    for (auto& item : model->named_parameters()) {
+      at::Tensor& t = item.value();
+      mesh->pp().broadcast(t, {owner_of(item.key())})->wait();
+    }
+  }
 
   void save(const Config& cfg) {
+    sync_pipeline_parameters();
     TensorMap model_state = full_model_tensors();  // collective when sharded
     TensorMap optimizer_state;
     if (rank == 0 || sharded_state) {  // the ranks whose state is written
@@ -224,6 +253,7 @@ struct Trainer::Impl {
   // eval_sequences of the validation stream), dealt out over the data-parallel
   // ranks in contiguous slices: the same number on every layout and machine.
   double evaluate() {
+    sync_pipeline_parameters();
     torch::NoGradGuard no_grad;
     const int64_t total = eval_windows();
     const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
@@ -303,6 +333,7 @@ struct Trainer::Impl {
   int64_t eval_windows() const { return std::min(config.training.eval_sequences, loader->num_val_windows()); }
 
   void choose_precision_once();
+  StepRuntime make_step_runtime();
   void choose_device();
   std::shared_ptr<parallel::Communicator> device_world(std::shared_ptr<parallel::Communicator> world) const;
   // A batch made by the loader (host memory) on the run's device, queued without waiting.
@@ -388,6 +419,33 @@ std::shared_ptr<parallel::Communicator> Trainer::Impl::device_world(std::shared_
   if (backend == "nccl") return parallel::route_by_device(world, parallel::make_nccl_communicator(*world));
 #endif
   return parallel::with_host_staging(world);
+}
+
+// The step's forwards and backwards as this rank's schedule: the one-stage
+// 1F1B schedule without pipelining, else parallel.pipeline_schedule over the split.
+StepRuntime Trainer::Impl::make_step_runtime() {
+  const TrainingConfig& tc = config.training;
+  const parallel::MeshShape& shape = mesh->shape();
+  const int micro = static_cast<int>(tc.grad_accum_steps);
+  if (shape.pp == 1) return StepRuntime(*model, parallel::make_schedule("1f1b", 1, 1, micro));
+  const int v = static_cast<int>(config.parallel.virtual_pp);
+  std::string name = config.parallel.pipeline_schedule;
+  if (name == "auto") name = v > 1 ? "interleaved" : "1f1b";
+  PipelineContext context;
+  context.pp = &mesh->pp();
+  context.stages = split.stages;
+  context.hidden_rows = tc.micro_batch_size * tc.seq_len / (config.parallel.sequence_parallel ? shape.tp : 1);
+  context.hidden_dim = config.model.hidden_size;
+  context.device = device;
+  try {
+    StepRuntime runtime(*model, parallel::make_schedule(name, static_cast<int>(shape.pp), v, micro), context);
+    log("pipeline: " + name + " over " + std::to_string(shape.pp) + " ranks x " + std::to_string(v) + " chunk" + (v > 1 ? "s" : "") +
+        ", " + std::to_string(micro) + " micro-batches per step; stages " + split.describe());
+    return runtime;
+  } catch (const std::invalid_argument& e) {
+    const std::string what = e.what();
+    throw ConfigError(what.rfind("parallel.", 0) == 0 ? what : "parallel.pipeline_schedule: " + what);
+  }
 }
 
 // Fixes a budget-sized schedule's length once, from the measured times (or
@@ -489,7 +547,7 @@ TrainResult Trainer::Impl::run() {
   dp_rank = mesh->coords().dp;
   const bool use_zero1 = cfg.parallel.zero1 && shape.dp > 1;
   sharded_model = shape.tp > 1 || shape.ep > 1;
-  sharded_state = sharded_model || use_zero1;
+  sharded_state = sharded_model || use_zero1 || shape.pp > 1;
   const int64_t threads = tc.threads > 0 ? tc.threads : default_threads(world_size);
   at::set_num_threads(static_cast<int>(threads));
   log("moe-train: " + std::to_string(world_size) + " rank" + (world_size > 1 ? "s" : "") + " x " + std::to_string(threads) +
@@ -508,8 +566,24 @@ TrainResult Trainer::Impl::run() {
   }
   // Drawn on the CPU from the seed, then moved: a GPU run starts from the CPU run's weights.
   model->to(device);
+  // Under pipelining every rank builds the whole model from the seed and trains the
+  // parameters of its stages; the others are brought up to date (a broadcast from
+  // their owner) before validation and checkpoints.
+  if (shape.pp > 1) {
+    const int64_t stages = shape.pp * cfg.parallel.virtual_pp;
+    split = cfg.parallel.pipeline_layout.empty() ? moe::balance_stages(cfg.model, tc.seq_len, stages)
+                                                 : moe::parse_stage_layout(cfg.parallel.pipeline_layout, cfg.model, tc.seq_len, stages);
+    for (int64_t s = 0; s < stages; ++s) {
+      const moe::PipelineStage& st = split.stages[static_cast<size_t>(s)];
+      const int owner = static_cast<int>(s % shape.pp);
+      for (int64_t l = st.first_layer; l < st.first_layer + st.num_layers; ++l) param_owner["layers." + std::to_string(l) + "."] = owner;
+      if (st.embedding) param_owner["embedding."] = owner;
+      if (st.head) param_owner["head."] = owner;
+    }
+  }
   std::vector<at::Tensor> dense, experts;
   for (const auto& item : model->named_parameters()) {
+    if (shape.pp > 1 && owner_of(item.key()) != mesh->coords().pp) continue;
     params.push_back({item.key(), item.value()});
     const parallel::ShardSpec& spec = model->shard_specs().at(item.key());
     (spec.is_expert() ? experts : dense).push_back(item.value());
@@ -565,10 +639,10 @@ TrainResult Trainer::Impl::run() {
   const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * dp_size;
   char summary[512];
   std::snprintf(summary, sizeof(summary),
-                "model: %.2fM parameters, %.2fM activated per token | %.1f MFLOP/token | layout dp=%lld tp=%lld ep=%lld (%s experts) | %lld threads/rank | %s\n"
+                "model: %.2fM parameters, %.2fM activated per token | %.1f MFLOP/token | layout dp=%lld pp=%lld tp=%lld ep=%lld (%s experts) | %lld threads/rank | %s\n"
                 "data: %lld train tokens, %lld validation tokens | %lld tokens/step | peak %.0f GFLOP/s (%s GEMM, all ranks)",
                 counts.total / 1e6, counts.activated / 1e6, flops_per_token / 1e6, static_cast<long long>(shape.dp),
-                static_cast<long long>(shape.tp), static_cast<long long>(shape.ep), cfg.parallel.expert_dispatcher.c_str(),
+                static_cast<long long>(shape.pp), static_cast<long long>(shape.tp), static_cast<long long>(shape.ep), cfg.parallel.expert_dispatcher.c_str(),
                 static_cast<long long>(threads), state.precision.c_str(), static_cast<long long>(loader->train_tokens()),
                 static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
                 state.precision.c_str());
@@ -618,7 +692,7 @@ TrainResult Trainer::Impl::run() {
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
 
   std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
-  StepRuntime step_runtime(*model, parallel::make_schedule("1f1b", 1, 1, static_cast<int>(tc.grad_accum_steps)));
+  StepRuntime step_runtime = make_step_runtime();
   StepReadback readback;
   StepTimer timer(device);
   parallel::reset_peak_device_memory(device);
@@ -627,6 +701,7 @@ TrainResult Trainer::Impl::run() {
     const auto step_start = Clock::now();
     timer.start();
     const int64_t copies_before = StepReadback::copies();
+    const double pipeline_wait_start = mesh->pp().wait_seconds();
     const double comm_start = communication_seconds();
     // The micro-batches' forwards and backwards: this rank's schedule for the step.
     StepHooks hooks;
@@ -664,11 +739,14 @@ TrainResult Trainer::Impl::run() {
     std::vector<at::Tensor> loads;
     for (const auto& layer : moe_layers) {
       at::Tensor load = layer->step_load.clone();
+      // Over the pipeline too: every rank then updates every layer's bias alike.
+      if (shape.pp > 1) mesh->pp().all_reduce(load, {parallel::ReduceOp::kSum})->wait();
       sum_over_ranks(load);
       loads.push_back(load);
     }
     model->update_expert_biases(loads);
 
+    if (shape.pp > 1) mesh->pp().all_reduce(losses, {parallel::ReduceOp::kSum})->wait();  // each stage's share
     sum_over_ranks(losses);
     losses /= static_cast<double>(tc.grad_accum_steps * dp_size);
     // The step's one device-to-host copy: losses, gradient norm, per-layer max and mean expert load.
@@ -737,6 +815,8 @@ TrainResult Trainer::Impl::run() {
                              {"device", device.str()},
                              {"device_to_host_copies", StepReadback::copies() - copies_before}};
       if (device.is_cuda()) line["peak_device_memory_bytes"] = parallel::peak_device_memory_bytes(device);
+      // The measured bubble: this rank's time blocked on the pipeline's sends and receives.
+      if (shape.pp > 1) line["pipeline_wait_seconds"] = mesh->pp().wait_seconds() - pipeline_wait_start;
       if (deciding) {
         line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},
                             {"step_seconds", state.calibrated_step_seconds}, {"eval_seconds", state.calibrated_eval_seconds},

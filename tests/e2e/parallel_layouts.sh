@@ -20,7 +20,7 @@ run "$WORK_DIR/tp2sp" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/tp2sp") "${ARGS[@]}
 run "$WORK_DIR/zero1" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/zero1") "${ARGS[@]}" --set parallel.zero1=true
 run "$WORK_DIR/mixed" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/mixed") "${ARGS[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.zero1=true
 run "$WORK_DIR/mixedsp" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/mixedsp") "${ARGS[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.sequence_parallel=true
-grep -q "layout dp=2 tp=2 ep=2" "$WORK_DIR/mixed.log" || fail "mixed run did not report its layout"
+grep -q "layout dp=2 pp=1 tp=2 ep=2" "$WORK_DIR/mixed.log" || fail "mixed run did not report its layout"
 grep -q "ep: 2" "$WORK_DIR/mixed/config.yaml" || fail "the run directory does not record the layout"
 python3 - "$WORK_DIR" <<'PY'
 import json, sys

@@ -52,9 +52,10 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("training:\n  seq_len: 512\n"), "run.yaml: training.seq_len: 512 exceeds model.max_seq_len 256");
   EXPECT_EQ(error_of("parallel:\n  dp: 4\n  ep: 3\n"), "run.yaml: parallel.ep: must divide dp (4), got 3");
   EXPECT_EQ(error_of("budget:\n  max_usd: 5\n"), "run.yaml: budget.max_usd: needs usd_per_gpu_hour > 0 to convert time into dollars");
-  // moe-plan takes any layout; moe-train says what it cannot run yet.
-  const Config planned = parse_config("parallel:\n  pp: 2\n", "run.yaml");
-  EXPECT_EQ(planned.parallel.trainer_support(), "pp: pipeline parallelism is not available in moe-train yet; set 1");
+  // moe-plan takes any layout; moe-train says what it cannot run.
+  EXPECT_EQ(parse_config("parallel:\n  pp: 2\n", "run.yaml").parallel.trainer_support(), "");
+  EXPECT_EQ(parse_config("parallel:\n  virtual_pp: 2\n", "run.yaml").parallel.trainer_support(),
+            "virtual_pp: chunks per rank need pipeline parallelism (pp > 1)");
   EXPECT_EQ(parse_config("parallel:\n  tp: 2\n  ep: 2\n  dp: 2\n", "run.yaml").parallel.trainer_support(), "");
   EXPECT_EQ(error_of("parallel:\n  expert_dispatcher: ring\n"),
             "run.yaml: parallel.expert_dispatcher: must be alltoall or allgather, got 'ring'");
