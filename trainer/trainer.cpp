@@ -27,9 +27,6 @@
 #include "parallel/device_communicators.h"
 #include "parallel/grad_sync.h"
 #include "parallel/mesh.h"
-#ifdef FMOE_HAVE_NCCL
-#include "parallel/nccl/nccl_communicator.h"
-#endif
 #include "parallel/tensor_parallel.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
@@ -37,6 +34,8 @@
 #include "trainer/budget.h"
 #include "trainer/precision.h"
 #include "trainer/step_readback.h"
+#include "trainer/pipeline_stages.h"
+#include "trainer/run_device.h"
 #include "trainer/step_runtime.h"
 #include "trainer/zero1.h"
 
@@ -53,14 +52,6 @@ double peak_rss_bytes() {
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<double>(usage.ru_maxrss) * 1024.0;
-}
-
-// Ranks of this job on this machine, as the launcher says (all of them without one).
-int64_t local_ranks(int world_size) {
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"}) {
-    if (const char* value = std::getenv(name); value && *value) return std::max(1, std::atoi(value));
-  }
-  return world_size;
 }
 
 int64_t default_threads(int world_size) {
@@ -89,9 +80,7 @@ struct Trainer::Impl {
   std::unique_ptr<parallel::GradientSync> grad_sync;
   std::vector<bool> sharded_over_tp, is_expert;
   std::vector<at::Tensor> tp_partial;  // norm weights under sequence parallelism
-  // Pipeline parallelism: the split, and which rank's stages hold each parameter.
-  moe::StageSplit split;
-  std::map<std::string, int> param_owner;  // parameter name -> pipeline rank holding it
+  std::unique_ptr<PipelineStages> stages;  // the pipeline split (one stage without pipelining)
   bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
   bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
   std::unique_ptr<Zero1> zero1;
@@ -199,30 +188,12 @@ struct Trainer::Impl {
   std::string layout_name() const {
     std::string name = mesh->shape().describe();
     if (config.parallel.virtual_pp > 1) name += " v" + std::to_string(config.parallel.virtual_pp);
-    if (mesh->shape().pp > 1) name += " stages " + split.describe();
+    if (mesh->shape().pp > 1) name += " stages " + stages->split().describe();
     return name + (zero1 ? " zero1" : "");
   }
 
-  // The pipeline rank whose stages hold a parameter (by name prefix).
-  int owner_of(const std::string& name) const {
-    for (const auto& [prefix, rank] : param_owner) {
-      if (name.rfind(prefix, 0) == 0) return rank;
-    }
-    throw std::logic_error("pipeline: no stage holds parameter " + name);
-  }
-
-  // Every rank's copy of every parameter, from the pipeline rank that trains it.
-  void sync_pipeline_parameters() {
-    if (mesh->shape().pp == 1) return;
-    torch::NoGradGuard no_grad;
-    for (auto& item : model->named_parameters()) {
-      at::Tensor& t = item.value();
-      mesh->pp().broadcast(t, {owner_of(item.key())})->wait();
-    }
-  }
-
   void save(const Config& cfg) {
-    sync_pipeline_parameters();
+    stages->sync_parameters(*model, mesh->pp());
     TensorMap model_state = full_model_tensors();  // collective when sharded
     TensorMap optimizer_state;
     if (rank == 0 || sharded_state) {  // the ranks whose state is written
@@ -253,7 +224,7 @@ struct Trainer::Impl {
   // eval_sequences of the validation stream), dealt out over the data-parallel
   // ranks in contiguous slices: the same number on every layout and machine.
   double evaluate() {
-    sync_pipeline_parameters();
+    stages->sync_parameters(*model, mesh->pp());
     torch::NoGradGuard no_grad;
     const int64_t total = eval_windows();
     const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
@@ -333,9 +304,6 @@ struct Trainer::Impl {
   int64_t eval_windows() const { return std::min(config.training.eval_sequences, loader->num_val_windows()); }
 
   void choose_precision_once();
-  StepRuntime make_step_runtime();
-  void choose_device();
-  std::shared_ptr<parallel::Communicator> device_world(std::shared_ptr<parallel::Communicator> world) const;
   // A batch made by the loader (host memory) on the run's device, queued without waiting.
   at::Tensor to_device(const at::Tensor& batch) const {
     if (device.is_cpu()) return batch;
@@ -363,89 +331,6 @@ void Trainer::Impl::choose_precision_once() {
   log(choice.message);
   peak_gflops_per_rank =
       injected ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops) : measure_peak_gflops(dtype, 0.6, device);
-}
-
-// The rank's device (training.device), made current, with the numerics the
-// config asks of it: deterministic algorithms, TF32 or not.
-void Trainer::Impl::choose_device() {
-  const std::string& requested = config.training.device;
-  const int devices = requested == "cpu" ? 0 : parallel::visible_cuda_devices();
-  parallel::DeviceChoice choice;
-  try {
-    choice = parallel::choose_device(requested, parallel::launcher_local_rank(), devices);
-  } catch (const std::invalid_argument& e) {
-    const std::string why = parallel::cuda_load_error();
-    throw ConfigError(std::string(e.what()) + (why.empty() ? "" : " (" + why + ")"));
-  }
-  device = choice.device;
-  parallel::use_device(device);
-  if (config.training.deterministic) {
-    // cuBLAS reads this before it creates its first handle: its reductions then run in a fixed order.
-    setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
-    at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
-    at::globalContext().setDeterministicCuDNN(true);
-    at::globalContext().setBenchmarkCuDNN(false);
-  }
-  if (device.is_cuda()) {
-    at::globalContext().setAllowTF32CuBLAS(config.precision.tf32);
-    at::globalContext().setAllowTF32CuDNN(config.precision.tf32);
-  }
-  log(choice.message + (config.training.deterministic ? ", deterministic algorithms" : "") +
-      (device.is_cuda() ? (config.precision.tf32 ? ", tf32 on" : ", tf32 off") : ""));
-}
-
-// The group every mesh axis is split from, for a GPU run: NCCL for CUDA tensors
-// beside MPI for host ones, or MPI alone through host buffers where ranks share
-// a GPU (NCCL refuses that) or parallel.backend says mpi.
-std::shared_ptr<parallel::Communicator> Trainer::Impl::device_world(std::shared_ptr<parallel::Communicator> world) const {
-  const int64_t local = local_ranks(world_size);
-  const int devices = parallel::visible_cuda_devices();
-  const bool shared = local > devices;
-#ifdef FMOE_HAVE_NCCL
-  const bool have_nccl = true;
-#else
-  const bool have_nccl = false;
-#endif
-  std::string backend = config.parallel.backend;
-  if (backend == "auto") backend = have_nccl && !shared ? "nccl" : "mpi";
-  if (backend == "nccl" && shared) {
-    throw ConfigError("parallel.backend: nccl needs a GPU per rank, but " + std::to_string(local) + " ranks share " +
-                      std::to_string(devices) + " GPU" + (devices > 1 ? "s" : "") + " on this machine; use mpi");
-  }
-  if (backend == "nccl" && !have_nccl) throw ConfigError("parallel.backend: nccl is not in this build (built without the CUDA toolkit)");
-  log(std::string("communication: ") + (backend == "nccl" ? "NCCL for device tensors, MPI for host ones"
-                                                           : "MPI through page-locked host buffers"));
-#ifdef FMOE_HAVE_NCCL
-  if (backend == "nccl") return parallel::route_by_device(world, parallel::make_nccl_communicator(*world));
-#endif
-  return parallel::with_host_staging(world);
-}
-
-// The step's forwards and backwards as this rank's schedule: the one-stage
-// 1F1B schedule without pipelining, else parallel.pipeline_schedule over the split.
-StepRuntime Trainer::Impl::make_step_runtime() {
-  const TrainingConfig& tc = config.training;
-  const parallel::MeshShape& shape = mesh->shape();
-  const int micro = static_cast<int>(tc.grad_accum_steps);
-  if (shape.pp == 1) return StepRuntime(*model, parallel::make_schedule("1f1b", 1, 1, micro));
-  const int v = static_cast<int>(config.parallel.virtual_pp);
-  std::string name = config.parallel.pipeline_schedule;
-  if (name == "auto") name = v > 1 ? "interleaved" : "1f1b";
-  PipelineContext context;
-  context.pp = &mesh->pp();
-  context.stages = split.stages;
-  context.hidden_rows = tc.micro_batch_size * tc.seq_len / (config.parallel.sequence_parallel ? shape.tp : 1);
-  context.hidden_dim = config.model.hidden_size;
-  context.device = device;
-  try {
-    StepRuntime runtime(*model, parallel::make_schedule(name, static_cast<int>(shape.pp), v, micro), context);
-    log("pipeline: " + name + " over " + std::to_string(shape.pp) + " ranks x " + std::to_string(v) + " chunk" + (v > 1 ? "s" : "") +
-        ", " + std::to_string(micro) + " micro-batches per step; stages " + split.describe());
-    return runtime;
-  } catch (const std::invalid_argument& e) {
-    const std::string what = e.what();
-    throw ConfigError(what.rfind("parallel.", 0) == 0 ? what : "parallel.pipeline_schedule: " + what);
-  }
 }
 
 // Fixes a budget-sized schedule's length once, from the measured times (or
@@ -514,7 +399,9 @@ TrainResult Trainer::Impl::run() {
       }
     }
   }
-  choose_device();
+  const RunDevice run_device = setup_device(cfg);
+  device = run_device.device;
+  log(run_device.message);
   // The mesh: dp x pp x tp = world, ep carved out of dp.
   if (world_size % (cfg.parallel.tp * cfg.parallel.pp) != 0) {
     throw ConfigError("parallel.tp: tp x pp = " + std::to_string(cfg.parallel.tp * cfg.parallel.pp) + " does not divide the " +
@@ -533,7 +420,9 @@ TrainResult Trainer::Impl::run() {
     // Non-owning: the caller keeps the world communicator alive for the run.
     std::shared_ptr<parallel::Communicator> world(options.world, [](parallel::Communicator*) {});
     if (device.is_cuda()) {
-      world = device_world(world);
+      std::string message;
+      world = device_world(world, cfg, world_size, &message);
+      log(message);
     } else if (const char* staged = std::getenv("FMOE_HOST_STAGING"); staged && std::string(staged) == "1") {
       // Tests: a CPU run through the staging layer that carries CUDA tensors over MPI.
       world = parallel::with_host_staging(world, /*always=*/true);
@@ -569,21 +458,10 @@ TrainResult Trainer::Impl::run() {
   // Under pipelining every rank builds the whole model from the seed and trains the
   // parameters of its stages; the others are brought up to date (a broadcast from
   // their owner) before validation and checkpoints.
-  if (shape.pp > 1) {
-    const int64_t stages = shape.pp * cfg.parallel.virtual_pp;
-    split = cfg.parallel.pipeline_layout.empty() ? moe::balance_stages(cfg.model, tc.seq_len, stages)
-                                                 : moe::parse_stage_layout(cfg.parallel.pipeline_layout, cfg.model, tc.seq_len, stages);
-    for (int64_t s = 0; s < stages; ++s) {
-      const moe::PipelineStage& st = split.stages[static_cast<size_t>(s)];
-      const int owner = static_cast<int>(s % shape.pp);
-      for (int64_t l = st.first_layer; l < st.first_layer + st.num_layers; ++l) param_owner["layers." + std::to_string(l) + "."] = owner;
-      if (st.embedding) param_owner["embedding."] = owner;
-      if (st.head) param_owner["head."] = owner;
-    }
-  }
+  stages = std::make_unique<PipelineStages>(cfg, shape);
   std::vector<at::Tensor> dense, experts;
   for (const auto& item : model->named_parameters()) {
-    if (shape.pp > 1 && owner_of(item.key()) != mesh->coords().pp) continue;
+    if (stages->owner_of(item.key()) != mesh->coords().pp) continue;
     params.push_back({item.key(), item.value()});
     const parallel::ShardSpec& spec = model->shard_specs().at(item.key());
     (spec.is_expert() ? experts : dense).push_back(item.value());
@@ -692,7 +570,9 @@ TrainResult Trainer::Impl::run() {
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
 
   std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
-  StepRuntime step_runtime = make_step_runtime();
+  std::string pipeline_message;
+  StepRuntime step_runtime = stages->make_runtime(*model, cfg, *mesh, device, &pipeline_message);
+  if (!pipeline_message.empty()) log(pipeline_message);
   StepReadback readback;
   StepTimer timer(device);
   parallel::reset_peak_device_memory(device);

@@ -1,0 +1,70 @@
+#include "trainer/pipeline_stages.h"
+
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+
+#include <stdexcept>
+
+#include "parallel/pipeline_schedule.h"
+
+namespace fmoe::trainer {
+
+PipelineStages::PipelineStages(const Config& config, const parallel::MeshShape& shape) : pp_(shape.pp) {
+  if (pp_ == 1) return;
+  const int64_t stages = shape.pp * config.parallel.virtual_pp;
+  const std::string& written = config.parallel.pipeline_layout;
+  split_ = written.empty() ? moe::balance_stages(config.model, config.training.seq_len, stages)
+                           : moe::parse_stage_layout(written, config.model, config.training.seq_len, stages);
+  for (int64_t s = 0; s < stages; ++s) {
+    const moe::PipelineStage& st = split_.stages[static_cast<size_t>(s)];
+    const int owner = static_cast<int>(s % shape.pp);  // chunk c of rank r is stage c x pp + r
+    for (int64_t l = st.first_layer; l < st.first_layer + st.num_layers; ++l) owner_["layers." + std::to_string(l) + "."] = owner;
+    if (st.embedding) owner_["embedding."] = owner;
+    if (st.head) owner_["head."] = owner;
+  }
+}
+
+int PipelineStages::owner_of(const std::string& name) const {
+  if (pp_ == 1) return 0;
+  for (const auto& [prefix, rank] : owner_) {
+    if (name.rfind(prefix, 0) == 0) return rank;
+  }
+  throw std::logic_error("pipeline: no stage holds parameter " + name);
+}
+
+void PipelineStages::sync_parameters(moe::MoEModel& model, parallel::Communicator& pp) const {
+  if (pp_ == 1) return;
+  torch::NoGradGuard no_grad;
+  for (auto& item : model.named_parameters()) {
+    at::Tensor& t = item.value();
+    pp.broadcast(t, {owner_of(item.key())})->wait();
+  }
+}
+
+StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& config, const parallel::Mesh& mesh, c10::Device device,
+                                         std::string* message) const {
+  const TrainingConfig& tc = config.training;
+  const parallel::MeshShape& shape = mesh.shape();
+  const int micro = static_cast<int>(tc.grad_accum_steps);
+  if (pp_ == 1) return StepRuntime(model, parallel::make_schedule("1f1b", 1, 1, micro));
+  const int v = static_cast<int>(config.parallel.virtual_pp);
+  std::string name = config.parallel.pipeline_schedule;
+  if (name == "auto") name = v > 1 ? "interleaved" : "1f1b";
+  PipelineContext context;
+  context.pp = &mesh.pp();
+  context.stages = split_.stages;
+  context.hidden_rows = tc.micro_batch_size * tc.seq_len / (config.parallel.sequence_parallel ? shape.tp : 1);
+  context.hidden_dim = config.model.hidden_size;
+  context.device = device;
+  try {
+    StepRuntime runtime(model, parallel::make_schedule(name, static_cast<int>(shape.pp), v, micro), context);
+    *message = "pipeline: " + name + " over " + std::to_string(shape.pp) + " ranks x " + std::to_string(v) + " chunk" +
+               (v > 1 ? "s" : "") + ", " + std::to_string(micro) + " micro-batches per step; stages " + split_.describe();
+    return runtime;
+  } catch (const std::invalid_argument& e) {
+    const std::string what = e.what();
+    throw ConfigError(what.rfind("parallel.", 0) == 0 ? what : "parallel.pipeline_schedule: " + what);
+  }
+}
+
+}  // namespace fmoe::trainer

@@ -1,0 +1,42 @@
+// A run's pipeline stages: the split of the model's stage list over pp x
+// virtual_pp stages (moe/stage_split.h), which pipeline rank trains each
+// parameter, keeping every rank's copy of the others current, and the step's
+// runtime for this rank's share of the schedule.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <map>
+#include <string>
+
+#include "moe/model.h"
+#include "moe/stage_split.h"
+#include "parallel/mesh.h"
+#include "trainer/config.h"
+#include "trainer/step_runtime.h"
+
+namespace fmoe::trainer {
+
+class PipelineStages {
+ public:
+  // Without pipelining (pp 1) one stage holds everything.
+  PipelineStages(const Config& config, const parallel::MeshShape& shape);
+  bool pipelined() const { return pp_ > 1; }
+  const moe::StageSplit& split() const { return split_; }
+  // The pipeline rank whose stages hold a parameter (by name: embedding., layers.<i>., head.).
+  int owner_of(const std::string& name) const;
+  // Every rank's copy of every parameter, broadcast over the pp group from the rank that trains it.
+  void sync_parameters(moe::MoEModel& model, parallel::Communicator& pp) const;
+  // The step's forwards and backwards for this rank: the one-stage 1F1B schedule
+  // without pipelining, else parallel.pipeline_schedule over the split. Throws
+  // ConfigError naming parallel.pipeline_schedule; *message describes the pipeline.
+  StepRuntime make_runtime(moe::MoEModel& model, const Config& config, const parallel::Mesh& mesh, c10::Device device,
+                           std::string* message) const;
+
+ private:
+  int64_t pp_ = 1;
+  moe::StageSplit split_;
+  std::map<std::string, int> owner_;  // parameter name prefix -> pipeline rank
+};
+
+}  // namespace fmoe::trainer
