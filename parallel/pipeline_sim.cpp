@@ -85,7 +85,8 @@ PipeSimResult simulate(const PipelineSchedule& s, const PipeCosts& costs) {
           start = std::max(start, it->second + (n.across ? costs.comm : 0));
         }
         if (!ready) break;
-        const double end = start + cost_of(a.op, costs);
+        const double scale = costs.stage_scale.empty() ? 1.0 : costs.stage_scale.at(static_cast<size_t>(a.stage));
+        const double end = start + cost_of(a.op, costs) * scale;
         done[key(a.stage, a.op, a.micro)] = end;
         free_at[ri] = end;
         if (a.is_compute()) {

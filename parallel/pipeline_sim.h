@@ -18,6 +18,9 @@ namespace fmoe::parallel {
 struct PipeCosts {
   double forward = 1, backward = 2, input_grad = 1, weight_grad = 1;
   double comm = 0;  // from a send to its receive, across ranks
+  // Optional, per stage: its actions cost this many times the above (stages
+  // that hold more layers, or the head, cost more). Empty: every stage alike.
+  std::vector<double> stage_scale;
 };
 
 struct PipeSpan {

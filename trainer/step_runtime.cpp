@@ -43,14 +43,18 @@ StepTotals StepRuntime::run(const StepHooks& hooks, at::ScalarType compute_dtype
         const auto start = std::chrono::steady_clock::now();
         const at::Tensor tokens = hooks.batch(action.micro);
         totals.data_seconds += seconds_since(start);
+        const auto compute = std::chrono::steady_clock::now();
         in_flight[action.micro] = model_.forward(tokens, compute_dtype, fp8);
+        totals.forward_seconds += seconds_since(compute);
         break;
       }
       case parallel::PipeOp::kBackward: {
         const moe::ModelOutput out = std::move(in_flight.at(action.micro));
         in_flight.erase(action.micro);
         if (hooks.before_backward) hooks.before_backward(--backwards_left == 0);
+        const auto compute = std::chrono::steady_clock::now();
         (out.loss / micro_batches).backward();
+        totals.backward_seconds += seconds_since(compute);
         const at::Tensor these = at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
         totals.losses = totals.losses.defined() ? totals.losses + these : these;
         break;
@@ -104,7 +108,9 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
           f.input = received.at(key).requires_grad_();
           received.erase(key);
         }
+        const auto compute = std::chrono::steady_clock::now();
         f.output = model_.forward_stage(pipeline_.stages[static_cast<size_t>(a.stage)], tokens, f.input, compute_dtype, fp8);
+        totals.forward_seconds += seconds_since(compute);
         in_flight[key] = std::move(f);
         break;
       }
@@ -123,6 +129,7 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
         InFlight& f = in_flight.at(key);
         if (hooks.before_backward) hooks.before_backward(--backwards_left == 0);
         const moe::StageOutput& out = f.output;
+        const auto compute = std::chrono::steady_clock::now();
         const at::Tensor extra = (out.aux_loss + out.z_loss) * scale;  // this stage's own loss terms
         if (out.ce_loss.defined()) {
           (out.ce_loss * scale + extra).backward();
@@ -132,6 +139,7 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
           torch::autograd::backward(roots, grads);
           received.erase(key);
         }
+        totals.backward_seconds += seconds_since(compute);
         totals.losses += stage_losses(out, zero);
         f.output = {};  // the stage's activations go back now
         if (!f.input.defined()) in_flight.erase(key);

@@ -33,6 +33,8 @@ struct StepTotals {
   // micro-batches, of this rank's stages (the cross-entropy on the head's rank).
   at::Tensor losses;
   double data_seconds = 0;  // spent making batches
+  // Host time in this rank's forwards and backwards (on a GPU: to queue them).
+  double forward_seconds = 0, backward_seconds = 0;
 };
 
 // What a pipelined step needs beyond the model.

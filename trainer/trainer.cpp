@@ -60,6 +60,19 @@ int64_t default_threads(int world_size) {
   return std::max<int64_t>(1, cores / local_ranks);
 }
 
+// {"wait_seconds": [...], "forward_seconds": [...], "backward_seconds": [...]}, one entry per pipeline rank.
+nlohmann::json pipeline_times_json(const at::Tensor& gathered) {
+  nlohmann::json wait = nlohmann::json::array(), forward = wait, backward = wait;
+  const at::Tensor t = gathered.contiguous();
+  const double* v = t.data_ptr<double>();
+  for (int64_t r = 0; r < t.numel() / 3; ++r) {
+    wait.push_back(v[3 * r]);
+    forward.push_back(v[3 * r + 1]);
+    backward.push_back(v[3 * r + 2]);
+  }
+  return {{"wait_seconds", wait}, {"forward_seconds", forward}, {"backward_seconds", backward}};
+}
+
 }  // namespace
 
 void request_stop() { g_stop_requested.store(true); }
@@ -591,6 +604,7 @@ TrainResult Trainer::Impl::run() {
     };
     const StepTotals totals = step_runtime.run(hooks, dtype, cfg.precision.fp8);
     const double data_seconds = totals.data_seconds;
+    const double pipeline_wait = mesh->pp().wait_seconds() - pipeline_wait_start;
     // ce, aux, z summed over micro-batches, on the device: read with the step's other scalars.
     at::Tensor losses = totals.losses;
     // Before a budget-sized schedule is fixed the steps are in warmup, where the rate ignores the length.
@@ -681,6 +695,13 @@ TrainResult Trainer::Impl::run() {
       }
     }
 
+    // Each pipeline rank's blocked, forward and backward time, gathered (host values) for rank 0's metrics.
+    at::Tensor pipeline_ranks;
+    if (shape.pp > 1) {
+      const at::Tensor mine = at::tensor({pipeline_wait, totals.forward_seconds, totals.backward_seconds}, at::kDouble);
+      pipeline_ranks = at::empty({shape.pp * 3}, at::kDouble);
+      mesh->pp().all_gather(pipeline_ranks, mine, {})->wait();
+    }
     const double tokens_per_second = timed_tokens / train_seconds;
     const double mfu = flops_per_token * tokens_per_second / (peak_gflops * 1e9);
     if (rank == 0) {
@@ -696,7 +717,10 @@ TrainResult Trainer::Impl::run() {
                              {"device_to_host_copies", StepReadback::copies() - copies_before}};
       if (device.is_cuda()) line["peak_device_memory_bytes"] = parallel::peak_device_memory_bytes(device);
       // The measured bubble: this rank's time blocked on the pipeline's sends and receives.
-      if (shape.pp > 1) line["pipeline_wait_seconds"] = mesh->pp().wait_seconds() - pipeline_wait_start;
+      if (shape.pp > 1) {
+        line["pipeline_wait_seconds"] = pipeline_wait;
+        line["pipeline"] = pipeline_times_json(pipeline_ranks);
+      }
       if (deciding) {
         line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},
                             {"step_seconds", state.calibrated_step_seconds}, {"eval_seconds", state.calibrated_eval_seconds},

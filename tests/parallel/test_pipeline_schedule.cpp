@@ -185,6 +185,15 @@ TEST(PipelineSchedule, CommunicationTimeLengthensTheCriticalPath) {
   EXPECT_DOUBLE_EQ(simulate(make_schedule("1f1b", 2, 1, 1), c).makespan, 7.0);
 }
 
+TEST(PipelineSchedule, StagesCanCostDifferently) {
+  // Stage 1 twice as costly: F 1 | F 2, B 4 | B 2 on one micro-batch: 1 + 2 + 4 + 2.
+  PipeCosts c = unit_costs(1);
+  c.stage_scale = {1.0, 2.0};
+  const PipeSimResult r = simulate(make_schedule("1f1b", 2, 1, 1), c);
+  EXPECT_DOUBLE_EQ(r.makespan, 9.0);
+  EXPECT_EQ(r.busy, (std::vector<double>{3.0, 6.0}));
+}
+
 TEST(PipelineSchedule, TimelineRendersAsTextAndSvg) {
   const PipelineSchedule s = make_schedule("1f1b", 2, 1, 2);
   const PipeSimResult r = simulate(s, unit_costs(1));
