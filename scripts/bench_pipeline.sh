@@ -3,7 +3,8 @@
 # at pp 2 on two one-thread ranks (one per core of a 2-core machine, so neither
 # waits for a core), 8 micro-batches of one sequence per step, for 1F1B, GPipe
 # and interleaved (v 2). Measured: each rank's time blocked on the pipeline's
-# receives and sends over the step time (median of steps 4..STEPS). Predicted:
+# receives and sends over its time in the step's schedule (blocked + forwards +
+# backwards; medians of steps 4..STEPS). Predicted:
 # the same schedule simulated (tests/bench/pipeline_sim) on each rank's measured
 # forward and backward time per chunk. Prints a table for docs/benchmarks.md.
 set -euo pipefail
@@ -28,9 +29,10 @@ rows = [json.loads(l) for l in open(sys.argv[1])][3:]
 v = int(sys.argv[2])
 med = lambda key, r: statistics.median(row["pipeline"][key][r] for row in rows)
 chunks = 8 * v
+busy = [med("forward_seconds", r) + med("backward_seconds", r) for r in (0, 1)]
 print(med("forward_seconds", 0) / chunks, med("backward_seconds", 0) / chunks,
       med("forward_seconds", 1) / chunks, med("backward_seconds", 1) / chunks,
-      med("wait_seconds", 0), med("wait_seconds", 1), statistics.median(r["step_seconds"] for r in rows))
+      med("wait_seconds", 0) / (med("wait_seconds", 0) + busy[0]), med("wait_seconds", 1) / (med("wait_seconds", 1) + busy[1]), 1.0)
 PY
 )"
   read -r _ makespan _ i0 i1 <<< "$(build/tests/bench/pipeline_sim "$name" 2 "$v" 8 0 "$f0,$b0" "$f1,$b1")"

@@ -2,8 +2,8 @@
 # Pipeline parallelism in moe-train against one process from the same seed: the
 # micro model (3 layers: the stage split cannot be even, and a stage may hold
 # only the dense layer) with 4 micro-batches per step, under 1F1B at pp2 and
-# pp4, GPipe, interleaved (v2), and pp2 composed with dp2 + ep2, dp2 + ZeRO-1
-# and tp2 with sequence parallelism: every step's loss and the final validation
+# pp4, GPipe, interleaved (v2), and pp2 composed with dp2 + ep2, dp2 + ZeRO-1,
+# tp2 with sequence parallelism and dp2 x tp2 + ep2 (8 ranks): every step's loss and the final validation
 # loss within 1e-5. A pp2 run stopped and resumed is bit-identical; every
 # metrics line reports the time blocked on the pipeline; ZB-H1 is refused by name.
 source "$(dirname "$0")/common.sh"
@@ -36,6 +36,7 @@ check interleaved_pp2_v2 2 --set parallel.pp=2 --set parallel.virtual_pp=2
 check pp2_dp2_ep2 4 --set parallel.pp=2 --set parallel.ep=2 --set training.micro_batch_size=1
 check pp2_dp2_zero1 4 --set parallel.pp=2 --set parallel.zero1=true --set training.micro_batch_size=1
 check pp2_tp2_sp 4 --set parallel.pp=2 --set parallel.tp=2 --set parallel.sequence_parallel=true
+check pp2_dp2_tp2_ep2 8 --set parallel.pp=2 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=1
 check pp2_written_layout 2 --set parallel.pp=2 --set 'parallel.pipeline_layout=E t | t*2 L'
 
 # Stop at step 3, resume: bit-identical to the uninterrupted pp2 run.
