@@ -53,7 +53,8 @@ StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& con
   PipelineContext context;
   context.pp = &mesh.pp();
   context.stages = split_.stages;
-  context.hidden_rows = tc.micro_batch_size * tc.seq_len / (config.parallel.sequence_parallel ? shape.tp : 1);
+  context.rows_divisor = config.parallel.sequence_parallel ? shape.tp : 1;
+  context.hidden_rows = tc.micro_batch_size * tc.seq_len / context.rows_divisor;
   context.hidden_dim = config.model.hidden_size;
   context.device = device;
   try {

@@ -66,6 +66,48 @@ StepTotals StepRuntime::run(const StepHooks& hooks, at::ScalarType compute_dtype
   return totals;
 }
 
+bool StepRuntime::holds_head() const {
+  if (schedule_.pp == 1) return true;
+  return schedule_.stage_rank.back() == pipeline_.pp->rank();
+}
+
+std::vector<at::Tensor> StepRuntime::forward_only(const std::vector<at::Tensor>& batches, at::ScalarType compute_dtype, bool fp8) {
+  std::vector<at::Tensor> losses(batches.size());
+  if (schedule_.pp == 1) {
+    for (size_t i = 0; i < batches.size(); ++i) losses[i] = model_.forward(batches[i], compute_dtype, fp8).ce_loss;
+    return losses;
+  }
+  parallel::Communicator& pp = *pipeline_.pp;
+  const int rank = pp.rank(), stages = schedule_.num_stages(), chunks = schedule_.v;
+  const int count = static_cast<int>(batches.size());
+  const auto rank_of = [&](int stage) { return schedule_.stage_rank[static_cast<size_t>(stage)]; };
+  std::vector<std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> sends;
+  // Micro-batches in order, this rank's chunks in stage order: activations only
+  // ever flow to later stages, so the orders cannot deadlock.
+  for (int i = 0; i < count; ++i) {
+    const at::Tensor& tokens = batches[static_cast<size_t>(i)];
+    const int64_t rows = tokens.size(0) * (tokens.size(1) - 1) / pipeline_.rows_divisor;
+    for (int c = 0; c < chunks; ++c) {
+      const int s = c * schedule_.pp + rank;
+      const moe::PipelineStage& stage = pipeline_.stages[static_cast<size_t>(s)];
+      at::Tensor input;
+      if (!stage.embedding) {
+        input = at::empty({rows, pipeline_.hidden_dim}, at::TensorOptions().dtype(at::kFloat).device(pipeline_.device));
+        pp.recv(input, rank_of(s - 1), {(s - 1) * count + i})->wait();
+      }
+      const moe::StageOutput out = model_.forward_stage(stage, tokens, input, compute_dtype, fp8);
+      if (stage.head) {
+        losses[static_cast<size_t>(i)] = out.ce_loss;
+      } else if (s + 1 < stages) {
+        const at::Tensor hidden = out.hidden.contiguous();
+        sends.emplace_back(pp.send(hidden, rank_of(s + 1), {s * count + i}), hidden);
+      }
+    }
+  }
+  for (auto& [work, tensor] : sends) work->wait();
+  return losses;
+}
+
 StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8) {
   parallel::Communicator& pp = *pipeline_.pp;
   const int rank = pp.rank();

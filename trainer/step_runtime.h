@@ -42,6 +42,7 @@ struct PipelineContext {
   parallel::Communicator* pp = nullptr;       // the pipeline group: rank r holds stages c x pp + r
   std::vector<moe::PipelineStage> stages;     // every stage of the split, pp x v of them
   int64_t hidden_rows = 0, hidden_dim = 0;    // what crosses between stages: FP32 [rows, dim]
+  int64_t rows_divisor = 1;                   // tokens per row of what crosses: tp under sequence parallelism, else 1
   c10::Device device{c10::kCPU};
 };
 
@@ -52,6 +53,13 @@ class StepRuntime {
   // for a schedule that does not validate or needs a split backward (ZB-H1).
   StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule, PipelineContext pipeline = {});
   StepTotals run(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8);
+  // Validation: the batches' forwards only, through this rank's stages in
+  // order (receiving from the previous stage, sending to the next). Returns each
+  // batch's mean cross-entropy, attached to nothing, on the rank holding the
+  // head; undefined tensors elsewhere. Without pipelining, the whole model.
+  std::vector<at::Tensor> forward_only(const std::vector<at::Tensor>& batches, at::ScalarType compute_dtype, bool fp8);
+  // Whether this rank holds the head (and so the losses forward_only returns).
+  bool holds_head() const;
   const parallel::PipelineSchedule& schedule() const { return schedule_; }
 
  private:

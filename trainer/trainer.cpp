@@ -94,6 +94,7 @@ struct Trainer::Impl {
   std::vector<bool> sharded_over_tp, is_expert;
   std::vector<at::Tensor> tp_partial;  // norm weights under sequence parallelism
   std::unique_ptr<PipelineStages> stages;  // the pipeline split (one stage without pipelining)
+  std::unique_ptr<StepRuntime> step_runtime;  // this rank's share of each step's schedule
   bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
   bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
   std::unique_ptr<Zero1> zero1;
@@ -237,17 +238,16 @@ struct Trainer::Impl {
   // eval_sequences of the validation stream), dealt out over the data-parallel
   // ranks in contiguous slices: the same number on every layout and machine.
   double evaluate() {
-    stages->sync_parameters(*model, mesh->pp());
     torch::NoGradGuard no_grad;
     const int64_t total = eval_windows();
     const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
     const int64_t rows_per_batch = config.training.micro_batch_size;
     at::Tensor sums = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));  // summed per-window mean losses, windows
+    std::vector<at::Tensor> batches;
+    std::vector<int64_t> counted_rows;  // 0 for a batch that is run but not counted
     const auto run = [&](int64_t first, int64_t rows, bool counted) {
-      const moe::ModelOutput out = model->forward(to_device(loader->val_windows(first, rows)), dtype, config.precision.fp8);
-      if (!counted) return;
-      sums[0] += out.ce_loss.to(at::kDouble) * static_cast<double>(rows);
-      sums[1] += static_cast<double>(rows);
+      batches.push_back(to_device(loader->val_windows(first, rows)));
+      counted_rows.push_back(counted ? rows : 0);
     };
     // Full micro-batches while every rank has one left (slices differ by at most one window).
     const int64_t full_rounds = total / dp_size / rows_per_batch;
@@ -263,6 +263,14 @@ struct Trainer::Impl {
       const int64_t largest = (total + dp_size - 1) / dp_size;
       for (int64_t i = tail; i < begin + largest; ++i) run(i < end ? i : begin, 1, i < end);
     }
+    // Through the pipeline when there is one: the losses arrive on the head's rank.
+    const std::vector<at::Tensor> losses = step_runtime->forward_only(batches, dtype, config.precision.fp8);
+    for (size_t i = 0; i < batches.size(); ++i) {
+      if (counted_rows[i] == 0 || !losses[i].defined()) continue;
+      sums[0] += losses[i].to(at::kDouble) * static_cast<double>(counted_rows[i]);
+      sums[1] += static_cast<double>(counted_rows[i]);
+    }
+    if (mesh->shape().pp > 1) mesh->pp().all_reduce(sums, {parallel::ReduceOp::kSum})->wait();
     sum_over_ranks(sums);
     for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
     return (sums[0] / sums[1]).item<double>();
@@ -490,6 +498,10 @@ TrainResult Trainer::Impl::run() {
     optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
   }
 
+  std::string pipeline_message;
+  step_runtime = std::make_unique<StepRuntime>(stages->make_runtime(*model, cfg, *mesh, device, &pipeline_message));
+  if (!pipeline_message.empty()) log(pipeline_message);
+
   const auto dataset = data::IndexedDataset::open(cfg.data.prefix);
   if (dataset->vocab_size() > cfg.model.vocab_size) {
     throw ConfigError("data.prefix: " + cfg.data.prefix + " was tokenized with " + std::to_string(dataset->vocab_size()) +
@@ -583,9 +595,7 @@ TrainResult Trainer::Impl::run() {
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
 
   std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
-  std::string pipeline_message;
-  StepRuntime step_runtime = stages->make_runtime(*model, cfg, *mesh, device, &pipeline_message);
-  if (!pipeline_message.empty()) log(pipeline_message);
+
   StepReadback readback;
   StepTimer timer(device);
   parallel::reset_peak_device_memory(device);
@@ -602,7 +612,7 @@ TrainResult Trainer::Impl::run() {
     hooks.before_backward = [&](bool last) {
       if (grad_sync) grad_sync->arm(/*last_micro_batch=*/last);
     };
-    const StepTotals totals = step_runtime.run(hooks, dtype, cfg.precision.fp8);
+    const StepTotals totals = step_runtime->run(hooks, dtype, cfg.precision.fp8);
     const double data_seconds = totals.data_seconds;
     const double pipeline_wait = mesh->pp().wait_seconds() - pipeline_wait_start;
     // ce, aux, z summed over micro-batches, on the device: read with the step's other scalars.

@@ -5,7 +5,9 @@
 # pp4, GPipe, interleaved (v2), and pp2 composed with dp2 + ep2, dp2 + ZeRO-1,
 # tp2 with sequence parallelism and dp2 x tp2 + ep2 (8 ranks): every step's loss and the final validation
 # loss within 1e-5. A pp2 run stopped and resumed is bit-identical; every
-# metrics line reports the time blocked on the pipeline; ZB-H1 is refused by name.
+# metrics line reports the time blocked on the pipeline; validation runs
+# through the pipeline (a one-process checkpoint validates alike at pp4); ZB-H1
+# is refused by name.
 source "$(dirname "$0")/common.sh"
 STEPS=(--set training.steps=6 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
        --set training.grad_accum_steps=4 --set training.micro_batch_size=2)
@@ -38,6 +40,16 @@ check pp2_dp2_zero1 4 --set parallel.pp=2 --set parallel.zero1=true --set traini
 check pp2_tp2_sp 4 --set parallel.pp=2 --set parallel.tp=2 --set parallel.sequence_parallel=true
 check pp2_dp2_tp2_ep2 8 --set parallel.pp=2 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=1
 check pp2_written_layout 2 --set parallel.pp=2 --set 'parallel.pipeline_layout=E t | t*2 L'
+
+# The single process's checkpoint validated through a pp4 pipeline (--eval-only): the same loss.
+out=$(mpirun -np 4 "$TRAIN" $(micro_args "$ref") "${STEPS[@]}" --set parallel.pp=4 --eval-only 2>&1) || { echo "$out"; fail "pp4 eval-only failed"; }
+python3 - "$ref/metrics.jsonl" "$(printf '%s\n' "$out" | grep -o 'val_loss [0-9.]*' | tail -1 | cut -d' ' -f2)" <<'PY' || fail "pp4 validation differs"
+import json, sys
+want = [json.loads(l) for l in open(sys.argv[1])][-1]["val_loss"]
+got = float(sys.argv[2])
+assert abs(got - want) / want <= 1e-5, (got, want)
+print("ok: the one-process checkpoint validates to %.7f through a pp4 pipeline (%.7f)" % (got, want))
+PY
 
 # Stop at step 3, resume: bit-identical to the uninterrupted pp2 run.
 dir="$WORK_DIR/pp_resume"; rm -rf "$dir"
