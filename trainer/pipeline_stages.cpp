@@ -32,11 +32,30 @@ int PipelineStages::owner_of(const std::string& name) const {
   throw std::logic_error("pipeline: no stage holds parameter " + name);
 }
 
-void PipelineStages::sync_parameters(moe::MoEModel& model, parallel::Communicator& pp) const {
+void PipelineStages::release_foreign(moe::MoEModel& model, int pp_rank) {
+  if (pp_ == 1) return;
+  torch::NoGradGuard no_grad;
+  for (auto& item : model.named_parameters()) {
+    if (owner_of(item.key()) == pp_rank) continue;
+    released_[item.key()] = item.value().sizes().vec();
+    item.value().set_data(at::empty({0}, item.value().options()));
+  }
+}
+
+bool PipelineStages::holds(const std::string& name, int pp_rank) const {
+  return pp_ == 1 || owner_of(name) == pp_rank || released_.count(name) == 0;
+}
+
+void PipelineStages::gather_all(moe::MoEModel& model, parallel::Communicator& pp) {
   if (pp_ == 1) return;
   torch::NoGradGuard no_grad;
   for (auto& item : model.named_parameters()) {
     at::Tensor& t = item.value();
+    const auto it = released_.find(item.key());
+    if (it != released_.end()) {
+      t.set_data(at::empty(it->second, t.options()));
+      released_.erase(it);
+    }
     pp.broadcast(t, {owner_of(item.key())})->wait();
   }
 }

@@ -25,8 +25,15 @@ class PipelineStages {
   const moe::StageSplit& split() const { return split_; }
   // The pipeline rank whose stages hold a parameter (by name: embedding., layers.<i>., head.).
   int owner_of(const std::string& name) const;
-  // Every rank's copy of every parameter, broadcast over the pp group from the rank that trains it.
-  void sync_parameters(moe::MoEModel& model, parallel::Communicator& pp) const;
+  // Frees this rank's copies of the parameters other pipeline ranks train (their
+  // storage becomes empty), so a rank holds only its stages' weights.
+  void release_foreign(moe::MoEModel& model, int pp_rank);
+  // Whether this rank holds a parameter's values (its stages', or all between gather and release).
+  bool holds(const std::string& name, int pp_rank) const;
+  // Every rank's copy of every parameter, allocated again where released and
+  // broadcast over the pp group from the rank that trains it (for a checkpoint);
+  // release_foreign frees them again.
+  void gather_all(moe::MoEModel& model, parallel::Communicator& pp);
   // The step's forwards and backwards for this rank: the one-stage 1F1B schedule
   // without pipelining, else parallel.pipeline_schedule over the split. Throws
   // ConfigError naming parallel.pipeline_schedule; *message describes the pipeline.
@@ -37,6 +44,7 @@ class PipelineStages {
   int64_t pp_ = 1;
   moe::StageSplit split_;
   std::map<std::string, int> owner_;  // parameter name prefix -> pipeline rank
+  std::map<std::string, std::vector<int64_t>> released_;  // name -> the shape its storage had
 };
 
 }  // namespace fmoe::trainer

@@ -138,6 +138,7 @@ struct Trainer::Impl {
     // The checkpoint holds full tensors: each rank takes its shard, whatever layout wrote it.
     const auto specs = model->shard_specs();
     for (auto& [name, tensor] : model_tensors()) {
+      if (!stages->holds(name, static_cast<int>(mesh->coords().pp))) continue;  // another pipeline rank's
       const auto it = contents.model.find(name);
       if (it == contents.model.end()) throw std::runtime_error(model_file + ": tensor '" + name + "' is missing");
       const auto spec = specs.find(name);
@@ -207,7 +208,7 @@ struct Trainer::Impl {
   }
 
   void save(const Config& cfg) {
-    stages->sync_parameters(*model, mesh->pp());
+    stages->gather_all(*model, mesh->pp());  // rank 0 writes whole tensors: every stage's, for the moment
     TensorMap model_state = full_model_tensors();  // collective when sharded
     TensorMap optimizer_state;
     if (rank == 0 || sharded_state) {  // the ranks whose state is written
@@ -231,6 +232,8 @@ struct Trainer::Impl {
     } else if (sharded_state) {
       send_rank_state(optimizer_state, mesh->world());
     }
+    model_state.clear();
+    stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
     if (world_size > 1) mesh->world().barrier();
   }
 
@@ -498,6 +501,8 @@ TrainResult Trainer::Impl::run() {
     optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
   }
 
+  // A rank keeps only its stages' weights (other stages' come back for checkpoints).
+  stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
   std::string pipeline_message;
   step_runtime = std::make_unique<StepRuntime>(stages->make_runtime(*model, cfg, *mesh, device, &pipeline_message));
   if (!pipeline_message.empty()) log(pipeline_message);

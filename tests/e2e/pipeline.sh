@@ -53,8 +53,11 @@ PY
 
 # Stop at step 3, resume: bit-identical to the uninterrupted pp2 run.
 dir="$WORK_DIR/pp_resume"; rm -rf "$dir"
-mpirun -np 2 "$TRAIN" $(micro_args "$dir") "${STEPS[@]}" --set parallel.pp=2 --stop-at 3 > "$dir.1.log" 2>&1 || { cat "$dir.1.log"; fail "stop failed"; }
-mpirun -np 2 "$TRAIN" $(micro_args "$dir") "${STEPS[@]}" --set parallel.pp=2 --resume > "$dir.2.log" 2>&1 || { cat "$dir.2.log"; fail "resume failed"; }
+# A checkpoint at step 2 too: training goes on after one (other stages' weights are gathered, then freed).
+mpirun -np 2 "$TRAIN" $(micro_args "$dir") "${STEPS[@]}" --set parallel.pp=2 --set training.checkpoint_interval=2 --stop-at 3 \
+  > "$dir.1.log" 2>&1 || { cat "$dir.1.log"; fail "stop failed"; }
+mpirun -np 2 "$TRAIN" $(micro_args "$dir") "${STEPS[@]}" --set parallel.pp=2 --set training.checkpoint_interval=2 --resume \
+  > "$dir.2.log" 2>&1 || { cat "$dir.2.log"; fail "resume failed"; }
 [ "$(losses "$dir/metrics.jsonl")" = "$(losses "$WORK_DIR/pp_pp2/metrics.jsonl")" ] || fail "pp2 resume is not bit-identical"
 echo "ok: pp2 stopped at 3 and resumed is bit-identical"
 
