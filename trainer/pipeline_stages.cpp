@@ -66,6 +66,12 @@ StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& con
   const parallel::MeshShape& shape = mesh.shape();
   const int micro = static_cast<int>(tc.grad_accum_steps);
   if (pp_ == 1) return StepRuntime(model, parallel::make_schedule("1f1b", 1, 1, micro));
+  // NCCL matches a pair of ranks' sends and receives in issue order, not by tag;
+  // the runtime's messages between two ranks travel both ways and interleave.
+  if (mesh.pp().backend_name().find("nccl") != std::string::npos) {
+    throw ConfigError("parallel.pp: pipelining over NCCL is not supported yet (its point-to-point messages match in issue "
+                      "order, not by tag); set parallel.backend: mpi");
+  }
   const int v = static_cast<int>(config.parallel.virtual_pp);
   std::string name = config.parallel.pipeline_schedule;
   if (name == "auto") name = v > 1 ? "interleaved" : "1f1b";
