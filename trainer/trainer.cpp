@@ -33,6 +33,7 @@
 #include "trainer/optimizer.h"
 #include "trainer/budget.h"
 #include "trainer/precision.h"
+#include "trainer/safetensors.h"
 #include "trainer/step_readback.h"
 #include "trainer/pipeline_stages.h"
 #include "trainer/run_device.h"
@@ -598,6 +599,9 @@ TrainResult Trainer::Impl::run() {
   // collective timeout instead of hanging.
   const char* stall_rank = std::getenv("FMOE_STALL_RANK");
   const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
+  // Test hook: FMOE_DUMP_GRADIENTS=dir writes each rank's reduced gradients of the
+  // first step (before clipping) to dir/gradients_rank<r>.safetensors.
+  const char* dump_gradients = std::getenv("FMOE_DUMP_GRADIENTS");
 
   std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
 
@@ -638,6 +642,13 @@ TrainResult Trainer::Impl::run() {
       optimizer->quantize_gradients();
       std::vector<at::Tensor> grads;
       for (const auto& p : params) grads.push_back(p.tensor.grad());
+      if (dump_gradients && step == 0) {
+        TensorMap dumped;
+        for (const auto& p : params) {
+          if (p.tensor.grad().defined()) dumped[p.name] = p.tensor.grad().to(at::kCPU);
+        }
+        write_safetensors(std::string(dump_gradients) + "/gradients_rank" + std::to_string(rank) + ".safetensors", dumped);
+      }
       grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, cfg.optimizer.grad_clip);
       optimizer->step(lr);
     }

@@ -3,8 +3,9 @@
 # micro model (3 layers: the stage split cannot be even, and a stage may hold
 # only the dense layer) with 4 micro-batches per step, under 1F1B at pp2 and
 # pp4, GPipe, interleaved (v2), and pp2 composed with dp2 + ep2, dp2 + ZeRO-1,
-# tp2 with sequence parallelism and dp2 x tp2 + ep2 (8 ranks): every step's loss and the final validation
-# loss within 1e-5. A pp2 run stopped and resumed is bit-identical; every
+# tp2 with sequence parallelism and dp2 x tp2 + ep2 (8 ranks): every step's loss
+# and the final validation loss within 1e-5, and every gradient of a first step
+# within 1e-5 (pp2, pp4, interleaved). A pp2 run stopped and resumed is bit-identical; every
 # metrics line reports the time blocked on the pipeline; validation runs
 # through the pipeline (a one-process checkpoint validates alike at pp4); ZB-H1
 # is refused by name.
@@ -40,6 +41,55 @@ check pp2_dp2_zero1 4 --set parallel.pp=2 --set parallel.zero1=true --set traini
 check pp2_tp2_sp 4 --set parallel.pp=2 --set parallel.tp=2 --set parallel.sequence_parallel=true
 check pp2_dp2_tp2_ep2 8 --set parallel.pp=2 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=1
 check pp2_written_layout 2 --set parallel.pp=2 --set 'parallel.pipeline_layout=E t | t*2 L'
+
+# Every gradient of the first step (reduced, before clipping) against one process:
+# each pipeline rank writes its stages' gradients; together they are the model's.
+ONE=(--set training.steps=1 --set optimizer.warmup_steps=1 --set training.eval_interval=0 --set training.checkpoint_interval=0
+     --set training.grad_accum_steps=4 --set training.micro_batch_size=2)
+grads() {  # name, ranks, extra args...
+  local name=$1 ranks=$2; shift 2
+  local dir="$WORK_DIR/grads_$name"; rm -rf "$dir" && mkdir -p "$dir"
+  mpirun -np "$ranks" -x FMOE_DUMP_GRADIENTS="$dir" "$TRAIN" $(micro_args "$dir/run") "${ONE[@]}" "$@" > "$dir.log" 2>&1 \
+    || { cat "$dir.log"; fail "$name gradient run failed"; }
+}
+grads reference 1
+for layout in "pp2 2 --set parallel.pp=2" "pp4 4 --set parallel.pp=4" "interleaved_pp2_v2 2 --set parallel.pp=2 --set parallel.virtual_pp=2"; do
+  read -r name ranks extra <<< "$layout"
+  grads "$name" "$ranks" $extra
+  python3 - "$WORK_DIR/grads_reference" "$WORK_DIR/grads_$name" "$name" <<'PY' || fail "$name gradients differ from one process"
+import array, glob, json, math, struct, sys
+def load(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        assert info["dtype"] == "F32", info
+        begin, end = info["data_offsets"]
+        values = array.array("f")
+        values.frombytes(raw[8 + n + begin:8 + n + end])
+        out[key] = values
+    return out
+ref = load(sys.argv[1] + "/gradients_rank0.safetensors")
+got = {}
+for path in sorted(glob.glob(sys.argv[2] + "/gradients_rank*.safetensors")):
+    for key, values in load(path).items():
+        assert key not in got, "two ranks hold " + key
+        got[key] = values
+assert sorted(got) == sorted(ref), set(ref) ^ set(got)
+worst = 0.0
+for key, r in ref.items():
+    g = got[key]
+    norm = math.sqrt(sum(x * x for x in r))
+    diff = math.sqrt(sum((x - y) ** 2 for x, y in zip(r, g)))
+    rel = diff / norm if norm > 0 else diff
+    assert rel <= 1e-5, (key, rel)
+    worst = max(worst, rel)
+print("ok: %-28s all %d gradients within %.1e of one process" % (sys.argv[3], len(ref), worst))
+PY
+done
 
 # The single process's checkpoint validated through a pp4 pipeline (--eval-only): the same loss.
 out=$(mpirun -np 4 "$TRAIN" $(micro_args "$ref") "${STEPS[@]}" --set parallel.pp=4 --eval-only 2>&1) || { echo "$out"; fail "pp4 eval-only failed"; }
