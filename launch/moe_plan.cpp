@@ -48,13 +48,7 @@ void show_schedule(const plan::Plan& p, const std::string& svg_path) {
   }
   const parallel::PipelineSchedule schedule = parallel::make_schedule(
       plan::resolved_schedule(l), static_cast<int>(l.pp), static_cast<int>(l.virtual_pp), static_cast<int>(l.num_micro_batches));
-  const plan::PipeCostsSeconds c = plan::chunk_costs(p);
-  parallel::PipeCosts costs;
-  costs.forward = c.forward;
-  costs.input_grad = c.input_grad;
-  costs.weight_grad = c.weight_grad;
-  costs.backward = c.input_grad + c.weight_grad;
-  const parallel::PipeSimResult r = parallel::simulate(schedule, costs);
+  const parallel::PipeSimResult r = parallel::simulate(schedule, plan::chunk_costs(p));
   std::printf("schedule %s, pp %lld, v %lld, %lld micro-batches per step: %.4g s of pipeline, %.1f%% of it idle\n%s",
               schedule.name.c_str(), static_cast<long long>(l.pp), static_cast<long long>(l.virtual_pp),
               static_cast<long long>(l.num_micro_batches), r.makespan, 100 * r.bubble_fraction, parallel::render_text(schedule, r).c_str());

@@ -52,13 +52,25 @@ DispatchPlan make_dispatch_plan(const at::Tensor& experts_TK_in, int64_t num_exp
   return plan;
 }
 
+namespace {
+
+// Where each expert's rows start in sorted choices (and where the last ends), by
+// binary search: no atomics (deterministic) and no read-back to the host.
+at::Tensor expert_bounds(const at::Tensor& sorted_experts, int64_t num_experts) {
+  return at::searchsorted(sorted_experts, at::arange(num_experts + 1, sorted_experts.options().dtype(at::kLong)));
+}
+
+at::Tensor counts_from_bounds(const at::Tensor& bounds, int64_t num_experts) {
+  return bounds.narrow(0, 1, num_experts) - bounds.narrow(0, 0, num_experts);
+}
+
+}  // namespace
+
 at::Tensor count_per_expert(const at::Tensor& experts_TK, int64_t num_experts) {
   const at::Tensor flat = experts_TK.reshape({-1});
   if (flat.device().is_cpu()) return at::bincount(flat, {}, num_experts);
-  // bincount on a GPU reads the largest index back to size its output: count by binary search instead.
-  const at::Tensor sorted = std::get<0>(flat.sort());
-  const at::Tensor bounds = at::searchsorted(sorted, at::arange(num_experts + 1, flat.options().dtype(at::kLong)));
-  return bounds.narrow(0, 1, num_experts) - bounds.narrow(0, 0, num_experts);
+  // bincount on a GPU reads the largest index back to size its output.
+  return counts_from_bounds(expert_bounds(std::get<0>(flat.sort()), num_experts), num_experts);
 }
 
 DispatchPlan make_device_dispatch_plan(const at::Tensor& experts_TK, int64_t num_experts) {
@@ -67,10 +79,8 @@ DispatchPlan make_device_dispatch_plan(const at::Tensor& experts_TK, int64_t num
   DispatchPlan plan;
   const at::Tensor flat = experts_TK.reshape({-1});
   const at::Tensor sorted_slots = std::get<1>(flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  // Group boundaries by binary search in the sorted choices: no atomics (deterministic) and no host copy.
-  const at::Tensor sorted_experts = flat.index_select(0, sorted_slots);
-  const at::Tensor bounds = at::searchsorted(sorted_experts, at::arange(num_experts + 1, index));
-  plan.tokens_per_expert_E = bounds.narrow(0, 1, num_experts) - bounds.narrow(0, 0, num_experts);
+  const at::Tensor bounds = expert_bounds(flat.index_select(0, sorted_slots), num_experts);
+  plan.tokens_per_expert_E = counts_from_bounds(bounds, num_experts);
   plan.ends_E = bounds.narrow(0, 1, num_experts).to(at::kInt);
   plan.gather_index_P = sorted_slots.div(k, "floor");
   plan.slot_rows_TK = at::empty({flat.numel()}, index).index_put_({sorted_slots}, at::arange(flat.numel(), index)).view({tokens, k});

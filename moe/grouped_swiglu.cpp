@@ -39,6 +39,21 @@ void zero_empty_groups(at::Tensor& per_group, const std::vector<int64_t>& rows_p
   }
 }
 
+// h = [gate | up] of a SwiGLU, and what its backward reuses.
+struct SwiGLUActivations {
+  at::Tensor gate, up, silu;
+  SwiGLUActivations(const at::Tensor& h, int64_t ffn) : gate(h.narrow(1, 0, ffn)), up(h.narrow(1, ffn, ffn)), silu(at::silu(gate)) {}
+  at::Tensor output() const { return silu * up; }
+  // [d gate | d up] = [silu'(gate) * (da * up) | da * silu(gate)], written into one buffer.
+  at::Tensor backward(const at::Tensor& da) const {
+    at::Tensor dh = at::empty({da.size(0), 2 * da.size(1)}, da.options());
+    at::Tensor dgate = dh.narrow(1, 0, da.size(1)), dup = dh.narrow(1, da.size(1), da.size(1));
+    at::silu_backward_out(dgate, da * up, gate);
+    at::mul_out(dup, da, silu);
+    return dh;
+  }
+};
+
 // The operands as one GEMM sees them: unchanged, or E4M3 fake-quantized in FP32.
 struct Operands {
   bool fp8;
@@ -60,7 +75,7 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(h.narrow(0, offset, rows), xq.narrow(0, offset, rows), w13q[g]);
     });
-    const at::Tensor aq = op.rows(at::silu(h.narrow(1, 0, ffn)) * h.narrow(1, ffn, ffn));
+    const at::Tensor aq = op.rows(SwiGLUActivations(h, ffn).output());
     at::Tensor y = at::empty({x.size(0), w2.size(2)}, buffer);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(y.narrow(0, offset, rows), aq.narrow(0, offset, rows), w2q[g]);
@@ -82,10 +97,8 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     const at::Tensor dy = grad_outputs[0].to(h.scalar_type()).contiguous();
     const int64_t ffn = w2q.size(1);
 
-    const at::Tensor gate = h.narrow(1, 0, ffn);
-    const at::Tensor up = h.narrow(1, ffn, ffn);
-    const at::Tensor silu = at::silu(gate);
-    const at::Tensor a = silu * up;
+    const SwiGLUActivations act(h, ffn);
+    const at::Tensor a = act.output();
 
     const at::Tensor dy_rows = op.rows(dy);
     at::Tensor da = at::empty({x.size(0), ffn}, h.options());
@@ -96,12 +109,7 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
       mm_into(da.narrow(0, offset, rows), dy_rows.narrow(0, offset, rows), w2q[g].t());
       mm_into(dw2[g], op.cols(a.narrow(0, offset, rows)).t(), op.cols(dy.narrow(0, offset, rows)));
     });
-    // d gate = silu'(gate) * (da * up), d up = da * silu(gate), written into one buffer.
-    at::Tensor dh = at::empty({x.size(0), 2 * ffn}, h.options());
-    at::Tensor dgate = dh.narrow(1, 0, ffn);
-    at::Tensor dup = dh.narrow(1, ffn, ffn);
-    at::silu_backward_out(dgate, da * up, gate);
-    at::mul_out(dup, da, silu);
+    const at::Tensor dh = act.backward(da);
 
     const at::Tensor dh_rows = op.rows(dh);
     const at::Tensor xh = x.to(h.scalar_type());
@@ -139,7 +147,7 @@ class GroupedSwiGLUGroupedMm : public torch::autograd::Function<GroupedSwiGLUGro
                             const at::Tensor& ends) {
     const int64_t ffn = w2.size(1);
     const at::Tensor h = at::_grouped_mm(x, w13, ends);
-    const at::Tensor a = at::silu(h.narrow(1, 0, ffn)) * h.narrow(1, ffn, ffn);
+    const at::Tensor a = SwiGLUActivations(h, ffn).output();
     ctx->save_for_backward({x, w13, w2, h, ends});
     return at::_grouped_mm(a, w2, ends);
   }
@@ -149,14 +157,10 @@ class GroupedSwiGLUGroupedMm : public torch::autograd::Function<GroupedSwiGLUGro
     const at::Tensor &x = saved[0], &w13 = saved[1], &w2 = saved[2], &h = saved[3], &ends = saved[4];
     const at::Tensor dy = grad_outputs[0].to(h.scalar_type()).contiguous();
     const int64_t ffn = w2.size(1);
-    const at::Tensor gate = h.narrow(1, 0, ffn), up = h.narrow(1, ffn, ffn);
-    const at::Tensor silu = at::silu(gate);
+    const SwiGLUActivations act(h, ffn);
     const at::Tensor da = at::_grouped_mm(dy, w2.transpose(1, 2), ends);
-    const at::Tensor dw2 = grouped_weight_grad(silu * up, dy, ends);
-    at::Tensor dh = at::empty({x.size(0), 2 * ffn}, h.options());
-    at::Tensor dgate = dh.narrow(1, 0, ffn), dup = dh.narrow(1, ffn, ffn);
-    at::silu_backward_out(dgate, da * up, gate);
-    at::mul_out(dup, da, silu);
+    const at::Tensor dw2 = grouped_weight_grad(act.output(), dy, ends);
+    const at::Tensor dh = act.backward(da);
     const at::Tensor dx = at::_grouped_mm(dh, w13.transpose(1, 2), ends);
     const at::Tensor dw13 = grouped_weight_grad(x, dh, ends);
     return {dx, dw13, dw2, at::Tensor()};
@@ -177,7 +181,7 @@ class GroupedSwiGLUFp8Gemms : public torch::autograd::Function<GroupedSwiGLUFp8G
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       h.narrow(0, offset, rows).copy_(fp8::fp8_mm(x.narrow(0, offset, rows), w13[g].t(), /*b_blocks=*/true));
     });
-    const at::Tensor a = at::silu(h.narrow(1, 0, ffn)) * h.narrow(1, ffn, ffn);
+    const at::Tensor a = SwiGLUActivations(h, ffn).output();
     at::Tensor y = at::empty({x.size(0), w2.size(2)}, fp32);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       y.narrow(0, offset, rows).copy_(fp8::fp8_mm(a.narrow(0, offset, rows), w2[g].t(), /*b_blocks=*/true));
@@ -193,9 +197,8 @@ class GroupedSwiGLUFp8Gemms : public torch::autograd::Function<GroupedSwiGLUFp8G
     const std::vector<int64_t> rows_per_group = ctx->saved_data["rows"].toIntVector();
     const at::Tensor dy = grad_outputs[0].to(at::kFloat).contiguous();
     const int64_t ffn = w2.size(1);
-    const at::Tensor gate = h.narrow(1, 0, ffn), up = h.narrow(1, ffn, ffn);
-    const at::Tensor silu = at::silu(gate);
-    const at::Tensor a = silu * up;
+    const SwiGLUActivations act(h, ffn);
+    const at::Tensor a = act.output();
     at::Tensor da = at::empty({x.size(0), ffn}, h.options());
     at::Tensor dw2 = at::empty(w2.sizes(), h.options());
     zero_empty_groups(dw2, rows_per_group);
@@ -205,10 +208,7 @@ class GroupedSwiGLUFp8Gemms : public torch::autograd::Function<GroupedSwiGLUFp8G
       // Weight gradients reduce over the group's tokens: both operands in 1 x 128 tiles along them.
       dw2[g].copy_(fp8::fp8_mm(a.narrow(0, offset, rows).t(), dy_g.t(), /*b_blocks=*/false));
     });
-    at::Tensor dh = at::empty({x.size(0), 2 * ffn}, h.options());
-    at::Tensor dgate = dh.narrow(1, 0, ffn), dup = dh.narrow(1, ffn, ffn);
-    at::silu_backward_out(dgate, da * up, gate);
-    at::mul_out(dup, da, silu);
+    const at::Tensor dh = act.backward(da);
     at::Tensor dx = at::empty({x.size(0), x.size(1)}, h.options());
     at::Tensor dw13 = at::empty(w13.sizes(), h.options());
     zero_empty_groups(dw13, rows_per_group);

@@ -163,8 +163,10 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
     const int64_t capacity = expert_capacity(config_.capacity_factor, h.size(0), config_.top_k, config_.num_experts);
     keep = capacity_mask(routing.experts_TK, routing.probs_TK, config_.num_experts, capacity);
   }
-  step_load.add_(count_per_expert(routing.experts_TK, config_.num_experts));
   at::Tensor out;
+  // The device plan counts each expert's choices itself; the other routes count them here.
+  const bool device_plan = par.ep().size() == 1 && ctx.grouped_mm && !keep.defined();
+  if (!device_plan) step_load.add_(count_per_expert(routing.experts_TK, config_.num_experts));
   if (par.ep().size() > 1) {
     // The received rows arrive unpadded: pad them per local expert here.
     const ExpertCompute padded = [&](const at::Tensor& rows_x, const std::vector<int64_t>& rows) {
@@ -173,9 +175,10 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
     out = par.dispatcher == ExpertDispatcher::kAllToAll
               ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep)
               : dispatch_all_gather(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep);
-  } else if (ctx.grouped_mm && !keep.defined()) {
+  } else if (device_plan) {
     // The GPU path: routing, permutation and grouped GEMMs without the host seeing a count.
     const DispatchPlan plan = make_device_dispatch_plan(routing.experts_TK, config_.num_experts);
+    step_load.add_(plan.tokens_per_expert_E);
     const at::Tensor y_sorted =
         grouped_swiglu_grouped_mm(permute_tokens(x, plan), w13.to(ctx.compute_dtype), w2.to(ctx.compute_dtype), plan.ends_E);
     out = unpermute_and_combine(parallel::reduce_from_group(y_sorted, par.tp()), routing.probs_TK, plan);

@@ -173,6 +173,15 @@ std::string resolved_schedule(const Layout& layout) {
 
 namespace {
 
+// A chunk's forward, input gradient and weight gradient a third each of its
+// training time; its whole backward two thirds.
+parallel::PipeCosts costs_per_chunk(double seconds) {
+  parallel::PipeCosts c;
+  c.forward = c.input_grad = c.weight_grad = seconds / 3;
+  c.backward = 2 * seconds / 3;
+  return c;
+}
+
 struct PipelineFigures {
   std::string schedule;
   double overhead = 0;        // idle / compute, mean over ranks
@@ -196,10 +205,7 @@ PipelineFigures pipeline_figures(const Layout& layout) {
     throw ConfigError("layout " + layout.describe() + ": parallel.pipeline_schedule: " + e.what());
   }
   const double v = static_cast<double>(layout.virtual_pp);
-  parallel::PipeCosts costs;
-  costs.forward = costs.input_grad = costs.weight_grad = 1.0 / v;
-  costs.backward = 2.0 / v;
-  const parallel::PipeSimResult r = parallel::simulate(schedule, costs);
+  const parallel::PipeSimResult r = parallel::simulate(schedule, costs_per_chunk(3.0 / v));
   PipelineFigures f;
   f.schedule = name;
   double idle = 0, busy = 0;
@@ -212,9 +218,8 @@ PipelineFigures pipeline_figures(const Layout& layout) {
 
 }  // namespace
 
-PipeCostsSeconds chunk_costs(const Plan& plan) {
-  const double per_chunk = plan.compute_seconds / static_cast<double>(plan.layout.num_micro_batches * plan.layout.virtual_pp);
-  return {per_chunk / 3, per_chunk / 3, per_chunk / 3};
+parallel::PipeCosts chunk_costs(const Plan& plan) {
+  return costs_per_chunk(plan.compute_seconds / static_cast<double>(plan.layout.num_micro_batches * plan.layout.virtual_pp));
 }
 
 Layout layout_from_config(const Config& config, int64_t gpus) {

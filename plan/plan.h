@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "parallel/pipeline_sim.h"
 #include "trainer/config.h"
 
 namespace fmoe::plan {
@@ -105,10 +106,7 @@ std::vector<Plan> search_plans(const Config& config, const ClusterSpec& cluster,
 // seconds for this plan (F : I : W = 1 : 1 : 1, a backward twice a forward),
 // for moe-plan --schedule. Throws ConfigError for a combination no schedule takes.
 std::string resolved_schedule(const Layout& layout);
-struct PipeCostsSeconds {
-  double forward = 0, input_grad = 0, weight_grad = 0;
-};
-PipeCostsSeconds chunk_costs(const Plan& plan);
+parallel::PipeCosts chunk_costs(const Plan& plan);
 
 std::string format_plan(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);
 std::string plan_json(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);

@@ -110,6 +110,10 @@ struct Trainer::Impl {
   void sum_over_ranks(at::Tensor& tensor) const {
     if (dp_size > 1) mesh->dp().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
   }
+  // The same over the pipeline ranks, whose stages each hold a share.
+  void sum_over_pipeline(at::Tensor& tensor) const {
+    if (mesh->shape().pp > 1) mesh->pp().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  }
   // The same over every rank (stop flags: all must agree).
   void sum_over_world(at::Tensor& tensor) const {
     if (world_size > 1) mesh->world().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
@@ -274,7 +278,7 @@ struct Trainer::Impl {
       sums[0] += losses[i].to(at::kDouble) * static_cast<double>(counted_rows[i]);
       sums[1] += static_cast<double>(counted_rows[i]);
     }
-    if (mesh->shape().pp > 1) mesh->pp().all_reduce(sums, {parallel::ReduceOp::kSum})->wait();
+    sum_over_pipeline(sums);
     sum_over_ranks(sums);
     for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
     return (sums[0] / sums[1]).item<double>();
@@ -660,13 +664,13 @@ TrainResult Trainer::Impl::run() {
     for (const auto& layer : moe_layers) {
       at::Tensor load = layer->step_load.clone();
       // Over the pipeline too: every rank then updates every layer's bias alike.
-      if (shape.pp > 1) mesh->pp().all_reduce(load, {parallel::ReduceOp::kSum})->wait();
+      sum_over_pipeline(load);
       sum_over_ranks(load);
       loads.push_back(load);
     }
     model->update_expert_biases(loads);
 
-    if (shape.pp > 1) mesh->pp().all_reduce(losses, {parallel::ReduceOp::kSum})->wait();  // each stage's share
+    sum_over_pipeline(losses);  // each stage's share
     sum_over_ranks(losses);
     losses /= static_cast<double>(tc.grad_accum_steps * dp_size);
     // The step's one device-to-host copy: losses, gradient norm, per-layer max and mean expert load.
