@@ -120,9 +120,77 @@ PipelineSchedule zero_bubble_h1(int pp, int m) {
   return s;
 }
 
+// DualPipeV (DeepSeek's "cut-in-half" DualPipe): 2 pp stages in a V, rank r
+// holding stage r (chunk 0, on the way down) and stage 2 pp - 1 - r (chunk 1, on
+// the way back up), so the first rank holds the embedding and the head. Each
+// rank runs the eight phases of DeepSeek's dualpipev.py, in its order; its
+// overlapped forward-and-backward pairs run here one after the other. Some
+// backwards are split (their weight gradients queued first in, first out and
+// run where the phases place them), the others whole.
+PipelineSchedule dual_pipe_v(int pp, int m) {
+  PipelineSchedule s;
+  s.ranks.resize(static_cast<size_t>(pp));
+  for (int r = 0; r < pp; ++r) {
+    auto& acts = s.ranks[static_cast<size_t>(r)];
+    const int stage[2] = {r, 2 * pp - 1 - r};
+    int forwards[2] = {0, 0}, backwards[2] = {0, 0};
+    std::vector<PipeAction> deferred;  // weight gradients, first in first out
+    size_t next_weight = 0;
+    const auto forward = [&](int chunk, bool overlapped = false) {
+      acts.push_back({stage[chunk], PipeOp::kForward, forwards[chunk]++, overlapped});
+    };
+    const auto backward = [&](int chunk, bool split) {
+      const int micro = backwards[chunk]++;
+      if (!split) {
+        acts.push_back({stage[chunk], PipeOp::kBackward, micro});
+        return;
+      }
+      acts.push_back({stage[chunk], PipeOp::kInputGrad, micro});
+      deferred.push_back({stage[chunk], PipeOp::kWeightGrad, micro});
+    };
+    const auto weight = [&] { acts.push_back(deferred.at(next_weight++)); };
+    const int tail = pp - r - 1;  // the phases whose length shrinks down the V
+    for (int i = 0; i < 2 * tail; ++i) forward(0);             // 1: nF0
+    for (int i = 0; i < r + 1; ++i) forward(0), forward(1);    // 2: nF0F1
+    for (int i = 0; i < tail; ++i) backward(1, true), weight(), forward(1);  // 3: nB1W1F1
+    // An overlapped pair: a forward of one chunk with a backward of the other.
+    const auto pair = [&](int forward_chunk) { forward(forward_chunk, true), backward(1 - forward_chunk, false); };
+    for (int i = 0; i < m - 2 * pp + r + 1; ++i) {             // 4: nF0B1F1B0
+      // The last rank's first pair runs apart: its forward feeds its own chunk 1.
+      if (i == 0 && r == pp - 1) {
+        forward(0), backward(1, false);
+      } else {
+        pair(0);
+      }
+      pair(1);
+    }
+    for (int i = 0; i < tail; ++i) backward(1, false), pair(1);  // 5: nB1F1B0
+    bool split = false;                                         // 6: nB1B0, the second half split
+    for (int i = 0; i < r + 1; ++i) {
+      if (i == (r + 1) / 2 && r % 2 == 1) split = true;
+      backward(1, split);
+      if (i == (r + 1) / 2 && r % 2 == 0) split = true;
+      backward(0, split);
+    }
+    for (int i = 0; i < tail; ++i) weight(), backward(0, true);  // 7: nWB0
+    while (next_weight < deferred.size()) weight();              // 8: nW
+  }
+  return s;
+}
+
+std::vector<int> v_placement(int pp) {
+  std::vector<int> rank(static_cast<size_t>(2 * pp));
+  for (int s = 0; s < 2 * pp; ++s) rank[static_cast<size_t>(s)] = s < pp ? s : 2 * pp - 1 - s;
+  return rank;
+}
+
 }  // namespace
 
-std::string PipeAction::text() const { return std::to_string(stage) + code(op) + std::to_string(micro); }
+std::vector<int> stage_placement(const std::string& name, int pp, int v) {
+  return name == "dualpipev" ? v_placement(pp) : loop_placement(pp, v);
+}
+
+std::string PipeAction::text() const { return std::to_string(stage) + code(op) + std::to_string(micro) + (overlapped ? "&" : ""); }
 
 std::optional<PipeAction> parse_action(const std::string& text) {
   size_t i = 0;
@@ -143,7 +211,9 @@ std::optional<PipeAction> parse_action(const std::string& text) {
                            PipeOp::kRecvForward, PipeOp::kSendBackward, PipeOp::kRecvBackward}) {
     if (op == code(candidate)) a.op = candidate, known = true;
   }
-  if (!known || !number(a.micro) || i != text.size()) return std::nullopt;
+  if (!known || !number(a.micro)) return std::nullopt;
+  if (i + 1 == text.size() && text[i] == '&' && a.op == PipeOp::kForward) a.overlapped = true, ++i;
+  if (i != text.size()) return std::nullopt;
   return a;
 }
 
@@ -169,6 +239,13 @@ PipelineSchedule make_schedule(const std::string& name, int pp, int v, int micro
       throw std::invalid_argument(where + "interleaved needs micro-batches in whole groups of pp (a multiple of " + std::to_string(pp) + ")");
     }
     s = interleaved(pp, v, micro_batches);
+  } else if (name == "dualpipev") {
+    if (v != 2) throw std::invalid_argument(where + "dualpipev runs two chunks per rank in a V (parallel.virtual_pp 2)");
+    if (micro_batches < 2 * pp) {
+      throw std::invalid_argument(where + "dualpipev needs at least 2 pp = " + std::to_string(2 * pp) + " micro-batches");
+    }
+    s = dual_pipe_v(pp, micro_batches);
+    s.split_backward = true;
   } else {
     throw std::invalid_argument("pipeline schedule: unknown name '" + name + "' (" + kScheduleNames + ")");
   }
@@ -176,7 +253,7 @@ PipelineSchedule make_schedule(const std::string& name, int pp, int v, int micro
   s.pp = pp;
   s.v = v;
   s.micro_batches = micro_batches;
-  s.stage_rank = loop_placement(pp, v);
+  s.stage_rank = stage_placement(name, pp, v);
   return s;
 }
 
@@ -188,23 +265,31 @@ PipelineSchedule lower(const PipelineSchedule& in) {
   for (size_t r = 0; r < in.ranks.size(); ++r) {
     auto& acts = out.ranks[r];
     acts.clear();
-    for (const PipeAction& a : in.ranks[r]) {
-      const bool backward = a.op == PipeOp::kBackward || a.op == PipeOp::kInputGrad;
-      // The receive goes right before the action that consumes it.
-      if (a.op == PipeOp::kForward && a.stage > 0 && rank_of(a.stage - 1) != static_cast<int>(r)) {
-        acts.push_back({a.stage, PipeOp::kRecvForward, a.micro});
+    const auto& compute = in.ranks[r];
+    const auto away = [&](int stage) { return stage >= 0 && stage < stages && rank_of(stage) != static_cast<int>(r); };
+    const auto is_backward = [](const PipeAction& a) { return a.op == PipeOp::kBackward || a.op == PipeOp::kInputGrad; };
+    // The receive goes right before the action that consumes it.
+    const auto receives = [&](const PipeAction& a) {
+      if (a.op == PipeOp::kForward && a.stage > 0 && away(a.stage - 1)) acts.push_back({a.stage, PipeOp::kRecvForward, a.micro});
+      if (is_backward(a) && away(a.stage + 1)) acts.push_back({a.stage, PipeOp::kRecvBackward, a.micro});
+    };
+    // The send right after the action that produces it.
+    const auto sends = [&](const PipeAction& a) {
+      if (a.op == PipeOp::kForward && away(a.stage + 1)) acts.push_back({a.stage, PipeOp::kSendForward, a.micro});
+      if (is_backward(a) && away(a.stage - 1)) acts.push_back({a.stage, PipeOp::kSendBackward, a.micro});
+    };
+    for (size_t i = 0; i < compute.size(); ++i) {
+      const PipeAction& a = compute[i];
+      if (a.overlapped && i + 1 < compute.size()) {
+        const PipeAction& b = compute[++i];
+        receives(a), receives(b);
+        acts.push_back(a), acts.push_back(b);
+        sends(a), sends(b);
+        continue;
       }
-      if (backward && a.stage + 1 < stages && rank_of(a.stage + 1) != static_cast<int>(r)) {
-        acts.push_back({a.stage, PipeOp::kRecvBackward, a.micro});
-      }
+      receives(a);
       acts.push_back(a);
-      // The send right after the action that produces it.
-      if (a.op == PipeOp::kForward && a.stage + 1 < stages && rank_of(a.stage + 1) != static_cast<int>(r)) {
-        acts.push_back({a.stage, PipeOp::kSendForward, a.micro});
-      }
-      if (backward && a.stage > 0 && rank_of(a.stage - 1) != static_cast<int>(r)) {
-        acts.push_back({a.stage, PipeOp::kSendBackward, a.micro});
-      }
+      sends(a);
     }
   }
   return out;
@@ -226,8 +311,12 @@ std::string validate(const PipelineSchedule& s) {
         return where + "stage " + std::to_string(a.stage) + " lives on rank " + std::to_string(s.stage_rank[static_cast<size_t>(a.stage)]);
       }
       if (!a.is_compute() && !s.lowered) return where + "a send or receive in a schedule that is not lowered";
-      if (s.split_backward ? a.op == PipeOp::kBackward : (a.op == PipeOp::kInputGrad || a.op == PipeOp::kWeightGrad)) {
-        return where + (s.split_backward ? "a whole backward in a split-backward schedule" : "a split backward in a whole-backward schedule");
+      if (a.overlapped) {
+        const bool paired = i + 1 < static_cast<int>(acts.size()) && acts[static_cast<size_t>(i) + 1].op == PipeOp::kBackward;
+        if (a.op != PipeOp::kForward || !paired) return where + "an overlapped forward must be followed by a whole backward";
+      }
+      if (!s.split_backward && (a.op == PipeOp::kInputGrad || a.op == PipeOp::kWeightGrad)) {
+        return where + "a split backward in a whole-backward schedule";
       }
       if (!position.emplace(std::make_tuple(a.stage, static_cast<int>(a.op), a.micro), std::make_pair(r, i)).second) return where + "repeated";
     }
@@ -236,10 +325,19 @@ std::string validate(const PipelineSchedule& s) {
     const auto it = position.find({stage, static_cast<int>(op), micro});
     return it == position.end() ? nullptr : &it->second;
   };
-  const std::vector<PipeOp> order = s.split_backward ? std::vector<PipeOp>{PipeOp::kForward, PipeOp::kInputGrad, PipeOp::kWeightGrad}
-                                                     : std::vector<PipeOp>{PipeOp::kForward, PipeOp::kBackward};
+  // Each micro-batch's backward on a stage runs whole (B) or split (I, then W):
+  // a split-backward schedule may mix the two (DualPipeV does).
   for (int stage = 0; stage < stages; ++stage) {
     for (int micro = 0; micro < m; ++micro) {
+      const auto* whole = find(stage, PipeOp::kBackward, micro);
+      const auto* input = find(stage, PipeOp::kInputGrad, micro);
+      const auto* weight = find(stage, PipeOp::kWeightGrad, micro);
+      if (whole && (input || weight)) {
+        return PipeAction{stage, PipeOp::kBackward, micro}.text() + " beside " +
+               PipeAction{stage, input ? PipeOp::kInputGrad : PipeOp::kWeightGrad, micro}.text() + ": a backward runs whole or split, not both";
+      }
+      const std::vector<PipeOp> order = whole || !s.split_backward ? std::vector<PipeOp>{PipeOp::kForward, PipeOp::kBackward}
+                                                                   : std::vector<PipeOp>{PipeOp::kForward, PipeOp::kInputGrad, PipeOp::kWeightGrad};
       int previous = -1;
       for (PipeOp op : order) {
         const PipeAction a{stage, op, micro};

@@ -8,7 +8,8 @@
 //
 // Stages are global: with v chunks per rank there are pp x v of them, stage s
 // of chunk c on rank r being s = c x pp + r (the interleaved "loop" placement).
-// Text form of an action: stage, code, micro-batch: "2F0", "1I3", "0W3", "1SF2".
+// Text form of an action: stage, code, micro-batch: "2F0", "1I3", "0W3", "1SF2";
+// "2F0&" for a forward overlapped with the backward that follows it.
 #pragma once
 
 #include <cstdint>
@@ -24,20 +25,24 @@ struct PipeAction {
   int stage = 0;
   PipeOp op = PipeOp::kForward;
   int micro = 0;
+  // A forward run together with the rank's next action, a whole backward, as one
+  // overlapped F&B chunk (DualPipe's pairs): both start when both have their
+  // inputs, and both outputs leave when the pair ends. Text form "2F0&".
+  bool overlapped = false;
   std::string text() const;
   bool is_compute() const { return op == PipeOp::kForward || op == PipeOp::kBackward || op == PipeOp::kInputGrad || op == PipeOp::kWeightGrad; }
-  bool operator==(const PipeAction& o) const { return stage == o.stage && op == o.op && micro == o.micro; }
+  bool operator==(const PipeAction& o) const { return stage == o.stage && op == o.op && micro == o.micro && overlapped == o.overlapped; }
 };
 
-// "2F0" -> {2, F, 0}; nullopt for anything else.
+// "2F0" -> {2, F, 0}, "2F0&" -> {2, F, 0, overlapped}; nullopt for anything else.
 std::optional<PipeAction> parse_action(const std::string& text);
 
 struct PipelineSchedule {
-  std::string name;              // gpipe | 1f1b | interleaved | zbh1
+  std::string name;              // gpipe | 1f1b | interleaved | zbh1 | dualpipev
   int pp = 1, v = 1, micro_batches = 1;
   std::vector<int> stage_rank;   // the rank holding each of the pp x v stages
   std::vector<std::vector<PipeAction>> ranks;  // each rank's actions, in order
-  bool split_backward = false;   // I and W instead of B
+  bool split_backward = false;   // I and W instead of B (DualPipeV mixes both)
   bool lowered = false;          // send/receive actions present
   int num_stages() const { return static_cast<int>(stage_rank.size()); }
   // "index,action" rows, one per action of rank r (with a header line).
@@ -45,11 +50,17 @@ struct PipelineSchedule {
 };
 
 // The schedule names make_schedule knows, for messages.
-inline constexpr const char* kScheduleNames = "gpipe, 1f1b, interleaved, zbh1";
+inline constexpr const char* kScheduleNames = "gpipe, 1f1b, interleaved, zbh1, dualpipev";
+
+// Which rank holds each of the pp x v stages under a schedule: the loop
+// placement (stage c x pp + r on rank r), or for dualpipev the V (stage r and
+// stage 2 pp - 1 - r on rank r).
+std::vector<int> stage_placement(const std::string& name, int pp, int v);
 
 // Throws std::invalid_argument with one line naming what is wrong (an unknown
 // name; v other than 1 for gpipe, 1f1b and zbh1; v < 2 for interleaved, or
-// micro-batches not a multiple of pp there; pp or micro-batches < 1).
+// micro-batches not a multiple of pp there; v other than 2 or fewer than 2 pp
+// micro-batches for dualpipev; pp or micro-batches < 1).
 //   gpipe: every forward, then every backward.
 //   1f1b: pp - 1 - r warm-up forwards on rank r, then one forward, one backward.
 //   interleaved: Megatron's interleaved 1F1B over v chunks per rank, micro-batches
@@ -59,18 +70,24 @@ inline constexpr const char* kScheduleNames = "gpipe, 1f1b, interleaved, zbh1";
 //     weight gradients deferred to fill the waits, and a forward when fewer than
 //     2 pp - r micro-batches hold activations; bubble (pp - 1)(F + I - W) when
 //     micro-batches >= pp.
+//   dualpipev: DeepSeek's DualPipeV, v 2 chunks per rank in a V (see
+//     stage_placement), at least 2 pp micro-batches; backwards whole or split;
+//     bubble (pp - 1)(F&B + B - 3W) by DeepSeek's table, F&B the time of a
+//     forward and a backward run together (here F + B: they run in turn).
 PipelineSchedule make_schedule(const std::string& name, int pp, int v, int micro_batches);
 
 // The same schedule with the point-to-point actions added: after a forward
 // whose next stage lives on another rank, a send; before the forward that
 // consumes it, the matching receive (and the same for backward gradients).
 // Sends are non-blocking, so the receive orders follow the compute orders and
-// cannot deadlock.
+// cannot deadlock. An overlapped pair gets both receives before it and both
+// sends after it.
 PipelineSchedule lower(const PipelineSchedule& schedule);
 
 // Empty when valid, else one line naming the first problem: every micro-batch
 // runs F once and its backward (B, or I and W) once per stage, on the rank that
-// holds the stage, F before I before W; with lowering, every send has exactly
+// holds the stage, F before I before W, an overlapped forward directly followed
+// by a whole backward; with lowering, every send has exactly
 // one matching receive on the next (or previous) stage's rank.
 std::string validate(const PipelineSchedule& schedule);
 

@@ -32,7 +32,9 @@ double cost_of(PipeOp op, const PipeCosts& c) {
 
 PipeSimResult simulate(const PipelineSchedule& s, const PipeCosts& costs) {
   const int ranks = s.pp, stages = s.num_stages();
-  const PipeOp backward = s.split_backward ? PipeOp::kInputGrad : PipeOp::kBackward;
+  // A stage's input gradient is there once its B, or its I, is done: both are
+  // recorded under the I key, so schedules that mix whole and split backwards work.
+  const PipeOp backward = PipeOp::kInputGrad;
   const auto rank_of = [&](int stage) { return s.stage_rank[static_cast<size_t>(stage)]; };
   // What an action waits for. In a lowered schedule what crosses ranks comes through its receive.
   const auto needs = [&](const PipeAction& a, int r) {
@@ -73,30 +75,42 @@ PipeSimResult simulate(const PipelineSchedule& s, const PipeCosts& costs) {
       const size_t ri = static_cast<size_t>(r);
       const auto& acts = s.ranks[ri];
       while (next[ri] < acts.size()) {
-        const PipeAction& a = acts[next[ri]];
+        // An overlapped forward runs with the backward after it: one chunk, both inputs first, both outputs at its end.
+        const size_t count = acts[next[ri]].overlapped && next[ri] + 1 < acts.size() ? 2 : 1;
         double start = free_at[ri];
         bool ready = true;
-        for (const Need& n : needs(a, r)) {
-          const auto it = done.find(n.what);
-          if (it == done.end()) {
-            ready = false;
-            break;
+        for (size_t k = 0; k < count && ready; ++k) {
+          for (const Need& n : needs(acts[next[ri] + k], r)) {
+            const auto it = done.find(n.what);
+            if (it == done.end()) {
+              ready = false;
+              break;
+            }
+            start = std::max(start, it->second + (n.across ? costs.comm : 0));
           }
-          start = std::max(start, it->second + (n.across ? costs.comm : 0));
         }
         if (!ready) break;
-        const double scale = costs.stage_scale.empty() ? 1.0 : costs.stage_scale.at(static_cast<size_t>(a.stage));
-        const double end = start + cost_of(a.op, costs) * scale;
-        done[key(a.stage, a.op, a.micro)] = end;
-        free_at[ri] = end;
-        if (a.is_compute()) {
-          result.busy[ri] += end - start;
-          result.spans[ri].push_back({a, start, end});
-          // Activations live from a forward until the backward that frees them (B, or W when split).
-          if (a.op == PipeOp::kForward) result.peak_activations[ri] = std::max(result.peak_activations[ri], ++live[ri]);
-          if (a.op == PipeOp::kBackward || a.op == PipeOp::kWeightGrad) --live[ri];
+        double end = start;
+        for (size_t k = 0; k < count; ++k) {
+          const PipeAction& a = acts[next[ri] + k];
+          const double scale = costs.stage_scale.empty() ? 1.0 : costs.stage_scale.at(static_cast<size_t>(a.stage));
+          const double begin = end;
+          end += cost_of(a.op, costs) * scale;
+          if (a.is_compute()) {
+            result.busy[ri] += end - begin;
+            result.spans[ri].push_back({a, begin, end});
+            // Activations live from a forward until the backward that frees them (B, or W when split).
+            if (a.op == PipeOp::kForward) result.peak_activations[ri] = std::max(result.peak_activations[ri], ++live[ri]);
+            if (a.op == PipeOp::kBackward || a.op == PipeOp::kWeightGrad) --live[ri];
+          }
         }
-        ++next[ri];
+        for (size_t k = 0; k < count; ++k) {
+          const PipeAction& a = acts[next[ri] + k];
+          done[key(a.stage, a.op, a.micro)] = end;
+          if (a.op == PipeOp::kBackward) done[key(a.stage, PipeOp::kInputGrad, a.micro)] = end;
+        }
+        free_at[ri] = end;
+        next[ri] += count;
         moved = true;
       }
     }
@@ -109,7 +123,9 @@ PipeSimResult simulate(const PipelineSchedule& s, const PipeCosts& costs) {
     for (const Need& n : needs(a, r)) {
       if (done.count(n.what)) continue;
       const auto [stage, op, micro] = n.what;
-      waits = PipeAction{stage, static_cast<PipeOp>(op), micro}.text();
+      // A whole-backward schedule's input gradients come from its B.
+      const PipeOp named = static_cast<PipeOp>(op) == PipeOp::kInputGrad && !s.split_backward ? PipeOp::kBackward : static_cast<PipeOp>(op);
+      waits = PipeAction{stage, named, micro}.text();
       break;
     }
     result.deadlock += (result.deadlock.empty() ? "deadlock: " : "; ") + std::string("rank ") + std::to_string(r) + " waits at " +

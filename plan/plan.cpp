@@ -290,7 +290,8 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
     p.stage_imbalance = split.imbalance();
     // A rank holds v chunks: its layers are the sum over them.
     std::vector<double> per_rank(static_cast<size_t>(layout.pp), 0);
-    for (size_t s = 0; s < split.stages.size(); ++s) per_rank[s % static_cast<size_t>(layout.pp)] += static_cast<double>(split.stages[s].num_layers);
+    const std::vector<int> placement = parallel::stage_placement(resolved_schedule(layout), static_cast<int>(layout.pp), static_cast<int>(layout.virtual_pp));
+    for (size_t s = 0; s < split.stages.size(); ++s) per_rank[static_cast<size_t>(placement[s])] += static_cast<double>(split.stages[s].num_layers);
     layers_per_stage = *std::max_element(per_rank.begin(), per_rank.end());
   }
   const double moe_fraction = static_cast<double>(m.num_moe_layers()) / static_cast<double>(m.num_layers);

@@ -45,7 +45,7 @@ struct Layout {
   // none | selective (norms, MLA up-projections and SwiGLU activations recomputed,
   // as DeepSeek-V3 does) | full (only each layer's input is kept)
   std::string recompute = "none";
-  // gpipe | 1f1b | interleaved | zbh1, or auto: 1f1b, interleaved when virtual_pp > 1
+  // gpipe | 1f1b | interleaved | zbh1 | dualpipev, or auto: 1f1b, interleaved when virtual_pp > 1
   std::string pipeline_schedule = "auto";
   std::string pipeline_layout;  // written stages, or empty: balanced by cost
   int64_t gpus() const { return tp * pp * dp; }

@@ -412,8 +412,8 @@ std::string ParallelConfig::validate() const {
   if (!(bucket_mb > 0)) return "bucket_mb: must be > 0";
   if (backend != "auto" && backend != "nccl" && backend != "mpi") return "backend: must be auto, nccl or mpi, got '" + backend + "'";
   if (pipeline_schedule != "auto" && pipeline_schedule != "gpipe" && pipeline_schedule != "1f1b" && pipeline_schedule != "interleaved" &&
-      pipeline_schedule != "zbh1") {
-    return "pipeline_schedule: must be auto, gpipe, 1f1b, interleaved or zbh1, got '" + pipeline_schedule + "'";
+      pipeline_schedule != "zbh1" && pipeline_schedule != "dualpipev") {
+    return "pipeline_schedule: must be auto, gpipe, 1f1b, interleaved, zbh1 or dualpipev, got '" + pipeline_schedule + "'";
   }
   return "";
 }

@@ -30,13 +30,16 @@ PipeCosts unit_costs(int v) {
 double formula(const std::string& name, int pp, int v, int m) {
   const double f = 1, b = 2, w = 1;
   if (name == "interleaved") return (pp - 1) * (f + b) / v;
+  // DeepSeek's table with PP = 2 pp stages of half a rank's work each (a chunk's
+  // F, I, W cost 1 / v = 1/2) and F&B = F + B (they run in turn here).
+  if (name == "dualpipev") return (pp - 1) * ((f + b) / v + b / v - 3 * w / v);
   if (name == "zbh1" && m >= pp) return (pp - 1) * (f + b - 2 * w);
   return (pp - 1) * (f + b);
 }
 
 TEST(PipelineSchedule, EveryGeneratorOverTheGridIsValidAndMeetsItsFormula) {
   int valid = 0, refused = 0;
-  for (const std::string name : {"gpipe", "1f1b", "interleaved", "zbh1"}) {
+  for (const std::string name : {"gpipe", "1f1b", "interleaved", "zbh1", "dualpipev"}) {
     for (int pp : {2, 3, 4, 8}) {
       for (int v : {1, 2}) {
         for (int m = pp - 1; m <= 4 * pp; ++m) {
@@ -72,8 +75,8 @@ TEST(PipelineSchedule, EveryGeneratorOverTheGridIsValidAndMeetsItsFormula) {
     }
   }
   // gpipe, 1f1b and zbh1 at v 1 for every m (3 pp + 2 values each); interleaved
-  // at v 2 for m = pp, 2 pp, 3 pp, 4 pp.
-  EXPECT_EQ(valid, 3 * (8 + 11 + 14 + 26) + 4 * 4);
+  // at v 2 for m = pp, 2 pp, 3 pp, 4 pp; dualpipev at v 2 for m = 2 pp .. 4 pp.
+  EXPECT_EQ(valid, 3 * (8 + 11 + 14 + 26) + 4 * 4 + (5 + 7 + 9 + 17));
   EXPECT_GT(refused, 0);
 }
 
@@ -90,12 +93,15 @@ TEST(PipelineSchedule, InvalidCombinationsAreRefusedInOneLine) {
   EXPECT_EQ(message("interleaved", 4, 2, 6),
             "pipeline schedule interleaved (pp 4, v 2, 6 micro-batches): interleaved needs micro-batches in whole groups of pp (a multiple of 4)");
   EXPECT_EQ(message("interleaved", 4, 1, 8), "pipeline schedule interleaved (pp 4, v 1, 8 micro-batches): interleaved needs v >= 2 chunks per rank (parallel.virtual_pp)");
-  EXPECT_EQ(message("dualpipe", 4, 1, 8), "pipeline schedule: unknown name 'dualpipe' (gpipe, 1f1b, interleaved, zbh1)");
+  EXPECT_EQ(message("dualpipe", 4, 1, 8), "pipeline schedule: unknown name 'dualpipe' (gpipe, 1f1b, interleaved, zbh1, dualpipev)");
+  EXPECT_EQ(message("dualpipev", 4, 1, 8),
+            "pipeline schedule dualpipev (pp 4, v 1, 8 micro-batches): dualpipev runs two chunks per rank in a V (parallel.virtual_pp 2)");
+  EXPECT_EQ(message("dualpipev", 4, 2, 7), "pipeline schedule dualpipev (pp 4, v 2, 7 micro-batches): dualpipev needs at least 2 pp = 8 micro-batches");
   EXPECT_EQ(message("1f1b", 0, 1, 8), "pipeline schedule 1f1b (pp 0, v 1, 8 micro-batches): pp, v and micro-batches must be >= 1");
 }
 
 TEST(PipelineSchedule, ActionsPrintAndParse) {
-  for (const std::string text : {"2F0", "1I3", "0W3", "12B7", "1SF2", "3RF0", "0SB11", "4RB1"}) {
+  for (const std::string text : {"2F0", "1I3", "0W3", "12B7", "1SF2", "3RF0", "0SB11", "4RB1", "2F0&"}) {
     const auto a = parse_action(text);
     ASSERT_TRUE(a.has_value()) << text;
     EXPECT_EQ(a->text(), text);
@@ -103,7 +109,9 @@ TEST(PipelineSchedule, ActionsPrintAndParse) {
   EXPECT_EQ(parse_action("1I3")->op, PipeOp::kInputGrad);
   EXPECT_EQ(parse_action("12B7")->stage, 12);
   EXPECT_EQ(parse_action("12B7")->micro, 7);
-  for (const std::string bad : {"", "F0", "1X2", "1F", "1F2x", "-1F2", "1f2"}) EXPECT_FALSE(parse_action(bad).has_value()) << bad;
+  EXPECT_TRUE(parse_action("2F0&")->overlapped);
+  EXPECT_FALSE(parse_action("2F0")->overlapped);
+  for (const std::string bad : {"", "F0", "1X2", "1F", "1F2x", "-1F2", "1f2", "1B2&", "1F2&&"}) EXPECT_FALSE(parse_action(bad).has_value()) << bad;
 }
 
 TEST(PipelineSchedule, OneFOneBHandComputedAndItsLowering) {
@@ -124,7 +132,8 @@ std::string read_file(const std::string& path) {
 
 TEST(PipelineSchedule, GoldenCsvs) {
   const std::string dir = std::string(FMOE_SOURCE_DIR) + "/tests/parallel/golden/";
-  for (const auto& [name, pp, v, m] : {std::tuple<std::string, int, int, int>{"interleaved", 2, 2, 4}, {"zbh1", 3, 1, 4}, {"gpipe", 2, 1, 2}}) {
+  for (const auto& [name, pp, v, m] : {std::tuple<std::string, int, int, int>{"interleaved", 2, 2, 4}, {"zbh1", 3, 1, 4}, {"gpipe", 2, 1, 2},
+                                     {"dualpipev", 2, 2, 4}, {"dualpipev", 4, 2, 10}}) {
     const PipelineSchedule s = make_schedule(name, pp, v, m);
     for (int r = 0; r < pp; ++r) {
       const std::string file = name + "_pp" + std::to_string(pp) + "_v" + std::to_string(v) + "_m" + std::to_string(m) + "_rank" + std::to_string(r) + ".csv";
@@ -141,6 +150,31 @@ TEST(PipelineSchedule, PeakActivationsFollowTheSchedule) {
   // Interleaved: (pp - r - 1) x 2 + (v - 1) x pp warm-up chunk forwards, plus the one in flight.
   const PipeSimResult inter = simulate(make_schedule("interleaved", 4, 2, 8), unit_costs(2));
   EXPECT_EQ(inter.peak_activations, (std::vector<int>{11, 9, 7, 5}));
+}
+
+TEST(PipelineSchedule, DualPipeVHoldsAVOfStagesAndDeepSeeksMemory) {
+  const PipelineSchedule s = make_schedule("dualpipev", 4, 2, 10);
+  EXPECT_EQ(s.stage_rank, (std::vector<int>{0, 1, 2, 3, 3, 2, 1, 0}));  // the head's stage on rank 0 beside the embedding
+  // DeepSeek's table: PP + 1 = 2 pp + 1 chunks' activations per device.
+  EXPECT_EQ(simulate(s, unit_costs(2)).peak_activations, (std::vector<int>{9, 9, 9, 9}));
+  // The turn of the V stays on the last rank: nothing crosses between stages 3 and 4.
+  const PipelineSchedule l = lower(s);
+  for (const PipeAction& a : l.ranks[3]) EXPECT_TRUE(a.is_compute() ? true : (a.stage != 3 || a.op != PipeOp::kSendForward)) << a.text();
+  // The overlapped pairs keep their receives before and their sends after them
+  // (on a middle rank every stage's neighbours live elsewhere).
+  const auto& r1 = l.ranks[1];
+  int pairs = 0;
+  for (size_t i = 2; i + 3 < r1.size(); ++i) {
+    if (!r1[i].overlapped) continue;
+    ++pairs;
+    const PipeAction &f = r1[i], &b = r1[i + 1];
+    EXPECT_EQ(b.op, PipeOp::kBackward);
+    EXPECT_EQ(r1[i - 2], (PipeAction{f.stage, PipeOp::kRecvForward, f.micro}));
+    EXPECT_EQ(r1[i - 1], (PipeAction{b.stage, PipeOp::kRecvBackward, b.micro}));
+    EXPECT_EQ(r1[i + 2], (PipeAction{f.stage, PipeOp::kSendForward, f.micro}));
+    EXPECT_EQ(r1[i + 3], (PipeAction{b.stage, PipeOp::kSendBackward, b.micro}));
+  }
+  EXPECT_EQ(pairs, 2 * (10 - 8 + 1 + 1) + 2);  // phase 4: two per round; phase 5: one per round
 }
 
 TEST(PipelineSchedule, ValidatorNamesTheFirstProblem) {
@@ -161,8 +195,17 @@ TEST(PipelineSchedule, ValidatorNamesTheFirstProblem) {
   unmatched.ranks[1].erase(unmatched.ranks[1].begin());  // rank 1's receive of 0F0's activation
   EXPECT_EQ(validate(unmatched), "0SF0 has no matching receive on rank 1");
   PipelineSchedule split = s;
+  split.ranks[0][2].op = PipeOp::kInputGrad;  // 0B0 -> 0I0 in a whole-backward schedule
+  EXPECT_EQ(validate(split), "rank 0 action 2 (0I0): a split backward in a whole-backward schedule");
   split.split_backward = true;
-  EXPECT_EQ(validate(split), "rank 0 action 2 (0B0): a whole backward in a split-backward schedule");
+  EXPECT_EQ(validate(split), "0W0 is missing");
+  split.ranks[0].push_back({0, PipeOp::kBackward, 0});
+  EXPECT_EQ(validate(split), "0B0 beside 0I0: a backward runs whole or split, not both");
+  PipelineSchedule overlapped = s;
+  overlapped.ranks[0][1].overlapped = true;  // 0F1& followed by 0B0: fine
+  EXPECT_EQ(validate(overlapped), "");
+  overlapped.ranks[0][0].overlapped = true;  // 0F0& followed by 0F1&
+  EXPECT_EQ(validate(overlapped), "rank 0 action 0 (0F0&): an overlapped forward must be followed by a whole backward");
 }
 
 TEST(PipelineSchedule, SimulatorNamesADeadlock) {

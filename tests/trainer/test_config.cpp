@@ -98,7 +98,7 @@ TEST(Config, PipelineLayoutIsCheckedAgainstTheModel) {
   EXPECT_EQ(c.validate(), "parallel.pipeline_layout: pipeline layout 'E t*2 | t L': places 3 of the 4 layers: layer 3 is missing");
   c.parallel.pipeline_layout = "";
   c.parallel.pipeline_schedule = "dualpipe";
-  EXPECT_EQ(c.validate(), "parallel.pipeline_schedule: must be auto, gpipe, 1f1b, interleaved or zbh1, got 'dualpipe'");
+  EXPECT_EQ(c.validate(), "parallel.pipeline_schedule: must be auto, gpipe, 1f1b, interleaved, zbh1 or dualpipev, got 'dualpipe'");
 }
 
 TEST(Config, EditDistance) {
