@@ -1,7 +1,6 @@
 #include "fp8/fp8_gemm.h"
 
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 #include <map>
 #include <mutex>
@@ -11,8 +10,6 @@
 namespace fmoe::fp8 {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 BlockQuantOptions tiles(int64_t rows, int64_t cols) {
   BlockQuantOptions o;
@@ -83,33 +80,6 @@ const Probe& probe(const at::Device& device) {
   return probes.emplace(device.str(), result).first->second;
 }
 
-class Fp8Linear : public torch::autograd::Function<Fp8Linear> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
-    const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    ctx->save_for_backward({x2, w});
-    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    std::vector<int64_t> out_shape = x.sizes().vec();
-    out_shape.back() = w.size(0);
-    return fp8_mm(x2, w, /*b_blocks=*/true).to(x.scalar_type()).view(out_shape);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x2 = saved[0];
-    const at::Tensor& w = saved[1];
-    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    const at::Tensor dy = grad_outputs[0].reshape({-1, w.size(0)});
-    // dgrad: dy [M, N] x W [N, K], reduced over N: dy tiled along N, W (as W^T [K, N]) in blocks.
-    const at::Tensor dx = fp8_mm(dy, w.t(), /*b_blocks=*/true).to(dtype);
-    // wgrad: dy^T [N, M] x x [M, K], reduced over the tokens M: both tiled along M.
-    const at::Tensor dw = fp8_mm(dy.t(), x2.t(), /*b_blocks=*/false);
-    std::vector<int64_t> x_shape = grad_outputs[0].sizes().vec();
-    x_shape.back() = w.size(1);
-    return {dx.view(x_shape), dw};
-  }
-};
-
 }  // namespace
 
 at::Tensor fp8_mm(const at::Tensor& a, const at::Tensor& b, bool b_blocks) {
@@ -122,8 +92,6 @@ at::Tensor fp8_mm(const at::Tensor& a, const at::Tensor& b, bool b_blocks) {
 at::Tensor quantize_rowwise(const at::Tensor& x) { return fake_quantize(x, tiles(1, kTile)); }
 at::Tensor quantize_colwise(const at::Tensor& x) { return fake_quantize(x, tiles(kTile, 1)); }
 at::Tensor quantize_blockwise(const at::Tensor& w) { return fake_quantize(w, tiles(kTile, kTile)); }
-
-at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w) { return Fp8Linear::apply(x, w); }
 
 std::string fp8_gemm_backend(const at::Device& device) {
   if (!device.is_cuda()) return "emulated (FP32 GEMM on dequantized E4M3 operands; exact on CPU)";

@@ -1,4 +1,5 @@
-// FP8 GEMM operands and the FP8 linear layer (DeepSeek-V3's recipe): E4M3
+// FP8 GEMM operands and products (DeepSeek-V3's recipe; the FP8 linear layer
+// built on them is moe/linear.h): E4M3
 // everywhere; activations and output gradients in 1 x 128 tiles along the
 // reduction dimension, weights in 128 x 128 blocks; FP32 accumulation.
 //
@@ -23,11 +24,6 @@ at::Tensor quantize_rowwise(const at::Tensor& x);
 at::Tensor quantize_colwise(const at::Tensor& x);
 // 128 x 128 blocks over the last two dims.
 at::Tensor quantize_blockwise(const at::Tensor& w);
-
-// y = x W^T with the three GEMMs (forward, input gradient, weight gradient) on
-// E4M3 operands. x: [..., K] any float dtype; w: [N, K] (FP32 master).
-// Returns x's dtype. Differentiable in x and w.
-at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w);
 
 // out[M, N] = A[M, K] . B[N, K]^T on E4M3 operands, in FP32: A in 1 x 128 tiles
 // along K; B in 128 x 128 blocks (b_blocks) or 1 x 128 tiles along K. Native

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "fp8/fp8_gemm.h"
+#include "moe/weight_grad.h"
 
 namespace fmoe::moe {
 namespace {
@@ -54,6 +55,24 @@ struct SwiGLUActivations {
   }
 };
 
+// A node's gradients: the input's now; the weights' (w13, w2) now too, or, inside
+// a DeferWeightGrads scope, queued (moe/weight_grad.h). `unused` undefined
+// gradients follow for the node's non-tensor arguments.
+variable_list with_weight_grads(const at::Tensor& dx, const at::Tensor& w13, const at::Tensor& w2, WeightGradQueue::Compute weight_grads,
+                                size_t unused) {
+  variable_list out{dx};
+  if (WeightGradQueue* queue = weight_grad_queue()) {
+    queue->push({w13, w2}, std::move(weight_grads));
+    out.resize(3);
+  } else {
+    const std::vector<at::Tensor> g = weight_grads();
+    out.push_back(g[0]);
+    out.push_back(g[1]);
+  }
+  out.resize(3 + unused);
+  return out;
+}
+
 // The operands as one GEMM sees them: unchanged, or E4M3 fake-quantized in FP32.
 struct Operands {
   bool fp8;
@@ -80,7 +99,7 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(y.narrow(0, offset, rows), aq.narrow(0, offset, rows), w2q[g]);
     });
-    ctx->save_for_backward({x, w13q, w2q, h});
+    ctx->save_for_backward({x, w13q, w2q, h, w13, w2});
     ctx->saved_data["rows"] = c10::IValue(rows_per_group);
     ctx->saved_data["fp8"] = fp8;
     return y.to(x.scalar_type());
@@ -88,39 +107,38 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w13q = saved[1];
-    const at::Tensor& w2q = saved[2];
-    const at::Tensor& h = saved[3];
+    const at::Tensor &x = saved[0], &w13q = saved[1], &w2q = saved[2], &h = saved[3], &w13 = saved[4], &w2 = saved[5];
     const std::vector<int64_t> rows_per_group = ctx->saved_data["rows"].toIntVector();
     const Operands op{ctx->saved_data["fp8"].toBool()};
     const at::Tensor dy = grad_outputs[0].to(h.scalar_type()).contiguous();
     const int64_t ffn = w2q.size(1);
 
     const SwiGLUActivations act(h, ffn);
-    const at::Tensor a = act.output();
-
     const at::Tensor dy_rows = op.rows(dy);
     at::Tensor da = at::empty({x.size(0), ffn}, h.options());
-    // Every expert's weight gradient is written whole by its GEMM; only those of experts without rows stay zero.
-    at::Tensor dw2 = at::empty(w2q.sizes(), h.options());
-    zero_empty_groups(dw2, rows_per_group);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(da.narrow(0, offset, rows), dy_rows.narrow(0, offset, rows), w2q[g].t());
-      mm_into(dw2[g], op.cols(a.narrow(0, offset, rows)).t(), op.cols(dy.narrow(0, offset, rows)));
     });
     const at::Tensor dh = act.backward(da);
-
     const at::Tensor dh_rows = op.rows(dh);
-    const at::Tensor xh = x.to(h.scalar_type());
     at::Tensor dx = at::empty({x.size(0), x.size(1)}, h.options());
-    at::Tensor dw13 = at::empty(w13q.sizes(), h.options());
-    zero_empty_groups(dw13, rows_per_group);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(dx.narrow(0, offset, rows), dh_rows.narrow(0, offset, rows), w13q[g].t());
-      mm_into(dw13[g], op.cols(xh.narrow(0, offset, rows)).t(), op.cols(dh.narrow(0, offset, rows)));
     });
-    return {dx.to(x.scalar_type()), dw13, dw2, at::Tensor(), at::Tensor()};
+    const auto weight_grads = [x, h, dy, dh, rows_per_group, op, ffn, w13_shape = w13q.sizes().vec(), w2_shape = w2q.sizes().vec()] {
+      const at::Tensor a = SwiGLUActivations(h, ffn).output();
+      const at::Tensor xh = x.to(h.scalar_type());
+      // Every expert's weight gradient is written whole by its GEMM; only those of experts without rows stay zero.
+      at::Tensor dw2 = at::empty(w2_shape, h.options()), dw13 = at::empty(w13_shape, h.options());
+      zero_empty_groups(dw2, rows_per_group);
+      zero_empty_groups(dw13, rows_per_group);
+      for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
+        mm_into(dw2[g], op.cols(a.narrow(0, offset, rows)).t(), op.cols(dy.narrow(0, offset, rows)));
+        mm_into(dw13[g], op.cols(xh.narrow(0, offset, rows)).t(), op.cols(dh.narrow(0, offset, rows)));
+      });
+      return std::vector<at::Tensor>{dw13, dw2};
+    };
+    return with_weight_grads(dx.to(x.scalar_type()), w13, w2, weight_grads, 2);
   }
 };
 
@@ -159,11 +177,12 @@ class GroupedSwiGLUGroupedMm : public torch::autograd::Function<GroupedSwiGLUGro
     const int64_t ffn = w2.size(1);
     const SwiGLUActivations act(h, ffn);
     const at::Tensor da = at::_grouped_mm(dy, w2.transpose(1, 2), ends);
-    const at::Tensor dw2 = grouped_weight_grad(act.output(), dy, ends);
     const at::Tensor dh = act.backward(da);
     const at::Tensor dx = at::_grouped_mm(dh, w13.transpose(1, 2), ends);
-    const at::Tensor dw13 = grouped_weight_grad(x, dh, ends);
-    return {dx, dw13, dw2, at::Tensor()};
+    const auto weight_grads = [x, h, dy, dh, ends, ffn] {
+      return std::vector<at::Tensor>{grouped_weight_grad(x, dh, ends), grouped_weight_grad(SwiGLUActivations(h, ffn).output(), dy, ends)};
+    };
+    return with_weight_grads(dx, w13, w2, weight_grads, 1);
   }
 };
 
@@ -198,26 +217,28 @@ class GroupedSwiGLUFp8Gemms : public torch::autograd::Function<GroupedSwiGLUFp8G
     const at::Tensor dy = grad_outputs[0].to(at::kFloat).contiguous();
     const int64_t ffn = w2.size(1);
     const SwiGLUActivations act(h, ffn);
-    const at::Tensor a = act.output();
     at::Tensor da = at::empty({x.size(0), ffn}, h.options());
-    at::Tensor dw2 = at::empty(w2.sizes(), h.options());
-    zero_empty_groups(dw2, rows_per_group);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
-      const at::Tensor dy_g = dy.narrow(0, offset, rows);
-      da.narrow(0, offset, rows).copy_(fp8::fp8_mm(dy_g, w2[g], /*b_blocks=*/true));
-      // Weight gradients reduce over the group's tokens: both operands in 1 x 128 tiles along them.
-      dw2[g].copy_(fp8::fp8_mm(a.narrow(0, offset, rows).t(), dy_g.t(), /*b_blocks=*/false));
+      da.narrow(0, offset, rows).copy_(fp8::fp8_mm(dy.narrow(0, offset, rows), w2[g], /*b_blocks=*/true));
     });
     const at::Tensor dh = act.backward(da);
     at::Tensor dx = at::empty({x.size(0), x.size(1)}, h.options());
-    at::Tensor dw13 = at::empty(w13.sizes(), h.options());
-    zero_empty_groups(dw13, rows_per_group);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
-      const at::Tensor dh_g = dh.narrow(0, offset, rows);
-      dx.narrow(0, offset, rows).copy_(fp8::fp8_mm(dh_g, w13[g], /*b_blocks=*/true));
-      dw13[g].copy_(fp8::fp8_mm(x.narrow(0, offset, rows).t(), dh_g.t(), /*b_blocks=*/false));
+      dx.narrow(0, offset, rows).copy_(fp8::fp8_mm(dh.narrow(0, offset, rows), w13[g], /*b_blocks=*/true));
     });
-    return {dx.to(x.scalar_type()), dw13, dw2, at::Tensor()};
+    const auto weight_grads = [x, h, dy, dh, rows_per_group, ffn, w13_shape = w13.sizes().vec(), w2_shape = w2.sizes().vec()] {
+      const at::Tensor a = SwiGLUActivations(h, ffn).output();
+      at::Tensor dw2 = at::empty(w2_shape, h.options()), dw13 = at::empty(w13_shape, h.options());
+      zero_empty_groups(dw2, rows_per_group);
+      zero_empty_groups(dw13, rows_per_group);
+      // Weight gradients reduce over the group's tokens: both operands in 1 x 128 tiles along them.
+      for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
+        dw2[g].copy_(fp8::fp8_mm(a.narrow(0, offset, rows).t(), dy.narrow(0, offset, rows).t(), /*b_blocks=*/false));
+        dw13[g].copy_(fp8::fp8_mm(x.narrow(0, offset, rows).t(), dh.narrow(0, offset, rows).t(), /*b_blocks=*/false));
+      });
+      return std::vector<at::Tensor>{dw13, dw2};
+    };
+    return with_weight_grads(dx.to(x.scalar_type()), w13, w2, weight_grads, 1);
   }
 };
 

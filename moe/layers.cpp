@@ -4,10 +4,10 @@
 
 #include <cmath>
 
-#include "fp8/fp8_gemm.h"
 #include "moe/dispatch.h"
 #include "moe/expert_parallel.h"
 #include "moe/grouped_swiglu.h"
+#include "moe/linear.h"
 #include "moe/rms_norm.h"
 #include "moe/rope.h"
 #include "parallel/autograd.h"
@@ -52,7 +52,7 @@ const Parallelism& Parallelism::none() {
 }
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const ForwardContext& ctx) {
-  return ctx.fp8 ? fp8::fp8_linear(x, weight) : at::linear(x, weight.to(ctx.compute_dtype));
+  return ctx.fp8 ? deferrable_linear(x, weight, /*fp8=*/true) : deferrable_linear(x, weight.to(ctx.compute_dtype));
 }
 
 RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
@@ -145,7 +145,7 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
   // tp rank computes the same routing, so its gradient is taken as-is (own slice).
   const at::Tensor h = par.sp() ? parallel::all_gather_along(h_in, 0, par.tp()) : h_in;
   // The router runs in fp32: its scores decide discrete choices.
-  const at::Tensor logits = at::linear(h.to(at::kFloat), router_weight);
+  const at::Tensor logits = deferrable_linear(h.to(at::kFloat), router_weight);
   const Routing routing = route(logits, expert_bias, router_options_);
   const ExpertCompute experts = [&](const at::Tensor& x, const std::vector<int64_t>& rows) {
     if (ctx.fp8) return grouped_swiglu(x, w13, w2, rows, /*fp8=*/true);

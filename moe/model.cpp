@@ -3,6 +3,7 @@
 #include "moe/grouped_swiglu.h"
 
 #include "moe/cross_entropy.h"
+#include "moe/linear.h"
 #include "parallel/autograd.h"
 
 #include <ATen/ATen.h>
@@ -33,7 +34,7 @@ at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT,
   const at::Tensor normed = norm->forward(x, compute_dtype);
   const at::Tensor h = parallel.sp() ? parallel::all_gather_along(normed, 0, tp, /*reduce_scatter_grad=*/true)
                                      : parallel::copy_to_group(normed, tp);
-  const at::Tensor logits = at::linear(h, weight.to(compute_dtype));
+  const at::Tensor logits = deferrable_linear(h, weight.to(compute_dtype));
   if (tp.size() > 1) return parallel::vocab_parallel_cross_entropy(logits, targets_BT.reshape({-1}), tp.rank() * weight.size(0), tp);
   // The loss reduces in FP32 (a BF16 log-softmax would round it to ~3 digits),
   // chunk by chunk, without an FP32 copy of the logits.

@@ -89,7 +89,9 @@ StageSplit balance_stages(const ModelConfig& c, int64_t seq_len, int64_t stages)
   for (int64_t s = 1; s <= stages; ++s) {
     for (int64_t i = 0; i <= n; ++i) {
       for (int64_t j = 0; j <= i; ++j) {
-        if (nonempty && j == i) continue;
+        // Empty stages only where there are too few items, and never the first or
+        // the last: the embedding takes the tokens, the head ends the pipeline.
+        if (j == i && (nonempty || s == 1 || s == stages)) continue;
         const double previous = best[static_cast<size_t>(s) - 1][static_cast<size_t>(j)];
         if (previous == inf) continue;
         const double worst = std::max(previous, prefix[static_cast<size_t>(i)] - prefix[static_cast<size_t>(j)]);

@@ -4,7 +4,8 @@
 // string in Megatron's style, stages separated by '|', "t*3" for three layers:
 //   "E t t | t t | t t L"   or   "E t*2 | t*2 | t*2 L"
 // Empty stages are allowed in a written layout. With v chunks per rank there
-// are pp x v stages, chunk c of rank r being stage c x pp + r. No LibTorch.
+// are pp x v stages, placed on ranks by the schedule (parallel::stage_placement:
+// stage c x pp + r on rank r, or DualPipeV's V). No LibTorch.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +38,8 @@ struct StageSplit {
 std::vector<double> stage_item_costs(const ModelConfig& config, int64_t seq_len);
 
 // The contiguous split of the stage list into `stages` stages whose costliest
-// stage is cheapest (every stage holds at least one item when there are enough).
+// stage is cheapest (every stage holds at least one item when there are enough;
+// otherwise some middle stages are empty, never the first or the last).
 StageSplit balance_stages(const ModelConfig& config, int64_t seq_len, int64_t stages);
 
 // A written layout for `stages` stages. Throws std::invalid_argument with one

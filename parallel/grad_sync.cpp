@@ -49,7 +49,8 @@ void GradientSync::enable_overlap(const std::vector<at::Tensor>& deferred) {
 }
 
 void GradientSync::on_gradient(size_t b, size_t i, const at::Tensor& grad) {
-  if (!armed_) return;
+  // Undefined: a node deferred this weight's gradient (moe/weight_grad.h); it arrives later.
+  if (!armed_ || !grad.defined()) return;
   Bucket& bucket = buckets_[b];
   if (bucket.work || bucket.filled[i]) return;
   if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, bucket.params.front().options().dtype(at::kFloat));

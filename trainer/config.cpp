@@ -420,6 +420,9 @@ std::string ParallelConfig::validate() const {
 
 std::string ParallelConfig::trainer_support() const {
   if (pp == 1 && virtual_pp != 1) return "virtual_pp: chunks per rank need pipeline parallelism (pp > 1)";
+  if (pipeline_schedule == "dualpipev" && virtual_pp != 2) {
+    return "pipeline_schedule: dualpipev runs two chunks per rank in a V (set virtual_pp: 2), got virtual_pp " + std::to_string(virtual_pp);
+  }
   return "";
 }
 

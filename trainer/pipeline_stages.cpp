@@ -9,15 +9,22 @@
 
 namespace fmoe::trainer {
 
+std::string schedule_name(const Config& config) {
+  const std::string& name = config.parallel.pipeline_schedule;
+  if (name != "auto") return name;
+  return config.parallel.virtual_pp > 1 ? "interleaved" : "1f1b";
+}
+
 PipelineStages::PipelineStages(const Config& config, const parallel::MeshShape& shape) : pp_(shape.pp) {
   if (pp_ == 1) return;
   const int64_t stages = shape.pp * config.parallel.virtual_pp;
   const std::string& written = config.parallel.pipeline_layout;
   split_ = written.empty() ? moe::balance_stages(config.model, config.training.seq_len, stages)
                            : moe::parse_stage_layout(written, config.model, config.training.seq_len, stages);
+  placement_ = parallel::stage_placement(schedule_name(config), static_cast<int>(shape.pp), static_cast<int>(config.parallel.virtual_pp));
   for (int64_t s = 0; s < stages; ++s) {
     const moe::PipelineStage& st = split_.stages[static_cast<size_t>(s)];
-    const int owner = static_cast<int>(s % shape.pp);  // chunk c of rank r is stage c x pp + r
+    const int owner = placement_.at(static_cast<size_t>(s));
     for (int64_t l = st.first_layer; l < st.first_layer + st.num_layers; ++l) owner_["layers." + std::to_string(l) + "."] = owner;
     if (st.embedding) owner_["embedding."] = owner;
     if (st.head) owner_["head."] = owner;
@@ -73,8 +80,7 @@ StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& con
                       "order, not by tag); set parallel.backend: mpi");
   }
   const int v = static_cast<int>(config.parallel.virtual_pp);
-  std::string name = config.parallel.pipeline_schedule;
-  if (name == "auto") name = v > 1 ? "interleaved" : "1f1b";
+  const std::string name = schedule_name(config);
   PipelineContext context;
   context.pp = &mesh.pp();
   context.stages = split_.stages;

@@ -17,6 +17,9 @@
 
 namespace fmoe::trainer {
 
+// parallel.pipeline_schedule with auto resolved: interleaved when virtual_pp > 1, else 1f1b.
+std::string schedule_name(const Config& config);
+
 class PipelineStages {
  public:
   // Without pipelining (pp 1) one stage holds everything.
@@ -43,6 +46,7 @@ class PipelineStages {
  private:
   int64_t pp_ = 1;
   moe::StageSplit split_;
+  std::vector<int> placement_;        // stage -> pipeline rank (parallel::stage_placement)
   std::map<std::string, int> owner_;  // parameter name prefix -> pipeline rank
   std::map<std::string, std::vector<int64_t>> released_;  // name -> the shape its storage had
 };

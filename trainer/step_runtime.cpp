@@ -5,7 +5,10 @@
 
 #include <chrono>
 #include <map>
+#include <optional>
 #include <stdexcept>
+
+#include "moe/weight_grad.h"
 
 namespace fmoe::trainer {
 namespace {
@@ -23,10 +26,6 @@ at::Tensor stage_losses(const moe::StageOutput& out, const at::Tensor& zero) {
 StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule, PipelineContext pipeline)
     : model_(model), schedule_(std::move(schedule)), pipeline_(std::move(pipeline)) {
   if (schedule_.pp != 1 && !pipeline_.pp) throw std::invalid_argument("step runtime: a pipelined schedule needs the pipeline group");
-  if (schedule_.split_backward) {
-    throw std::invalid_argument("parallel.pipeline_schedule: " + schedule_.name +
-                                " splits backward into input and weight gradients, which moe-train does not run yet (use 1f1b or interleaved)");
-  }
   if (schedule_.pp > 1 && !schedule_.lowered) schedule_ = parallel::lower(schedule_);
   if (const std::string error = parallel::validate(schedule_); !error.empty()) throw std::invalid_argument("step schedule: " + error);
 }
@@ -78,27 +77,35 @@ std::vector<at::Tensor> StepRuntime::forward_only(const std::vector<at::Tensor>&
     return losses;
   }
   parallel::Communicator& pp = *pipeline_.pp;
-  const int rank = pp.rank(), stages = schedule_.num_stages(), chunks = schedule_.v;
+  const int rank = pp.rank(), stages = schedule_.num_stages();
   const int count = static_cast<int>(batches.size());
   const auto rank_of = [&](int stage) { return schedule_.stage_rank[static_cast<size_t>(stage)]; };
+  std::vector<int> mine;  // this rank's stages, in order
+  for (int s = 0; s < stages; ++s) {
+    if (rank_of(s) == rank) mine.push_back(s);
+  }
   std::vector<std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> sends;
-  // Micro-batches in order, this rank's chunks in stage order: activations only
+  // Micro-batches in order, this rank's stages in stage order: activations only
   // ever flow to later stages, so the orders cannot deadlock.
   for (int i = 0; i < count; ++i) {
     const at::Tensor& tokens = batches[static_cast<size_t>(i)];
     const int64_t rows = tokens.size(0) * (tokens.size(1) - 1) / pipeline_.rows_divisor;
-    for (int c = 0; c < chunks; ++c) {
-      const int s = c * schedule_.pp + rank;
+    at::Tensor local;  // the previous stage's output when this rank holds it too (the turn of a V)
+    for (const int s : mine) {
       const moe::PipelineStage& stage = pipeline_.stages[static_cast<size_t>(s)];
       at::Tensor input;
-      if (!stage.embedding) {
+      if (!stage.embedding && rank_of(s - 1) == rank) {
+        input = local;
+      } else if (!stage.embedding) {
         input = at::empty({rows, pipeline_.hidden_dim}, at::TensorOptions().dtype(at::kFloat).device(pipeline_.device));
         pp.recv(input, rank_of(s - 1), {(s - 1) * count + i})->wait();
       }
       const moe::StageOutput out = model_.forward_stage(stage, tokens, input, compute_dtype, fp8);
       if (stage.head) {
         losses[static_cast<size_t>(i)] = out.ce_loss;
-      } else if (s + 1 < stages) {
+      } else if (rank_of(s + 1) == rank) {
+        local = out.hidden;
+      } else {
         const at::Tensor hidden = out.hidden.contiguous();
         sends.emplace_back(pp.send(hidden, rank_of(s + 1), {s * count + i}), hidden);
       }
@@ -111,7 +118,7 @@ std::vector<at::Tensor> StepRuntime::forward_only(const std::vector<at::Tensor>&
 StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8) {
   parallel::Communicator& pp = *pipeline_.pp;
   const int rank = pp.rank();
-  const int micro_batches = schedule_.micro_batches;
+  const int micro_batches = schedule_.micro_batches, stages = schedule_.num_stages();
   const auto rank_of = [&](int stage) { return schedule_.stage_rank[static_cast<size_t>(stage)]; };
   // One tag per (sending stage, micro-batch, direction): with pp 2 the previous and next stage are one rank.
   const auto tag = [&](int sending_stage, int micro, int backward) { return (sending_stage * micro_batches + micro) * 2 + backward; };
@@ -123,17 +130,57 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
     moe::StageOutput output;
   };
   std::map<std::pair<int, int>, InFlight> in_flight;
-  std::map<std::pair<int, int>, at::Tensor> received;  // (stage, micro) -> activation, or gradient of the output
+  // (stage, micro) -> the activation its forward takes, or the gradient of its
+  // output its backward takes: received, or handed over by this rank's own
+  // neighbouring stage (the turn of DualPipeV's V).
+  std::map<std::pair<int, int>, at::Tensor> received;
+  std::map<std::pair<int, int>, moe::WeightGradQueue> deferred;  // split backwards' weight gradients, until their W
   std::vector<std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> sends;  // kept until they complete
   StepTotals totals;
   const at::Tensor zero = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(pipeline_.device));
   totals.losses = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(pipeline_.device));
-  int backwards_left = 0;
-  for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(rank)]) backwards_left += a.op == parallel::PipeOp::kBackward;
+  // The gradient buckets arm before the last action that produces gradients: a B,
+  // or under a split schedule the last W (the input-gradient halves come earlier).
+  int gradient_actions_left = 0;
+  for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(rank)]) {
+    gradient_actions_left += a.op == parallel::PipeOp::kBackward || a.op == parallel::PipeOp::kInputGrad || a.op == parallel::PipeOp::kWeightGrad;
+  }
   const double scale = 1.0 / micro_batches;
+
+  // A whole backward (B), or its input-gradient half (I) with the weight gradients queued for W.
+  const auto backward = [&](const std::pair<int, int>& key, bool split) {
+    InFlight& f = in_flight.at(key);
+    const moe::StageOutput& out = f.output;
+    const auto compute = std::chrono::steady_clock::now();
+    {
+      std::optional<moe::DeferWeightGrads> defer;
+      if (split) defer.emplace(deferred[key]);
+      const at::Tensor extra = (out.aux_loss + out.z_loss) * scale;  // this stage's own loss terms
+      if (out.ce_loss.defined()) {
+        (out.ce_loss * scale + extra).backward();
+      } else {
+        std::vector<at::Tensor> roots{out.hidden}, grads{received.at(key)};
+        if (extra.requires_grad()) roots.push_back(extra), grads.push_back(at::ones_like(extra));
+        torch::autograd::backward(roots, grads);
+        received.erase(key);
+      }
+    }
+    totals.backward_seconds += seconds_since(compute);
+    totals.losses += stage_losses(out, zero);
+    f.output = {};  // the stage's activations go back now
+    const int s = key.first;
+    if (f.input.defined() && rank_of(s - 1) == rank) {
+      received[{s - 1, key.second}] = f.input.grad();
+      in_flight.erase(key);
+    } else if (!f.input.defined()) {
+      in_flight.erase(key);
+    }
+  };
 
   for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(rank)]) {
     const auto key = std::make_pair(a.stage, a.micro);
+    const bool gradient = a.op == parallel::PipeOp::kBackward || a.op == parallel::PipeOp::kInputGrad || a.op == parallel::PipeOp::kWeightGrad;
+    if (gradient && hooks.before_backward) hooks.before_backward(--gradient_actions_left == 0);
     switch (a.op) {
       case parallel::PipeOp::kRecvForward: {
         at::Tensor activation = buffer();
@@ -153,6 +200,8 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
         const auto compute = std::chrono::steady_clock::now();
         f.output = model_.forward_stage(pipeline_.stages[static_cast<size_t>(a.stage)], tokens, f.input, compute_dtype, fp8);
         totals.forward_seconds += seconds_since(compute);
+        // The next stage on this rank too: its input without a message.
+        if (a.stage + 1 < stages && rank_of(a.stage + 1) == rank) received[{a.stage + 1, a.micro}] = f.output.hidden.detach();
         in_flight[key] = std::move(f);
         break;
       }
@@ -167,24 +216,17 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
         received[key] = gradient;
         break;
       }
-      case parallel::PipeOp::kBackward: {
-        InFlight& f = in_flight.at(key);
-        if (hooks.before_backward) hooks.before_backward(--backwards_left == 0);
-        const moe::StageOutput& out = f.output;
+      case parallel::PipeOp::kBackward:
+        backward(key, /*split=*/false);
+        break;
+      case parallel::PipeOp::kInputGrad:
+        backward(key, /*split=*/true);
+        break;
+      case parallel::PipeOp::kWeightGrad: {
         const auto compute = std::chrono::steady_clock::now();
-        const at::Tensor extra = (out.aux_loss + out.z_loss) * scale;  // this stage's own loss terms
-        if (out.ce_loss.defined()) {
-          (out.ce_loss * scale + extra).backward();
-        } else {
-          std::vector<at::Tensor> roots{out.hidden}, grads{received.at(key)};
-          if (extra.requires_grad()) roots.push_back(extra), grads.push_back(at::ones_like(extra));
-          torch::autograd::backward(roots, grads);
-          received.erase(key);
-        }
-        totals.backward_seconds += seconds_since(compute);
-        totals.losses += stage_losses(out, zero);
-        f.output = {};  // the stage's activations go back now
-        if (!f.input.defined()) in_flight.erase(key);
+        deferred.at(key).run();
+        deferred.erase(key);
+        totals.weight_seconds += seconds_since(compute);
         break;
       }
       case parallel::PipeOp::kSendBackward: {
@@ -193,8 +235,6 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
         in_flight.erase(key);
         break;
       }
-      default:
-        throw std::logic_error("step runtime: " + a.text() + " is not run by moe-train yet");
     }
   }
   for (auto& [work, tensor] : sends) work->wait();

@@ -3,8 +3,9 @@
 // list is the one-stage 1F1B schedule — forward a micro-batch, then its
 // backward — so gradient accumulation is the schedule's micro-batch loop. With
 // pipelining the list is lowered: a stage's output goes to the next stage's rank
-// by a non-blocking send, its gradient comes back the same way, receives wait
-// where the schedule puts them. A stage's MoE aux and z losses are
+// by a non-blocking send (or, when this rank holds the next stage too, is handed
+// over in memory), its gradient comes back the same way, receives wait where the
+// schedule puts them. A stage's MoE aux and z losses are
 // backpropagated on that stage beside the gradient of its output.
 #pragma once
 
@@ -23,8 +24,8 @@ namespace fmoe::trainer {
 struct StepHooks {
   // The tokens of micro-batch `micro` ([B, T + 1], on the model's device).
   std::function<at::Tensor(int64_t micro)> batch;
-  // Called before each backward; `last` for the step's final one (the gradient
-  // buckets launch their reductions during that backward).
+  // Called before each backward, input-gradient or weight-gradient action; `last`
+  // for the step's final one (the gradient buckets launch their reductions during it).
   std::function<void(bool last)> before_backward;
 };
 
@@ -33,8 +34,10 @@ struct StepTotals {
   // micro-batches, of this rank's stages (the cross-entropy on the head's rank).
   at::Tensor losses;
   double data_seconds = 0;  // spent making batches
-  // Host time in this rank's forwards and backwards (on a GPU: to queue them).
-  double forward_seconds = 0, backward_seconds = 0;
+  // Host time in this rank's forwards and backwards (on a GPU: to queue them);
+  // backward_seconds counts whole backwards and input-gradient halves, weight_seconds
+  // the deferred weight-gradient halves of a split schedule.
+  double forward_seconds = 0, backward_seconds = 0, weight_seconds = 0;
 };
 
 // What a pipelined step needs beyond the model.
@@ -50,7 +53,8 @@ class StepRuntime {
  public:
   // schedule: this step's actions (its micro-batches are the gradient-accumulation steps).
   // Without a pipeline context the schedule has one rank. Throws std::invalid_argument
-  // for a schedule that does not validate or needs a split backward (ZB-H1).
+  // for a schedule that does not validate. Split backwards (ZB-H1, DualPipeV) run
+  // their I under moe::DeferWeightGrads and their W from its queue.
   StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule, PipelineContext pipeline = {});
   StepTotals run(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8);
   // Validation: the batches' forwards only, through this rank's stages in

@@ -61,17 +61,19 @@ int64_t default_threads(int world_size) {
   return std::max<int64_t>(1, cores / local_ranks);
 }
 
-// {"wait_seconds": [...], "forward_seconds": [...], "backward_seconds": [...]}, one entry per pipeline rank.
+// {"wait_seconds": [...], "forward_seconds": [...], "backward_seconds": [...], "weight_seconds": [...]},
+// one entry per pipeline rank (weight_seconds: the deferred weight gradients of split schedules).
 nlohmann::json pipeline_times_json(const at::Tensor& gathered) {
-  nlohmann::json wait = nlohmann::json::array(), forward = wait, backward = wait;
+  nlohmann::json wait = nlohmann::json::array(), forward = wait, backward = wait, weight = wait;
   const at::Tensor t = gathered.contiguous();
   const double* v = t.data_ptr<double>();
-  for (int64_t r = 0; r < t.numel() / 3; ++r) {
-    wait.push_back(v[3 * r]);
-    forward.push_back(v[3 * r + 1]);
-    backward.push_back(v[3 * r + 2]);
+  for (int64_t r = 0; r < t.numel() / 4; ++r) {
+    wait.push_back(v[4 * r]);
+    forward.push_back(v[4 * r + 1]);
+    backward.push_back(v[4 * r + 2]);
+    weight.push_back(v[4 * r + 3]);
   }
-  return {{"wait_seconds", wait}, {"forward_seconds", forward}, {"backward_seconds", backward}};
+  return {{"wait_seconds", wait}, {"forward_seconds", forward}, {"backward_seconds", backward}, {"weight_seconds", weight}};
 }
 
 }  // namespace
@@ -725,11 +727,11 @@ TrainResult Trainer::Impl::run() {
       }
     }
 
-    // Each pipeline rank's blocked, forward and backward time, gathered (host values) for rank 0's metrics.
+    // Each pipeline rank's blocked, forward, backward and weight-gradient time, gathered (host values) for rank 0's metrics.
     at::Tensor pipeline_ranks;
     if (shape.pp > 1) {
-      const at::Tensor mine = at::tensor({pipeline_wait, totals.forward_seconds, totals.backward_seconds}, at::kDouble);
-      pipeline_ranks = at::empty({shape.pp * 3}, at::kDouble);
+      const at::Tensor mine = at::tensor({pipeline_wait, totals.forward_seconds, totals.backward_seconds, totals.weight_seconds}, at::kDouble);
+      pipeline_ranks = at::empty({shape.pp * 4}, at::kDouble);
       mesh->pp().all_gather(pipeline_ranks, mine, {})->wait();
     }
     const double tokens_per_second = timed_tokens / train_seconds;

@@ -2,13 +2,16 @@
 # Pipeline parallelism in moe-train against one process from the same seed: the
 # micro model (3 layers: the stage split cannot be even, and a stage may hold
 # only the dense layer) with 4 micro-batches per step, under 1F1B at pp2 and
-# pp4, GPipe, interleaved (v2), and pp2 composed with dp2 + ep2, dp2 + ZeRO-1,
-# tp2 with sequence parallelism and dp2 x tp2 + ep2 (8 ranks): every step's loss
-# and the final validation loss within 1e-5, and every gradient of a first step
-# within 1e-5 (pp2, pp4, interleaved). A pp2 run stopped and resumed is bit-identical; every
-# metrics line reports the time blocked on the pipeline; validation runs
-# through the pipeline (a one-process checkpoint validates alike at pp4); ZB-H1
-# is refused by name.
+# pp4, GPipe, interleaved (v2), ZB-H1 at pp2 and pp4 (split backwards),
+# DualPipeV at pp2 and pp4 (8 micro-batches of one sequence: 8 stages for 5
+# items, so three stages are empty), and pp2 composed with dp2 + ep2, dp2 +
+# ZeRO-1 (also under ZB-H1 and DualPipeV), tp2 with sequence parallelism and
+# dp2 x tp2 + ep2 (8 ranks): every step's loss and the final validation loss
+# within 1e-5, and every gradient of a first step within 1e-5 (pp2, pp4,
+# interleaved, ZB-H1 at pp4, DualPipeV at pp2 and pp4). A pp2 run stopped and
+# resumed is bit-identical; every metrics line reports the time blocked on the
+# pipeline; validation runs through the pipeline (a one-process checkpoint
+# validates alike at pp4); a DualPipeV without two chunks per rank is refused.
 source "$(dirname "$0")/common.sh"
 STEPS=(--set training.steps=6 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
        --set training.grad_accum_steps=4 --set training.micro_batch_size=2)
@@ -41,6 +44,14 @@ check pp2_dp2_zero1 4 --set parallel.pp=2 --set parallel.zero1=true --set traini
 check pp2_tp2_sp 4 --set parallel.pp=2 --set parallel.tp=2 --set parallel.sequence_parallel=true
 check pp2_dp2_tp2_ep2 8 --set parallel.pp=2 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=1
 check pp2_written_layout 2 --set parallel.pp=2 --set 'parallel.pipeline_layout=E t | t*2 L'
+ZB=(--set parallel.pipeline_schedule=zbh1)
+DPV=(--set parallel.pipeline_schedule=dualpipev --set parallel.virtual_pp=2)
+check zbh1_pp2 2 --set parallel.pp=2 "${ZB[@]}"
+check zbh1_pp4 4 --set parallel.pp=4 "${ZB[@]}"
+check zbh1_pp2_dp2_zero1 4 --set parallel.pp=2 "${ZB[@]}" --set parallel.zero1=true --set training.micro_batch_size=1
+check dualpipev_pp2 2 --set parallel.pp=2 "${DPV[@]}"
+check dualpipev_pp4 4 --set parallel.pp=4 "${DPV[@]}" --set training.grad_accum_steps=8 --set training.micro_batch_size=1
+check dualpipev_pp2_dp2_ep2 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=1
 
 # Every gradient of the first step (reduced, before clipping) against one process:
 # each pipeline rank writes its stages' gradients; together they are the model's.
@@ -53,7 +64,9 @@ grads() {  # name, ranks, extra args...
     || { cat "$dir.log"; fail "$name gradient run failed"; }
 }
 grads reference 1
-for layout in "pp2 2 --set parallel.pp=2" "pp4 4 --set parallel.pp=4" "interleaved_pp2_v2 2 --set parallel.pp=2 --set parallel.virtual_pp=2"; do
+for layout in "pp2 2 --set parallel.pp=2" "pp4 4 --set parallel.pp=4" "interleaved_pp2_v2 2 --set parallel.pp=2 --set parallel.virtual_pp=2" \
+              "zbh1_pp4 4 --set parallel.pp=4 ${ZB[*]}" "dualpipev_pp2 2 --set parallel.pp=2 ${DPV[*]}" \
+              "dualpipev_pp4 4 --set parallel.pp=4 ${DPV[*]} --set training.grad_accum_steps=8 --set training.micro_batch_size=1"; do
   read -r name ranks extra <<< "$layout"
   grads "$name" "$ranks" $extra
   python3 - "$WORK_DIR/grads_reference" "$WORK_DIR/grads_$name" "$name" <<'PY' || fail "$name gradients differ from one process"
@@ -111,7 +124,7 @@ mpirun -np 2 "$TRAIN" $(micro_args "$dir") "${STEPS[@]}" --set parallel.pp=2 --s
 [ "$(losses "$dir/metrics.jsonl")" = "$(losses "$WORK_DIR/pp_pp2/metrics.jsonl")" ] || fail "pp2 resume is not bit-identical"
 echo "ok: pp2 stopped at 3 and resumed is bit-identical"
 
-ERROR_PREFIX=moe-train: expect_error "parallel.pipeline_schedule: zbh1 splits backward into input and weight gradients" \
-  mpirun -np 2 "$TRAIN" $(micro_args "$WORK_DIR/pp_zbh1") "${STEPS[@]}" --set parallel.pp=2 --set parallel.pipeline_schedule=zbh1
+ERROR_PREFIX=moe-train: expect_error "parallel.pipeline_schedule: dualpipev runs two chunks per rank in a V (set virtual_pp: 2), got virtual_pp 1" \
+  mpirun -np 2 "$TRAIN" $(micro_args "$WORK_DIR/pp_dpv") "${STEPS[@]}" --set parallel.pp=2 --set parallel.pipeline_schedule=dualpipev
 ERROR_PREFIX=moe-train: expect_error "parallel.pipeline_layout: pipeline layout 'E t | t L': places 2 of the 3 layers: layer 2 is missing" \
   mpirun -np 2 "$TRAIN" $(micro_args "$WORK_DIR/pp_bad") "${STEPS[@]}" --set parallel.pp=2 --set 'parallel.pipeline_layout=E t | t L'

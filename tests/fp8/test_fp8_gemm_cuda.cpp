@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "fp8/fp8_gemm.h"
+#include "moe/linear.h"
 
 namespace {
 
@@ -20,7 +21,7 @@ TEST(Fp8GemmCuda, LinearMatchesCpuEmulation) {
   std::vector<at::Tensor> results;
   for (const at::Device& device : {at::Device(at::kCPU), cuda}) {
     const at::Tensor xd = x.to(device).requires_grad_(), wd = w.to(device).requires_grad_();
-    const at::Tensor y = fmoe::fp8::fp8_linear(xd, wd);
+    const at::Tensor y = fmoe::moe::deferrable_linear(xd, wd, /*fp8=*/true);
     const auto grads = torch::autograd::grad({y}, {xd, wd}, {dy.to(device)});
     results.push_back(y.cpu());
     results.push_back(grads[0].cpu());

@@ -76,6 +76,19 @@ double brute_force(const std::vector<double>& costs, int64_t stages) {
   return best;
 }
 
+TEST(StageSplit, MoreStagesThanItemsLeaveMiddleStagesEmpty) {
+  ModelConfig c = four_layers();
+  c.num_layers = 3;  // E t t t L: five items over eight stages
+  const StageSplit split = balance_stages(c, 256, 8);
+  ASSERT_EQ(split.stages.size(), 8u);
+  EXPECT_TRUE(split.stages.front().embedding);
+  EXPECT_TRUE(split.stages.back().head);
+  int64_t placed = 0, empty = 0;
+  for (const PipelineStage& s : split.stages) placed += s.num_layers, empty += !(s.num_layers > 0 || s.embedding || s.head);
+  EXPECT_EQ(placed, 3);
+  EXPECT_EQ(empty, 3);
+}
+
 TEST(StageSplit, BalancedSplitIsTheBestContiguousOne) {
   for (int64_t layers : {3, 4, 7, 10}) {
     for (int64_t dense : {0, 1, 3}) {
