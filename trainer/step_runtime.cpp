@@ -177,15 +177,41 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
     }
   };
 
-  for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(rank)]) {
+  // Receives are posted ahead: each one when the compute action before it
+  // starts (the tensor can arrive while that runs), and waited for where the
+  // schedule puts it. Tags keep early receives from matching the wrong message.
+  const std::vector<parallel::PipeAction>& actions = schedule_.ranks[static_cast<size_t>(rank)];
+  std::vector<std::vector<size_t>> post_at(actions.size());
+  for (size_t i = 0, last_compute = 0; i < actions.size(); ++i) {
+    const parallel::PipeOp op = actions[i].op;
+    if (op == parallel::PipeOp::kRecvForward || op == parallel::PipeOp::kRecvBackward) post_at[last_compute].push_back(i);
+    if (actions[i].is_compute()) last_compute = i;
+  }
+  std::map<size_t, std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> posted;
+  const auto post = [&](size_t index) {
+    const parallel::PipeAction& r = actions[index];
+    at::Tensor into = buffer();
+    const bool forward = r.op == parallel::PipeOp::kRecvForward;
+    const int from = forward ? r.stage - 1 : r.stage + 1;
+    posted[index] = {pp.recv(into, rank_of(from), {tag(from, r.micro, forward ? 0 : 1)}), into};
+  };
+
+  for (size_t index = 0; index < actions.size(); ++index) {
+    for (size_t r : post_at[index]) {
+      if (!posted.count(r)) post(r);
+    }
+    const parallel::PipeAction& a = actions[index];
     const auto key = std::make_pair(a.stage, a.micro);
     const bool gradient = a.op == parallel::PipeOp::kBackward || a.op == parallel::PipeOp::kInputGrad || a.op == parallel::PipeOp::kWeightGrad;
     if (gradient && hooks.before_backward) hooks.before_backward(--gradient_actions_left == 0);
     switch (a.op) {
-      case parallel::PipeOp::kRecvForward: {
-        at::Tensor activation = buffer();
-        pp.recv(activation, rank_of(a.stage - 1), {tag(a.stage - 1, a.micro, 0)})->wait();
-        received[key] = activation;
+      case parallel::PipeOp::kRecvForward:
+      case parallel::PipeOp::kRecvBackward: {
+        if (!posted.count(index)) post(index);
+        auto& [work, tensor] = posted.at(index);
+        work->wait();
+        received[key] = tensor;
+        posted.erase(index);
         break;
       }
       case parallel::PipeOp::kForward: {
@@ -208,12 +234,6 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
       case parallel::PipeOp::kSendForward: {
         const at::Tensor out = in_flight.at(key).output.hidden.detach().contiguous();
         sends.emplace_back(pp.send(out, rank_of(a.stage + 1), {tag(a.stage, a.micro, 0)}), out);
-        break;
-      }
-      case parallel::PipeOp::kRecvBackward: {
-        at::Tensor gradient = buffer();
-        pp.recv(gradient, rank_of(a.stage + 1), {tag(a.stage + 1, a.micro, 1)})->wait();
-        received[key] = gradient;
         break;
       }
       case parallel::PipeOp::kBackward:

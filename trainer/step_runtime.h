@@ -4,8 +4,9 @@
 // backward — so gradient accumulation is the schedule's micro-batch loop. With
 // pipelining the list is lowered: a stage's output goes to the next stage's rank
 // by a non-blocking send (or, when this rank holds the next stage too, is handed
-// over in memory), its gradient comes back the same way, receives wait where the
-// schedule puts them. A stage's MoE aux and z losses are
+// over in memory), its gradient comes back the same way; receives are posted
+// when the compute action before them starts and waited for where the schedule
+// puts them. A stage's MoE aux and z losses are
 // backpropagated on that stage beside the gradient of its output.
 #pragma once
 

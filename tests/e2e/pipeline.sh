@@ -6,14 +6,15 @@
 # DualPipeV at pp2 and pp4 (8 micro-batches of one sequence: 8 stages for 5
 # items, so three stages are empty), and pp2 composed with dp2 + ep2, dp2 +
 # ZeRO-1 (also under ZB-H1 and DualPipeV), tp2 with sequence parallelism and
-# dp2 x tp2 + ep2 (8 ranks): every step's loss and the final validation loss
-# within 1e-5, and every gradient of a first step within 1e-5 (pp2, pp4,
-# interleaved, ZB-H1 at pp4, DualPipeV at pp2 and pp4). A pp2 run stopped and
+# dp2 x tp2 + ep2 (8 ranks): the first step's loss within 1e-5, each of 20
+# AdamW steps' loss and the final validation loss within 1e-4, and every
+# gradient of a first step within 1e-5 (pp2, pp4, interleaved, ZB-H1 at pp4,
+# DualPipeV at pp2 and pp4). A pp2 run stopped and
 # resumed is bit-identical; every metrics line reports the time blocked on the
 # pipeline; validation runs through the pipeline (a one-process checkpoint
 # validates alike at pp4); a DualPipeV without two chunks per rank is refused.
 source "$(dirname "$0")/common.sh"
-STEPS=(--set training.steps=6 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
+STEPS=(--set training.steps=20 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
        --set training.grad_accum_steps=4 --set training.micro_batch_size=2)
 ref="$WORK_DIR/pp_reference"; rm -rf "$ref"
 "$TRAIN" $(micro_args "$ref") "${STEPS[@]}" > "$ref.log" 2>&1 || { cat "$ref.log"; fail "reference run failed"; }
@@ -26,12 +27,14 @@ check() {  # name, ranks, extra args...
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 b = [json.loads(l) for l in open(sys.argv[2])]
-assert len(a) == len(b) == 6, (len(a), len(b))
+assert len(a) == len(b) == 20, (len(a), len(b))
+first = abs(a[0]["loss"] - b[0]["loss"]) / a[0]["loss"]
 worst = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b))
 val = abs(a[-1]["val_loss"] - b[-1]["val_loss"]) / a[-1]["val_loss"]
-assert worst <= 1e-5 and val <= 1e-5, (worst, val)
+# One step equal to 1e-5; reduction orders differ, so 20 AdamW steps drift further (1e-4).
+assert first <= 1e-5 and worst <= 1e-4 and val <= 1e-4, (first, worst, val)
 assert all(r["pipeline_wait_seconds"] >= 0 for r in b)
-print("ok: %-28s losses within %.1e, validation within %.1e of one process" % (sys.argv[3], worst, val))
+print("ok: %-28s first loss within %.1e, 20 within %.1e, validation within %.1e of one process" % (sys.argv[3], first, worst, val))
 PY
   grep -h "^pipeline:" "$dir.log" | head -1
 }
