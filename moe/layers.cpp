@@ -14,12 +14,32 @@
 
 namespace fmoe::moe {
 
-std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta) {
+std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta, const RopeScaling& scaling) {
   const int64_t half = head_dim / 2;
-  const at::Tensor exponents = at::arange(half, at::kDouble) * (2.0 / static_cast<double>(head_dim));
-  const at::Tensor inv_freq = at::pow(theta, exponents).reciprocal();
+  const double dim = static_cast<double>(head_dim);
+  const at::Tensor pairs = at::arange(half, at::kDouble);
+  at::Tensor inv_freq = at::pow(theta, pairs * (2.0 / dim)).reciprocal();
+  double attention_factor = 1.0;
+  if (scaling.yarn()) {
+    // Pairs rotating fewer than beta_slow times over the original context are
+    // interpolated (frequency / factor), more than beta_fast times kept, a linear
+    // ramp between (the correction range rounded outwards to whole pairs).
+    const double factor = scaling.factor;
+    const auto correction_pair = [&](double rotations) {
+      return dim * std::log(static_cast<double>(scaling.original_max_position_embeddings) / (rotations * 2.0 * M_PI)) /
+             (2.0 * std::log(theta));
+    };
+    const double low = std::max(std::floor(correction_pair(scaling.beta_fast)), 0.0);
+    double high = std::min(std::ceil(correction_pair(scaling.beta_slow)), dim - 1);
+    if (high == low) high += 0.001;
+    const at::Tensor interpolated_share = ((pairs - low) / (high - low)).clamp(0.0, 1.0);
+    inv_freq = inv_freq / factor * interpolated_share + inv_freq * (1.0 - interpolated_share);
+    attention_factor = scaling.mscale > 0 && scaling.mscale_all_dim > 0
+                           ? yarn_mscale(factor, scaling.mscale) / yarn_mscale(factor, scaling.mscale_all_dim)
+                           : yarn_mscale(factor, 1.0);
+  }
   const at::Tensor angles = at::outer(at::arange(seq_len, at::kDouble), inv_freq);
-  return {angles.cos().to(at::kFloat), angles.sin().to(at::kFloat)};
+  return {(angles.cos() * attention_factor).to(at::kFloat), (angles.sin() * attention_factor).to(at::kFloat)};
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_TH, const at::Tensor& sin_TH) {
@@ -79,6 +99,45 @@ at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx)
       r.q_BTHd.transpose(1, 2), r.k_BTKd.transpose(1, 2), r.v_BTKd.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
       /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/kv_heads != heads);
   return exit_tp(project(context.transpose(1, 2).reshape({b * t, heads * head_dim_}), wo, ctx), *ctx.parallel);
+}
+
+MLAttention::MLAttention(const ModelConfig& c)
+    : num_heads_(c.num_heads), nope_(c.qk_nope_head_dim), rope_(c.qk_rope_head_dim), v_dim_(c.v_head_dim),
+      kv_rank_(c.kv_lora_rank), scale_(c.softmax_scale()) {
+  const int64_t d = c.hidden_size, h = c.num_heads, qk = c.qk_head_dim();
+  const double out_std = c.init_std / std::sqrt(2.0 * static_cast<double>(c.num_layers));
+  const auto normal = [&](std::vector<int64_t> shape, double std) { return at::empty(shape).normal_(0, std); };
+  if (c.q_lora_rank > 0) {
+    wq_a = register_parameter("wq_a", normal({c.q_lora_rank, d}, c.init_std));
+    q_a_norm = register_module("q_a_norm", std::make_shared<RMSNorm>(c.q_lora_rank, c.norm_eps));
+    wq_b = register_parameter("wq_b", normal({h * qk, c.q_lora_rank}, c.init_std));
+  } else {
+    wq = register_parameter("wq", normal({h * qk, d}, c.init_std));
+  }
+  wkv_a = register_parameter("wkv_a", normal({c.kv_lora_rank + c.qk_rope_head_dim, d}, c.init_std));
+  kv_a_norm = register_module("kv_a_norm", std::make_shared<RMSNorm>(c.kv_lora_rank, c.norm_eps));
+  wkv_b = register_parameter("wkv_b", normal({h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, c.init_std));
+  wo = register_parameter("wo", normal({d, h * c.v_head_dim}, out_std));
+}
+
+at::Tensor MLAttention::forward(const at::Tensor& h_in, const ForwardContext& ctx) {
+  const int64_t b = ctx.batch, t = ctx.seq_len;
+  const int64_t heads = wo.size(1) / v_dim_;  // this rank's (all, or 1 / tp)
+  const at::Tensor h = enter_tp(h_in, *ctx.parallel);
+  // Queries: full rank, or through the normed latent.
+  const at::Tensor q_flat = wq.defined() ? project(h, wq, ctx) : project(q_a_norm->forward(project(h, wq_a, ctx).to(at::kFloat), ctx.compute_dtype), wq_b, ctx);
+  const at::Tensor q = q_flat.view({b, t, heads, nope_ + rope_});
+  // Keys and values: one down-projection to the latent and the shared rotary key.
+  const at::Tensor kv_a = project(h, wkv_a, ctx).view({b, t, kv_rank_ + rope_});
+  const at::Tensor latent = kv_a_norm->forward(kv_a.narrow(-1, 0, kv_rank_).to(at::kFloat), ctx.compute_dtype);
+  const at::Tensor k_rope = apply_rope(kv_a.narrow(-1, kv_rank_, rope_).unsqueeze(2), ctx.rope_cos_TH, ctx.rope_sin_TH);
+  const at::Tensor kv = project(latent, wkv_b, ctx).view({b, t, heads, nope_ + v_dim_});
+  const at::Tensor query = at::cat({q.narrow(-1, 0, nope_), apply_rope(q.narrow(-1, nope_, rope_), ctx.rope_cos_TH, ctx.rope_sin_TH)}, -1);
+  const at::Tensor key = at::cat({kv.narrow(-1, 0, nope_), k_rope.expand({b, t, heads, rope_})}, -1);
+  const at::Tensor value = kv.narrow(-1, nope_, v_dim_);
+  const at::Tensor context = at::scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                                              /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale_);
+  return exit_tp(project(context.transpose(1, 2).reshape({b * t, heads * v_dim_}), wo, ctx), *ctx.parallel);
 }
 
 DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {
@@ -200,7 +259,11 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
 
 TransformerLayer::TransformerLayer(const ModelConfig& c, int64_t layer_index) {
   attention_norm = register_module("attention_norm", std::make_shared<RMSNorm>(c.hidden_size, c.norm_eps));
-  attention = register_module("attention", std::make_shared<Attention>(c));
+  if (c.is_mla()) {
+    mla = register_module("attention", std::make_shared<MLAttention>(c));
+  } else {
+    attention = register_module("attention", std::make_shared<Attention>(c));
+  }
   ffn_norm = register_module("ffn_norm", std::make_shared<RMSNorm>(c.hidden_size, c.norm_eps));
   if (c.is_moe_layer(layer_index)) {
     moe = register_module("moe", std::make_shared<MoELayer>(c));
@@ -211,7 +274,8 @@ TransformerLayer::TransformerLayer(const ModelConfig& c, int64_t layer_index) {
 }
 
 at::Tensor TransformerLayer::forward(const at::Tensor& x, ForwardContext& ctx) {
-  at::Tensor y = x + attention->forward(attention_norm->forward(x, ctx.compute_dtype), ctx).to(at::kFloat);
+  const at::Tensor normed = attention_norm->forward(x, ctx.compute_dtype);
+  at::Tensor y = x + (mla ? mla->forward(normed, ctx) : attention->forward(normed, ctx)).to(at::kFloat);
   const at::Tensor h = ffn_norm->forward(y, ctx.compute_dtype);
   return y + (moe ? moe->forward(h, ctx) : dense->forward(h, ctx).to(at::kFloat));
 }

@@ -42,15 +42,16 @@ struct ForwardContext {
   bool fp8 = false;
   int64_t batch = 0;
   int64_t seq_len = 0;
-  at::Tensor rope_cos_TH;   // fp32 [seq_len, head_dim / 2]
+  at::Tensor rope_cos_TH;   // fp32 [seq_len, rope_dim / 2]
   at::Tensor rope_sin_TH;
   at::Tensor aux_loss;      // fp32 scalar, sum over MoE layers (with coefficients)
   at::Tensor z_loss;
   const Parallelism* parallel = &Parallelism::none();  // the model's, when it runs the layer
 };
 
-// cos/sin tables for rotary embeddings (half-split convention).
-std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta);
+// cos/sin tables [seq_len, head_dim / 2] for rotary embeddings (half-split
+// convention), with YaRN's frequencies and cos/sin scale when scaling asks.
+std::pair<at::Tensor, at::Tensor> rope_tables(int64_t seq_len, int64_t head_dim, double theta, const RopeScaling& scaling = {});
 // The plain rotation (the reference that moe/rope.h's fused split-and-rotate is tested against).
 at::Tensor apply_rope(const at::Tensor& x_BTHd, const at::Tensor& cos_TH, const at::Tensor& sin_TH);
 
@@ -78,6 +79,30 @@ class Attention : public torch::nn::Module {
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
+};
+
+// Multi-head latent attention (DeepSeek-V2/V3). Queries from the hidden state
+// (full rank) or through a normed latent of q_lora_rank; keys and values from
+// one normed latent of kv_lora_rank, up-projected per head, plus one rotary key
+// of qk_rope_head_dim shared by every head; softmax scale config.softmax_scale().
+// Under tensor parallelism the up-projections and wo are split by heads and the
+// down-projections and their norms replicated (their gradients are partial
+// sums over tp, added up like sequence-parallel norms').
+class MLAttention : public torch::nn::Module {
+ public:
+  explicit MLAttention(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& h_ND, const ForwardContext& ctx);
+  at::Tensor wq;      // [H * (nope + rope), D] when q_lora_rank == 0
+  at::Tensor wq_a;    // [q_lora_rank, D]
+  at::Tensor wq_b;    // [H * (nope + rope), q_lora_rank]
+  at::Tensor wkv_a;   // [kv_lora_rank + rope, D]
+  at::Tensor wkv_b;   // [H * (nope + v), kv_lora_rank]
+  at::Tensor wo;      // [D, H * v]
+  std::shared_ptr<RMSNorm> q_a_norm, kv_a_norm;
+
+ private:
+  int64_t num_heads_, nope_, rope_, v_dim_, kv_rank_;
+  double scale_;
 };
 
 // SwiGLU FFN; also the shared experts of an MoE layer. Under tensor parallelism
@@ -114,7 +139,8 @@ class TransformerLayer : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x_ND, ForwardContext& ctx);
 
   std::shared_ptr<RMSNorm> attention_norm, ffn_norm;
-  std::shared_ptr<Attention> attention;
+  std::shared_ptr<Attention> attention;  // exactly one of attention / mla is set
+  std::shared_ptr<MLAttention> mla;
   std::shared_ptr<DenseFFN> dense;  // exactly one of dense / moe is set
   std::shared_ptr<MoELayer> moe;
 };

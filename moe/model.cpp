@@ -46,7 +46,7 @@ namespace {
 std::string check_divides(const ModelConfig& c, const parallel::MeshShape& s) {
   const auto divides = [](int64_t degree, int64_t size) { return size % degree == 0; };
   const std::vector<std::pair<const char*, int64_t>> tp_sizes = {
-      {"num_heads", c.num_heads}, {"num_kv_heads", c.num_kv_heads}, {"vocab_size", c.vocab_size},
+      {"num_heads", c.num_heads}, {"num_kv_heads", c.is_mla() ? c.num_heads : c.num_kv_heads}, {"vocab_size", c.vocab_size},
       {"ffn_hidden_size", c.ffn_hidden_size}, {"moe_ffn_hidden_size", c.moe_ffn_hidden_size}};
   for (const auto& [name, size] : tp_sizes) {
     if (!divides(s.tp, size)) return "parallel.tp: " + std::to_string(s.tp) + " does not divide model." + name + " " + std::to_string(size);
@@ -74,7 +74,7 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
     list->push_back(layers.back());
   }
   head = register_module("head", std::make_shared<HeadStage>(config));
-  std::tie(rope_cos_, rope_sin_) = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta);
+  std::tie(rope_cos_, rope_sin_) = rope_tables(config.max_seq_len, config.rope_dim(), config.rope_theta, config.rope_scaling);
 
   // Shard specs by parameter name, then each rank keeps its shard of the full draw.
   const int64_t hd = config.head_dim, f = config.moe_ffn_hidden_size;
@@ -87,6 +87,10 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
       spec = {0, {config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd}, -1};
     } else if (ends_with(name, "attention.wo")) {
       spec.tp_dim = 1;
+    } else if (ends_with(name, "attention.wq") || ends_with(name, "attention.wq_b") || ends_with(name, "attention.wkv_b")) {
+      spec.tp_dim = 0;  // MLA's per-head projections: rows head by head
+    } else if (ends_with(name, "attention.wq_a") || ends_with(name, "attention.wkv_a") || ends_with(name, "a_norm.weight")) {
+      spec.tp_partial_grad = parallel_.mesh.shape().tp > 1;  // MLA's replicated latent projections
     } else if (ends_with(name, "moe.w13")) {
       spec = {2, {f, f}, 0};
     } else if (ends_with(name, "moe.w2")) {

@@ -1,5 +1,7 @@
 #include "moe/model_config.h"
 
+#include <cmath>
+
 namespace fmoe::moe {
 namespace {
 
@@ -56,16 +58,37 @@ std::string ModelConfig::validate() const {
     }
     if (q_lora_rank < 0) return "q_lora_rank: must be >= 0";
   }
-  if (mtp_layers < 0) return "mtp_layers: must be >= 0";
+  if (mtp_depth < 0) return "mtp_depth: must be >= 0";
+  if (!(mtp_loss_weight >= 0)) return "mtp_loss_weight: must be >= 0";
+  if (rope_scaling.type != "none" && rope_scaling.type != "yarn") {
+    return "rope_scaling.type: must be none or yarn, got '" + rope_scaling.type + "'";
+  }
+  if (rope_scaling.yarn()) {
+    if (!(rope_scaling.factor >= 1)) return "rope_scaling.factor: must be >= 1";
+    if (rope_scaling.original_max_position_embeddings < 1) return "rope_scaling.original_max_position_embeddings: must be >= 1";
+    if (!(rope_scaling.beta_fast > 0) || !(rope_scaling.beta_slow > 0)) return "rope_scaling.beta_fast: beta_fast and beta_slow must be > 0";
+    if (!(rope_scaling.mscale >= 0) || !(rope_scaling.mscale_all_dim >= 0)) return "rope_scaling.mscale: mscale and mscale_all_dim must be >= 0";
+  }
+  if (rope_dim() % 2 != 0) return std::string(is_mla() ? "qk_rope_head_dim" : "head_dim") + ": must be even (rotary pairs)";
   if (rope_theta <= 0) return "rope_theta: must be > 0";
   if (norm_eps <= 0) return "norm_eps: must be > 0";
   if (init_std <= 0) return "init_std: must be > 0";
   return "";
 }
 
+double yarn_mscale(double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; }
+
+double ModelConfig::softmax_scale() const {
+  double scale = 1.0 / std::sqrt(static_cast<double>(qk_head_dim()));
+  if (is_mla() && rope_scaling.yarn() && rope_scaling.mscale_all_dim > 0) {
+    const double m = yarn_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim);
+    scale *= m * m;
+  }
+  return scale;
+}
+
 std::string ModelConfig::trainer_support() const {
-  if (is_mla()) return "attention: mla is not implemented by the trainer yet (moe-plan accepts it)";
-  if (mtp_layers > 0) return "mtp_layers: multi-token prediction is not implemented by the trainer yet (moe-plan accepts it)";
+  if (mtp_depth > 0) return "mtp_depth: multi-token prediction is not implemented by the trainer yet (moe-plan accepts it)";
   if (attention_bias) return "attention_bias: not implemented by the trainer yet (moe-plan accepts it)";
   if (shared_expert_gate) return "shared_expert_gate: not implemented by the trainer yet (moe-plan accepts it)";
   return "";
@@ -132,11 +155,11 @@ ParameterCounts count_parameters(const ModelConfig& c) {
   p.total = p.embedding + p.head + p.attention + p.norms + p.dense_ffn + p.router + p.shared_experts + p.routed_experts;
   p.activated = p.total - p.routed_experts + routed_activated;
   p.activated_non_embedding = p.activated - p.embedding - p.head;
-  if (c.mtp_layers > 0) {
+  if (c.mtp_depth > 0) {
     // DeepSeek-V3's MTP module: two norms, a [2D -> D] projection and one (MoE) layer;
     // it shares the embedding and the head with the main model.
     const LayerParameters l = layer_parameters(c, c.num_moe_layers() > 0);
-    p.mtp = c.mtp_layers * (2 * d + 2 * d * d + l.attention + l.norms + l.dense_ffn + l.router + l.shared + l.routed);
+    p.mtp = c.mtp_depth * (2 * d + 2 * d * d + l.attention + l.norms + l.dense_ffn + l.router + l.shared + l.routed);
   }
   return p;
 }
@@ -151,14 +174,14 @@ double training_flops_per_token(const ModelConfig& c, int64_t seq_len) {
   const double attention_per_layer = 3.0 * 2.0 * static_cast<double>(seq_len) *
                                      static_cast<double>(c.num_heads * (c.qk_head_dim() + c.value_head_dim())) / 2.0;
   double flops = 6.0 * matmul_params + attention_per_layer * static_cast<double>(c.num_layers);
-  if (c.mtp_layers > 0) {
+  if (c.mtp_depth > 0) {
     const int64_t d = c.hidden_size;
     const bool moe = c.num_moe_layers() > 0;
     const double expert = 3.0 * d * c.moe_ffn_hidden_size;
     const double layer_matmul = attention_parameters(c) +
                                 (moe ? c.num_experts * d + (c.top_k + c.num_shared_experts) * expert : 3.0 * d * c.ffn_hidden_size);
     // Per module: the projection, one layer, its attention core and one more logits GEMM.
-    flops += c.mtp_layers * (6.0 * (2.0 * d * d + layer_matmul + static_cast<double>(p.head)) + attention_per_layer);
+    flops += c.mtp_depth * (6.0 * (2.0 * d * d + layer_matmul + static_cast<double>(p.head)) + attention_per_layer);
   }
   return flops;
 }

@@ -10,6 +10,26 @@ namespace fmoe::moe {
 
 enum class ScoreFunction { kSoftmax, kSigmoid };
 
+// Rotary scaling for context extension. YaRN (as DeepSeek-V3 uses it): the
+// rotary frequencies interpolated by `factor` below the correction range set by
+// beta_fast / beta_slow rotations over original_max_position_embeddings,
+// extrapolated above it; cos/sin scaled by yarn_mscale(factor, mscale) /
+// yarn_mscale(factor, mscale_all_dim) and, under MLA, the softmax scale by
+// yarn_mscale(factor, mscale_all_dim)^2 (mscale_all_dim 0: neither).
+struct RopeScaling {
+  std::string type = "none";  // none | yarn
+  double factor = 1.0;
+  int64_t original_max_position_embeddings = 4096;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+  bool yarn() const { return type == "yarn"; }
+};
+
+// 0.1 m ln(scale) + 1 for scale > 1, else 1 (YaRN's attention temperature).
+double yarn_mscale(double scale, double m);
+
 struct ModelConfig {
   int64_t vocab_size = 8192;
   int64_t hidden_size = 256;
@@ -21,6 +41,7 @@ struct ModelConfig {
   int64_t first_k_dense = 1;           // the first k layers are dense, the rest MoE
   int64_t max_seq_len = 256;
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
   double norm_eps = 1e-6;
   double init_std = 0.02;
 
@@ -42,15 +63,19 @@ struct ModelConfig {
   // the rest are dropped (they contribute nothing; the shared experts still run).
   double capacity_factor = 0.0;
 
-  // Shapes the planner understands before the trainer implements them
-  // (MoEModel refuses a config that sets them).
   std::string attention = "mha";       // mha (MHA / GQA) | mla (multi-head latent attention)
   int64_t q_lora_rank = 0;             // mla: query down-projection rank; 0 = full-rank query
   int64_t kv_lora_rank = 512;          // mla: compressed key/value rank
   int64_t qk_nope_head_dim = 128;      // mla: per-head query/key dims without rotary
   int64_t qk_rope_head_dim = 64;       // mla: per-head rotary dims (the key's are shared)
   int64_t v_head_dim = 128;            // mla: per-head value dims
-  int64_t mtp_layers = 0;              // multi-token-prediction modules (DeepSeek-V3: 1)
+  // Multi-token prediction (DeepSeek-V3): D sequential modules, module k
+  // predicting the token k + 1 ahead; the loss adds mtp_loss_weight / D x the
+  // sum of their cross-entropies.
+  int64_t mtp_depth = 0;
+  double mtp_loss_weight = 0.1;
+  // Shapes the planner understands before the trainer implements them
+  // (MoEModel refuses a config that sets them).
   bool attention_bias = false;         // biases on the query/key/value projections (Qwen2)
   bool shared_expert_gate = false;     // a sigmoid gate on the shared experts' output (Qwen2)
 
@@ -61,6 +86,10 @@ struct ModelConfig {
   // Per-head query/key and value widths of the attention core.
   int64_t qk_head_dim() const { return is_mla() ? qk_nope_head_dim + qk_rope_head_dim : head_dim; }
   int64_t value_head_dim() const { return is_mla() ? v_head_dim : head_dim; }
+  // Width of the rotary part of a query/key head.
+  int64_t rope_dim() const { return is_mla() ? qk_rope_head_dim : head_dim; }
+  // The attention's softmax scale: qk_head_dim^-1/2, times YaRN's mscale^2 under MLA.
+  double softmax_scale() const;
   // Empty when MoEModel can build this config, else "field: why".
   std::string trainer_support() const;
   bool is_moe_layer(int64_t layer) const { return layer >= first_k_dense; }

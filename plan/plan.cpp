@@ -263,7 +263,7 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
 
   // ---- memory per GPU (the busiest pipeline stage)
   const double moe_layers = static_cast<double>(std::max<int64_t>(1, m.num_moe_layers()));
-  const double expert_total = static_cast<double>(counts.routed_experts) * (1.0 + m.mtp_layers / moe_layers);
+  const double expert_total = static_cast<double>(counts.routed_experts) * (1.0 + m.mtp_depth / moe_layers);
   const double dense_total = p.params_total - expert_total;
   const double dense_local = dense_total / static_cast<double>(layout.tp * layout.pp);
   const double expert_local = expert_total / static_cast<double>(layout.ep * layout.pp);

@@ -15,6 +15,17 @@ namespace {
 
 // One description of every field, walked by the reader and the writer alike.
 template <class V>
+void visit(V& v, moe::RopeScaling& c) {
+  v.field("type", c.type);
+  v.field("factor", c.factor);
+  v.field("original_max_position_embeddings", c.original_max_position_embeddings);
+  v.field("beta_fast", c.beta_fast);
+  v.field("beta_slow", c.beta_slow);
+  v.field("mscale", c.mscale);
+  v.field("mscale_all_dim", c.mscale_all_dim);
+}
+
+template <class V>
 void visit(V& v, moe::ModelConfig& c) {
   v.field("vocab_size", c.vocab_size);
   v.field("hidden_size", c.hidden_size);
@@ -26,6 +37,7 @@ void visit(V& v, moe::ModelConfig& c) {
   v.field("first_k_dense", c.first_k_dense);
   v.field("max_seq_len", c.max_seq_len);
   v.field("rope_theta", c.rope_theta);
+  v.section("rope_scaling", c.rope_scaling);
   v.field("norm_eps", c.norm_eps);
   v.field("init_std", c.init_std);
   v.field("num_experts", c.num_experts);
@@ -47,7 +59,8 @@ void visit(V& v, moe::ModelConfig& c) {
   v.field("qk_nope_head_dim", c.qk_nope_head_dim);
   v.field("qk_rope_head_dim", c.qk_rope_head_dim);
   v.field("v_head_dim", c.v_head_dim);
-  v.field("mtp_layers", c.mtp_layers);
+  v.field("mtp_depth", c.mtp_depth);
+  v.field("mtp_loss_weight", c.mtp_loss_weight);
   v.field("attention_bias", c.attention_bias);
   v.field("shared_expert_gate", c.shared_expert_gate);
 }

@@ -20,8 +20,20 @@ namespace {
 using namespace fmoe;
 using fmoe::testing::world;
 
-moe::ModelConfig micro_config() {
+moe::ModelConfig micro_config(bool mla = false) {
   moe::ModelConfig c;
+  if (mla) {  // multi-head latent attention with a query latent and YaRN
+    c.attention = "mla";
+    c.q_lora_rank = 16;
+    c.kv_lora_rank = 12;
+    c.qk_nope_head_dim = 8;
+    c.qk_rope_head_dim = 4;
+    c.v_head_dim = 6;
+    c.rope_scaling.type = "yarn";
+    c.rope_scaling.factor = 4;
+    c.rope_scaling.original_max_position_embeddings = 8;
+    c.rope_scaling.mscale_all_dim = 1;
+  }
   c.vocab_size = 128;
   c.hidden_size = 32;
   c.num_layers = 3;
@@ -60,13 +72,16 @@ struct Layout {
   parallel::MeshShape shape;
   const char* name;
   bool sequence_parallel = false;
+  bool mla = false;
 };
 
 std::vector<Layout> layouts_for(int64_t n) {
   std::vector<Layout> all = {{{2, 1, 1, 1}, "dp2"},          {{1, 1, 2, 1}, "tp2"},          {{2, 1, 1, 2}, "dp2+ep2"},
                              {{4, 1, 1, 4}, "dp4+ep4"},      {{4, 1, 1, 2}, "dp4+ep2"},      {{2, 1, 2, 2}, "dp2xtp2+ep2"},
                              {{4, 1, 2, 4}, "dp4xtp2+ep4"},  {{1, 1, 2, 1}, "tp2 sp", true},
-                             {{2, 1, 2, 2}, "dp2xtp2+ep2 sp", true}, {{4, 1, 2, 4}, "dp4xtp2+ep4 sp", true}};
+                             {{2, 1, 2, 2}, "dp2xtp2+ep2 sp", true}, {{4, 1, 2, 4}, "dp4xtp2+ep4 sp", true},
+                             {{1, 1, 2, 1}, "tp2 mla", false, true}, {{2, 1, 2, 2}, "dp2xtp2+ep2 sp mla", true, true},
+                             {{4, 1, 2, 4}, "dp4xtp2+ep4 sp mla", true, true}};
   std::vector<Layout> fitting;
   for (const Layout& l : all) {
     if (l.shape.world_size() == n) fitting.push_back(l);
@@ -125,9 +140,9 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     const int64_t dp = layout.shape.dp;
 
     at::manual_seed(7);
-    auto reference = std::make_shared<moe::MoEModel>(micro_config());
+    auto reference = std::make_shared<moe::MoEModel>(micro_config(layout.mla));
     at::manual_seed(7);
-    auto sharded = std::make_shared<moe::MoEModel>(micro_config(), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
+    auto sharded = std::make_shared<moe::MoEModel>(micro_config(layout.mla), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
     trainer::AdamW reference_opt(named(*reference), optimizer_config());
 
     std::vector<at::Tensor> dense, experts, grads_of, partial;

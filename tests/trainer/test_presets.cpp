@@ -51,7 +51,7 @@ double megatron_flops_per_token(const ModelConfig& m, int64_t seq, bool with_mtp
   const double layers = m.num_layers * attention + m.first_k_dense * dense_mlp + (m.num_layers - m.first_k_dense) * moe_mlp;
   const double logits = d * m.vocab_size;
   double per_token = layers + logits;
-  if (with_mtp) per_token += m.mtp_layers * (2 * d * d + attention + moe_mlp + logits);
+  if (with_mtp) per_token += m.mtp_depth * (2 * d * d + attention + moe_mlp + logits);
   return 3 * 2 * per_token;
 }
 
@@ -60,7 +60,7 @@ TEST(Presets, DeepSeekV3FlopsPerTokenMatchMegatronAccounting) {
   const double with_mtp = fmoe::moe::training_flops_per_token(v3, 4096);
   EXPECT_LE(std::abs(with_mtp - megatron_flops_per_token(v3, 4096, true)) / with_mtp, 0.02);
   EXPECT_NEAR(with_mtp / 1e9, 260, 260 * 0.03);
-  v3.mtp_layers = 0;
+  v3.mtp_depth = 0;
   const double without = fmoe::moe::training_flops_per_token(v3, 4096);
   EXPECT_LE(std::abs(without - megatron_flops_per_token(v3, 4096, false)) / without, 0.02);
   EXPECT_NEAR(without / 1e9, 250, 250 * 0.03);
