@@ -206,6 +206,7 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
   // The router runs in fp32: its scores decide discrete choices.
   const at::Tensor logits = deferrable_linear(h.to(at::kFloat), router_weight);
   const Routing routing = route(logits, expert_bias, router_options_);
+  last_experts_TK = routing.experts_TK;
   const ExpertCompute experts = [&](const at::Tensor& x, const std::vector<int64_t>& rows) {
     if (ctx.fp8) return grouped_swiglu(x, w13, w2, rows, /*fp8=*/true);
     if (ctx.grouped_mm) {

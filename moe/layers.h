@@ -126,6 +126,7 @@ class MoELayer : public torch::nn::Module {
   at::Tensor w2;             // [E, F, D]
   at::Tensor expert_bias;    // buffer, fp32 [E]
   at::Tensor step_load;      // buffer, int64 [E]: tokens routed per expert since the last reset
+  at::Tensor last_experts_TK;  // the experts the last forward chose per token (not a buffer)
   std::shared_ptr<DenseFFN> shared;  // null without shared experts
 
  private:

@@ -173,6 +173,28 @@ StageOutput MoEModel::forward_stage(const PipelineStage& stage, const at::Tensor
   return out;
 }
 
+at::Tensor MoEModel::logits(const at::Tensor& tokens_BT, at::ScalarType compute_dtype) {
+  if (parallel_.mesh.shape().world_size() > 1) throw std::invalid_argument("MoEModel::logits: a single-process model only");
+  if (tokens_BT.size(1) > config_.max_seq_len) {
+    throw std::invalid_argument("sequence length " + std::to_string(tokens_BT.size(1)) + " exceeds model.max_seq_len " +
+                                std::to_string(config_.max_seq_len));
+  }
+  torch::NoGradGuard no_grad;
+  ForwardContext ctx;
+  ctx.compute_dtype = compute_dtype;
+  ctx.batch = tokens_BT.size(0);
+  ctx.seq_len = tokens_BT.size(1);
+  ctx.rope_cos_TH = rope_cos_.narrow(0, 0, ctx.seq_len).to(tokens_BT.device());
+  ctx.rope_sin_TH = rope_sin_.narrow(0, 0, ctx.seq_len).to(tokens_BT.device());
+  ctx.aux_loss = at::zeros({}, tokens_BT.options().dtype(at::kFloat));
+  ctx.z_loss = ctx.aux_loss.clone();
+  ctx.parallel = &parallel_;
+  at::Tensor x = embedding->forward(tokens_BT, parallel_);
+  for (const auto& layer : layers) x = layer->forward(x, ctx);
+  const at::Tensor logits = deferrable_linear(head->norm->forward(x, compute_dtype), head->weight.to(compute_dtype));
+  return logits.to(at::kFloat).view({ctx.batch, ctx.seq_len, -1});
+}
+
 std::vector<std::shared_ptr<MoELayer>> MoEModel::moe_layers() const {
   std::vector<std::shared_ptr<MoELayer>> result;
   for (const auto& layer : layers) {

@@ -73,6 +73,10 @@ class MoEModel : public torch::nn::Module {
                             at::ScalarType compute_dtype, bool fp8 = false);
   // The whole model as one stage.
   PipelineStage whole_model_stage() const;
+  // Next-token logits at every position, FP32 [B, T, V], without a graph (a
+  // single-process model: conversion and inspection). Each MoE layer keeps the
+  // experts it chose in last_experts_TK.
+  at::Tensor logits(const at::Tensor& tokens_BT, at::ScalarType compute_dtype = at::kFloat);
 
   const ModelConfig& config() const { return config_; }
   const Parallelism& parallelism() const { return parallel_; }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what FrugalMoE builds against, and only what is missing:
-# LibTorch through PyPI's torch==2.11.0 wheel, everything else from Debian.
+# LibTorch through PyPI's torch==2.11.0 wheel (and transformers + safetensors for the
+# Hugging Face parity test), everything else from Debian.
 # The CUDA toolkit (/usr/local/cuda: nvcc 13, NCCL, cuBLASLt) is expected to be there already.
 set -euo pipefail
 
@@ -24,6 +25,13 @@ if python3 -c 'import torch, sys; sys.exit(0 if torch.__version__.split("+")[0] 
 else
   echo "setup: installing torch==2.11.0 from PyPI (its bundled LibTorch is what we link)"
   python3 -m pip install --quiet torch==2.11.0
+fi
+# For the Hugging Face parity test (tests/e2e/hf_checkpoints.sh): transformers builds the reference models.
+if python3 -c 'import transformers, safetensors, sys; sys.exit(0 if transformers.__version__ == "5.24.0" else 1)' 2>/dev/null; then
+  echo "setup: transformers 5.24.0 present"
+else
+  echo "setup: installing transformers==5.24.0 and safetensors==0.8.0 from PyPI"
+  python3 -m pip install --quiet transformers==5.24.0 safetensors==0.8.0 || echo "setup: could not install transformers (the Hugging Face parity test will skip)"
 fi
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "setup: CUDA toolkit found at /usr/local/cuda (the CUDA path will be built)"

@@ -79,6 +79,11 @@ struct TrainingConfig {
   int64_t checkpoint_interval = 200;  // 0: only at the end
   int64_t keep_checkpoints = 2;
   std::string run_dir = "runs/tiny";
+  // A checkpoint directory, or a run directory (its latest checkpoint), whose
+  // model weights and expert biases a fresh run starts from (a fine-tune, or a
+  // model imported by moe-convert); step, optimizer and data start anew. Any
+  // layout. A run resumed with --resume continues from its own checkpoint instead.
+  std::string init_from;
   std::string recompute = "none";    // none | selective | full (priced by moe-plan; moe-train keeps all activations)
   std::string validate() const;
 };

@@ -140,6 +140,29 @@ struct Trainer::Impl {
 
   void restore(const std::string& directory) {
     const CheckpointContents contents = load_checkpoint(directory);
+    load_model_weights(directory, contents);
+    if (options.eval_only) {  // the weights are all validation needs, under any layout
+      state = contents.state;
+      log("loaded the model of " + directory + " (step " + std::to_string(state.step) + ") for validation");
+      return;
+    }
+    restore_optimizer(directory, contents);
+  }
+
+  // training.init_from: a checkpoint's (or a run's latest) weights, nothing else.
+  void initialize_from(const std::string& path) {
+    std::string directory = path;
+    if (!std::filesystem::exists(path + "/trainer_state.json")) {
+      const auto latest = latest_checkpoint(path);
+      if (!latest) throw ConfigError("training.init_from: " + path + " is neither a checkpoint nor a run directory with checkpoints/latest");
+      directory = *latest;
+    }
+    load_model_weights(directory, load_checkpoint(directory));
+    log("initialized the model from " + directory);
+  }
+
+  // The checkpoint's full tensors: each rank takes its shard, whatever layout wrote them.
+  void load_model_weights(const std::string& directory, const CheckpointContents& contents) {
     const std::string model_file = directory + "/model.safetensors";
     torch::NoGradGuard no_grad;
     // The checkpoint holds full tensors: each rank takes its shard, whatever layout wrote it.
@@ -162,11 +185,9 @@ struct Trainer::Impl {
       }
       tensor.copy_(source);
     }
-    if (options.eval_only) {  // the weights are all validation needs, under any layout
-      state = contents.state;
-      log("loaded the model of " + directory + " (step " + std::to_string(state.step) + ") for validation");
-      return;
-    }
+  }
+
+  void restore_optimizer(const std::string& directory, const CheckpointContents& contents) {
     // Optimizer state: one file when every rank holds the same state, else one per rank.
     const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
     const bool written_sharded = contents.checksums.count(rank_state_file(1)) > 0;
@@ -537,6 +558,8 @@ TrainResult Trainer::Impl::run() {
                                (options.eval_only ? "" : "; run without --resume"));
     }
     restore(*latest);
+  } else if (!tc.init_from.empty()) {
+    initialize_from(tc.init_from);
   }
 
   if (options.eval_only) return evaluate_checkpoint();
