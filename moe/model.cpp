@@ -30,8 +30,12 @@ HeadStage::HeadStage(const ModelConfig& c) {
 
 at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT, at::ScalarType compute_dtype,
                              const Parallelism& parallel) {
+  return loss(norm->forward(x, compute_dtype), targets_BT, compute_dtype, parallel);
+}
+
+at::Tensor HeadStage::loss(const at::Tensor& normed, const at::Tensor& targets_BT, at::ScalarType compute_dtype,
+                           const Parallelism& parallel) {
   parallel::Communicator& tp = parallel.tp();
-  const at::Tensor normed = norm->forward(x, compute_dtype);
   const at::Tensor h = parallel.sp() ? parallel::all_gather_along(normed, 0, tp, /*reduce_scatter_grad=*/true)
                                      : parallel::copy_to_group(normed, tp);
   const at::Tensor logits = deferrable_linear(h, weight.to(compute_dtype));
@@ -39,6 +43,14 @@ at::Tensor HeadStage::forward(const at::Tensor& x, const at::Tensor& targets_BT,
   // The loss reduces in FP32 (a BF16 log-softmax would round it to ~3 digits),
   // chunk by chunk, without an FP32 copy of the logits.
   return chunked_cross_entropy(logits, targets_BT.reshape({-1}));
+}
+
+MTPModule::MTPModule(const ModelConfig& c, int64_t layer_index) {
+  embed_norm = register_module("embed_norm", std::make_shared<RMSNorm>(c.hidden_size, c.norm_eps));
+  hidden_norm = register_module("hidden_norm", std::make_shared<RMSNorm>(c.hidden_size, c.norm_eps));
+  proj = register_parameter("proj", at::empty({c.hidden_size, 2 * c.hidden_size}).normal_(0, c.init_std));
+  block = register_module("block", std::make_shared<TransformerLayer>(c, layer_index));
+  norm = register_module("norm", std::make_shared<RMSNorm>(c.hidden_size, c.norm_eps));
 }
 
 namespace {
@@ -74,6 +86,15 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
     list->push_back(layers.back());
   }
   head = register_module("head", std::make_shared<HeadStage>(config));
+  if (config.mtp_depth > 0) {
+    if (parallel_.sp()) throw std::invalid_argument("model.mtp_depth: multi-token prediction under parallel.sequence_parallel is not supported yet");
+    auto modules = register_module("mtp", torch::nn::ModuleList());
+    for (int64_t k = 0; k < config.mtp_depth; ++k) {
+      // Its block is built like a layer past the last one (MoE, as in DeepSeek-V3).
+      mtp.push_back(std::make_shared<MTPModule>(config, config.num_layers + k));
+      modules->push_back(mtp.back());
+    }
+  }
   std::tie(rope_cos_, rope_sin_) = rope_tables(config.max_seq_len, config.rope_dim(), config.rope_theta, config.rope_scaling);
 
   // Shard specs by parameter name, then each rank keeps its shard of the full draw.
@@ -123,7 +144,10 @@ PipelineStage MoEModel::whole_model_stage() const {
 
 ModelOutput MoEModel::forward(const at::Tensor& tokens, at::ScalarType compute_dtype, bool fp8) {
   const StageOutput out = forward_stage(whole_model_stage(), tokens, {}, compute_dtype, fp8);
-  return {out.ce_loss + out.aux_loss + out.z_loss, out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()};
+  at::Tensor loss = out.ce_loss + out.aux_loss + out.z_loss;
+  if (out.mtp_loss.defined()) loss = loss + out.mtp_loss;
+  const at::Tensor mtp_losses = out.mtp_losses.defined() ? out.mtp_losses.detach() : at::zeros({0}, out.ce_loss.options());
+  return {loss, out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach(), mtp_losses};
 }
 
 StageOutput MoEModel::forward_stage(const PipelineStage& stage, const at::Tensor& tokens, const at::Tensor& hidden_in,
@@ -167,10 +191,44 @@ StageOutput MoEModel::forward_stage(const PipelineStage& stage, const at::Tensor
   out.z_loss = ctx.z_loss;
   if (stage.head) {
     out.ce_loss = head->forward(x, tokens.narrow(1, 1, seq_len), compute_dtype, parallel_);
+    if (!mtp.empty()) {
+      add_mtp_losses(out, x, tokens, ctx);
+      out.aux_loss = ctx.aux_loss;  // the MTP blocks' MoE terms too
+      out.z_loss = ctx.z_loss;
+    }
   } else {
     out.hidden = x;
   }
   return out;
+}
+
+void MoEModel::add_mtp_losses(StageOutput& out, const at::Tensor& x, const at::Tensor& tokens, ForwardContext& ctx) {
+  if (embedding->weight.numel() == 0) {
+    throw std::logic_error("model.mtp_depth: the stage with the head needs the embedding on its rank (pp 1, or dualpipev)");
+  }
+  const int64_t b = tokens.size(0), t = tokens.size(1) - 1, depth = static_cast<int64_t>(mtp.size());
+  if (t <= depth) throw std::invalid_argument("model.mtp_depth: " + std::to_string(depth) + " needs sequences longer than that");
+  at::Tensor h = x.view({b, t, -1});  // the previous depth's hidden states
+  std::vector<at::Tensor> losses;
+  for (int64_t k = 1; k <= depth; ++k) {
+    MTPModule& m = *mtp[static_cast<size_t>(k - 1)];
+    const int64_t len = t - k;  // positions i < T - k see token i + k and predict token i + k + 1
+    const at::Tensor emb = embedding->forward(tokens.narrow(1, k, len), parallel_);
+    const at::Tensor prev = h.narrow(1, 0, len).reshape({b * len, -1});
+    const at::Tensor joined = at::cat({m.embed_norm->forward(emb, ctx.compute_dtype), m.hidden_norm->forward(prev, ctx.compute_dtype)}, -1);
+    at::Tensor y = deferrable_linear(joined, m.proj.to(ctx.compute_dtype)).to(at::kFloat);
+    ForwardContext inner = ctx;
+    inner.seq_len = len;
+    inner.rope_cos_TH = ctx.rope_cos_TH.narrow(0, 0, len);
+    inner.rope_sin_TH = ctx.rope_sin_TH.narrow(0, 0, len);
+    y = m.block->forward(y, inner);
+    ctx.aux_loss = inner.aux_loss;
+    ctx.z_loss = inner.z_loss;
+    losses.push_back(head->loss(m.norm->forward(y, ctx.compute_dtype), tokens.narrow(1, k + 1, len), ctx.compute_dtype, parallel_));
+    h = y.view({b, len, -1});
+  }
+  out.mtp_losses = at::stack(losses);
+  out.mtp_loss = out.mtp_losses.sum() * (config_.mtp_loss_weight / static_cast<double>(depth));
 }
 
 at::Tensor MoEModel::logits(const at::Tensor& tokens_BT, at::ScalarType compute_dtype) {
@@ -199,6 +257,9 @@ std::vector<std::shared_ptr<MoELayer>> MoEModel::moe_layers() const {
   std::vector<std::shared_ptr<MoELayer>> result;
   for (const auto& layer : layers) {
     if (layer->moe) result.push_back(layer->moe);
+  }
+  for (const auto& module : mtp) {
+    if (module->block->moe) result.push_back(module->block->moe);
   }
   return result;
 }

@@ -30,8 +30,23 @@ class HeadStage : public torch::nn::Module {
   HeadStage(const ModelConfig& config);
   // Mean next-token cross-entropy (natural log) over all positions, in fp32.
   at::Tensor forward(const at::Tensor& x_ND, const at::Tensor& targets_BT, at::ScalarType compute_dtype, const Parallelism& parallel);
+  // The same from an already normed hidden state (the MTP modules' own norms).
+  at::Tensor loss(const at::Tensor& normed_ND, const at::Tensor& targets_BT, at::ScalarType compute_dtype, const Parallelism& parallel);
   std::shared_ptr<RMSNorm> norm;
   at::Tensor weight;  // [V, D], untied from the embedding
+};
+
+// One multi-token-prediction module (DeepSeek-V3): module k combines the
+// previous depth's hidden state at position i with the embedding of token
+// i + k, h' = proj [norm(Emb(t_i+k)); norm(h_i)] (the order of DeepSeek's
+// checkpoints), runs one transformer block over the shortened sequence and
+// predicts token i + k + 1 through its own final norm and the shared head.
+class MTPModule : public torch::nn::Module {
+ public:
+  MTPModule(const ModelConfig& config, int64_t layer_index);
+  std::shared_ptr<RMSNorm> embed_norm, hidden_norm, norm;
+  at::Tensor proj;  // [D, 2D]
+  std::shared_ptr<TransformerLayer> block;
 };
 
 // One pipeline stage's forward: the hidden state it hands to the next stage
@@ -44,6 +59,10 @@ struct StageOutput {
   at::Tensor ce_loss;    // the head's cross-entropy (attached); undefined elsewhere
   at::Tensor aux_loss;   // attached, FP32 scalars (zero when the stage has no MoE layer)
   at::Tensor z_loss;
+  // On the stage with the head, with model.mtp_depth > 0: each depth's
+  // cross-entropy (FP32 [D], attached); their weighted mean is in mtp_loss.
+  at::Tensor mtp_losses;
+  at::Tensor mtp_loss;   // mtp_loss_weight / D x their sum (attached), or undefined
 };
 
 struct ModelOutput {
@@ -51,6 +70,7 @@ struct ModelOutput {
   at::Tensor ce_loss;     // detached, for logging
   at::Tensor aux_loss;    // detached
   at::Tensor z_loss;      // detached
+  at::Tensor mtp_losses;  // detached FP32 [mtp_depth] (empty without MTP)
 };
 
 class MoEModel : public torch::nn::Module {
@@ -61,7 +81,9 @@ class MoEModel : public torch::nn::Module {
   // std::invalid_argument naming the degree that does not divide a model size.
   explicit MoEModel(const ModelConfig& config, Parallelism parallel = {});
 
-  // tokens_BT1: int64 [B, T + 1]; inputs are [:, :-1], targets [:, 1:].
+  // tokens_BT1: int64 [B, T + 1]; inputs are [:, :-1], targets [:, 1:]. The
+  // loss adds the MoE aux and z losses and, with MTP, mtp_loss_weight / D x the
+  // MTP modules' losses.
   // fp8: E4M3 GEMMs for the attention projections, FFNs and experts (see ForwardContext).
   ModelOutput forward(const at::Tensor& tokens_BT1, at::ScalarType compute_dtype, bool fp8 = false);
 
@@ -90,8 +112,11 @@ class MoEModel : public torch::nn::Module {
   std::shared_ptr<EmbeddingStage> embedding;
   std::vector<std::shared_ptr<TransformerLayer>> layers;
   std::shared_ptr<HeadStage> head;
+  std::vector<std::shared_ptr<MTPModule>> mtp;  // model.mtp_depth modules, with the head
 
  private:
+  // The MTP modules' losses from the main model's last hidden state.
+  void add_mtp_losses(StageOutput& out, const at::Tensor& x_ND, const at::Tensor& tokens_BT1, ForwardContext& ctx);
   ModelConfig config_;
   Parallelism parallel_;
   std::map<std::string, parallel::ShardSpec> specs_;

@@ -88,7 +88,6 @@ double ModelConfig::softmax_scale() const {
 }
 
 std::string ModelConfig::trainer_support() const {
-  if (mtp_depth > 0) return "mtp_depth: multi-token prediction is not implemented by the trainer yet (moe-plan accepts it)";
   if (attention_bias) return "attention_bias: not implemented by the trainer yet (moe-plan accepts it)";
   if (shared_expert_gate) return "shared_expert_gate: not implemented by the trainer yet (moe-plan accepts it)";
   return "";
@@ -159,7 +158,8 @@ ParameterCounts count_parameters(const ModelConfig& c) {
     // DeepSeek-V3's MTP module: two norms, a [2D -> D] projection and one (MoE) layer;
     // it shares the embedding and the head with the main model.
     const LayerParameters l = layer_parameters(c, c.num_moe_layers() > 0);
-    p.mtp = c.mtp_depth * (2 * d + 2 * d * d + l.attention + l.norms + l.dense_ffn + l.router + l.shared + l.routed);
+    // Per module: the embedding's and hidden state's norms, the projection, one block, its final norm.
+    p.mtp = c.mtp_depth * (3 * d + 2 * d * d + l.attention + l.norms + l.dense_ffn + l.router + l.shared + l.routed);
   }
   return p;
 }

@@ -27,7 +27,11 @@ PipelineStages::PipelineStages(const Config& config, const parallel::MeshShape& 
     const int owner = placement_.at(static_cast<size_t>(s));
     for (int64_t l = st.first_layer; l < st.first_layer + st.num_layers; ++l) owner_["layers." + std::to_string(l) + "."] = owner;
     if (st.embedding) owner_["embedding."] = owner;
-    if (st.head) owner_["head."] = owner;
+    if (st.head) owner_["head."] = owner, owner_["mtp."] = owner;
+  }
+  if (config.model.mtp_depth > 0 && owner_.at("head.") != owner_.at("embedding.")) {
+    throw ConfigError("model.mtp_depth: multi-token prediction needs the embedding on the head's rank; with pp > 1 use "
+                      "parallel.pipeline_schedule: dualpipev (its first rank holds both)");
   }
 }
 

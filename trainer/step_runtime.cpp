@@ -17,8 +17,11 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-at::Tensor stage_losses(const moe::StageOutput& out, const at::Tensor& zero) {
-  return at::stack({out.ce_loss.defined() ? out.ce_loss.detach() : zero, out.aux_loss.detach(), out.z_loss.detach()}).to(at::kDouble);
+// [cross-entropy, aux, z, MTP depth 1..D] of one stage's forward (zeros for what it does not hold).
+at::Tensor stage_losses(const moe::StageOutput& out, const at::Tensor& zero, int64_t mtp_depth) {
+  const at::Tensor main = at::stack({out.ce_loss.defined() ? out.ce_loss.detach() : zero, out.aux_loss.detach(), out.z_loss.detach()});
+  const at::Tensor mtp = out.mtp_losses.defined() ? out.mtp_losses.detach() : zero.expand({mtp_depth});
+  return at::cat({main, mtp}).to(at::kDouble);
 }
 
 }  // namespace
@@ -54,7 +57,7 @@ StepTotals StepRuntime::run(const StepHooks& hooks, at::ScalarType compute_dtype
         const auto compute = std::chrono::steady_clock::now();
         (out.loss / micro_batches).backward();
         totals.backward_seconds += seconds_since(compute);
-        const at::Tensor these = at::stack({out.ce_loss, out.aux_loss, out.z_loss}).to(at::kDouble);
+        const at::Tensor these = at::cat({at::stack({out.ce_loss, out.aux_loss, out.z_loss}), out.mtp_losses}).to(at::kDouble);
         totals.losses = totals.losses.defined() ? totals.losses + these : these;
         break;
       }
@@ -138,7 +141,8 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
   std::vector<std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> sends;  // kept until they complete
   StepTotals totals;
   const at::Tensor zero = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(pipeline_.device));
-  totals.losses = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(pipeline_.device));
+  const int64_t mtp_depth = model_.config().mtp_depth;
+  totals.losses = at::zeros({3 + mtp_depth}, at::TensorOptions().dtype(at::kDouble).device(pipeline_.device));
   // The gradient buckets arm before the last action that produces gradients: a B,
   // or under a split schedule the last W (the input-gradient halves come earlier).
   int gradient_actions_left = 0;
@@ -157,7 +161,8 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
       if (split) defer.emplace(deferred[key]);
       const at::Tensor extra = (out.aux_loss + out.z_loss) * scale;  // this stage's own loss terms
       if (out.ce_loss.defined()) {
-        (out.ce_loss * scale + extra).backward();
+        const at::Tensor head_loss = out.mtp_loss.defined() ? out.ce_loss + out.mtp_loss : out.ce_loss;
+        (head_loss * scale + extra).backward();
       } else {
         std::vector<at::Tensor> roots{out.hidden}, grads{received.at(key)};
         if (extra.requires_grad()) roots.push_back(extra), grads.push_back(at::ones_like(extra));
@@ -166,7 +171,7 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
       }
     }
     totals.backward_seconds += seconds_since(compute);
-    totals.losses += stage_losses(out, zero);
+    totals.losses += stage_losses(out, zero, mtp_depth);
     f.output = {};  // the stage's activations go back now
     const int s = key.first;
     if (f.input.defined() && rank_of(s - 1) == rank) {

@@ -31,8 +31,9 @@ struct StepHooks {
 };
 
 struct StepTotals {
-  // FP64 [3] on the device: cross-entropy, aux and z losses summed over
-  // micro-batches, of this rank's stages (the cross-entropy on the head's rank).
+  // FP64 [3 + mtp_depth] on the device: cross-entropy, aux and z losses and each
+  // MTP depth's cross-entropy, summed over micro-batches, of this rank's stages
+  // (the cross-entropies on the head's rank).
   at::Tensor losses;
   double data_seconds = 0;  // spent making batches
   // Host time in this rank's forwards and backwards (on a GPU: to queue them);

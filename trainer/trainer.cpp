@@ -704,7 +704,8 @@ TrainResult Trainer::Impl::run() {
     readback.add(grad_norm);
     for (const auto& load : loads) readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean()}));
     const std::vector<double> scalars = readback.read();
-    const double loss = scalars[0], grad_norm_value = scalars[3];
+    const size_t mtp_depth = static_cast<size_t>(cfg.model.mtp_depth);
+    const double loss = scalars[0], grad_norm_value = scalars[3 + mtp_depth];
     state.step = step + 1;
     state.tokens_seen += tokens_per_step;
     const double step_seconds = device.is_cpu() ? seconds_since(step_start) : timer.seconds();
@@ -783,10 +784,11 @@ TrainResult Trainer::Impl::run() {
       }
       if (budget.usd_per_gpu_hour > 0) line["usd"] = usd();
       if (record.val_loss >= 0) line["val_loss"] = record.val_loss;
+      if (mtp_depth > 0) line["mtp_loss"] = std::vector<double>(scalars.begin() + 3, scalars.begin() + 3 + static_cast<long>(mtp_depth));
       nlohmann::json max_load = nlohmann::json::array(), mean_load = nlohmann::json::array();
       for (size_t i = 0; i < loads.size(); ++i) {
-        max_load.push_back(scalars[4 + 2 * i]);
-        mean_load.push_back(scalars[5 + 2 * i]);
+        max_load.push_back(scalars[4 + mtp_depth + 2 * i]);
+        mean_load.push_back(scalars[5 + mtp_depth + 2 * i]);
       }
       line["state_bytes_per_param"] = state_bytes.training_state();
       line["memory_bytes_per_param"] = {{"weights", state_bytes.weights},       {"master", state_bytes.master},

@@ -20,8 +20,9 @@ namespace {
 using namespace fmoe;
 using fmoe::testing::world;
 
-moe::ModelConfig micro_config(bool mla = false) {
+moe::ModelConfig micro_config(bool mla = false, bool mtp = false) {
   moe::ModelConfig c;
+  c.mtp_depth = mtp ? 1 : 0;  // multi-token prediction (not under sequence parallelism)
   if (mla) {  // multi-head latent attention with a query latent and YaRN
     c.attention = "mla";
     c.q_lora_rank = 16;
@@ -80,7 +81,7 @@ std::vector<Layout> layouts_for(int64_t n) {
                              {{4, 1, 1, 4}, "dp4+ep4"},      {{4, 1, 1, 2}, "dp4+ep2"},      {{2, 1, 2, 2}, "dp2xtp2+ep2"},
                              {{4, 1, 2, 4}, "dp4xtp2+ep4"},  {{1, 1, 2, 1}, "tp2 sp", true},
                              {{2, 1, 2, 2}, "dp2xtp2+ep2 sp", true}, {{4, 1, 2, 4}, "dp4xtp2+ep4 sp", true},
-                             {{1, 1, 2, 1}, "tp2 mla", false, true}, {{2, 1, 2, 2}, "dp2xtp2+ep2 sp mla", true, true},
+                             {{1, 1, 2, 1}, "tp2 mla mtp", false, true}, {{2, 1, 2, 2}, "dp2xtp2+ep2 sp mla", true, true},
                              {{4, 1, 2, 4}, "dp4xtp2+ep4 sp mla", true, true}};
   std::vector<Layout> fitting;
   for (const Layout& l : all) {
@@ -140,9 +141,10 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     const int64_t dp = layout.shape.dp;
 
     at::manual_seed(7);
-    auto reference = std::make_shared<moe::MoEModel>(micro_config(layout.mla));
+    const bool mtp = layout.mla && !layout.sequence_parallel;
+    auto reference = std::make_shared<moe::MoEModel>(micro_config(layout.mla, mtp));
     at::manual_seed(7);
-    auto sharded = std::make_shared<moe::MoEModel>(micro_config(layout.mla), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
+    auto sharded = std::make_shared<moe::MoEModel>(micro_config(layout.mla, mtp), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
     trainer::AdamW reference_opt(named(*reference), optimizer_config());
 
     std::vector<at::Tensor> dense, experts, grads_of, partial;
