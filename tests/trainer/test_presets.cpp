@@ -1,8 +1,11 @@
 // The published presets: parameter counts from the config alone against the
 // publishers' figures, and DeepSeek-V3's training FLOPs against Megatron-LM's
-// formula written out here independently. Runs with the source tree as cwd.
+// formula written out here independently; every preset the trainer implements
+// built at reduced width, its modules' sizes against the counts. Runs with the
+// source tree as cwd.
 #include <gtest/gtest.h>
 
+#include "moe/model.h"
 #include "moe/model_config.h"
 #include "trainer/config.h"
 
@@ -66,10 +69,49 @@ TEST(Presets, DeepSeekV3FlopsPerTokenMatchMegatronAccounting) {
   EXPECT_NEAR(without / 1e9, 250, 250 * 0.03);
 }
 
-TEST(Presets, TrainerRefusesShapesItDoesNotImplement) {
-  EXPECT_EQ(preset("deepseek-v3").trainer_support().rfind("attention: mla", 0), 0u);
+TEST(Presets, TrainerBuildsEveryPresetItImplementsAndRefusesTheRest) {
+  for (const char* name : {"deepseek-v3", "deepseek-v2", "deepseek-v2-lite", "mixtral-8x7b"}) EXPECT_EQ(preset(name).trainer_support(), "") << name;
   EXPECT_EQ(preset("qwen2-57b-a14b").trainer_support().rfind("attention_bias", 0), 0u);
-  EXPECT_EQ(preset("mixtral-8x7b").trainer_support(), "");
+}
+
+// A preset at reduced width and depth (every dimension divided, the structure
+// kept: MLA ranks, experts, groups, MTP): small enough to build.
+ModelConfig reduced(ModelConfig c) {
+  c.hidden_size /= 32;
+  c.ffn_hidden_size /= 32;
+  c.moe_ffn_hidden_size /= 32;
+  c.q_lora_rank /= 32;
+  c.kv_lora_rank /= 32;
+  c.num_heads = std::max<int64_t>(1, c.num_heads / 8);
+  c.num_kv_heads = std::max<int64_t>(1, c.num_kv_heads / 8);
+  c.head_dim /= 8;
+  c.qk_nope_head_dim /= 8;
+  c.qk_rope_head_dim /= 8;
+  c.v_head_dim /= 8;
+  c.vocab_size /= 64;
+  c.first_k_dense = std::min<int64_t>(c.first_k_dense, 1);
+  c.num_layers = c.first_k_dense + 1;
+  c.max_seq_len = 64;
+  return c;
+}
+
+TEST(Presets, ModulesBuiltFromEachPresetHoldWhatTheCountsSay) {
+  for (const char* name : {"deepseek-v3", "deepseek-v2", "deepseek-v2-lite", "mixtral-8x7b"}) {
+    SCOPED_TRACE(name);
+    const ModelConfig c = reduced(preset(name));
+    ASSERT_EQ(c.validate(), "");
+    const fmoe::moe::MoEModel model(c);
+    int64_t main = 0, mtp = 0, attention = 0;
+    for (const auto& item : model.named_parameters()) {
+      (item.key().rfind("mtp.", 0) == 0 ? mtp : main) += item.value().numel();
+      if (item.key().rfind("layers.", 0) == 0 && item.key().find(".attention.") != std::string::npos) attention += item.value().numel();
+    }
+    const auto counts = fmoe::moe::count_parameters(c);
+    EXPECT_EQ(main, counts.total);
+    EXPECT_EQ(mtp, counts.mtp);
+    EXPECT_EQ(attention, c.num_layers * fmoe::moe::attention_parameters(c));
+    EXPECT_EQ(c.is_mla(), std::string(name).rfind("deepseek", 0) == 0);
+  }
 }
 
 }  // namespace
