@@ -85,6 +85,7 @@ Attention::Attention(const ModelConfig& c) : num_heads_(c.num_heads), num_kv_hea
   const double out_std = c.init_std / std::sqrt(2.0 * static_cast<double>(c.num_layers));
   wqkv = register_parameter("wqkv", at::empty({(c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size}).normal_(0, c.init_std));
   wo = register_parameter("wo", at::empty({c.hidden_size, c.num_heads * c.head_dim}).normal_(0, out_std));
+  if (c.attention_bias) bqkv = register_parameter("bqkv", at::zeros({(c.num_heads + 2 * c.num_kv_heads) * c.head_dim}));
 }
 
 at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx) {
@@ -93,7 +94,9 @@ at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx)
   const int64_t heads = wo.size(1) / head_dim_;
   const int64_t kv_heads = (wqkv.size(0) / head_dim_ - heads) / 2;
   const at::Tensor h = enter_tp(h_in, *ctx.parallel);
-  const at::Tensor qkv = project(h, wqkv, ctx).view({b, t, heads + 2 * kv_heads, head_dim_});
+  at::Tensor qkv_flat = project(h, wqkv, ctx);
+  if (bqkv.defined()) qkv_flat = qkv_flat + bqkv.to(qkv_flat.scalar_type());
+  const at::Tensor qkv = qkv_flat.view({b, t, heads + 2 * kv_heads, head_dim_});
   const RotatedQkv r = split_qkv_rope(qkv, heads, kv_heads, ctx.rope_cos_TH, ctx.rope_sin_TH);
   const at::Tensor context = at::scaled_dot_product_attention(
       r.q_BTHd.transpose(1, 2), r.k_BTKd.transpose(1, 2), r.v_BTKd.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
@@ -195,6 +198,7 @@ MoELayer::MoELayer(const ModelConfig& c) : config_(c), router_options_(RouterOpt
   if (c.num_shared_experts > 0) {
     shared = register_module("shared", std::make_shared<DenseFFN>(d, c.num_shared_experts * f));
     init_ffn(shared->w13, shared->w2, c);
+    if (c.shared_expert_gate) shared_gate = register_parameter("shared_gate", at::empty({1, d}).normal_(0, c.init_std));
   }
 }
 
@@ -249,7 +253,11 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
   }
   // The combined output is complete on every tp rank: each keeps its own tokens.
   if (par.sp()) out = parallel::scatter_along(out, 0, par.tp());
-  if (shared) out = out + shared->forward(h_in, ctx).to(at::kFloat);
+  if (shared) {
+    at::Tensor shared_out = shared->forward(h_in, ctx).to(at::kFloat);
+    if (shared_gate.defined()) shared_out = shared_out * deferrable_linear(h_in.to(at::kFloat), shared_gate).sigmoid();
+    out = out + shared_out;
+  }
 
   if (config_.aux_loss_coeff > 0) {
     ctx.aux_loss = ctx.aux_loss + config_.aux_loss_coeff * sequence_balance_loss(routing.scores_TE, routing.experts_TK, ctx.batch);

@@ -75,6 +75,7 @@ class Attention : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& h_ND, const ForwardContext& ctx);
   // Under tensor parallelism each rank holds H / tp query and Hkv / tp key/value heads.
   at::Tensor wqkv;  // [(H + 2 * Hkv) * head_dim, D]
+  at::Tensor bqkv;  // [(H + 2 * Hkv) * head_dim] with model.attention_bias (Qwen2), else undefined
   at::Tensor wo;    // [D, H * head_dim]
 
  private:
@@ -128,6 +129,9 @@ class MoELayer : public torch::nn::Module {
   at::Tensor step_load;      // buffer, int64 [E]: tokens routed per expert since the last reset
   at::Tensor last_experts_TK;  // the experts the last forward chose per token (not a buffer)
   std::shared_ptr<DenseFFN> shared;  // null without shared experts
+  // [1, D] with model.shared_expert_gate (Qwen2-MoE): the shared experts' output
+  // is scaled per token by sigmoid(h . shared_gate); else undefined.
+  at::Tensor shared_gate;
 
  private:
   ModelConfig config_;

@@ -106,6 +106,10 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
       spec.tp_dim = 0;
     } else if (ends_with(name, "attention.wqkv")) {
       spec = {0, {config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd}, -1};
+    } else if (ends_with(name, "attention.bqkv")) {
+      spec = {0, {config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd}, -1};
+    } else if (ends_with(name, "moe.shared_gate")) {
+      spec.tp_partial_grad = parallel_.sp();  // each tp rank gates its own tokens under sequence parallelism
     } else if (ends_with(name, "attention.wo")) {
       spec.tp_dim = 1;
     } else if (ends_with(name, "attention.wq") || ends_with(name, "attention.wq_b") || ends_with(name, "attention.wkv_b")) {

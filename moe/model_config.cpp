@@ -88,8 +88,8 @@ double ModelConfig::softmax_scale() const {
 }
 
 std::string ModelConfig::trainer_support() const {
-  if (attention_bias) return "attention_bias: not implemented by the trainer yet (moe-plan accepts it)";
-  if (shared_expert_gate) return "shared_expert_gate: not implemented by the trainer yet (moe-plan accepts it)";
+  if (attention_bias && is_mla()) return "attention_bias: biases on MLA's projections are not implemented (attention: mha only)";
+  if (shared_expert_gate && num_shared_experts == 0) return "shared_expert_gate: needs num_shared_experts > 0";
   return "";
 }
 

@@ -74,8 +74,6 @@ struct ModelConfig {
   // sum of their cross-entropies.
   int64_t mtp_depth = 0;
   double mtp_loss_weight = 0.1;
-  // Shapes the planner understands before the trainer implements them
-  // (MoEModel refuses a config that sets them).
   bool attention_bias = false;         // biases on the query/key/value projections (Qwen2)
   bool shared_expert_gate = false;     // a sigmoid gate on the shared experts' output (Qwen2)
 

@@ -136,6 +136,16 @@ class Keys {
     if (!j_[key].is_string()) throw std::runtime_error(path_ + ": key '" + key + "': expected a string");
     return j_[key].get<std::string>();
   }
+  std::vector<int64_t> integers(const std::string& key) const {
+    std::vector<int64_t> out;
+    if (!has(key)) return out;
+    if (!j_[key].is_array()) throw std::runtime_error(path_ + ": key '" + key + "': expected a list of integers");
+    for (const auto& v : j_[key]) {
+      if (!v.is_number_integer()) throw std::runtime_error(path_ + ": key '" + key + "': expected a list of integers");
+      out.push_back(v.get<int64_t>());
+    }
+    return out;
+  }
   Keys child(const std::string& key) const { return Keys(has(key) ? j_[key] : json::object(), path_ + " " + key); }
   [[noreturn]] void refuse(const std::string& key, const std::string& why) const { throw std::runtime_error(path_ + ": key '" + key + "': " + why); }
 
@@ -186,11 +196,15 @@ void import_mlp(Source& src, const std::string& hf, const std::string& ours, int
   out[ours + ".w2"] = src.take(hf + ".down_proj.weight", {d, f}).t().unsqueeze(0);
 }
 
-HfModel import_deepseek_v3(const Keys& k, Source& src) {
+// DeepseekV3, or DeepseekV2 (v2): softmax routing, greedy or group-limited by
+// each group's best score, weights not renormalised (transformers' DeepseekV2
+// ignores norm_topk_prob), no correction bias.
+HfModel import_deepseek(const Keys& k, Source& src, bool v2) {
   HfModel r;
   moe::ModelConfig& m = r.config;
   common_checks(k);
-  if (k.text("scoring_func", "sigmoid") != "sigmoid") k.refuse("scoring_func", "DeepseekV3 routes by sigmoid");
+  if (k.boolean("mlp_bias", false)) k.refuse("mlp_bias", "MLP biases are not supported");
+  if (!v2 && k.text("scoring_func", "sigmoid") != "sigmoid") k.refuse("scoring_func", "DeepseekV3 routes by sigmoid");
   m.vocab_size = k.integer("vocab_size");
   m.hidden_size = k.integer("hidden_size");
   m.num_layers = k.integer("num_hidden_layers");
@@ -203,11 +217,23 @@ HfModel import_deepseek_v3(const Keys& k, Source& src) {
   m.top_k = k.integer("num_experts_per_tok");
   m.moe_ffn_hidden_size = k.integer("moe_intermediate_size");
   m.num_shared_experts = k.integer("n_shared_experts", 0);
-  m.score_function = moe::ScoreFunction::kSigmoid;
+  m.score_function = v2 ? moe::ScoreFunction::kSoftmax : moe::ScoreFunction::kSigmoid;
   m.num_groups = k.integer("n_group", 1);
   m.group_top_k = k.integer("topk_group", 1);
   m.norm_topk_prob = k.boolean("norm_topk_prob", true);
   m.route_scale = k.number("routed_scaling_factor", 1.0);
+  if (v2) {
+    const std::string method = k.text("topk_method", "greedy");
+    if (method == "greedy") {
+      m.num_groups = m.group_top_k = 1;
+    } else if (method != "group_limited_greedy") {
+      k.refuse("topk_method", "'" + method + "' is not supported for DeepseekV2 (greedy, group_limited_greedy)");
+    }
+    if (m.norm_topk_prob) r.notes.push_back("norm_topk_prob is true, but DeepseekV2 never renormalises its top-k weights: imported as false");
+    m.norm_topk_prob = false;
+    m.expert_bias_update_rate = 0;  // DeepseekV2 balances by auxiliary losses, without a correction bias
+    m.aux_loss_coeff = k.number("aux_loss_alpha", 0.001);
+  }
   m.attention = "mla";
   m.q_lora_rank = k.integer("q_lora_rank", 0);
   m.kv_lora_rank = k.integer("kv_lora_rank");
@@ -217,7 +243,7 @@ HfModel import_deepseek_v3(const Keys& k, Source& src) {
   m.head_dim = m.qk_head_dim();
   read_rope(k, m);
   if (const std::string error = m.validate(); !error.empty()) throw std::runtime_error("config.json: model." + error);
-  const bool interleaved = k.boolean("rope_interleave", true);
+  const bool interleaved = v2 || k.boolean("rope_interleave", true);  // DeepseekV2 rotates interleaved pairs always
   const int64_t d = m.hidden_size, h = m.num_heads, qk = m.qk_head_dim(), nope = m.qk_nope_head_dim, rope = m.qk_rope_head_dim;
   // DeepSeek's own checkpoints hold the MTP modules as layers past the last one.
   const int64_t mtp = k.integer("num_nextn_predict_layers", 0);
@@ -256,7 +282,7 @@ HfModel import_deepseek_v3(const Keys& k, Source& src) {
     }
     const int64_t f = m.moe_ffn_hidden_size;
     t[ours + "moe.router_weight"] = src.take(hf + "mlp.gate.weight", {m.num_experts, d});
-    t[ours + "moe.expert_bias"] = src.has(hf + "mlp.gate.e_score_correction_bias")
+    t[ours + "moe.expert_bias"] = !v2 && src.has(hf + "mlp.gate.e_score_correction_bias")
                                       ? src.take(hf + "mlp.gate.e_score_correction_bias", {m.num_experts})
                                       : at::zeros({m.num_experts});
     t[ours + "moe.w13"] = experts_w13(src, hf + "mlp.experts.", "gate_proj", "up_proj", m.num_experts, d, f);
@@ -314,42 +340,123 @@ HfModel import_mixtral(const Keys& k, Source& src) {
   return r;
 }
 
+HfModel import_qwen2_moe(const Keys& k, Source& src) {
+  HfModel r;
+  moe::ModelConfig& m = r.config;
+  common_checks(k);
+  if (k.boolean("use_sliding_window", false)) k.refuse("use_sliding_window", "sliding-window attention is not supported");
+  if (k.integer("decoder_sparse_step", 1) != 1) k.refuse("decoder_sparse_step", "only 1 (every layer MoE) is supported");
+  m.vocab_size = k.integer("vocab_size");
+  m.hidden_size = k.integer("hidden_size");
+  m.num_layers = k.integer("num_hidden_layers");
+  m.num_heads = k.integer("num_attention_heads");
+  m.num_kv_heads = k.integer("num_key_value_heads", m.num_heads);
+  m.head_dim = k.integer("head_dim", m.hidden_size / m.num_heads);
+  m.attention_bias = k.boolean("qkv_bias", true);
+  m.max_seq_len = k.integer("max_position_embeddings");
+  m.norm_eps = k.number("rms_norm_eps", 1e-6);
+  m.num_experts = k.integer("num_experts");
+  m.top_k = k.integer("num_experts_per_tok");
+  m.moe_ffn_hidden_size = k.integer("moe_intermediate_size");
+  m.ffn_hidden_size = k.integer("intermediate_size");
+  const int64_t shared = k.integer("shared_expert_intermediate_size", 0);
+  if (shared % m.moe_ffn_hidden_size != 0) {
+    k.refuse("shared_expert_intermediate_size", "must be a multiple of moe_intermediate_size (FrugalMoE's shared expert is num_shared_experts of them)");
+  }
+  m.num_shared_experts = shared / m.moe_ffn_hidden_size;
+  m.shared_expert_gate = m.num_shared_experts > 0;
+  // Dense layers only as a prefix: mlp_only_layers [0, 1, .., k - 1].
+  const std::vector<int64_t> dense = k.integers("mlp_only_layers");
+  for (size_t i = 0; i < dense.size(); ++i) {
+    if (dense[i] != static_cast<int64_t>(i)) k.refuse("mlp_only_layers", "dense layers must be the first ones (0, 1, ..)");
+  }
+  m.first_k_dense = static_cast<int64_t>(dense.size());
+  m.score_function = moe::ScoreFunction::kSoftmax;
+  m.num_groups = m.group_top_k = 1;
+  m.norm_topk_prob = k.boolean("norm_topk_prob", false);
+  m.route_scale = 1.0;
+  m.expert_bias_update_rate = 0;
+  m.aux_loss_coeff = k.number("router_aux_loss_coef", 0.001);
+  read_rope(k, m);
+  if (const std::string error = m.validate(); !error.empty()) throw std::runtime_error("config.json: model." + error);
+  const int64_t d = m.hidden_size, hd = m.head_dim, f = m.moe_ffn_hidden_size;
+  TensorMap& t = r.tensors;
+  t["embedding.weight"] = src.take("model.embed_tokens.weight", {m.vocab_size, d});
+  t["head.norm.weight"] = src.take("model.norm.weight", {d});
+  t["head.weight"] = src.take("lm_head.weight", {m.vocab_size, d});
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    const std::string hf = "model.layers." + std::to_string(l) + ".", ours = "layers." + std::to_string(l) + ".";
+    t[ours + "attention_norm.weight"] = src.take(hf + "input_layernorm.weight", {d});
+    t[ours + "ffn_norm.weight"] = src.take(hf + "post_attention_layernorm.weight", {d});
+    const std::string a = hf + "self_attn.";
+    const int64_t q_rows = m.num_heads * hd, kv_rows = m.num_kv_heads * hd;
+    t[ours + "attention.wqkv"] = at::cat({src.take(a + "q_proj.weight", {q_rows, d}), src.take(a + "k_proj.weight", {kv_rows, d}),
+                                         src.take(a + "v_proj.weight", {kv_rows, d})});
+    if (m.attention_bias) {
+      t[ours + "attention.bqkv"] = at::cat({src.take(a + "q_proj.bias", {q_rows}), src.take(a + "k_proj.bias", {kv_rows}),
+                                           src.take(a + "v_proj.bias", {kv_rows})});
+    }
+    t[ours + "attention.wo"] = src.take(a + "o_proj.weight", {d, q_rows});
+    if (!m.is_moe_layer(l)) {
+      import_mlp(src, hf + "mlp", ours + "ffn", d, m.ffn_hidden_size, t);
+      continue;
+    }
+    t[ours + "moe.router_weight"] = src.take(hf + "mlp.gate.weight", {m.num_experts, d});
+    t[ours + "moe.expert_bias"] = at::zeros({m.num_experts});
+    t[ours + "moe.w13"] = experts_w13(src, hf + "mlp.experts.", "gate_proj", "up_proj", m.num_experts, d, f);
+    t[ours + "moe.w2"] = experts_w2(src, hf + "mlp.experts.", "down_proj", m.num_experts, d, f);
+    if (m.num_shared_experts > 0) {
+      import_mlp(src, hf + "mlp.shared_expert", ours + "moe.shared", d, shared, t);
+      t[ours + "moe.shared_gate"] = src.take(hf + "mlp.shared_expert_gate.weight", {1, d});
+    }
+  }
+  return r;
+}
+
 }  // namespace
 
 HfModel import_hf(const std::string& dir) {
   const std::string path = dir + "/config.json";
   const Keys k(read_json(path), path);
   const std::string type = k.text("model_type", "");
-  if (type != "deepseek_v3" && type != "mixtral") {
-    k.refuse("model_type", "'" + type + "' is not supported (deepseek_v3, mixtral)");
+  if (type != "deepseek_v3" && type != "deepseek_v2" && type != "mixtral" && type != "qwen2_moe") {
+    k.refuse("model_type", "'" + type + "' is not supported (deepseek_v3, deepseek_v2, mixtral, qwen2_moe)");
   }
   Source src(dir);
-  HfModel r = type == "deepseek_v3" ? import_deepseek_v3(k, src) : import_mixtral(k, src);
+  HfModel r = type == "mixtral"     ? import_mixtral(k, src)
+              : type == "qwen2_moe" ? import_qwen2_moe(k, src)
+                                    : import_deepseek(k, src, /*v2=*/type == "deepseek_v2");
   r.model_type = type;
   src.check_all_taken();
   return r;
 }
 
 std::string hf_model_type(const moe::ModelConfig& m) {
-  if (m.is_mla()) {
-    if (m.score_function != moe::ScoreFunction::kSigmoid) throw std::runtime_error("model.score_function: DeepseekV3 routes by sigmoid");
-    if (m.num_moe_layers() == 0) throw std::runtime_error("model.first_k_dense: DeepseekV3 needs at least one MoE layer");
-    return "deepseek_v3";
-  }
   const auto refuse = [](const std::string& key, const std::string& why) {
-    return std::runtime_error("model." + key + ": " + why + " (exports are DeepseekV3 with attention mla, or Mixtral)");
+    return std::runtime_error("model." + key + ": " + why + " (exports: DeepseekV3, DeepseekV2, Mixtral, Qwen2-MoE)");
   };
-  if (m.num_shared_experts > 0) throw refuse("num_shared_experts", "Mixtral has no shared experts");
-  if (m.first_k_dense > 0) throw refuse("first_k_dense", "every Mixtral layer is MoE");
-  if (m.score_function != moe::ScoreFunction::kSoftmax || !m.norm_topk_prob || m.num_groups != 1 || m.route_scale != 1.0) {
-    throw refuse("score_function", "Mixtral routes by softmax over all experts with renormalised top-k weights");
+  if (m.num_moe_layers() == 0) throw refuse("first_k_dense", "the model has no MoE layer");
+  if (m.is_mla()) {
+    if (m.score_function == moe::ScoreFunction::kSigmoid) return "deepseek_v3";
+    if (m.norm_topk_prob) throw refuse("norm_topk_prob", "DeepseekV2 (softmax routing) never renormalises its top-k weights");
+    return "deepseek_v2";
   }
-  if (m.rope_scaling.yarn()) throw refuse("rope_scaling", "Mixtral has no rope scaling");
+  if (m.score_function != moe::ScoreFunction::kSoftmax || m.num_groups != 1 || m.route_scale != 1.0) {
+    throw refuse("score_function", "Mixtral and Qwen2-MoE route by softmax over all experts, unscaled");
+  }
+  if (m.rope_scaling.yarn()) throw refuse("rope_scaling", "Mixtral and Qwen2-MoE have no rope scaling");
+  if (m.num_shared_experts > 0 || m.attention_bias) {
+    if (m.num_shared_experts > 0 && !m.shared_expert_gate) throw refuse("shared_expert_gate", "Qwen2-MoE gates its shared expert");
+    return "qwen2_moe";
+  }
+  if (m.first_k_dense > 0) throw refuse("first_k_dense", "every Mixtral layer is MoE");
+  if (!m.norm_topk_prob) throw refuse("norm_topk_prob", "Mixtral renormalises its top-k weights");
   return "mixtral";
 }
 
 void export_hf(const moe::ModelConfig& m, const TensorMap& tensors, const std::string& dir, int64_t shard_bytes) {
   const std::string type = hf_model_type(m);
+  const bool deepseek = type == "deepseek_v3" || type == "deepseek_v2", mixtral = type == "mixtral", qwen = type == "qwen2_moe";
   const auto get = [&](const std::string& name) {
     const auto it = tensors.find(name);
     if (it == tensors.end()) throw std::runtime_error("checkpoint: tensor '" + name + "' is missing");
@@ -372,7 +479,7 @@ void export_hf(const moe::ModelConfig& m, const TensorMap& tensors, const std::s
     put(hf + "input_layernorm.weight", get(ours + "attention_norm.weight"));
     put(hf + "post_attention_layernorm.weight", get(ours + "ffn_norm.weight"));
     const std::string a = hf + "self_attn.";
-    if (type == "deepseek_v3") {
+    if (deepseek) {
       if (m.q_lora_rank > 0) {
         put(a + "q_a_proj.weight", get(ours + "attention.wq_a"));
         put(a + "q_a_layernorm.weight", get(ours + "attention.q_a_norm.weight"));
@@ -384,29 +491,36 @@ void export_hf(const moe::ModelConfig& m, const TensorMap& tensors, const std::s
       put(a + "kv_a_layernorm.weight", get(ours + "attention.kv_a_norm.weight"));
       put(a + "kv_b_proj.weight", get(ours + "attention.wkv_b"));
     } else {
-      const at::Tensor wqkv = get(ours + "attention.wqkv");
       const int64_t q_rows = m.num_heads * m.head_dim, kv_rows = m.num_kv_heads * m.head_dim;
-      put(a + "q_proj.weight", wqkv.narrow(0, 0, q_rows));
-      put(a + "k_proj.weight", wqkv.narrow(0, q_rows, kv_rows));
-      put(a + "v_proj.weight", wqkv.narrow(0, q_rows + kv_rows, kv_rows));
+      const auto split = [&](const at::Tensor& t, const char* suffix) {
+        put(a + "q_proj." + suffix, t.narrow(0, 0, q_rows));
+        put(a + "k_proj." + suffix, t.narrow(0, q_rows, kv_rows));
+        put(a + "v_proj." + suffix, t.narrow(0, q_rows + kv_rows, kv_rows));
+      };
+      split(get(ours + "attention.wqkv"), "weight");
+      if (m.attention_bias) split(get(ours + "attention.bqkv"), "bias");
     }
     put(a + "o_proj.weight", get(ours + "attention.wo"));
     if (!m.is_moe_layer(l)) {
       mlp(ours + "ffn", hf + "mlp");
       continue;
     }
-    const at::Tensor w13 = get(ours + "moe.w13"), w2 = get(ours + "moe.w2");
-    const std::string moe = hf + (type == "deepseek_v3" ? "mlp." : "block_sparse_moe.");
+    const at::Tensor w13 = get(ours + "moe.w13"), w2 = get(ours + "moe.w2"), bias = get(ours + "moe.expert_bias");
+    if (type != "deepseek_v3" && bias.abs().max().item<double>() > 0) {
+      throw std::runtime_error("checkpoint: tensor '" + ours + "moe.expert_bias' is not zero, and " + type +
+                               " has no correction bias (train with model.expert_bias_update_rate: 0)");
+    }
+    const std::string moe = hf + (mixtral ? "block_sparse_moe." : "mlp.");
     put(moe + "gate.weight", get(ours + "moe.router_weight"));
-    if (type == "deepseek_v3") put(moe + "gate.e_score_correction_bias", get(ours + "moe.expert_bias"));
+    if (type == "deepseek_v3") put(moe + "gate.e_score_correction_bias", bias);
     for (int64_t e = 0; e < m.num_experts; ++e) {
       const std::string p = moe + "experts." + std::to_string(e) + ".";
-      const bool v3 = type == "deepseek_v3";
-      put(p + (v3 ? "gate_proj" : "w1") + ".weight", w13[e].narrow(1, 0, f).t());
-      put(p + (v3 ? "up_proj" : "w3") + ".weight", w13[e].narrow(1, f, f).t());
-      put(p + (v3 ? "down_proj" : "w2") + ".weight", w2[e].t());
+      put(p + (mixtral ? "w1" : "gate_proj") + ".weight", w13[e].narrow(1, 0, f).t());
+      put(p + (mixtral ? "w3" : "up_proj") + ".weight", w13[e].narrow(1, f, f).t());
+      put(p + (mixtral ? "w2" : "down_proj") + ".weight", w2[e].t());
     }
-    if (type == "deepseek_v3" && m.num_shared_experts > 0) mlp(ours + "moe.shared", moe + "shared_experts");
+    if (m.num_shared_experts > 0) mlp(ours + "moe.shared", moe + (qwen ? "shared_expert" : "shared_experts"));
+    if (qwen && m.num_shared_experts > 0) put(moe + "shared_expert_gate.weight", get(ours + "moe.shared_gate"));
   }
   put("model.norm.weight", get("head.norm.weight"));
   put("lm_head.weight", get("head.weight"));
@@ -432,19 +546,33 @@ void export_hf(const moe::ModelConfig& m, const TensorMap& tensors, const std::s
     old["type"] = "yarn";
     c["rope_scaling"] = old;
   }
-  if (type == "deepseek_v3") {
-    c["architectures"] = {"DeepseekV3ForCausalLM"};
+  if (deepseek) {
+    const bool v3 = type == "deepseek_v3";
+    c["architectures"] = {v3 ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM"};
     c.update({{"num_key_value_heads", m.num_heads}, {"intermediate_size", m.ffn_hidden_size}, {"moe_intermediate_size", f},
               {"n_routed_experts", m.num_experts}, {"n_shared_experts", m.num_shared_experts}, {"first_k_dense_replace", m.first_k_dense},
               {"n_group", m.num_groups}, {"topk_group", m.group_top_k}, {"norm_topk_prob", m.norm_topk_prob},
-              {"routed_scaling_factor", m.route_scale}, {"scoring_func", "sigmoid"}, {"topk_method", "noaux_tc"},
-              {"q_lora_rank", m.q_lora_rank > 0 ? json(m.q_lora_rank) : json(nullptr)}, {"kv_lora_rank", m.kv_lora_rank},
-              {"qk_nope_head_dim", m.qk_nope_head_dim}, {"qk_rope_head_dim", m.qk_rope_head_dim}, {"v_head_dim", m.v_head_dim},
-              {"head_dim", m.qk_rope_head_dim}, {"rope_interleave", true}, {"num_nextn_predict_layers", 0}});
-  } else {
+              {"routed_scaling_factor", m.route_scale}, {"q_lora_rank", m.q_lora_rank > 0 ? json(m.q_lora_rank) : json(nullptr)},
+              {"kv_lora_rank", m.kv_lora_rank}, {"qk_nope_head_dim", m.qk_nope_head_dim}, {"qk_rope_head_dim", m.qk_rope_head_dim},
+              {"v_head_dim", m.v_head_dim}, {"head_dim", m.qk_rope_head_dim}});
+    if (v3) {
+      c.update({{"scoring_func", "sigmoid"}, {"topk_method", "noaux_tc"}, {"rope_interleave", true}, {"num_nextn_predict_layers", 0}});
+    } else {
+      c.update({{"scoring_func", "softmax"}, {"topk_method", m.num_groups > 1 ? "group_limited_greedy" : "greedy"},
+                {"aux_loss_alpha", m.aux_loss_coeff}, {"mlp_bias", false}});
+    }
+  } else if (mixtral) {
     c["architectures"] = {"MixtralForCausalLM"};
     c.update({{"num_key_value_heads", m.num_kv_heads}, {"head_dim", m.head_dim}, {"intermediate_size", f},
               {"num_local_experts", m.num_experts}, {"router_aux_loss_coef", m.aux_loss_coeff}, {"sliding_window", nullptr}});
+  } else {
+    c["architectures"] = {"Qwen2MoeForCausalLM"};
+    std::vector<int64_t> dense(static_cast<size_t>(m.first_k_dense));
+    for (size_t i = 0; i < dense.size(); ++i) dense[i] = static_cast<int64_t>(i);
+    c.update({{"num_key_value_heads", m.num_kv_heads}, {"head_dim", m.head_dim}, {"intermediate_size", m.ffn_hidden_size},
+              {"moe_intermediate_size", f}, {"shared_expert_intermediate_size", f * m.num_shared_experts}, {"num_experts", m.num_experts},
+              {"norm_topk_prob", m.norm_topk_prob}, {"qkv_bias", m.attention_bias}, {"decoder_sparse_step", 1}, {"mlp_only_layers", dense},
+              {"use_sliding_window", false}, {"router_aux_loss_coef", m.aux_loss_coeff}});
   }
   std::filesystem::create_directories(dir);
   data::write_file_atomic(dir + "/config.json", c.dump(2) + "\n");

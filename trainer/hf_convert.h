@@ -3,8 +3,10 @@
 // transformers' save_pretrained writes (one tensor per expert).
 //
 // Architectures: DeepseekV3 (multi-head latent attention, YaRN, sigmoid routing
-// with the correction bias, shared experts) and Mixtral (grouped-query
-// attention, softmax top-k routing over every expert). DeepSeek lays each
+// with the correction bias, shared experts), DeepseekV2 (MLA, softmax routing,
+// greedy or group-limited, unnormalised weights), Mixtral (grouped-query
+// attention, softmax top-k routing over every expert) and Qwen2-MoE (GQA with
+// QKV biases, softmax routing, a sigmoid-gated shared expert). DeepSeek lays each
 // rotary head out in interleaved pairs (rope_interleave); FrugalMoE rotates
 // half-split pairs, so the rotary rows of q and of the shared rotary key are
 // permuted on the way in and back on the way out (attention scores unchanged).
@@ -20,7 +22,7 @@
 namespace fmoe::trainer {
 
 struct HfModel {
-  std::string model_type;          // deepseek_v3 | mixtral
+  std::string model_type;          // deepseek_v3 | deepseek_v2 | mixtral | qwen2_moe
   moe::ModelConfig config;         // the equivalent FrugalMoE model section
   TensorMap tensors;               // FrugalMoE names, FP32, whole
   std::vector<std::string> notes;  // what was dropped or assumed, for the user

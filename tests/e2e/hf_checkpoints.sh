@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Hugging Face checkpoints in and out (tests/e2e/hf_parity.py): tiny DeepseekV3
-# (with and without a query latent, with YaRN) and Mixtral models from
-# transformers imported by moe-convert give transformers' experts, logits and
-# loss; their sharded exports load back into transformers alike. Then a tiny V3
+# (with and without a query latent, with YaRN), DeepseekV2 (group-limited and
+# greedy routing), Mixtral and Qwen2-MoE models from transformers imported by
+# moe-convert give transformers' experts, logits and loss; their sharded exports load back into transformers alike. Then a tiny V3
 # with the fixture tokenizer's vocabulary is imported, fine-tuned by moe-train
 # from it (training.init_from) on the fixture corpus, and exported: transformers
 # reproduces the trained model's logits. Needs transformers and safetensors
@@ -44,9 +44,9 @@ PY
 python3 "$(dirname "$0")/hf_parity.py" "$BIN_DIR" "$dir" "$dir/finetune" 2>&1 | grep -v "Writing model\|Loading weights\|^\[transformers\]" \
   | tee "$dir/parity.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "Hugging Face parity"
-[ "$(grep -c '^ok:' "$dir/parity.log")" -eq 7 ] || fail "expected 7 parity checks"
+[ "$(grep -c '^ok:' "$dir/parity.log")" -eq 13 ] || fail "expected 13 parity checks"
 
-ERROR_PREFIX=moe-convert: expect_error "config.json: key 'model_type': 'llama' is not supported (deepseek_v3, mixtral)" \
+ERROR_PREFIX=moe-convert: expect_error "config.json: key 'model_type': 'llama' is not supported (deepseek_v3, deepseek_v2, mixtral, qwen2_moe)" \
   bash -c "mkdir -p '$dir/llama' && echo '{\"model_type\": \"llama\"}' > '$dir/llama/config.json' && '$CONVERT' import --hf '$dir/llama' --out '$dir/x'"
 cp -r "$dir/hf_trainable" "$dir/broken"
 python3 - "$dir/broken/model.safetensors" <<'PY'

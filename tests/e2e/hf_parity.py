@@ -1,5 +1,5 @@
-# Parity with Hugging Face transformers (CPU, FP32): tiny DeepseekV3 and Mixtral
-# models built from a fixed seed with every weight drawn wide (so routing
+# Parity with Hugging Face transformers (CPU, FP32): tiny DeepseekV3, DeepseekV2,
+# Mixtral and Qwen2-MoE models built from a fixed seed with every weight drawn wide (so routing
 # decisions are not ties), saved with save_pretrained, imported by moe-convert;
 # the experts each MoE layer picks, the logits and the loss must equal
 # transformers'. Then moe-convert's export of the imported model (sharded) and
@@ -8,7 +8,8 @@
 import json, os, subprocess, sys
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM)
 
 BIN, WORK = sys.argv[1], sys.argv[2]
 CONVERT = os.path.join(BIN, "moe-convert")
@@ -41,7 +42,8 @@ def hf_forward(model, tokens):
     """Logits and each router's chosen experts (sorted per token)."""
     picks = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: picks.append(out[2].reshape(-1, out[2].shape[-1]).sort(-1).values))
-             for name, m in model.named_modules() if type(m).__name__ in ("DeepseekV3TopkRouter", "MixtralTopKRouter")]
+             for name, m in model.named_modules()
+             if type(m).__name__ in ("DeepseekV3TopkRouter", "DeepseekV2TopkRouter", "MixtralTopKRouter", "Qwen2MoeTopKRouter")]
     with torch.no_grad():
         logits = model(tokens).logits
     for h in hooks:
@@ -85,13 +87,30 @@ def v3(q_lora_rank, yarn, vocab=64):
         max_position_embeddings=64, tie_word_embeddings=False, rope_parameters=rope))
 
 
+def v2(topk_method):
+    return DeepseekV2ForCausalLM(DeepseekV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, routed_scaling_factor=2.0, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=8, n_group=4, topk_group=2, topk_method=topk_method, num_experts_per_tok=3,
+        first_k_dense_replace=1, max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def qwen2_moe():
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0],
+        max_position_embeddings=64, tie_word_embeddings=False))
+
+
 def mixtral():
     return MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                                             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
 
 
 torch.manual_seed(0)
-cases = [("deepseek_v3 q_lora yarn", v3(24, True)), ("deepseek_v3 full-rank q", v3(None, False)), ("mixtral", mixtral())]
+cases = [("deepseek_v3 q_lora yarn", v3(24, True)), ("deepseek_v3 full-rank q", v3(None, False)),
+         ("deepseek_v2 group-limited", v2("group_limited_greedy")), ("deepseek_v2 greedy", v2("greedy")), ("mixtral", mixtral()),
+         ("qwen2_moe", qwen2_moe())]
 for i, (name, model) in enumerate(cases):
     slug = name.replace(" ", "_").replace("-", "_")
     hf_dir, run_dir = os.path.join(WORK, "hf_" + slug), os.path.join(WORK, "imported_" + slug)

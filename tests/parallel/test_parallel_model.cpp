@@ -20,8 +20,9 @@ namespace {
 using namespace fmoe;
 using fmoe::testing::world;
 
-moe::ModelConfig micro_config(bool mla = false, bool mtp = false) {
+moe::ModelConfig micro_config(bool mla = false, bool mtp = false, bool qwen = false) {
   moe::ModelConfig c;
+  c.attention_bias = c.shared_expert_gate = qwen;  // Qwen2-MoE's QKV biases and gated shared expert
   c.mtp_depth = mtp ? 1 : 0;  // multi-token prediction (not under sequence parallelism)
   if (mla) {  // multi-head latent attention with a query latent and YaRN
     c.attention = "mla";
@@ -74,6 +75,7 @@ struct Layout {
   const char* name;
   bool sequence_parallel = false;
   bool mla = false;
+  bool qwen = false;
 };
 
 std::vector<Layout> layouts_for(int64_t n) {
@@ -82,7 +84,8 @@ std::vector<Layout> layouts_for(int64_t n) {
                              {{4, 1, 2, 4}, "dp4xtp2+ep4"},  {{1, 1, 2, 1}, "tp2 sp", true},
                              {{2, 1, 2, 2}, "dp2xtp2+ep2 sp", true}, {{4, 1, 2, 4}, "dp4xtp2+ep4 sp", true},
                              {{1, 1, 2, 1}, "tp2 mla mtp", false, true}, {{2, 1, 2, 2}, "dp2xtp2+ep2 sp mla", true, true},
-                             {{4, 1, 2, 4}, "dp4xtp2+ep4 sp mla", true, true}};
+                             {{4, 1, 2, 4}, "dp4xtp2+ep4 sp mla", true, true},
+                             {{1, 1, 2, 1}, "tp2 qwen", false, false, true}, {{2, 1, 2, 2}, "dp2xtp2+ep2 sp qwen", true, false, true}};
   std::vector<Layout> fitting;
   for (const Layout& l : all) {
     if (l.shape.world_size() == n) fitting.push_back(l);
@@ -142,9 +145,10 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
 
     at::manual_seed(7);
     const bool mtp = layout.mla && !layout.sequence_parallel;
-    auto reference = std::make_shared<moe::MoEModel>(micro_config(layout.mla, mtp));
+    auto reference = std::make_shared<moe::MoEModel>(micro_config(layout.mla, mtp, layout.qwen));
     at::manual_seed(7);
-    auto sharded = std::make_shared<moe::MoEModel>(micro_config(layout.mla, mtp), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
+    auto sharded =
+        std::make_shared<moe::MoEModel>(micro_config(layout.mla, mtp, layout.qwen), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
     trainer::AdamW reference_opt(named(*reference), optimizer_config());
 
     std::vector<at::Tensor> dense, experts, grads_of, partial;
