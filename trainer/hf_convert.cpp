@@ -196,6 +196,41 @@ void import_mlp(Source& src, const std::string& hf, const std::string& ours, int
   out[ours + ".w2"] = src.take(hf + ".down_proj.weight", {d, f}).t().unsqueeze(0);
 }
 
+// The embedding, the final norm and the output head: the same names everywhere.
+void import_ends(Source& src, const moe::ModelConfig& m, TensorMap& t) {
+  t["embedding.weight"] = src.take("model.embed_tokens.weight", {m.vocab_size, m.hidden_size});
+  t["head.norm.weight"] = src.take("model.norm.weight", {m.hidden_size});
+  t["head.weight"] = src.take("lm_head.weight", {m.vocab_size, m.hidden_size});
+}
+
+void import_layer_norms(Source& src, const std::string& hf, const std::string& ours, int64_t d, TensorMap& t) {
+  t[ours + "attention_norm.weight"] = src.take(hf + "input_layernorm.weight", {d});
+  t[ours + "ffn_norm.weight"] = src.take(hf + "post_attention_layernorm.weight", {d});
+}
+
+// Grouped-query attention (Mixtral, Qwen2-MoE): q, k, v stacked into wqkv (and their biases into bqkv).
+void import_gqa(Source& src, const std::string& a, const std::string& ours, const moe::ModelConfig& m, TensorMap& t) {
+  const int64_t d = m.hidden_size, q_rows = m.num_heads * m.head_dim, kv_rows = m.num_kv_heads * m.head_dim;
+  const auto stacked = [&](const char* suffix, bool bias) {
+    const auto shape = [&](int64_t rows) { return bias ? std::vector<int64_t>{rows} : std::vector<int64_t>{rows, d}; };
+    return at::cat({src.take(a + "q_proj." + suffix, shape(q_rows)), src.take(a + "k_proj." + suffix, shape(kv_rows)),
+                    src.take(a + "v_proj." + suffix, shape(kv_rows))});
+  };
+  t[ours + "attention.wqkv"] = stacked("weight", false);
+  if (m.attention_bias) t[ours + "attention.bqkv"] = stacked("bias", true);
+  t[ours + "attention.wo"] = src.take(a + "o_proj.weight", {d, q_rows});
+}
+
+// Softmax routing over every expert, unscaled, without a correction bias (Mixtral, Qwen2-MoE).
+void plain_softmax_routing(const Keys& k, moe::ModelConfig& m, bool norm_topk_prob) {
+  m.score_function = moe::ScoreFunction::kSoftmax;
+  m.num_groups = m.group_top_k = 1;
+  m.norm_topk_prob = norm_topk_prob;
+  m.route_scale = 1.0;
+  m.expert_bias_update_rate = 0;
+  m.aux_loss_coeff = k.number("router_aux_loss_coef", 0.001);
+}
+
 // DeepseekV3, or DeepseekV2 (v2): softmax routing, greedy or group-limited by
 // each group's best score, weights not renormalised (transformers' DeepseekV2
 // ignores norm_topk_prob), no correction bias.
@@ -254,16 +289,13 @@ HfModel import_deepseek(const Keys& k, Source& src, bool v2) {
                       " tensors) is not imported: the model trains without it");
   }
   TensorMap& t = r.tensors;
-  t["embedding.weight"] = src.take("model.embed_tokens.weight", {m.vocab_size, d});
-  t["head.norm.weight"] = src.take("model.norm.weight", {d});
-  t["head.weight"] = src.take("lm_head.weight", {m.vocab_size, d});
+  import_ends(src, m, t);
   const auto rope_rows = [&](const at::Tensor& w, int64_t block_rows, int64_t offset) {
     return interleaved ? permute_rope_rows(w, block_rows, offset, rope, /*inverse=*/false) : w;
   };
   for (int64_t l = 0; l < m.num_layers; ++l) {
     const std::string hf = "model.layers." + std::to_string(l) + ".", ours = "layers." + std::to_string(l) + ".";
-    t[ours + "attention_norm.weight"] = src.take(hf + "input_layernorm.weight", {d});
-    t[ours + "ffn_norm.weight"] = src.take(hf + "post_attention_layernorm.weight", {d});
+    import_layer_norms(src, hf, ours, d, t);
     const std::string a = hf + "self_attn.";
     if (m.q_lora_rank > 0) {
       t[ours + "attention.wq_a"] = src.take(a + "q_a_proj.weight", {m.q_lora_rank, d});
@@ -310,27 +342,16 @@ HfModel import_mixtral(const Keys& k, Source& src) {
   m.top_k = k.integer("num_experts_per_tok");
   m.moe_ffn_hidden_size = m.ffn_hidden_size = k.integer("intermediate_size");
   m.num_shared_experts = 0;
-  m.score_function = moe::ScoreFunction::kSoftmax;
-  m.num_groups = m.group_top_k = 1;
-  m.norm_topk_prob = true;
-  m.route_scale = 1.0;
-  m.expert_bias_update_rate = 0;  // Mixtral routes without a correction bias
-  m.aux_loss_coeff = k.number("router_aux_loss_coef", 0.001);
+  plain_softmax_routing(k, m, /*norm_topk_prob=*/true);
   read_rope(k, m);
   if (const std::string error = m.validate(); !error.empty()) throw std::runtime_error("config.json: model." + error);
-  const int64_t d = m.hidden_size, hd = m.head_dim, f = m.moe_ffn_hidden_size;
+  const int64_t d = m.hidden_size, f = m.moe_ffn_hidden_size;
   TensorMap& t = r.tensors;
-  t["embedding.weight"] = src.take("model.embed_tokens.weight", {m.vocab_size, d});
-  t["head.norm.weight"] = src.take("model.norm.weight", {d});
-  t["head.weight"] = src.take("lm_head.weight", {m.vocab_size, d});
+  import_ends(src, m, t);
   for (int64_t l = 0; l < m.num_layers; ++l) {
     const std::string hf = "model.layers." + std::to_string(l) + ".", ours = "layers." + std::to_string(l) + ".";
-    t[ours + "attention_norm.weight"] = src.take(hf + "input_layernorm.weight", {d});
-    t[ours + "ffn_norm.weight"] = src.take(hf + "post_attention_layernorm.weight", {d});
-    const std::string a = hf + "self_attn.";
-    t[ours + "attention.wqkv"] = at::cat({src.take(a + "q_proj.weight", {m.num_heads * hd, d}), src.take(a + "k_proj.weight", {m.num_kv_heads * hd, d}),
-                                         src.take(a + "v_proj.weight", {m.num_kv_heads * hd, d})});
-    t[ours + "attention.wo"] = src.take(a + "o_proj.weight", {d, m.num_heads * hd});
+    import_layer_norms(src, hf, ours, d, t);
+    import_gqa(src, hf + "self_attn.", ours, m, t);
     const std::string moe = hf + "block_sparse_moe.";
     t[ours + "moe.router_weight"] = src.take(moe + "gate.weight", {m.num_experts, d});
     t[ours + "moe.expert_bias"] = at::zeros({m.num_experts});
@@ -371,32 +392,16 @@ HfModel import_qwen2_moe(const Keys& k, Source& src) {
     if (dense[i] != static_cast<int64_t>(i)) k.refuse("mlp_only_layers", "dense layers must be the first ones (0, 1, ..)");
   }
   m.first_k_dense = static_cast<int64_t>(dense.size());
-  m.score_function = moe::ScoreFunction::kSoftmax;
-  m.num_groups = m.group_top_k = 1;
-  m.norm_topk_prob = k.boolean("norm_topk_prob", false);
-  m.route_scale = 1.0;
-  m.expert_bias_update_rate = 0;
-  m.aux_loss_coeff = k.number("router_aux_loss_coef", 0.001);
+  plain_softmax_routing(k, m, k.boolean("norm_topk_prob", false));
   read_rope(k, m);
   if (const std::string error = m.validate(); !error.empty()) throw std::runtime_error("config.json: model." + error);
-  const int64_t d = m.hidden_size, hd = m.head_dim, f = m.moe_ffn_hidden_size;
+  const int64_t d = m.hidden_size, f = m.moe_ffn_hidden_size;
   TensorMap& t = r.tensors;
-  t["embedding.weight"] = src.take("model.embed_tokens.weight", {m.vocab_size, d});
-  t["head.norm.weight"] = src.take("model.norm.weight", {d});
-  t["head.weight"] = src.take("lm_head.weight", {m.vocab_size, d});
+  import_ends(src, m, t);
   for (int64_t l = 0; l < m.num_layers; ++l) {
     const std::string hf = "model.layers." + std::to_string(l) + ".", ours = "layers." + std::to_string(l) + ".";
-    t[ours + "attention_norm.weight"] = src.take(hf + "input_layernorm.weight", {d});
-    t[ours + "ffn_norm.weight"] = src.take(hf + "post_attention_layernorm.weight", {d});
-    const std::string a = hf + "self_attn.";
-    const int64_t q_rows = m.num_heads * hd, kv_rows = m.num_kv_heads * hd;
-    t[ours + "attention.wqkv"] = at::cat({src.take(a + "q_proj.weight", {q_rows, d}), src.take(a + "k_proj.weight", {kv_rows, d}),
-                                         src.take(a + "v_proj.weight", {kv_rows, d})});
-    if (m.attention_bias) {
-      t[ours + "attention.bqkv"] = at::cat({src.take(a + "q_proj.bias", {q_rows}), src.take(a + "k_proj.bias", {kv_rows}),
-                                           src.take(a + "v_proj.bias", {kv_rows})});
-    }
-    t[ours + "attention.wo"] = src.take(a + "o_proj.weight", {d, q_rows});
+    import_layer_norms(src, hf, ours, d, t);
+    import_gqa(src, hf + "self_attn.", ours, m, t);
     if (!m.is_moe_layer(l)) {
       import_mlp(src, hf + "mlp", ours + "ffn", d, m.ffn_hidden_size, t);
       continue;
