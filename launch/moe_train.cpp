@@ -16,7 +16,9 @@ namespace {
 void on_signal(int) { fmoe::trainer::request_stop(); }
 
 constexpr const char* kUsage =
-    "usage: moe-train --config FILE [--set key.path=value]... [--resume] [--stop-at STEP] [--eval-only]\n"
+    "usage: moe-train --config FILE [--set key.path=value]... [--resume[=CHECKPOINT]] [--stop-at STEP] [--eval-only]\n"
+    "  --resume continues from the latest checkpoint (a damaged one is skipped for the newest earlier one, with a\n"
+    "  warning); --resume=CHECKPOINT from that checkpoint directory only.\n"
     "  --eval-only validates the latest checkpoint's model under this layout and precision, writing nothing.\n"
     "  --stop-at STEP saves a checkpoint and exits 0 after STEP steps (resume later with --resume).\n"
     "  SIGINT / SIGTERM finish the current step, save a checkpoint and exit 0.\n";
@@ -43,6 +45,7 @@ int main(int argc, char** argv) {
     auto world = fmoe::parallel::make_mpi_world_communicator();
     fmoe::trainer::TrainerOptions options;
     options.resume = args.has("resume");
+    options.resume_path = args.get("resume");  // --resume=PATH: that checkpoint, no other
     options.eval_only = args.has("eval-only");
     if (args.has("stop-at")) options.stop_at_step = std::stoll(args.get("stop-at"));
     options.world = world.get();

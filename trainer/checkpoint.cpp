@@ -104,18 +104,50 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   fs::remove_all(old_dir);
 
   // Retention: keep the newest `keep` complete checkpoints.
-  std::vector<fs::path> complete;
+  const std::vector<std::string> complete = complete_checkpoints(run_dir);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < complete.size(); ++i) {
+    if (fs::path(complete[i]) != final_dir) fs::remove_all(complete[i]);
+  }
+  return final_dir.string();
+}
+
+std::vector<std::string> complete_checkpoints(const std::string& run_dir) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  std::vector<std::string> complete;
+  if (!fs::is_directory(root)) return complete;
   for (const auto& entry : fs::directory_iterator(root)) {
     const std::string entry_name = entry.path().filename().string();
     if (entry.is_directory() && entry_name.rfind("step_", 0) == 0 && entry_name.find('.') == std::string::npos) {
-      complete.push_back(entry.path());
+      complete.push_back(entry.path().string());
     }
   }
-  std::sort(complete.begin(), complete.end());
-  for (size_t i = 0; i + static_cast<size_t>(keep) < complete.size(); ++i) {
-    if (complete[i] != final_dir) fs::remove_all(complete[i]);
+  std::sort(complete.begin(), complete.end());  // step_%08lld: name order is step order
+  return complete;
+}
+
+std::vector<std::string> resume_candidates(const std::string& run_dir) {
+  std::vector<std::string> out;
+  std::optional<std::string> latest;
+  try {
+    latest = latest_checkpoint(run_dir);
+  } catch (const std::runtime_error&) {
+    // A damaged pointer: the complete checkpoints still order themselves.
   }
-  return final_dir.string();
+  if (latest && fs::is_directory(*latest)) out.push_back(*latest);
+  const std::vector<std::string> complete = complete_checkpoints(run_dir);
+  for (auto it = complete.rbegin(); it != complete.rend(); ++it) {
+    if (!latest || fs::path(*it) != fs::path(*latest)) out.push_back(*it);
+  }
+  return out;
+}
+
+void verify_checkpoint(const std::string& directory) {
+  const CheckpointContents contents = load_checkpoint(directory);
+  for (const auto& [file, crc] : contents.checksums) {
+    const std::string path = directory + "/" + file;
+    if (!fs::exists(path)) throw std::runtime_error(path + ": missing from the checkpoint");
+    if (data::crc32_of_file(path) != crc) throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+  }
 }
 
 std::optional<std::string> latest_checkpoint(const std::string& run_dir) {

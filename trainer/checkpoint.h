@@ -19,6 +19,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "trainer/safetensors.h"
 
@@ -59,6 +60,17 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
 
 // The directory named by <run_dir>/checkpoints/latest, if any.
 std::optional<std::string> latest_checkpoint(const std::string& run_dir);
+
+// Every complete checkpoint directory of a run (step_N, no save in progress),
+// oldest first.
+std::vector<std::string> complete_checkpoints(const std::string& run_dir);
+
+// What resume tries, in order: the latest, then the other complete checkpoints, newest first.
+std::vector<std::string> resume_candidates(const std::string& run_dir);
+
+// Reads every file the checkpoint lists (rank shards included) and checks its
+// CRC32; throws the loader's one-line error naming the first bad file.
+void verify_checkpoint(const std::string& directory);
 
 // Reads and verifies a checkpoint directory. Throws a one-line error naming the bad file.
 CheckpointContents load_checkpoint(const std::string& directory);

@@ -2,7 +2,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -34,7 +38,7 @@ std::string ProgressLine::format() const {
   return spend.empty() ? std::string(text) : std::string(text) + " | " + spend;
 }
 
-MetricsWriter::MetricsWriter(const std::string& path, int64_t resume_step) {
+MetricsWriter::MetricsWriter(const std::string& path, int64_t resume_step) : path_(path) {
   std::string kept;
   if (resume_step >= 0 && std::filesystem::exists(path)) {
     std::istringstream lines(data::read_file(path));
@@ -46,15 +50,30 @@ MetricsWriter::MetricsWriter(const std::string& path, int64_t resume_step) {
       }
     }
   }
-  out_.open(path, std::ios::trunc);
-  if (!out_) throw std::runtime_error(path + ": cannot open the metrics file for writing");
-  out_ << kept;
-  out_.flush();
+  data::write_file_atomic(path, kept);  // never truncated in place: a crash leaves the old file or the new one
+  fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+  if (fd_ < 0) throw std::runtime_error(path + ": cannot open the metrics file for appending");
+}
+
+MetricsWriter::~MetricsWriter() {
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void MetricsWriter::write(const std::string& json_line) {
-  out_ << json_line << '\n';
-  out_.flush();
+  const std::string line = json_line + "\n";
+  // One write per record (O_APPEND): a crash leaves whole records and at most one torn last line.
+  for (size_t done = 0; done < line.size();) {
+    const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw std::runtime_error(path_ + ": cannot append to the metrics file (" + std::strerror(errno) + ")");
+    }
+    done += static_cast<size_t>(n);
+  }
+}
+
+void MetricsWriter::sync() {
+  if (::fsync(fd_) != 0) throw std::runtime_error(path_ + ": fsync failed (" + std::strerror(errno) + ")");
 }
 
 }  // namespace fmoe::trainer

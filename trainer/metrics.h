@@ -5,7 +5,6 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
-#include <fstream>
 #include <string>
 
 namespace fmoe::trainer {
@@ -19,14 +18,24 @@ struct ProgressLine {
   std::string format() const;
 };
 
-// Appends one JSON object per line; on resume, drops records after the resumed step.
+// Appends one JSON object per line. The file changes only by atomic
+// replacement or by appending: a fresh run replaces it with an empty file, a
+// resumed one with the records up to the resumed step (a torn last line from a
+// crash dropped), then each record is appended. sync() makes what was written
+// durable; a checkpoint calls it before it becomes the latest, so the records
+// up to a checkpoint survive any crash after it.
 class MetricsWriter {
  public:
   MetricsWriter(const std::string& path, int64_t resume_step);
+  ~MetricsWriter();
+  MetricsWriter(const MetricsWriter&) = delete;
+  MetricsWriter& operator=(const MetricsWriter&) = delete;
   void write(const std::string& json_line);
+  void sync();
 
  private:
-  std::ofstream out_;
+  std::string path_;
+  int fd_ = -1;
 };
 
 }  // namespace fmoe::trainer

@@ -100,6 +100,7 @@ struct Trainer::Impl {
   std::unique_ptr<StepRuntime> step_runtime;  // this rank's share of each step's schedule
   bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
   bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
+  std::unique_ptr<MetricsWriter> metrics;  // rank 0's metrics.jsonl, once training starts
   std::unique_ptr<Zero1> zero1;
   int64_t dp_size = 1, dp_rank = 0;
   double peak_gflops_per_rank = 0;
@@ -147,6 +148,32 @@ struct Trainer::Impl {
       return;
     }
     restore_optimizer(directory, contents);
+  }
+
+  // The first candidate every rank can read: one that fails its checks on any
+  // rank (a missing or damaged file) is skipped by all, with a warning naming
+  // the file; a layout or config mismatch is an error, not a reason to skip.
+  void restore_first_usable(const std::vector<std::string>& candidates, bool fallback) {
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      std::string why;
+      try {
+        restore(candidates[i]);
+      } catch (const ConfigError&) {
+        throw;
+      } catch (const std::runtime_error& e) {
+        why = e.what();
+      }
+      at::Tensor failed = at::full({1}, why.empty() ? 0.0f : 1.0f);
+      if (world_size > 1) mesh->world().all_reduce(failed, {parallel::ReduceOp::kSum})->wait();
+      if (failed.item<float>() == 0) return;
+      if (!fallback || i + 1 == candidates.size()) {
+        throw std::runtime_error(why.empty() ? candidates[i] + ": another rank could not read its part" : why);
+      }
+      if (!why.empty()) {
+        std::fprintf(stderr, "moe-train: warning (rank %d): %s; resuming from %s instead\n", rank, why.c_str(), candidates[i + 1].c_str());
+        std::fflush(stderr);
+      }
+    }
   }
 
   // training.init_from: a checkpoint's (or a run's latest) weights, nothing else.
@@ -255,6 +282,8 @@ struct Trainer::Impl {
       contents.config_yaml = to_yaml(cfg);
       contents.layout = layout_name();
       if (sharded_state) contents.write_extra = receive_rank_states(mesh->world());
+      // The records up to this step are durable before the checkpoint becomes the latest.
+      if (metrics) metrics->sync();
       const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints);
       log("checkpoint saved: " + dir);
     } else if (sharded_state) {
@@ -552,18 +581,18 @@ TrainResult Trainer::Impl::run() {
   state.loader_seed = loader_options.seed;
 
   if (options.resume || options.eval_only) {
-    const auto latest = latest_checkpoint(tc.run_dir);
-    if (!latest) {
+    const bool explicit_path = !options.resume_path.empty();
+    const std::vector<std::string> candidates = explicit_path ? std::vector<std::string>{options.resume_path} : resume_candidates(tc.run_dir);
+    if (candidates.empty()) {
       throw std::runtime_error(tc.run_dir + "/checkpoints: no checkpoint to " + (options.eval_only ? "evaluate" : "resume from") +
                                (options.eval_only ? "" : "; run without --resume"));
     }
-    restore(*latest);
+    restore_first_usable(candidates, /*fallback=*/!explicit_path);
   } else if (!tc.init_from.empty()) {
     initialize_from(tc.init_from);
   }
 
   if (options.eval_only) return evaluate_checkpoint();
-  std::unique_ptr<MetricsWriter> metrics;
   if (rank == 0) {
     std::filesystem::create_directories(tc.run_dir);
     data::write_file_atomic(tc.run_dir + "/config.yaml", to_yaml(cfg));

@@ -16,7 +16,12 @@ class Communicator;
 namespace fmoe::trainer {
 
 struct TrainerOptions {
+  // Continue from the run's latest checkpoint; one that fails its checks (a
+  // missing or damaged file) is skipped for the newest earlier complete one,
+  // with a one-line warning naming the bad file.
   bool resume = false;
+  // With resume: this checkpoint directory and no other (no fallback).
+  std::string resume_path;
   // Stop (checkpoint, return) once this many steps are done, as on SIGTERM; 0: never.
   int64_t stop_at_step = 0;
   // Load the model of run_dir's latest checkpoint (written under any layout), run
