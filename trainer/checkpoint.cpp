@@ -48,7 +48,7 @@ nlohmann::json index_of(const TensorMap& tensors, const std::string& file) {
 
 }  // namespace
 
-std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& contents, int64_t keep) {
+std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& contents, int64_t keep, int64_t keep_every) {
   const fs::path root = fs::path(run_dir) / "checkpoints";
   fs::create_directories(root);
   const std::string name = step_name(contents.state.step);
@@ -103,10 +103,16 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   data::write_file_atomic((root / "latest").string(), name + "\n");
   fs::remove_all(old_dir);
 
-  // Retention: keep the newest `keep` complete checkpoints.
-  const std::vector<std::string> complete = complete_checkpoints(run_dir);
-  for (size_t i = 0; i + static_cast<size_t>(keep) < complete.size(); ++i) {
-    if (fs::path(complete[i]) != final_dir) fs::remove_all(complete[i]);
+  // Retention: the newest `keep` complete checkpoints, and every keep_every-th step for good.
+  std::vector<std::string> rotating;
+  for (const std::string& dir : complete_checkpoints(run_dir)) {
+    const std::string base = fs::path(dir).filename().string();  // step_%08lld
+    const int64_t step = std::stoll(base.substr(5));
+    if (keep_every > 0 && step % keep_every == 0) continue;
+    rotating.push_back(dir);
+  }
+  for (size_t i = 0; i + static_cast<size_t>(keep) < rotating.size(); ++i) {
+    if (fs::path(rotating[i]) != final_dir) fs::remove_all(rotating[i]);
   }
   return final_dir.string();
 }

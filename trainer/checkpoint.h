@@ -55,8 +55,9 @@ struct CheckpointContents {
 };
 
 // Writes a checkpoint for state.step; returns its directory. Removes the
-// oldest complete checkpoints beyond keep.
-std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& contents, int64_t keep);
+// oldest complete checkpoints beyond the newest `keep`, except those whose step
+// is a multiple of keep_every (kept for good; 0: none).
+std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& contents, int64_t keep, int64_t keep_every = 0);
 
 // The directory named by <run_dir>/checkpoints/latest, if any.
 std::optional<std::string> latest_checkpoint(const std::string& run_dir);

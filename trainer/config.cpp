@@ -119,6 +119,7 @@ void visit(V& v, TrainingConfig& c) {
   v.field("eval_sequences", c.eval_sequences);
   v.field("checkpoint_interval", c.checkpoint_interval);
   v.field("keep_checkpoints", c.keep_checkpoints);
+  v.field("keep_every", c.keep_every);
   v.field("run_dir", c.run_dir);
   v.field("init_from", c.init_from);
   v.field("recompute", c.recompute);
@@ -406,6 +407,7 @@ std::string TrainingConfig::validate() const {
   if (eval_sequences < 1) return "eval_sequences: must be >= 1";
   if (checkpoint_interval < 0) return "checkpoint_interval: must be >= 0";
   if (keep_checkpoints < 1) return "keep_checkpoints: must be >= 1";
+  if (keep_every < 0) return "keep_every: must be >= 0 (0: none kept for good)";
   if (run_dir.empty()) return "run_dir: must not be empty";
   if (recompute != "none" && recompute != "selective" && recompute != "full") {
     return "recompute: must be none, selective or full, got '" + recompute + "'";

@@ -78,6 +78,7 @@ struct TrainingConfig {
   int64_t eval_sequences = 256;      // held-out windows of seq_len tokens, dealt over data-parallel ranks
   int64_t checkpoint_interval = 200;  // 0: only at the end
   int64_t keep_checkpoints = 2;
+  int64_t keep_every = 0;            // checkpoints at multiples of this step are kept for good; 0: none
   std::string run_dir = "runs/tiny";
   // A checkpoint directory, or a run directory (its latest checkpoint), whose
   // model weights and expert biases a fresh run starts from (a fine-tune, or a

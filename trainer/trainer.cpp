@@ -284,7 +284,7 @@ struct Trainer::Impl {
       if (sharded_state) contents.write_extra = receive_rank_states(mesh->world());
       // The records up to this step are durable before the checkpoint becomes the latest.
       if (metrics) metrics->sync();
-      const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints);
+      const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints, cfg.training.keep_every);
       log("checkpoint saved: " + dir);
     } else if (sharded_state) {
       send_rank_state(optimizer_state, mesh->world());

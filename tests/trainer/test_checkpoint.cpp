@@ -85,6 +85,17 @@ TEST_F(CheckpointTest, StreamedFilesEqualInMemoryBytesAndReadBack) {
   EXPECT_FALSE(fs::exists(dir_ + "/never.tmp"));
 }
 
+TEST_F(CheckpointTest, KeepEveryKeepsMultiplesForGoodBesideTheNewest) {
+  for (int64_t step : {10, 20, 30, 40, 50, 60, 70}) save_checkpoint(dir_, contents(step), 2, /*keep_every=*/30);
+  std::vector<std::string> names;
+  for (const std::string& dir : complete_checkpoints(dir_)) names.push_back(fs::path(dir).filename().string());
+  EXPECT_EQ(names, (std::vector<std::string>{"step_00000030", "step_00000050", "step_00000060", "step_00000070"}));
+  // What resume tries: the latest, then the others newest first.
+  std::vector<std::string> order;
+  for (const std::string& dir : resume_candidates(dir_)) order.push_back(fs::path(dir).filename().string());
+  EXPECT_EQ(order, (std::vector<std::string>{"step_00000070", "step_00000060", "step_00000050", "step_00000030"}));
+}
+
 TEST_F(CheckpointTest, SaveLoadLatestAndRetention) {
   EXPECT_FALSE(latest_checkpoint(dir_).has_value());
   for (int64_t step : {10, 20, 30}) save_checkpoint(dir_, contents(step), 2);
