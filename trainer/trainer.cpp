@@ -1,4 +1,5 @@
 #include "trainer/trainer.h"
+#include "trainer/trainer_impl.h"
 
 #include <ATen/ATen.h>
 #include <torch/torch.h>
@@ -80,321 +81,80 @@ nlohmann::json pipeline_times_json(const at::Tensor& gathered) {
 
 void request_stop() { g_stop_requested.store(true); }
 
-struct Trainer::Impl {
-  Config config;
-  TrainerOptions options;
-  int rank = 0;
-  int world_size = 1;
-  at::ScalarType dtype = at::kBFloat16;
-  c10::Device device{c10::kCPU};
-  std::shared_ptr<moe::MoEModel> model;
-  std::unique_ptr<data::TokenLoader> loader;
-  std::unique_ptr<AdamW> optimizer;
-  std::vector<NamedParameter> params;
-  TrainerState state;
-  std::optional<parallel::Mesh> mesh;
-  std::unique_ptr<parallel::GradientSync> grad_sync;
-  std::vector<bool> sharded_over_tp, is_expert;
-  std::vector<at::Tensor> tp_partial;  // norm weights under sequence parallelism
-  std::unique_ptr<PipelineStages> stages;  // the pipeline split (one stage without pipelining)
-  std::unique_ptr<StepRuntime> step_runtime;  // this rank's share of each step's schedule
-  bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
-  bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
-  std::unique_ptr<MetricsWriter> metrics;  // rank 0's metrics.jsonl, once training starts
-  std::unique_ptr<Zero1> zero1;
-  int64_t dp_size = 1, dp_rank = 0;
-  double peak_gflops_per_rank = 0;
-
-  void log(const std::string& line) const {
-    if (rank == 0) std::fprintf(stdout, "%s\n", line.c_str()), std::fflush(stdout);
+// The validation loss over a fixed set of held-out windows (the first
+// eval_sequences of the validation stream), dealt out over the data-parallel
+// ranks in contiguous slices: the same number on every layout and machine.
+double Trainer::Impl::evaluate() {
+  torch::NoGradGuard no_grad;
+  const int64_t total = eval_windows();
+  const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
+  const int64_t rows_per_batch = config.training.micro_batch_size;
+  at::Tensor sums = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));  // summed per-window mean losses, windows
+  std::vector<at::Tensor> batches;
+  std::vector<int64_t> counted_rows;  // 0 for a batch that is run but not counted
+  const auto run = [&](int64_t first, int64_t rows, bool counted) {
+    batches.push_back(to_device(loader->val_windows(first, rows)));
+    counted_rows.push_back(counted ? rows : 0);
+  };
+  // Full micro-batches while every rank has one left (slices differ by at most one window).
+  const int64_t full_rounds = total / dp_size / rows_per_batch;
+  for (int64_t round = 0; round < full_rounds; ++round) run(begin + round * rows_per_batch, rows_per_batch, true);
+  const int64_t tail = begin + full_rounds * rows_per_batch;
+  if (!sharded_model) {
+    if (end > tail) run(tail, end - tail, true);
+  } else {
+    // Every forward is collective under expert or tensor parallelism, and the
+    // expert exchange wants equal row counts: the rest goes one window per
+    // forward, as many as the largest slice needs; a rank whose slice is done
+    // runs a window it does not count.
+    const int64_t largest = (total + dp_size - 1) / dp_size;
+    for (int64_t i = tail; i < begin + largest; ++i) run(i < end ? i : begin, 1, i < end);
   }
-
-  // Sums a small fp32/int64 tensor over the data-parallel ranks.
-  void sum_over_ranks(at::Tensor& tensor) const {
-    if (dp_size > 1) mesh->dp().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  // Through the pipeline when there is one: the losses arrive on the head's rank.
+  const std::vector<at::Tensor> losses = step_runtime->forward_only(batches, dtype, config.precision.fp8);
+  for (size_t i = 0; i < batches.size(); ++i) {
+    if (counted_rows[i] == 0 || !losses[i].defined()) continue;
+    sums[0] += losses[i].to(at::kDouble) * static_cast<double>(counted_rows[i]);
+    sums[1] += static_cast<double>(counted_rows[i]);
   }
-  // The same over the pipeline ranks, whose stages each hold a share.
-  void sum_over_pipeline(at::Tensor& tensor) const {
-    if (mesh->shape().pp > 1) mesh->pp().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  sum_over_pipeline(sums);
+  sum_over_ranks(sums);
+  for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
+  return (sums[0] / sums[1]).item<double>();
+}
+
+// The first budget limit reached, or empty. A schedule sized by the budget
+// (training.steps: 0) runs to its fixed end instead: its limits set its length.
+std::string Trainer::Impl::budget_exhausted() const {
+  const BudgetConfig& b = config.budget;
+  char text[160] = "";
+  if (config.training.steps == 0) return text;
+  if (b.max_minutes > 0 && state.elapsed_seconds >= b.max_minutes * 60) {
+    std::snprintf(text, sizeof(text), "%.4g of budget.max_minutes %.4g minutes", state.elapsed_seconds / 60, b.max_minutes);
+  } else if (b.max_tokens > 0 && state.tokens_seen >= b.max_tokens) {
+    std::snprintf(text, sizeof(text), "%lld of budget.max_tokens %lld tokens", static_cast<long long>(state.tokens_seen),
+                  static_cast<long long>(b.max_tokens));
+  } else if (b.max_gpu_hours > 0 && gpu_hours() >= b.max_gpu_hours) {
+    std::snprintf(text, sizeof(text), "%.4g of budget.max_gpu_hours %.4g GPU-hours", gpu_hours(), b.max_gpu_hours);
+  } else if (b.max_usd > 0 && usd() >= b.max_usd) {
+    std::snprintf(text, sizeof(text), "$%.4g of budget.max_usd $%.4g", usd(), b.max_usd);
   }
-  // The same over every rank (stop flags: all must agree).
-  void sum_over_world(at::Tensor& tensor) const {
-    if (world_size > 1) mesh->world().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  return text;
+}
+
+// "spent / projected" for the progress line, given the run's total steps.
+std::string Trainer::Impl::spend_text(int64_t total_steps) const {
+  if (!config.budget.limited() && config.budget.usd_per_gpu_hour <= 0) return "";
+  const double projected = state.step > 0 ? gpu_hours() / static_cast<double>(state.step) * static_cast<double>(total_steps) : 0;
+  char text[96];
+  if (config.budget.usd_per_gpu_hour > 0) {
+    std::snprintf(text, sizeof(text), "$%.4g / $%.4g projected", usd(), projected * config.budget.usd_per_gpu_hour);
+  } else {
+    std::snprintf(text, sizeof(text), "%.3g / %.3g GPU-h projected", gpu_hours(), projected);
   }
+  return text;
+}
 
-  // The full model (shards gathered over tp and ep): every rank takes part, rank 0 writes.
-  TensorMap full_model_tensors() const {
-    TensorMap tensors = model_tensors();
-    if (!sharded_model) return tensors;
-    for (const auto& [name, spec] : model->shard_specs()) tensors[name] = parallel::gather_full(tensors.at(name), spec, *mesh);
-    return tensors;
-  }
-
-  TensorMap model_tensors() const {
-    TensorMap tensors;
-    for (const auto& item : model->named_parameters()) tensors[item.key()] = item.value();
-    for (const auto& item : model->named_buffers()) {
-      if (item.key().find("step_load") == std::string::npos) tensors[item.key()] = item.value();
-    }
-    return tensors;
-  }
-
-  void restore(const std::string& directory) {
-    const CheckpointContents contents = load_checkpoint(directory);
-    load_model_weights(directory, contents);
-    if (options.eval_only) {  // the weights are all validation needs, under any layout
-      state = contents.state;
-      log("loaded the model of " + directory + " (step " + std::to_string(state.step) + ") for validation");
-      return;
-    }
-    restore_optimizer(directory, contents);
-  }
-
-  // The first candidate every rank can read: one that fails its checks on any
-  // rank (a missing or damaged file) is skipped by all, with a warning naming
-  // the file; a layout or config mismatch is an error, not a reason to skip.
-  void restore_first_usable(const std::vector<std::string>& candidates, bool fallback) {
-    for (size_t i = 0; i < candidates.size(); ++i) {
-      std::string why;
-      try {
-        restore(candidates[i]);
-      } catch (const ConfigError&) {
-        throw;
-      } catch (const std::runtime_error& e) {
-        why = e.what();
-      }
-      at::Tensor failed = at::full({1}, why.empty() ? 0.0f : 1.0f);
-      if (world_size > 1) mesh->world().all_reduce(failed, {parallel::ReduceOp::kSum})->wait();
-      if (failed.item<float>() == 0) return;
-      if (!fallback || i + 1 == candidates.size()) {
-        throw std::runtime_error(why.empty() ? candidates[i] + ": another rank could not read its part" : why);
-      }
-      if (!why.empty()) {
-        std::fprintf(stderr, "moe-train: warning (rank %d): %s; resuming from %s instead\n", rank, why.c_str(), candidates[i + 1].c_str());
-        std::fflush(stderr);
-      }
-    }
-  }
-
-  // training.init_from: a checkpoint's (or a run's latest) weights, nothing else.
-  void initialize_from(const std::string& path) {
-    std::string directory = path;
-    if (!std::filesystem::exists(path + "/trainer_state.json")) {
-      const auto latest = latest_checkpoint(path);
-      if (!latest) throw ConfigError("training.init_from: " + path + " is neither a checkpoint nor a run directory with checkpoints/latest");
-      directory = *latest;
-    }
-    load_model_weights(directory, load_checkpoint(directory));
-    log("initialized the model from " + directory);
-  }
-
-  // The checkpoint's full tensors: each rank takes its shard, whatever layout wrote them.
-  void load_model_weights(const std::string& directory, const CheckpointContents& contents) {
-    const std::string model_file = directory + "/model.safetensors";
-    torch::NoGradGuard no_grad;
-    // The checkpoint holds full tensors: each rank takes its shard, whatever layout wrote it.
-    const auto specs = model->shard_specs();
-    for (auto& [name, tensor] : model_tensors()) {
-      if (!stages->holds(name, static_cast<int>(mesh->coords().pp))) continue;  // another pipeline rank's
-      const auto it = contents.model.find(name);
-      if (it == contents.model.end()) throw std::runtime_error(model_file + ": tensor '" + name + "' is missing");
-      const auto spec = specs.find(name);
-      at::Tensor source = it->second;
-      try {
-        if (spec != specs.end()) source = parallel::local_shard(source, spec->second, mesh->shape(), mesh->coords());
-      } catch (const std::exception&) {
-        source = it->second;  // reported as a shape mismatch below
-      }
-      if (!source.sizes().equals(tensor.sizes())) {
-        throw std::runtime_error(model_file + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) +
-                                 ", the configured model expects " + c10::str(tensor.sizes()) +
-                                 (sharded_model ? " on this rank" : ""));
-      }
-      tensor.copy_(source);
-    }
-  }
-
-  void restore_optimizer(const std::string& directory, const CheckpointContents& contents) {
-    // Optimizer state: one file when every rank holds the same state, else one per rank.
-    const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
-    const bool written_sharded = contents.checksums.count(rank_state_file(1)) > 0;
-    if ((sharded_state || written_sharded) && written_layout != layout_name()) {
-      // Every rank sees the same mismatch: reported once, like a config error.
-      throw ConfigError(directory + "/trainer_state.json: optimizer state was written under layout " + written_layout +
-                               "; resume under that layout (this run is " + layout_name() + ")");
-    }
-    TensorMap own_state = contents.optimizer;
-    std::string state_file = directory + "/optimizer.safetensors";
-    if (sharded_state && rank != 0) {
-      state_file = directory + "/" + rank_state_file(rank);
-      own_state = load_rank_state(directory, contents, rank);
-    }
-    if (zero1) {
-      zero1->load_state(own_state, state_file);
-    } else {
-      optimizer->load_state(own_state, state_file);
-    }
-    const auto rng = own_state.find("rng.cpu");
-    if (rng != own_state.end()) {
-      at::Generator generator = at::detail::getDefaultCPUGenerator();
-      generator.set_state(rng->second);
-    }
-    state = contents.state;
-    log("resumed from " + directory + " at step " + std::to_string(state.step));
-  }
-
-  // Seconds blocked in collectives so far, over every group of the mesh.
-  double communication_seconds() const {
-    std::vector<const parallel::Communicator*> seen;
-    double total = 0;
-    for (const parallel::Communicator* g : {&mesh->world(), &mesh->tp(), &mesh->dp(), &mesh->pp(), &mesh->ep(), &mesh->edp()}) {
-      if (std::find(seen.begin(), seen.end(), g) != seen.end()) continue;
-      seen.push_back(g);
-      total += g->wait_seconds();
-    }
-    return total;
-  }
-
-  std::string layout_name() const {
-    std::string name = mesh->shape().describe();
-    if (config.parallel.virtual_pp > 1) name += " v" + std::to_string(config.parallel.virtual_pp);
-    if (mesh->shape().pp > 1) name += " stages " + stages->split().describe();
-    return name + (zero1 ? " zero1" : "");
-  }
-
-  void save(const Config& cfg) {
-    stages->gather_all(*model, mesh->pp());  // rank 0 writes whole tensors: every stage's, for the moment
-    TensorMap model_state = full_model_tensors();  // collective when sharded
-    TensorMap optimizer_state;
-    if (rank == 0 || sharded_state) {  // the ranks whose state is written
-      optimizer_state = zero1 ? zero1->state() : optimizer->state();
-      optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
-    }
-    // Checkpoints are written from host memory, whatever device trained.
-    for (TensorMap* map : {&model_state, &optimizer_state}) {
-      for (auto& [name, tensor] : *map) tensor = tensor.to(at::kCPU);
-    }
-    if (rank == 0) {
-      CheckpointContents contents;
-      contents.model = std::move(model_state);
-      contents.optimizer = std::move(optimizer_state);
-      contents.state = state;
-      contents.config_yaml = to_yaml(cfg);
-      contents.layout = layout_name();
-      if (sharded_state) contents.write_extra = receive_rank_states(mesh->world());
-      // The records up to this step are durable before the checkpoint becomes the latest.
-      if (metrics) metrics->sync();
-      const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints, cfg.training.keep_every);
-      log("checkpoint saved: " + dir);
-    } else if (sharded_state) {
-      send_rank_state(optimizer_state, mesh->world());
-    }
-    model_state.clear();
-    stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
-    if (world_size > 1) mesh->world().barrier();
-  }
-
-  // The validation loss over a fixed set of held-out windows (the first
-  // eval_sequences of the validation stream), dealt out over the data-parallel
-  // ranks in contiguous slices: the same number on every layout and machine.
-  double evaluate() {
-    torch::NoGradGuard no_grad;
-    const int64_t total = eval_windows();
-    const int64_t begin = dp_rank * total / dp_size, end = (dp_rank + 1) * total / dp_size;
-    const int64_t rows_per_batch = config.training.micro_batch_size;
-    at::Tensor sums = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));  // summed per-window mean losses, windows
-    std::vector<at::Tensor> batches;
-    std::vector<int64_t> counted_rows;  // 0 for a batch that is run but not counted
-    const auto run = [&](int64_t first, int64_t rows, bool counted) {
-      batches.push_back(to_device(loader->val_windows(first, rows)));
-      counted_rows.push_back(counted ? rows : 0);
-    };
-    // Full micro-batches while every rank has one left (slices differ by at most one window).
-    const int64_t full_rounds = total / dp_size / rows_per_batch;
-    for (int64_t round = 0; round < full_rounds; ++round) run(begin + round * rows_per_batch, rows_per_batch, true);
-    const int64_t tail = begin + full_rounds * rows_per_batch;
-    if (!sharded_model) {
-      if (end > tail) run(tail, end - tail, true);
-    } else {
-      // Every forward is collective under expert or tensor parallelism, and the
-      // expert exchange wants equal row counts: the rest goes one window per
-      // forward, as many as the largest slice needs; a rank whose slice is done
-      // runs a window it does not count.
-      const int64_t largest = (total + dp_size - 1) / dp_size;
-      for (int64_t i = tail; i < begin + largest; ++i) run(i < end ? i : begin, 1, i < end);
-    }
-    // Through the pipeline when there is one: the losses arrive on the head's rank.
-    const std::vector<at::Tensor> losses = step_runtime->forward_only(batches, dtype, config.precision.fp8);
-    for (size_t i = 0; i < batches.size(); ++i) {
-      if (counted_rows[i] == 0 || !losses[i].defined()) continue;
-      sums[0] += losses[i].to(at::kDouble) * static_cast<double>(counted_rows[i]);
-      sums[1] += static_cast<double>(counted_rows[i]);
-    }
-    sum_over_pipeline(sums);
-    sum_over_ranks(sums);
-    for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
-    return (sums[0] / sums[1]).item<double>();
-  }
-
-  // GPU-hours so far (a CPU rank counts as one device) and their price.
-  double gpu_hours() const { return state.elapsed_seconds * world_size / 3600.0; }  // every rank of the mesh
-  double usd() const { return gpu_hours() * config.budget.usd_per_gpu_hour; }
-
-  // The first budget limit reached, or empty. A schedule sized by the budget
-  // (training.steps: 0) runs to its fixed end instead: its limits set its length.
-  std::string budget_exhausted() const {
-    const BudgetConfig& b = config.budget;
-    char text[160] = "";
-    if (config.training.steps == 0) return text;
-    if (b.max_minutes > 0 && state.elapsed_seconds >= b.max_minutes * 60) {
-      std::snprintf(text, sizeof(text), "%.4g of budget.max_minutes %.4g minutes", state.elapsed_seconds / 60, b.max_minutes);
-    } else if (b.max_tokens > 0 && state.tokens_seen >= b.max_tokens) {
-      std::snprintf(text, sizeof(text), "%lld of budget.max_tokens %lld tokens", static_cast<long long>(state.tokens_seen),
-                    static_cast<long long>(b.max_tokens));
-    } else if (b.max_gpu_hours > 0 && gpu_hours() >= b.max_gpu_hours) {
-      std::snprintf(text, sizeof(text), "%.4g of budget.max_gpu_hours %.4g GPU-hours", gpu_hours(), b.max_gpu_hours);
-    } else if (b.max_usd > 0 && usd() >= b.max_usd) {
-      std::snprintf(text, sizeof(text), "$%.4g of budget.max_usd $%.4g", usd(), b.max_usd);
-    }
-    return text;
-  }
-
-  // "spent / projected" for the progress line, given the run's total steps.
-  std::string spend_text(int64_t total_steps) const {
-    if (!config.budget.limited() && config.budget.usd_per_gpu_hour <= 0) return "";
-    const double projected = state.step > 0 ? gpu_hours() / static_cast<double>(state.step) * static_cast<double>(total_steps) : 0;
-    char text[96];
-    if (config.budget.usd_per_gpu_hour > 0) {
-      std::snprintf(text, sizeof(text), "$%.4g / $%.4g projected", usd(), projected * config.budget.usd_per_gpu_hour);
-    } else {
-      std::snprintf(text, sizeof(text), "%.3g / %.3g GPU-h projected", gpu_hours(), projected);
-    }
-    return text;
-  }
-
-  // Whether the run's length is known: configured, or fixed by the budget.
-  bool length_known() const { return config.training.steps > 0 || state.total_steps > 0; }
-  // Steps of the run; until a budget-sized schedule is decided, unbounded (the
-  // calibration steps run inside warmup).
-  int64_t total_steps() const {
-    if (config.training.steps > 0) return config.training.steps;
-    return state.total_steps > 0 ? state.total_steps : std::numeric_limits<int64_t>::max();
-  }
-
-  // The held-out windows validation covers.
-  int64_t eval_windows() const { return std::min(config.training.eval_sequences, loader->num_val_windows()); }
-
-  void choose_precision_once();
-  // A batch made by the loader (host memory) on the run's device, queued without waiting.
-  at::Tensor to_device(const at::Tensor& batch) const {
-    if (device.is_cpu()) return batch;
-    return batch.pin_memory().to(device, /*non_blocking=*/true);
-  }
-  TrainResult evaluate_checkpoint();
-  void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
-
-  TrainResult run();
-};
 
 // Measures BF16 and FP32 GEMMs at the run's shapes (or takes injected rates),
 // averaged over ranks so that every rank makes the same choice; a resumed

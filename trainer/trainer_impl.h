@@ -1,0 +1,183 @@
+// Trainer::Impl: the state of one run of moe-train and its parts. Internal to
+// trainer/ (trainer.cpp holds the loop and validation, trainer_checkpoints.cpp
+// saving and restoring); nothing outside includes it.
+#pragma once
+
+#include "trainer/trainer.h"
+
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+#include <sys/resource.h>
+#include <unistd.h>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <nlohmann/json.hpp>
+#include <thread>
+#include "data/file_util.h"
+#include "fp8/fp8_gemm.h"
+#include "data/loader.h"
+#include "moe/model.h"
+#include "moe/stage_split.h"
+#include "parallel/communicator.h"
+#include "parallel/device.h"
+#include "parallel/device_communicators.h"
+#include "parallel/grad_sync.h"
+#include "parallel/mesh.h"
+#include "parallel/tensor_parallel.h"
+#include "trainer/checkpoint.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+#include "trainer/budget.h"
+#include "trainer/precision.h"
+#include "trainer/safetensors.h"
+#include "trainer/step_readback.h"
+#include "trainer/pipeline_stages.h"
+#include "trainer/run_device.h"
+#include "trainer/step_runtime.h"
+#include "trainer/zero1.h"
+
+namespace fmoe::trainer {
+
+struct Trainer::Impl {
+  Config config;
+  TrainerOptions options;
+  int rank = 0;
+  int world_size = 1;
+  at::ScalarType dtype = at::kBFloat16;
+  c10::Device device{c10::kCPU};
+  std::shared_ptr<moe::MoEModel> model;
+  std::unique_ptr<data::TokenLoader> loader;
+  std::unique_ptr<AdamW> optimizer;
+  std::vector<NamedParameter> params;
+  TrainerState state;
+  std::optional<parallel::Mesh> mesh;
+  std::unique_ptr<parallel::GradientSync> grad_sync;
+  std::vector<bool> sharded_over_tp, is_expert;
+  std::vector<at::Tensor> tp_partial;  // norm weights under sequence parallelism
+  std::unique_ptr<PipelineStages> stages;  // the pipeline split (one stage without pipelining)
+  std::unique_ptr<StepRuntime> step_runtime;  // this rank's share of each step's schedule
+  bool sharded_model = false;  // tp or ep > 1: ranks hold different parameter shards
+  bool sharded_state = false;  // and/or ZeRO-1: ranks hold different optimizer state
+  std::unique_ptr<MetricsWriter> metrics;  // rank 0's metrics.jsonl, once training starts
+  std::unique_ptr<Zero1> zero1;
+  int64_t dp_size = 1, dp_rank = 0;
+  double peak_gflops_per_rank = 0;
+
+  void log(const std::string& line) const {
+    if (rank == 0) std::fprintf(stdout, "%s\n", line.c_str()), std::fflush(stdout);
+  }
+
+  // Sums a small fp32/int64 tensor over the data-parallel ranks.
+  void sum_over_ranks(at::Tensor& tensor) const {
+    if (dp_size > 1) mesh->dp().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  }
+  // The same over the pipeline ranks, whose stages each hold a share.
+  void sum_over_pipeline(at::Tensor& tensor) const {
+    if (mesh->shape().pp > 1) mesh->pp().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  }
+  // The same over every rank (stop flags: all must agree).
+  void sum_over_world(at::Tensor& tensor) const {
+    if (world_size > 1) mesh->world().all_reduce(tensor, {parallel::ReduceOp::kSum})->wait();
+  }
+
+  // The full model (shards gathered over tp and ep): every rank takes part, rank 0 writes.
+  TensorMap full_model_tensors() const {
+    TensorMap tensors = model_tensors();
+    if (!sharded_model) return tensors;
+    for (const auto& [name, spec] : model->shard_specs()) tensors[name] = parallel::gather_full(tensors.at(name), spec, *mesh);
+    return tensors;
+  }
+
+  TensorMap model_tensors() const {
+    TensorMap tensors;
+    for (const auto& item : model->named_parameters()) tensors[item.key()] = item.value();
+    for (const auto& item : model->named_buffers()) {
+      if (item.key().find("step_load") == std::string::npos) tensors[item.key()] = item.value();
+    }
+    return tensors;
+  }
+
+  void restore(const std::string& directory);
+
+  // The first candidate every rank can read: one that fails its checks on any
+  // rank (a missing or damaged file) is skipped by all, with a warning naming
+  // the file; a layout or config mismatch is an error, not a reason to skip.
+  void restore_first_usable(const std::vector<std::string>& candidates, bool fallback);
+
+  // training.init_from: a checkpoint's (or a run's latest) weights, nothing else.
+  void initialize_from(const std::string& path);
+
+  // The checkpoint's full tensors: each rank takes its shard, whatever layout wrote them.
+  void load_model_weights(const std::string& directory, const CheckpointContents& contents);
+
+  void restore_optimizer(const std::string& directory, const CheckpointContents& contents);
+
+  // Seconds blocked in collectives so far, over every group of the mesh.
+  double communication_seconds() const {
+    std::vector<const parallel::Communicator*> seen;
+    double total = 0;
+    for (const parallel::Communicator* g : {&mesh->world(), &mesh->tp(), &mesh->dp(), &mesh->pp(), &mesh->ep(), &mesh->edp()}) {
+      if (std::find(seen.begin(), seen.end(), g) != seen.end()) continue;
+      seen.push_back(g);
+      total += g->wait_seconds();
+    }
+    return total;
+  }
+
+  std::string layout_name() const {
+    std::string name = mesh->shape().describe();
+    if (config.parallel.virtual_pp > 1) name += " v" + std::to_string(config.parallel.virtual_pp);
+    if (mesh->shape().pp > 1) name += " stages " + stages->split().describe();
+    return name + (zero1 ? " zero1" : "");
+  }
+
+  void save(const Config& cfg);
+
+  // The validation loss over a fixed set of held-out windows (the first
+  // eval_sequences of the validation stream), dealt out over the data-parallel
+  // ranks in contiguous slices: the same number on every layout and machine.
+  double evaluate();
+
+  // GPU-hours so far (a CPU rank counts as one device) and their price.
+  double gpu_hours() const { return state.elapsed_seconds * world_size / 3600.0; }  // every rank of the mesh
+  double usd() const { return gpu_hours() * config.budget.usd_per_gpu_hour; }
+
+  // The first budget limit reached, or empty. A schedule sized by the budget
+  // (training.steps: 0) runs to its fixed end instead: its limits set its length.
+  std::string budget_exhausted() const;
+
+  // "spent / projected" for the progress line, given the run's total steps.
+  std::string spend_text(int64_t total_steps) const;
+
+  // Whether the run's length is known: configured, or fixed by the budget.
+  bool length_known() const { return config.training.steps > 0 || state.total_steps > 0; }
+  // Steps of the run; until a budget-sized schedule is decided, unbounded (the
+  // calibration steps run inside warmup).
+  int64_t total_steps() const {
+    if (config.training.steps > 0) return config.training.steps;
+    return state.total_steps > 0 ? state.total_steps : std::numeric_limits<int64_t>::max();
+  }
+
+  // The held-out windows validation covers.
+  int64_t eval_windows() const { return std::min(config.training.eval_sequences, loader->num_val_windows()); }
+
+  void choose_precision_once();
+  // A batch made by the loader (host memory) on the run's device, queued without waiting.
+  at::Tensor to_device(const at::Tensor& batch) const {
+    if (device.is_cpu()) return batch;
+    return batch.pin_memory().to(device, /*non_blocking=*/true);
+  }
+  TrainResult evaluate_checkpoint();
+  void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
+
+  TrainResult run();
+};
+
+}  // namespace fmoe::trainer
