@@ -50,6 +50,8 @@ class AdamW {
   // One update with learning rate lr from the parameters' current .grad().
   void step(double lr);
   TensorMap state() const;
+  // Whether every part of the state is FP32 (moments shaped like their parameters, no master copy).
+  bool all_fp32() const { return all_fp32_; }
   // Restores state(); throws naming source and the missing or mismatched tensor.
   void load_state(const TensorMap& state, const std::string& source);
   int64_t steps_taken() const { return steps_taken_; }

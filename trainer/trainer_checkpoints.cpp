@@ -4,6 +4,24 @@
 // damaged checkpoint), training.init_from, and the weights under any layout.
 
 namespace fmoe::trainer {
+namespace {
+
+// The parameter an FP32 optimizer-state tensor belongs to ("exp_avg.<name>.data",
+// "exp_avg_sq.<name>.data"), or empty for anything else.
+std::string state_parameter(const std::string& key) {
+  const std::string suffix = ".data";
+  if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) return "";
+  for (const std::string prefix : {"exp_avg_sq.", "exp_avg."}) {
+    if (key.rfind(prefix, 0) == 0) return key.substr(prefix.size(), key.size() - prefix.size() - suffix.size());
+  }
+  return "";
+}
+
+}  // namespace
+
+// Optimizer state a checkpoint can hold whole, like the weights, and any layout
+// can take its shard of: FP32 moments without ZeRO-1 partitions or pipeline stages.
+bool Trainer::Impl::whole_optimizer_state() const { return !zero1 && optimizer && optimizer->all_fp32() && mesh->shape().pp == 1; }
 
 void Trainer::Impl::restore(const std::string& directory) {
   const CheckpointContents contents = load_checkpoint(directory);
@@ -81,9 +99,27 @@ void Trainer::Impl::load_model_weights(const std::string& directory, const Check
 }
 
 void Trainer::Impl::restore_optimizer(const std::string& directory, const CheckpointContents& contents) {
-  // Optimizer state: one file when every rank holds the same state, else one per rank.
+  // Optimizer state: whole in one file (each rank takes its shard, under any
+  // layout), or written under a layout that shards it, one file per rank.
   const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
   const bool written_sharded = contents.checksums.count(rank_state_file(1)) > 0;
+  if (!written_sharded && whole_optimizer_state()) {
+    const auto specs = model->shard_specs();
+    TensorMap own;
+    for (const auto& [key, tensor] : contents.optimizer) {
+      const auto spec = specs.find(state_parameter(key));
+      own[key] = spec == specs.end() || !sharded_model ? tensor : parallel::local_shard(tensor, spec->second, mesh->shape(), mesh->coords());
+    }
+    optimizer->load_state(own, directory + "/optimizer.safetensors");
+    if (const auto rng = own.find("rng.cpu"); rng != own.end()) {
+      at::Generator generator = at::detail::getDefaultCPUGenerator();
+      generator.set_state(rng->second);
+    }
+    state = contents.state;
+    if (written_layout != layout_name()) log("optimizer state resharded: written under " + written_layout + ", now " + layout_name());
+    log("resumed from " + directory + " at step " + std::to_string(state.step));
+    return;
+  }
   if ((sharded_state || written_sharded) && written_layout != layout_name()) {
     // Every rank sees the same mismatch: reported once, like a config error.
     throw ConfigError(directory + "/trainer_state.json: optimizer state was written under layout " + written_layout +
@@ -113,10 +149,20 @@ void Trainer::Impl::save(const Config& cfg) {
   stages->gather_all(*model, mesh->pp());  // rank 0 writes whole tensors: every stage's, for the moment
   TensorMap model_state = full_model_tensors();  // collective when sharded
   TensorMap optimizer_state;
-  if (rank == 0 || sharded_state) {  // the ranks whose state is written
+  // Whole state where it can be (gathered over tp and ep like the weights), else each rank's own file.
+  const bool whole = whole_optimizer_state();
+  const bool per_rank_files = sharded_state && !whole;
+  if (whole && sharded_model) {
+    const auto specs = model->shard_specs();
+    for (const auto& [key, tensor] : optimizer->state()) {  // the same keys in the same order on every rank
+      const auto spec = specs.find(state_parameter(key));
+      optimizer_state[key] = spec == specs.end() ? tensor : parallel::gather_full(tensor, spec->second, *mesh);
+    }
+    if (rank != 0) optimizer_state.clear();
+  } else if (rank == 0 || per_rank_files) {  // the ranks whose state is written
     optimizer_state = zero1 ? zero1->state() : optimizer->state();
-    optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
   }
+  if (rank == 0 || per_rank_files) optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
   // Checkpoints are written from host memory, whatever device trained.
   for (TensorMap* map : {&model_state, &optimizer_state}) {
     for (auto& [name, tensor] : *map) tensor = tensor.to(at::kCPU);
@@ -128,12 +174,12 @@ void Trainer::Impl::save(const Config& cfg) {
     contents.state = state;
     contents.config_yaml = to_yaml(cfg);
     contents.layout = layout_name();
-    if (sharded_state) contents.write_extra = receive_rank_states(mesh->world());
+    if (per_rank_files) contents.write_extra = receive_rank_states(mesh->world());
     // The records up to this step are durable before the checkpoint becomes the latest.
     if (metrics) metrics->sync();
     const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints, cfg.training.keep_every);
     log("checkpoint saved: " + dir);
-  } else if (sharded_state) {
+  } else if (per_rank_files) {
     send_rank_state(optimizer_state, mesh->world());
   }
   model_state.clear();

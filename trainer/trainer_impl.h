@@ -118,6 +118,7 @@ struct Trainer::Impl {
   void load_model_weights(const std::string& directory, const CheckpointContents& contents);
 
   void restore_optimizer(const std::string& directory, const CheckpointContents& contents);
+  bool whole_optimizer_state() const;
 
   // Seconds blocked in collectives so far, over every group of the mesh.
   double communication_seconds() const {
