@@ -20,8 +20,12 @@ std::string state_parameter(const std::string& key) {
 }  // namespace
 
 // Optimizer state a checkpoint can hold whole, like the weights, and any layout
-// can take its shard of: FP32 moments without ZeRO-1 partitions or pipeline stages.
-bool Trainer::Impl::whole_optimizer_state() const { return !zero1 && optimizer && optimizer->all_fp32() && mesh->shape().pp == 1; }
+// can take its shard of: FP32 moments (ZeRO-1's gathered from their owners)
+// without pipeline stages.
+bool Trainer::Impl::whole_optimizer_state() const {
+  if (mesh->shape().pp > 1) return false;
+  return zero1 ? zero1->all_fp32() : optimizer && optimizer->all_fp32();
+}
 
 void Trainer::Impl::restore(const std::string& directory) {
   const CheckpointContents contents = load_checkpoint(directory);
@@ -110,7 +114,11 @@ void Trainer::Impl::restore_optimizer(const std::string& directory, const Checkp
       const auto spec = specs.find(state_parameter(key));
       own[key] = spec == specs.end() || !sharded_model ? tensor : parallel::local_shard(tensor, spec->second, mesh->shape(), mesh->coords());
     }
-    optimizer->load_state(own, directory + "/optimizer.safetensors");
+    if (zero1) {
+      zero1->load_state(own, directory + "/optimizer.safetensors");  // the owned parameters' share
+    } else {
+      optimizer->load_state(own, directory + "/optimizer.safetensors");
+    }
     if (const auto rng = own.find("rng.cpu"); rng != own.end()) {
       at::Generator generator = at::detail::getDefaultCPUGenerator();
       generator.set_state(rng->second);
@@ -149,14 +157,15 @@ void Trainer::Impl::save(const Config& cfg) {
   stages->gather_all(*model, mesh->pp());  // rank 0 writes whole tensors: every stage's, for the moment
   TensorMap model_state = full_model_tensors();  // collective when sharded
   TensorMap optimizer_state;
-  // Whole state where it can be (gathered over tp and ep like the weights), else each rank's own file.
+  // Whole state where it can be (ZeRO-1's from its owners, then over tp and ep like the weights), else each rank's own file.
   const bool whole = whole_optimizer_state();
   const bool per_rank_files = sharded_state && !whole;
-  if (whole && sharded_model) {
+  if (whole && (sharded_model || zero1)) {
     const auto specs = model->shard_specs();
-    for (const auto& [key, tensor] : optimizer->state()) {  // the same keys in the same order on every rank
+    const TensorMap local = zero1 ? zero1->full_state() : optimizer->state();
+    for (const auto& [key, tensor] : local) {  // the same keys in the same order on every rank
       const auto spec = specs.find(state_parameter(key));
-      optimizer_state[key] = spec == specs.end() ? tensor : parallel::gather_full(tensor, spec->second, *mesh);
+      optimizer_state[key] = spec == specs.end() || !sharded_model ? tensor : parallel::gather_full(tensor, spec->second, *mesh);
     }
     if (rank != 0) optimizer_state.clear();
   } else if (rank == 0 || per_rank_files) {  // the ranks whose state is written

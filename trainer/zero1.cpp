@@ -49,6 +49,25 @@ Zero1::Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>&
   optimizer_ = std::make_unique<AdamW>(mine, config);
 }
 
+TensorMap Zero1::full_state() const {
+  if (!optimizer_->all_fp32()) throw std::logic_error("Zero1::full_state: FP32 state only");
+  const TensorMap owned = optimizer_->state();
+  TensorMap full;
+  for (const Partition& p : partitions_) {
+    for (size_t k = 0; k < p.members.size(); ++k) {
+      const NamedParameter& param = params_[p.members[k]];
+      for (const std::string moment : {"exp_avg.", "exp_avg_sq."}) {
+        const std::string key = moment + param.name + ".data";
+        at::Tensor t = p.owner[k] == p.group->rank() ? owned.at(key).clone() : at::empty(param.tensor.sizes(), options_);
+        if (p.group->size() > 1) p.group->broadcast(t, {static_cast<int>(p.owner[k])})->wait();
+        full[key] = t;
+      }
+    }
+  }
+  full["optimizer_steps"] = owned.at("optimizer_steps");
+  return full;
+}
+
 int64_t Zero1::owned_numel() const {
   int64_t n = 0;
   for (size_t i = 0; i < params_.size(); ++i) n += owned_[i] ? params_[i].tensor.numel() : 0;

@@ -32,6 +32,12 @@ class Zero1 {
   void step(double lr);
 
   TensorMap state() const { return optimizer_->state(); }
+  // FP32 state only (all_fp32): every parameter's moments on every rank of its
+  // data-parallel group, each broadcast from its owner (collective over dp and
+  // the expert-data-parallel group), as an unsharded AdamW's state() names them;
+  // load_state takes the owned ones out of such a map.
+  TensorMap full_state() const;
+  bool all_fp32() const { return optimizer_->all_fp32(); }
   void load_state(const TensorMap& state, const std::string& source) { optimizer_->load_state(state, source); }
   StateBytes bytes_per_parameter() const { return optimizer_->bytes_per_parameter(); }
   int64_t owned_numel() const;

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Optimizer state resharded on load (FP32 AdamW without ZeRO-1): a run stopped
+# Optimizer state resharded on load (FP32 AdamW, with or without ZeRO-1): a run stopped
 # at step 5 under layout A resumes under layout B, and its next 5 losses equal
 # those of the same checkpoint resumed under A within 1e-5 relative; the layout
 # change is printed. A -> B: dp2+ep2 -> dp4+ep4, dp4+ep4 -> dp2+ep2 (experts per
 # rank doubling), dp2 x tp2 + ep2 -> dp4+ep4, tp2 -> one process, one process ->
-# dp4. ZeRO-1 partitions and low-precision state still resume only under the
-# layout that wrote them: refused in one line naming both layouts.
+# dp4, dp2+ep2 with ZeRO-1 -> dp4+ep2 with ZeRO-1, dp4+ep2 with ZeRO-1 -> one
+# process. Low-precision state still resumes only under the layout that wrote
+# it: refused in one line naming the layout.
 source "$(dirname "$0")/common.sh"
 STEPS=(--set training.steps=10 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
        --set training.grad_accum_steps=1)
@@ -17,6 +18,8 @@ layout_args() {  # a layout name -> ranks and --set flags (8 sequences per step 
     dp2_tp2_ep2) echo "4 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=4" ;;
     tp2) echo "2 --set parallel.tp=2 --set training.micro_batch_size=8" ;;
     dp4) echo "4 --set training.micro_batch_size=2" ;;
+    dp2_ep2_zero1) echo "2 --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=4" ;;
+    dp4_ep2_zero1) echo "4 --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=2" ;;
   esac
 }
 train() {  # dir, layout, extra...
@@ -46,8 +49,10 @@ reshard dp4_ep4 dp2_ep2
 reshard dp2_tp2_ep2 dp4_ep4
 reshard tp2 one
 reshard one dp4
+reshard dp2_ep2_zero1 dp4_ep2_zero1
+reshard dp4_ep2_zero1 one
 
-dir="$WORK_DIR/reshard_zero1"; rm -rf "$dir"
-train "$dir" dp2_ep2 --set parallel.zero1=true --stop-at 3 > "$dir.log" 2>&1 || { cat "$dir.log"; fail "zero1 run failed"; }
-ERROR_PREFIX=moe-train: expect_error "optimizer state was written under layout dp2 pp1 tp1 ep2 zero1; resume under that layout" \
-  train "$dir" dp4_ep4 --set parallel.zero1=true --resume
+dir="$WORK_DIR/reshard_bf16"; rm -rf "$dir"
+train "$dir" dp2_ep2 --set optimizer.exp_avg_dtype=bf16 --stop-at 3 > "$dir.log" 2>&1 || { cat "$dir.log"; fail "bf16-state run failed"; }
+ERROR_PREFIX=moe-train: expect_error "optimizer state was written under layout dp2 pp1 tp1 ep2; resume under that layout" \
+  train "$dir" dp4_ep4 --set optimizer.exp_avg_dtype=bf16 --resume
