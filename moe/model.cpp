@@ -139,6 +139,31 @@ MoEModel::MoEModel(const ModelConfig& config, Parallelism parallel) : config_(co
   }
 }
 
+ForwardContext MoEModel::make_context(int64_t batch, int64_t seq_len, c10::Device device, at::ScalarType compute_dtype, bool fp8) {
+  ForwardContext ctx;
+  ctx.compute_dtype = compute_dtype;
+  // On the CPU, BF16 GEMMs go through oneDNN, which JIT-compiles a kernel per
+  // shape: padded expert groups keep the set of shapes small; FP32 runs
+  // unpadded. cuBLAS and the grouped kernel pick kernels without compiling, so
+  // a GPU pads only FP8 experts, to 128 rows: the native block-scaled GEMM wants
+  // every dimension, the tokens of a weight gradient included, in 128s.
+  ctx.expert_pad_multiple = device.is_cpu() ? (compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1) : (fp8 ? 128 : 1);
+  ctx.grouped_mm = !fp8 && use_grouped_mm(device, compute_dtype);
+  if (rope_cos_.device() != device) {  // the tables follow the model to its device once
+    rope_cos_ = rope_cos_.to(device);
+    rope_sin_ = rope_sin_.to(device);
+  }
+  ctx.fp8 = fp8;
+  ctx.batch = batch;
+  ctx.seq_len = seq_len;
+  ctx.rope_cos_TH = rope_cos_.narrow(0, 0, seq_len);
+  ctx.rope_sin_TH = rope_sin_.narrow(0, 0, seq_len);
+  ctx.aux_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  ctx.z_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  ctx.parallel = &parallel_;
+  return ctx;
+}
+
 PipelineStage MoEModel::whole_model_stage() const {
   PipelineStage all;
   all.embedding = all.head = true;
@@ -165,28 +190,7 @@ StageOutput MoEModel::forward_stage(const PipelineStage& stage, const at::Tensor
     throw std::invalid_argument("sequence length " + std::to_string(seq_len) + " exceeds model.max_seq_len " +
                                 std::to_string(config_.max_seq_len));
   }
-  ForwardContext ctx;
-  ctx.compute_dtype = compute_dtype;
-  const c10::Device device = tokens.device();
-  // On the CPU, BF16 GEMMs go through oneDNN, which JIT-compiles a kernel per
-  // shape: padded expert groups keep the set of shapes small; FP32 runs
-  // unpadded. cuBLAS and the grouped kernel pick kernels without compiling, so
-  // a GPU pads only FP8 experts, to 128 rows: the native block-scaled GEMM wants
-  // every dimension, the tokens of a weight gradient included, in 128s.
-  ctx.expert_pad_multiple = device.is_cpu() ? (compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1) : (fp8 ? 128 : 1);
-  ctx.grouped_mm = !fp8 && use_grouped_mm(device, compute_dtype);
-  if (rope_cos_.device() != device) {  // the tables follow the model to its device once
-    rope_cos_ = rope_cos_.to(device);
-    rope_sin_ = rope_sin_.to(device);
-  }
-  ctx.fp8 = fp8;
-  ctx.batch = tokens.size(0);
-  ctx.seq_len = seq_len;
-  ctx.rope_cos_TH = rope_cos_.narrow(0, 0, seq_len);
-  ctx.rope_sin_TH = rope_sin_.narrow(0, 0, seq_len);
-  ctx.aux_loss = at::zeros({}, tokens.options().dtype(at::kFloat));
-  ctx.z_loss = at::zeros({}, tokens.options().dtype(at::kFloat));
-  ctx.parallel = &parallel_;
+  ForwardContext ctx = make_context(tokens.size(0), seq_len, tokens.device(), compute_dtype, fp8);
 
   at::Tensor x = stage.embedding ? embedding->forward(tokens.narrow(1, 0, seq_len), parallel_) : hidden_in;
   for (int64_t i = stage.first_layer; i < stage.first_layer + stage.num_layers; ++i) x = layers[static_cast<size_t>(i)]->forward(x, ctx);
@@ -242,15 +246,7 @@ at::Tensor MoEModel::logits(const at::Tensor& tokens_BT, at::ScalarType compute_
                                 std::to_string(config_.max_seq_len));
   }
   torch::NoGradGuard no_grad;
-  ForwardContext ctx;
-  ctx.compute_dtype = compute_dtype;
-  ctx.batch = tokens_BT.size(0);
-  ctx.seq_len = tokens_BT.size(1);
-  ctx.rope_cos_TH = rope_cos_.narrow(0, 0, ctx.seq_len).to(tokens_BT.device());
-  ctx.rope_sin_TH = rope_sin_.narrow(0, 0, ctx.seq_len).to(tokens_BT.device());
-  ctx.aux_loss = at::zeros({}, tokens_BT.options().dtype(at::kFloat));
-  ctx.z_loss = ctx.aux_loss.clone();
-  ctx.parallel = &parallel_;
+  ForwardContext ctx = make_context(tokens_BT.size(0), tokens_BT.size(1), tokens_BT.device(), compute_dtype, /*fp8=*/false);
   at::Tensor x = embedding->forward(tokens_BT, parallel_);
   for (const auto& layer : layers) x = layer->forward(x, ctx);
   const at::Tensor logits = deferrable_linear(head->norm->forward(x, compute_dtype), head->weight.to(compute_dtype));

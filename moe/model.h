@@ -115,6 +115,8 @@ class MoEModel : public torch::nn::Module {
   std::vector<std::shared_ptr<MTPModule>> mtp;  // model.mtp_depth modules, with the head
 
  private:
+  // What every layer needs for a micro-batch of `batch` sequences of seq_len tokens.
+  ForwardContext make_context(int64_t batch, int64_t seq_len, c10::Device device, at::ScalarType compute_dtype, bool fp8);
   // The MTP modules' losses from the main model's last hidden state.
   void add_mtp_losses(StageOutput& out, const at::Tensor& x_ND, const at::Tensor& tokens_BT1, ForwardContext& ctx);
   ModelConfig config_;

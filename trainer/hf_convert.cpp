@@ -176,6 +176,19 @@ void common_checks(const Keys& k) {
   if (k.boolean("attention_bias", false)) k.refuse("attention_bias", "attention biases are not supported");
 }
 
+// The shape every architecture spells alike in config.json.
+void read_shape(const Keys& k, moe::ModelConfig& m, double norm_eps_default) {
+  m.vocab_size = k.integer("vocab_size");
+  m.hidden_size = k.integer("hidden_size");
+  m.num_layers = k.integer("num_hidden_layers");
+  m.num_heads = k.integer("num_attention_heads");
+  m.num_kv_heads = k.integer("num_key_value_heads", m.num_heads);
+  m.head_dim = k.integer("head_dim", m.hidden_size / m.num_heads);
+  m.max_seq_len = k.integer("max_position_embeddings");
+  m.norm_eps = k.number("rms_norm_eps", norm_eps_default);
+  m.top_k = k.integer("num_experts_per_tok");
+}
+
 at::Tensor experts_w13(Source& src, const std::string& prefix, const char* gate, const char* up, int64_t experts, int64_t d, int64_t f) {
   std::vector<at::Tensor> per;
   for (int64_t e = 0; e < experts; ++e) {
@@ -240,16 +253,11 @@ HfModel import_deepseek(const Keys& k, Source& src, bool v2) {
   common_checks(k);
   if (k.boolean("mlp_bias", false)) k.refuse("mlp_bias", "MLP biases are not supported");
   if (!v2 && k.text("scoring_func", "sigmoid") != "sigmoid") k.refuse("scoring_func", "DeepseekV3 routes by sigmoid");
-  m.vocab_size = k.integer("vocab_size");
-  m.hidden_size = k.integer("hidden_size");
-  m.num_layers = k.integer("num_hidden_layers");
-  m.num_heads = m.num_kv_heads = k.integer("num_attention_heads");
+  read_shape(k, m, 1e-6);
+  m.num_kv_heads = m.num_heads;  // MLA: every head has its own key and value
   m.ffn_hidden_size = k.integer("intermediate_size");
   m.first_k_dense = k.integer("first_k_dense_replace", 0);
-  m.max_seq_len = k.integer("max_position_embeddings");
-  m.norm_eps = k.number("rms_norm_eps", 1e-6);
   m.num_experts = k.integer("n_routed_experts");
-  m.top_k = k.integer("num_experts_per_tok");
   m.moe_ffn_hidden_size = k.integer("moe_intermediate_size");
   m.num_shared_experts = k.integer("n_shared_experts", 0);
   m.score_function = v2 ? moe::ScoreFunction::kSoftmax : moe::ScoreFunction::kSigmoid;
@@ -329,17 +337,9 @@ HfModel import_mixtral(const Keys& k, Source& src) {
   moe::ModelConfig& m = r.config;
   common_checks(k);
   if (k.has("sliding_window")) k.refuse("sliding_window", "sliding-window attention is not supported");
-  m.vocab_size = k.integer("vocab_size");
-  m.hidden_size = k.integer("hidden_size");
-  m.num_layers = k.integer("num_hidden_layers");
-  m.num_heads = k.integer("num_attention_heads");
-  m.num_kv_heads = k.integer("num_key_value_heads", m.num_heads);
-  m.head_dim = k.integer("head_dim", m.hidden_size / m.num_heads);
+  read_shape(k, m, 1e-5);
   m.first_k_dense = 0;
-  m.max_seq_len = k.integer("max_position_embeddings");
-  m.norm_eps = k.number("rms_norm_eps", 1e-5);
   m.num_experts = k.integer("num_local_experts");
-  m.top_k = k.integer("num_experts_per_tok");
   m.moe_ffn_hidden_size = m.ffn_hidden_size = k.integer("intermediate_size");
   m.num_shared_experts = 0;
   plain_softmax_routing(k, m, /*norm_topk_prob=*/true);
@@ -367,17 +367,9 @@ HfModel import_qwen2_moe(const Keys& k, Source& src) {
   common_checks(k);
   if (k.boolean("use_sliding_window", false)) k.refuse("use_sliding_window", "sliding-window attention is not supported");
   if (k.integer("decoder_sparse_step", 1) != 1) k.refuse("decoder_sparse_step", "only 1 (every layer MoE) is supported");
-  m.vocab_size = k.integer("vocab_size");
-  m.hidden_size = k.integer("hidden_size");
-  m.num_layers = k.integer("num_hidden_layers");
-  m.num_heads = k.integer("num_attention_heads");
-  m.num_kv_heads = k.integer("num_key_value_heads", m.num_heads);
-  m.head_dim = k.integer("head_dim", m.hidden_size / m.num_heads);
+  read_shape(k, m, 1e-6);
   m.attention_bias = k.boolean("qkv_bias", true);
-  m.max_seq_len = k.integer("max_position_embeddings");
-  m.norm_eps = k.number("rms_norm_eps", 1e-6);
   m.num_experts = k.integer("num_experts");
-  m.top_k = k.integer("num_experts_per_tok");
   m.moe_ffn_hidden_size = k.integer("moe_intermediate_size");
   m.ffn_hidden_size = k.integer("intermediate_size");
   const int64_t shared = k.integer("shared_expert_intermediate_size", 0);

@@ -31,6 +31,15 @@ StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedu
   if (schedule_.pp != 1 && !pipeline_.pp) throw std::invalid_argument("step runtime: a pipelined schedule needs the pipeline group");
   if (schedule_.pp > 1 && !schedule_.lowered) schedule_ = parallel::lower(schedule_);
   if (const std::string error = parallel::validate(schedule_); !error.empty()) throw std::invalid_argument("step schedule: " + error);
+  if (schedule_.pp == 1) return;
+  // Where each receive is posted: when the compute action before it starts.
+  const std::vector<parallel::PipeAction>& actions = schedule_.ranks[static_cast<size_t>(pipeline_.pp->rank())];
+  post_at_.resize(actions.size());
+  for (size_t i = 0, last_compute = 0; i < actions.size(); ++i) {
+    const parallel::PipeOp op = actions[i].op;
+    if (op == parallel::PipeOp::kRecvForward || op == parallel::PipeOp::kRecvBackward) post_at_[last_compute].push_back(i);
+    if (actions[i].is_compute()) last_compute = i;
+  }
 }
 
 StepTotals StepRuntime::run(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8) {
@@ -186,12 +195,6 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
   // starts (the tensor can arrive while that runs), and waited for where the
   // schedule puts it. Tags keep early receives from matching the wrong message.
   const std::vector<parallel::PipeAction>& actions = schedule_.ranks[static_cast<size_t>(rank)];
-  std::vector<std::vector<size_t>> post_at(actions.size());
-  for (size_t i = 0, last_compute = 0; i < actions.size(); ++i) {
-    const parallel::PipeOp op = actions[i].op;
-    if (op == parallel::PipeOp::kRecvForward || op == parallel::PipeOp::kRecvBackward) post_at[last_compute].push_back(i);
-    if (actions[i].is_compute()) last_compute = i;
-  }
   std::map<size_t, std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> posted;
   const auto post = [&](size_t index) {
     const parallel::PipeAction& r = actions[index];
@@ -202,7 +205,7 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
   };
 
   for (size_t index = 0; index < actions.size(); ++index) {
-    for (size_t r : post_at[index]) {
+    for (size_t r : post_at_[index]) {
       if (!posted.count(r)) post(r);
     }
     const parallel::PipeAction& a = actions[index];

@@ -73,6 +73,7 @@ class StepRuntime {
   moe::MoEModel& model_;
   parallel::PipelineSchedule schedule_;
   PipelineContext pipeline_;
+  std::vector<std::vector<size_t>> post_at_;  // per action of this rank: the receives to post as it starts
 };
 
 }  // namespace fmoe::trainer
