@@ -16,10 +16,12 @@ namespace {
 void on_signal(int) { fmoe::trainer::request_stop(); }
 
 constexpr const char* kUsage =
-    "usage: moe-train --config FILE [--set key.path=value]... [--resume[=CHECKPOINT]] [--stop-at STEP] [--eval-only]\n"
+    "usage: moe-train --config FILE [--set key.path=value]... [--resume[=CHECKPOINT]] [--stop-at STEP] [--eval-only] [--reshard]\n"
     "  --resume continues from the latest checkpoint (a damaged one is skipped for the newest earlier one, with a\n"
     "  warning); --resume=CHECKPOINT from that checkpoint directory only.\n"
     "  --eval-only validates the latest checkpoint's model under this layout and precision, writing nothing.\n"
+    "  --reshard (with --resume) writes the checkpoint again under this run's layout into training.run_dir and exits:\n"
+    "  the same step, the optimizer state resharded exactly, nothing trained.\n"
     "  --stop-at STEP saves a checkpoint and exits 0 after STEP steps (resume later with --resume).\n"
     "  SIGINT / SIGTERM finish the current step, save a checkpoint and exit 0.\n";
 
@@ -30,7 +32,7 @@ int main(int argc, char** argv) {
   fmoe::parallel::MpiRuntime mpi(&argc, &argv);
   const int rank = mpi.world_rank();
   try {
-    const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "eval-only", "help"});
+    const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "eval-only", "reshard", "help"});
     if (args.has("help")) {
       std::fputs(kUsage, stdout);
       return 0;
@@ -47,6 +49,11 @@ int main(int argc, char** argv) {
     options.resume = args.has("resume");
     options.resume_path = args.get("resume");  // --resume=PATH: that checkpoint, no other
     options.eval_only = args.has("eval-only");
+    options.reshard_only = args.has("reshard");
+    if (options.reshard_only && !options.resume) {
+      if (rank == 0) std::fputs("moe-train: error: --reshard needs --resume or --resume=CHECKPOINT\n", stderr);
+      return 2;
+    }
     if (args.has("stop-at")) options.stop_at_step = std::stoll(args.get("stop-at"));
     options.world = world.get();
     fmoe::trainer::Trainer trainer(config, options);

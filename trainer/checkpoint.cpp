@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <vector>
@@ -54,7 +55,10 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   const std::string name = step_name(contents.state.step);
   const fs::path final_dir = root / name;
   const fs::path tmp_dir = root / (name + ".tmp." + std::to_string(::getpid()));
-  fs::remove_all(tmp_dir);
+  // Saves are one at a time: any temporary directory left is a killed save's.
+  for (const auto& entry : fs::directory_iterator(root)) {
+    if (entry.path().filename().string().find(".tmp.") != std::string::npos) fs::remove_all(entry.path());
+  }
   fs::create_directories(tmp_dir);
 
   // Tensors stream to disk one at a time: saving never holds a second copy of the state.
@@ -246,6 +250,49 @@ std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receiv
       checksums[rank_state_file(r)] = data::crc32_of(view);
     }
   };
+}
+
+std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states_now(parallel::Communicator& world) {
+  auto files = std::make_shared<std::vector<std::string>>();
+  for (int r = 1; r < world.size(); ++r) {
+    at::Tensor size = at::empty({1}, at::kLong);
+    world.recv(size, r, {})->wait();
+    std::string bytes(static_cast<size_t>(size.item<int64_t>()), '\0');
+    at::Tensor view = at::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, at::kByte);
+    world.recv(view, r, {})->wait();
+    files->push_back(std::move(bytes));
+  }
+  return [files](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
+    for (size_t i = 0; i < files->size(); ++i) {
+      const int r = static_cast<int>(i) + 1;
+      data::write_file_atomic(tmp_dir + "/" + rank_state_file(r), (*files)[i]);
+      checksums[rank_state_file(r)] = data::crc32_of((*files)[i]);
+    }
+  };
+}
+
+BackgroundSaver::~BackgroundSaver() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void BackgroundSaver::start(std::function<void()> job) {
+  wait();
+  thread_ = std::thread([this, job = std::move(job)] {
+    try {
+      job();
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+  });
+}
+
+void BackgroundSaver::wait() {
+  if (thread_.joinable()) thread_.join();
+  if (error_) {
+    std::exception_ptr error = error_;
+    error_ = nullptr;
+    std::rethrow_exception(error);
+  }
 }
 
 TensorMap load_rank_state(const std::string& directory, const CheckpointContents& contents, int rank) {

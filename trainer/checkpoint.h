@@ -18,7 +18,9 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <exception>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "trainer/safetensors.h"
@@ -84,7 +86,30 @@ CheckpointContents load_checkpoint(const std::string& directory);
 std::string rank_state_file(int rank);
 void send_rank_state(const TensorMap& state, parallel::Communicator& world);
 std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states(parallel::Communicator& world);
+// For a save written in the background: the other ranks' states received now,
+// at the step boundary (every collective stays on the training thread), and a
+// write_extra that writes them from memory later.
+std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states_now(parallel::Communicator& world);
 // Reads and verifies rank's file of a loaded checkpoint.
 TensorMap load_rank_state(const std::string& directory, const CheckpointContents& contents, int rank);
+
+// training.async_checkpoint: one save at a time written on a background thread.
+// start() waits for the previous save first (at most one in flight); wait()
+// blocks until the current one is durable and rethrows its error, if any. The
+// destructor waits too, so a run never ends with a save half written.
+class BackgroundSaver {
+ public:
+  BackgroundSaver() = default;
+  ~BackgroundSaver();
+  BackgroundSaver(const BackgroundSaver&) = delete;
+  BackgroundSaver& operator=(const BackgroundSaver&) = delete;
+  void start(std::function<void()> job);
+  void wait();
+  bool busy() const { return thread_.joinable(); }
+
+ private:
+  std::thread thread_;
+  std::exception_ptr error_;
+};
 
 }  // namespace fmoe::trainer

@@ -120,6 +120,7 @@ void visit(V& v, TrainingConfig& c) {
   v.field("checkpoint_interval", c.checkpoint_interval);
   v.field("keep_checkpoints", c.keep_checkpoints);
   v.field("keep_every", c.keep_every);
+  v.field("async_checkpoint", c.async_checkpoint);
   v.field("run_dir", c.run_dir);
   v.field("init_from", c.init_from);
   v.field("recompute", c.recompute);

@@ -79,6 +79,9 @@ struct TrainingConfig {
   int64_t checkpoint_interval = 200;  // 0: only at the end
   int64_t keep_checkpoints = 2;
   int64_t keep_every = 0;            // checkpoints at multiples of this step are kept for good; 0: none
+  // Snapshot the state into host memory at the step boundary and write it on a
+  // background thread while training goes on (one save in flight at a time).
+  bool async_checkpoint = false;
   std::string run_dir = "runs/tiny";
   // A checkpoint directory, or a run directory (its latest checkpoint), whose
   // model weights and expert biases a fresh run starts from (a fine-tune, or a

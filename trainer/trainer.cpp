@@ -353,6 +353,13 @@ TrainResult Trainer::Impl::run() {
   }
 
   if (options.eval_only) return evaluate_checkpoint();
+  if (options.reshard_only) {
+    save(cfg);
+    finish_saves();
+    TrainResult done;
+    done.final_step = state.step;
+    return done;
+  }
   if (rank == 0) {
     std::filesystem::create_directories(tc.run_dir);
     data::write_file_atomic(tc.run_dir + "/config.yaml", to_yaml(cfg));
@@ -638,6 +645,7 @@ TrainResult Trainer::Impl::run() {
       break;
     }
   }
+  finish_saves();  // the last checkpoint is durable before the run reports done
   result.final_step = state.step;
   // The largest rank's peak: what each machine must hold per rank.
   at::Tensor rss = at::full({1}, static_cast<int64_t>(peak_rss_bytes()), at::kLong);

@@ -27,6 +27,9 @@ struct TrainerOptions {
   // Load the model of run_dir's latest checkpoint (written under any layout), run
   // validation under this run's layout and precision, write nothing.
   bool eval_only = false;
+  // With resume: write the checkpoint again, under this run's layout, into this
+  // run's run_dir (same step, optimizer state resharded), and train nothing.
+  bool reshard_only = false;
   // Data-parallel group over all ranks; null means a single process.
   parallel::Communicator* world = nullptr;
 };

@@ -6,25 +6,130 @@
 namespace fmoe::trainer {
 namespace {
 
-// The parameter an FP32 optimizer-state tensor belongs to ("exp_avg.<name>.data",
-// "exp_avg_sq.<name>.data"), or empty for anything else.
-std::string state_parameter(const std::string& key) {
-  const std::string suffix = ".data";
-  if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) return "";
-  for (const std::string prefix : {"exp_avg_sq.", "exp_avg."}) {
-    if (key.rfind(prefix, 0) == 0) return key.substr(prefix.size(), key.size() - prefix.size() - suffix.size());
+// An optimizer-state tensor's parameter and part: "<moment>.<param>.<part>" with
+// moment exp_avg | exp_avg_sq | master and part data | scales; {} for anything else.
+std::pair<std::string, std::string> state_parameter(const std::string& key) {
+  for (const std::string suffix : {".data", ".scales"}) {
+    if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
+    for (const std::string prefix : {"exp_avg_sq.", "exp_avg.", "master."}) {
+      if (key.rfind(prefix, 0) == 0) return {key.substr(prefix.size(), key.size() - prefix.size() - suffix.size()), suffix.substr(1)};
+    }
   }
-  return "";
+  return {};
+}
+
+// The deepest dimension a spec splits under a mesh shape, or -1 when it splits none.
+int64_t split_dim(const parallel::ShardSpec& spec, const parallel::MeshShape& shape) {
+  int64_t dim = -1;
+  if (spec.ep_dim >= 0 && shape.ep > 1) dim = std::max(dim, spec.ep_dim);
+  if (spec.tp_dim >= 0 && shape.tp > 1) dim = std::max(dim, spec.tp_dim);
+  return dim;
 }
 
 }  // namespace
 
+// How one optimizer-state tensor follows its parameter's sharding, exactly: the
+// stored values are moved, never converted. FP32 and BF16 data are shaped like
+// the parameter. FP16 data carries one scale for the whole tensor: it splits
+// (each shard keeps the scale) but shards with different scales do not join.
+// FP8 codes [numel] and per-tile scales [1, tiles] are flat; they split and join
+// along the parameter's dimensions when no tile crosses a shard boundary, i.e.
+// when the elements past the split dimension d fill whole tiles: then codes
+// viewed as shape[:d+1] + [inner] and scales as shape[:d+1] + [inner / block]
+// shard like the parameter.
+StateView Trainer::Impl::state_view(const TensorMap& state, const std::string& key, at::IntArrayRef param_shape, int64_t dim) const {
+  const auto [param, part] = state_parameter(key);
+  const std::string moment = key.substr(0, key.size() - param.size() - part.size() - 2);
+  const at::ScalarType dtype = state.at(moment + "." + param + ".data").scalar_type();
+  StateView view;
+  if (dtype == at::kHalf) {
+    view.why = "FP16 state has one scale per tensor";
+    view.splits = true;
+    view.replicated = part == "scales";  // every shard keeps the tensor's scale
+    if (!view.replicated) view.shape = param_shape.vec();
+    return view;
+  }
+  if (dtype == at::kFloat || dtype == at::kBFloat16) {
+    view.shape = param_shape.vec();
+    view.splits = view.joins = true;
+    return view;
+  }
+  // FP8: whole tiles of `block` elements past the split dimension.
+  const int64_t block = config.optimizer.state_block_size;
+  int64_t inner = 1;
+  for (size_t i = static_cast<size_t>(dim) + 1; i < param_shape.size(); ++i) inner *= param_shape[i];
+  if (inner % block != 0) {
+    view.why = "its FP8 tiles of " + std::to_string(block) + " values would cross the shard boundaries (" + std::to_string(inner) +
+               " values past the split dimension)";
+    return view;
+  }
+  view.shape.assign(param_shape.begin(), param_shape.begin() + dim + 1);
+  view.shape.push_back(part == "data" ? inner : inner / block);
+  view.flat = part == "data" ? std::vector<int64_t>{-1} : std::vector<int64_t>{1, -1};
+  view.splits = view.joins = true;
+  return view;
+}
+
+// The spec and split dimension of a state entry's parameter under this mesh; nullptr when unsplit.
+const parallel::ShardSpec* Trainer::Impl::state_spec(const std::string& key, int64_t& dim) const {
+  if (!sharded_model) return nullptr;
+  const auto& specs = model->shard_specs();
+  const auto spec = specs.find(state_parameter(key).first);
+  if (spec == specs.end()) return nullptr;
+  dim = split_dim(spec->second, mesh->shape());
+  return dim < 0 ? nullptr : &spec->second;
+}
+
+bool Trainer::Impl::state_joins(const TensorMap& state, const std::string& key) const {
+  int64_t dim = -1;
+  if (state_spec(key, dim) == nullptr) return true;
+  return state_view(state, key, local_parameter_shape(state_parameter(key).first), dim).joins;
+}
+
+// The whole tensor of a sharded optimizer-state entry (collective over tp and
+// ep, like the weights); state_joins(state, key) must hold.
+at::Tensor Trainer::Impl::gather_state(const TensorMap& state, const std::string& key) const {
+  const at::Tensor& tensor = state.at(key);
+  int64_t dim = -1;
+  const parallel::ShardSpec* spec = state_spec(key, dim);
+  if (spec == nullptr) return tensor;
+  const StateView view = state_view(state, key, local_parameter_shape(state_parameter(key).first), dim);
+  TORCH_CHECK(view.joins, "optimizer state '", key, "' cannot be joined exactly: ", view.why);
+  const at::Tensor full = parallel::gather_full(tensor.reshape(view.shape), *spec, *mesh);
+  return view.flat.empty() ? full : full.reshape(view.flat);
+}
+
+// This rank's exact shard of a whole optimizer-state entry; a ConfigError
+// (every rank fails alike) when this layout would split a tile.
+at::Tensor Trainer::Impl::shard_state(const TensorMap& state, const std::string& key, const TensorMap& full_model,
+                                      const std::string& source) const {
+  const at::Tensor& tensor = state.at(key);
+  int64_t dim = -1;
+  const parallel::ShardSpec* spec = state_spec(key, dim);
+  if (spec == nullptr) return tensor;
+  const std::string param = state_parameter(key).first;
+  const auto full_param = full_model.find(param);
+  if (full_param == full_model.end()) throw std::runtime_error(source + ": parameter '" + param + "' of state '" + key + "' is missing");
+  const StateView view = state_view(state, key, full_param->second.sizes(), dim);
+  if (view.replicated) return tensor;
+  if (!view.splits) {
+    throw ConfigError(source + ": optimizer state '" + key + "' cannot be split exactly under layout " + layout_name() + ": " + view.why);
+  }
+  const at::Tensor local = parallel::local_shard(tensor.reshape(view.shape), *spec, mesh->shape(), mesh->coords());
+  return view.flat.empty() ? local : local.reshape(view.flat);
+}
+
 // Optimizer state a checkpoint can hold whole, like the weights, and any layout
-// can take its shard of: FP32 moments (ZeRO-1's gathered from their owners)
-// without pipeline stages.
+// can take its shard of, without pipeline stages: FP32 moments (ZeRO-1's
+// gathered from their owners), and without ZeRO-1 low-precision state whose
+// shards join exactly (BF16; FP8 whose tiles stay inside the shards; FP16 unsplit).
 bool Trainer::Impl::whole_optimizer_state() const {
   if (mesh->shape().pp > 1) return false;
-  return zero1 ? zero1->all_fp32() : optimizer && optimizer->all_fp32();
+  if (zero1) return zero1->all_fp32();
+  if (!optimizer) return false;
+  if (optimizer->all_fp32()) return true;
+  const TensorMap local = optimizer->state();
+  return std::all_of(local.begin(), local.end(), [&](const auto& item) { return state_joins(local, item.first); });
 }
 
 void Trainer::Impl::restore(const std::string& directory) {
@@ -107,13 +212,9 @@ void Trainer::Impl::restore_optimizer(const std::string& directory, const Checkp
   // layout), or written under a layout that shards it, one file per rank.
   const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
   const bool written_sharded = contents.checksums.count(rank_state_file(1)) > 0;
-  if (!written_sharded && whole_optimizer_state()) {
-    const auto specs = model->shard_specs();
+  if (!written_sharded && mesh->shape().pp == 1) {
     TensorMap own;
-    for (const auto& [key, tensor] : contents.optimizer) {
-      const auto spec = specs.find(state_parameter(key));
-      own[key] = spec == specs.end() || !sharded_model ? tensor : parallel::local_shard(tensor, spec->second, mesh->shape(), mesh->coords());
-    }
+    for (const auto& [key, tensor] : contents.optimizer) own[key] = shard_state(contents.optimizer, key, contents.model, directory + "/optimizer.safetensors");
     if (zero1) {
       zero1->load_state(own, directory + "/optimizer.safetensors");  // the owned parameters' share
     } else {
@@ -161,20 +262,19 @@ void Trainer::Impl::save(const Config& cfg) {
   const bool whole = whole_optimizer_state();
   const bool per_rank_files = sharded_state && !whole;
   if (whole && (sharded_model || zero1)) {
-    const auto specs = model->shard_specs();
     const TensorMap local = zero1 ? zero1->full_state() : optimizer->state();
-    for (const auto& [key, tensor] : local) {  // the same keys in the same order on every rank
-      const auto spec = specs.find(state_parameter(key));
-      optimizer_state[key] = spec == specs.end() || !sharded_model ? tensor : parallel::gather_full(tensor, spec->second, *mesh);
-    }
+    // The same keys in the same order on every rank.
+    for (const auto& item : local) optimizer_state[item.first] = gather_state(local, item.first);
     if (rank != 0) optimizer_state.clear();
   } else if (rank == 0 || per_rank_files) {  // the ranks whose state is written
     optimizer_state = zero1 ? zero1->state() : optimizer->state();
   }
   if (rank == 0 || per_rank_files) optimizer_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
-  // Checkpoints are written from host memory, whatever device trained.
+  // Checkpoints are written from host memory, whatever device trained. A save
+  // in the background writes a snapshot: copies, since training goes on.
+  const bool async = cfg.training.async_checkpoint;
   for (TensorMap* map : {&model_state, &optimizer_state}) {
-    for (auto& [name, tensor] : *map) tensor = tensor.to(at::kCPU);
+    for (auto& [name, tensor] : *map) tensor = tensor.to(at::TensorOptions().device(at::kCPU), /*non_blocking=*/false, /*copy=*/async);
   }
   if (rank == 0) {
     CheckpointContents contents;
@@ -183,17 +283,41 @@ void Trainer::Impl::save(const Config& cfg) {
     contents.state = state;
     contents.config_yaml = to_yaml(cfg);
     contents.layout = layout_name();
-    if (per_rank_files) contents.write_extra = receive_rank_states(mesh->world());
-    // The records up to this step are durable before the checkpoint becomes the latest.
-    if (metrics) metrics->sync();
-    const std::string dir = save_checkpoint(cfg.training.run_dir, contents, cfg.training.keep_checkpoints, cfg.training.keep_every);
-    log("checkpoint saved: " + dir);
+    if (per_rank_files) contents.write_extra = async ? receive_rank_states_now(mesh->world()) : receive_rank_states(mesh->world());
+    const std::string run_dir = cfg.training.run_dir;
+    const int64_t keep = cfg.training.keep_checkpoints, keep_every = cfg.training.keep_every;
+    auto write = [this, contents = std::move(contents), run_dir, keep, keep_every] {
+      // The records up to this step are durable before the checkpoint becomes the latest.
+      if (metrics) metrics->sync();
+      const std::string dir = save_checkpoint(run_dir, contents, keep, keep_every);
+      log("checkpoint saved: " + dir);
+    };
+    if (async) {
+      saver.start(std::move(write));  // waits for the previous save: one in flight
+    } else {
+      write();
+    }
   } else if (per_rank_files) {
     send_rank_state(optimizer_state, mesh->world());
   }
   model_state.clear();
   stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
-  if (world_size > 1) mesh->world().barrier();
+  if (world_size > 1 && !async) mesh->world().barrier();
+}
+
+// Rank 0 writes every file of a checkpoint, so its files being durable is the
+// whole save being durable: the other ranks agree by waiting for its word.
+void Trainer::Impl::finish_saves() {
+  std::string error;
+  try {
+    saver.wait();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  at::Tensor failed = at::full({1}, error.empty() ? 0.0f : 1.0f);
+  if (world_size > 1) mesh->world().all_reduce(failed, {parallel::ReduceOp::kSum})->wait();
+  if (!error.empty()) throw std::runtime_error("checkpoint save failed: " + error);
+  if (failed.item<float>() > 0) throw std::runtime_error("checkpoint save failed on rank 0");
 }
 
 }  // namespace fmoe::trainer

@@ -45,6 +45,16 @@
 
 namespace fmoe::trainer {
 
+// How an optimizer-state entry is split and joined like its parameter (trainer_checkpoints.cpp).
+struct StateView {
+  std::vector<int64_t> shape;  // the view the parameter's shard spec applies to
+  std::vector<int64_t> flat;   // the stored shape to return to (FP8's flat codes and scales); empty: the view
+  bool splits = false;         // a whole tensor splits exactly
+  bool joins = false;          // shards join exactly
+  bool replicated = false;     // every shard holds the whole (FP16's per-tensor scale)
+  std::string why;             // when it does not split or join
+};
+
 struct Trainer::Impl {
   Config config;
   TrainerOptions options;
@@ -69,6 +79,9 @@ struct Trainer::Impl {
   std::unique_ptr<Zero1> zero1;
   int64_t dp_size = 1, dp_rank = 0;
   double peak_gflops_per_rank = 0;
+  // training.async_checkpoint: rank 0's writer. Declared last, so it is
+  // destroyed (waiting for a save in flight) before what the save uses.
+  BackgroundSaver saver;
 
   void log(const std::string& line) const {
     if (rank == 0) std::fprintf(stdout, "%s\n", line.c_str()), std::fflush(stdout);
@@ -119,6 +132,17 @@ struct Trainer::Impl {
 
   void restore_optimizer(const std::string& directory, const CheckpointContents& contents);
   bool whole_optimizer_state() const;
+  StateView state_view(const TensorMap& state, const std::string& key, at::IntArrayRef param_shape, int64_t dim) const;
+  const parallel::ShardSpec* state_spec(const std::string& key, int64_t& dim) const;
+  bool state_joins(const TensorMap& state, const std::string& key) const;
+  at::Tensor gather_state(const TensorMap& state, const std::string& key) const;
+  at::Tensor shard_state(const TensorMap& state, const std::string& key, const TensorMap& full_model, const std::string& source) const;
+  at::IntArrayRef local_parameter_shape(const std::string& name) const {
+    for (const NamedParameter& p : params) {
+      if (p.name == name) return p.tensor.sizes();
+    }
+    throw std::logic_error("no parameter '" + name + "'");
+  }
 
   // Seconds blocked in collectives so far, over every group of the mesh.
   double communication_seconds() const {
@@ -139,7 +163,11 @@ struct Trainer::Impl {
     return name + (zero1 ? " zero1" : "");
   }
 
+  // Writes a checkpoint of the current step; with training.async_checkpoint
+  // only the snapshot happens here and rank 0 writes it in the background.
   void save(const Config& cfg);
+  // Blocks until the save in flight is durable; its error becomes this rank's.
+  void finish_saves();
 
   // The validation loss over a fixed set of held-out windows (the first
   // eval_sequences of the validation stream), dealt out over the data-parallel

@@ -2,7 +2,8 @@
 # kill -9 at moments drawn from a fixed seed (a few steps into each attempt,
 # plus a fraction of a second: inside a step or a save), resume, again and
 # again until the run is done: one process, and dp2 + ep2 with ZeRO-1 (4 ranks; one rank is
-# killed and mpirun takes the others down). The finished run must match the
+# killed and mpirun takes the others down), each with synchronous saves and with
+# saves written in the background while the next steps run. The finished run must match the
 # uninterrupted one: every step recorded exactly once in metrics.jsonl with the
 # same loss, bit for bit, and the same final weights (model.safetensors byte
 # for byte). Also: a damaged latest checkpoint is skipped for the newest earlier
@@ -59,6 +60,10 @@ PY
 
 killed_run one 1 7 --set training.micro_batch_size=32
 killed_run dp2_ep2_zero1 4 11 --set parallel.ep=2 --set parallel.dp=4 --set parallel.zero1=true --set training.micro_batch_size=2
+# Saves written in the background (training.async_checkpoint): kills land while a save is in flight too.
+killed_run async_one 1 17 --set training.micro_batch_size=32 --set training.async_checkpoint=true
+killed_run async_dp2_ep2_zero1 4 19 --set parallel.ep=2 --set parallel.dp=4 --set parallel.zero1=true --set training.micro_batch_size=2 \
+  --set training.async_checkpoint=true
 
 # A damaged latest checkpoint: --resume skips it for the newest earlier one, with a warning naming the file.
 dir="$WORK_DIR/kill_one"
