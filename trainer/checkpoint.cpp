@@ -96,7 +96,10 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
                     {"eval_seconds", contents.state.calibrated_eval_seconds}}},
       {"checksums", checksums},
   };
-  data::write_file_atomic((tmp_dir / "trainer_state.json").string(), state.dump(2) + "\n");
+  // The state file checks itself: a CRC32 of its own text without this field.
+  nlohmann::json sealed = state;
+  sealed["self_crc32"] = data::crc32_of(state.dump(2));
+  data::write_file_atomic((tmp_dir / "trainer_state.json").string(), sealed.dump(2) + "\n");
   maybe_crash(++written);
 
   // Swap the directory in; an older save of the same step is replaced only now.
@@ -175,7 +178,14 @@ CheckpointContents load_checkpoint(const std::string& directory) {
   const fs::path dir(directory);
   const std::string state_path = (dir / "trainer_state.json").string();
   if (!fs::exists(state_path)) throw std::runtime_error(state_path + ": missing: not a complete checkpoint");
-  const nlohmann::json state = data::read_json_file(state_path, "checkpoint state");
+  nlohmann::json state = data::read_json_file(state_path, "checkpoint state");
+  if (state.is_object() && state.contains("self_crc32")) {  // absent from checkpoints of earlier versions
+    const nlohmann::json sealed = state["self_crc32"];
+    state.erase("self_crc32");
+    if (!sealed.is_number_unsigned() || sealed.get<uint32_t>() != data::crc32_of(state.dump(2))) {
+      throw std::runtime_error(state_path + ": checksum mismatch: the file is truncated or corrupt");
+    }
+  }
   CheckpointContents contents;
   try {
     contents.state.step = state.at("step").get<int64_t>();
