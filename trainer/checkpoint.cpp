@@ -262,6 +262,15 @@ std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receiv
   };
 }
 
+TensorMap receive_state(parallel::Communicator& group, int source) {
+  at::Tensor size = at::empty({1}, at::kLong);
+  group.recv(size, source, {})->wait();
+  std::string bytes(static_cast<size_t>(size.item<int64_t>()), '\0');
+  at::Tensor view = at::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, at::kByte);
+  group.recv(view, source, {})->wait();
+  return from_safetensors(bytes, "optimizer state of pipeline rank " + std::to_string(source));
+}
+
 std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states_now(parallel::Communicator& world) {
   auto files = std::make_shared<std::vector<std::string>>();
   for (int r = 1; r < world.size(); ++r) {

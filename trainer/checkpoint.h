@@ -85,6 +85,8 @@ CheckpointContents load_checkpoint(const std::string& directory);
 // which receives them one at a time and streams each to disk.
 std::string rank_state_file(int rank);
 void send_rank_state(const TensorMap& state, parallel::Communicator& world);
+// The map send_rank_state sent to rank 0 of group from group rank source.
+TensorMap receive_state(parallel::Communicator& group, int source);
 std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states(parallel::Communicator& world);
 // For a save written in the background: the other ranks' states received now,
 // at the step boundary (every collective stays on the training thread), and a

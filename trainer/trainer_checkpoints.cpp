@@ -1,5 +1,7 @@
 #include "trainer/trainer_impl.h"
 
+#include <set>
+
 // Saving a checkpoint and starting from one: resume (with fallback past a
 // damaged checkpoint), training.init_from, and the weights under any layout.
 
@@ -120,11 +122,11 @@ at::Tensor Trainer::Impl::shard_state(const TensorMap& state, const std::string&
 }
 
 // Optimizer state a checkpoint can hold whole, like the weights, and any layout
-// can take its shard of, without pipeline stages: FP32 moments (ZeRO-1's
-// gathered from their owners), and without ZeRO-1 low-precision state whose
-// shards join exactly (BF16; FP8 whose tiles stay inside the shards; FP16 unsplit).
+// can take its shard of: FP32 moments (ZeRO-1's gathered from their owners),
+// and without ZeRO-1 low-precision state whose shards join exactly (BF16; FP8
+// whose tiles stay inside the shards; FP16 unsplit). Pipeline stages' state is
+// joined on rank 0 like the weights.
 bool Trainer::Impl::whole_optimizer_state() const {
-  if (mesh->shape().pp > 1) return false;
   if (zero1) return zero1->all_fp32();
   if (!optimizer) return false;
   if (optimizer->all_fp32()) return true;
@@ -212,9 +214,15 @@ void Trainer::Impl::restore_optimizer(const std::string& directory, const Checkp
   // layout), or written under a layout that shards it, one file per rank.
   const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
   const bool written_sharded = contents.checksums.count(rank_state_file(1)) > 0;
-  if (!written_sharded && mesh->shape().pp == 1) {
+  if (!written_sharded) {
+    std::set<std::string> trained;  // this rank's stages' parameters
+    for (const NamedParameter& p : params) trained.insert(p.name);
     TensorMap own;
-    for (const auto& [key, tensor] : contents.optimizer) own[key] = shard_state(contents.optimizer, key, contents.model, directory + "/optimizer.safetensors");
+    for (const auto& [key, tensor] : contents.optimizer) {
+      const std::string param = state_parameter(key).first;
+      if (!param.empty() && !trained.count(param)) continue;  // another pipeline rank's
+      own[key] = shard_state(contents.optimizer, key, contents.model, directory + "/optimizer.safetensors");
+    }
     if (zero1) {
       zero1->load_state(own, directory + "/optimizer.safetensors");  // the owned parameters' share
     } else {
@@ -261,10 +269,21 @@ void Trainer::Impl::save(const Config& cfg) {
   // Whole state where it can be (ZeRO-1's from its owners, then over tp and ep like the weights), else each rank's own file.
   const bool whole = whole_optimizer_state();
   const bool per_rank_files = sharded_state && !whole;
-  if (whole && (sharded_model || zero1)) {
+  if (whole && (sharded_model || zero1 || mesh->shape().pp > 1)) {
     const TensorMap local = zero1 ? zero1->full_state() : optimizer->state();
-    // The same keys in the same order on every rank.
+    // The same keys in the same order on every rank of a stage.
     for (const auto& item : local) optimizer_state[item.first] = gather_state(local, item.first);
+    // Each stage's whole state joins rank 0's: its pipeline group's members send theirs.
+    if (mesh->shape().pp > 1 && mesh->coords().dp == 0 && mesh->coords().tp == 0) {
+      if (mesh->coords().pp != 0) {
+        for (auto& [key, tensor] : optimizer_state) tensor = tensor.to(at::kCPU);
+        send_rank_state(optimizer_state, mesh->pp());
+      } else {
+        for (int source = 1; source < mesh->shape().pp; ++source) {
+          for (auto& [key, tensor] : receive_state(mesh->pp(), source)) optimizer_state.emplace(key, std::move(tensor));
+        }
+      }
+    }
     if (rank != 0) optimizer_state.clear();
   } else if (rank == 0 || per_rank_files) {  // the ranks whose state is written
     optimizer_state = zero1 ? zero1->state() : optimizer->state();

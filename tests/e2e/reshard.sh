@@ -5,7 +5,8 @@
 # FP32 AdamW, A -> B: dp2 -> one process, one process -> dp4, dp2+ep2 -> dp4+ep4,
 # dp4+ep4 -> dp2+ep2 (experts per rank doubling), dp2 x tp2 + ep2 -> dp4+ep4,
 # tp2 -> one process, dp2+ep2 with ZeRO-1 -> dp4+ep2 with ZeRO-1, dp4+ep2 with
-# ZeRO-1 -> one process. Low precision: FP8 moments with BF16 master weights
+# ZeRO-1 -> one process; pipelines: pp2 (1F1B) -> one process, one process ->
+# pp2 x dp2 with ZeRO-1, pp2 under DualPipeV (two stages a rank) -> dp2+ep2. Low precision: FP8 moments with BF16 master weights
 # dp2+ep2 -> one process and BF16 moments dp2+ep2 -> dp4+ep4; the FP8 state
 # written again by `moe-train --reshard` under one process and under dp4+ep4 is
 # byte-identical to what dp2+ep2 wrote (the loaded tensors are the stored ones).
@@ -23,6 +24,9 @@ layout_args() {  # a layout name -> ranks and --set flags (8 sequences per step 
     tp2) echo "2 --set parallel.tp=2 --set training.micro_batch_size=8" ;;
     dp4) echo "4 --set training.micro_batch_size=2" ;;
     dp2) echo "2 --set training.micro_batch_size=4" ;;
+    pp2) echo "2 --set parallel.pp=2 --set training.grad_accum_steps=4 --set training.micro_batch_size=2" ;;
+    pp2_dp2_zero1) echo "4 --set parallel.pp=2 --set parallel.zero1=true --set training.grad_accum_steps=4 --set training.micro_batch_size=1" ;;
+    pp2_dualpipev) echo "2 --set parallel.pp=2 --set parallel.pipeline_schedule=dualpipev --set parallel.virtual_pp=2 --set training.grad_accum_steps=4 --set training.micro_batch_size=2" ;;
     dp2_ep2_zero1) echo "2 --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=4" ;;
     dp4_ep2_zero1) echo "4 --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=2" ;;
   esac
@@ -58,6 +62,9 @@ reshard tp2 one
 reshard one dp4
 reshard dp2_ep2_zero1 dp4_ep2_zero1
 reshard dp4_ep2_zero1 one
+reshard pp2 one
+reshard one pp2_dp2_zero1
+reshard pp2_dualpipev dp2_ep2
 
 FP8=(--set optimizer.exp_avg_dtype=fp8 --set optimizer.exp_avg_sq_dtype=fp8 --set optimizer.main_params_dtype=bf16)
 reshard dp2_ep2 one _fp8 "${FP8[@]}"
