@@ -37,12 +37,21 @@ void maybe_crash(int files_written) {
   }
 }
 
-nlohmann::json index_of(const TensorMap& tensors, const std::string& file) {
+// Every tensor of a written file: its global shape, the slice stored (all of
+// it), where its bytes lie, and a CRC32 per kChunkBytes of them, so a reader
+// can take a few rows and check just the chunks it touched.
+nlohmann::json index_of(const TensorMap& tensors, const std::string& file, const SafetensorsFile& written) {
   nlohmann::json index = nlohmann::json::object();
   for (const auto& [name, tensor] : tensors) {
     std::vector<std::vector<int64_t>> slice;
     for (int64_t size : tensor.sizes()) slice.push_back({0, size});
-    index[name] = {{"file", file}, {"shape", tensor.sizes().vec()}, {"slice", slice}};
+    const at::Tensor bytes = tensor.detach().to(at::kCPU).contiguous();
+    const char* data = static_cast<const char*>(bytes.data_ptr());
+    const size_t size = static_cast<size_t>(bytes.numel()) * bytes.element_size();
+    std::vector<uint32_t> chunks;
+    for (size_t at = 0; at < size; at += kChunkBytes) chunks.push_back(data::crc32_update(0, data + at, std::min(kChunkBytes, size - at)));
+    const SafetensorsEntry& entry = written.entries().at(name);
+    index[name] = {{"file", file}, {"shape", tensor.sizes().vec()}, {"slice", slice}, {"offsets", {entry.begin, entry.end}}, {"chunk_crc32", chunks}};
   }
   return index;
 }
@@ -77,10 +86,15 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
     contents.write_extra(tmp_dir.string(), extra);
     for (const auto& [file, crc] : extra) checksums[file] = crc;
   }
-  nlohmann::json index = index_of(contents.model, "model.safetensors");
-  index.update(index_of(contents.optimizer, "optimizer.safetensors"));
+  const SafetensorsFile model_file((tmp_dir / "model.safetensors").string());
+  const SafetensorsFile optimizer_file((tmp_dir / "optimizer.safetensors").string());
+  nlohmann::json index = index_of(contents.model, "model.safetensors", model_file);
+  index.update(index_of(contents.optimizer, "optimizer.safetensors", optimizer_file));
+  const nlohmann::json files = {{"model.safetensors", {{"header_crc32", model_file.header_crc()}}},
+                                {"optimizer.safetensors", {{"header_crc32", optimizer_file.header_crc()}}}};
   // Tensors are stored whole: any layout takes its slices of them.
-  const std::string index_bytes = nlohmann::json{{"layout", contents.layout}, {"tensors", index}}.dump(1) + "\n";
+  const std::string index_bytes =
+      nlohmann::json{{"layout", contents.layout}, {"chunk_bytes", kChunkBytes}, {"files", files}, {"tensors", index}}.dump(1) + "\n";
   data::write_file_atomic((tmp_dir / "index.json").string(), index_bytes);
   checksums["index.json"] = data::crc32_of(index_bytes);
 
@@ -174,7 +188,7 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
   return (latest.parent_path() / name).string();
 }
 
-CheckpointContents load_checkpoint(const std::string& directory) {
+CheckpointContents load_checkpoint(const std::string& directory, bool read_tensors) {
   const fs::path dir(directory);
   const std::string state_path = (dir / "trainer_state.json").string();
   if (!fs::exists(state_path)) throw std::runtime_error(state_path + ": missing: not a complete checkpoint");
@@ -226,8 +240,10 @@ CheckpointContents load_checkpoint(const std::string& directory) {
     check(file, crc);
     return tensors;
   };
-  contents.model = read_checked("model.safetensors");
-  contents.optimizer = read_checked("optimizer.safetensors");
+  if (read_tensors) {
+    contents.model = read_checked("model.safetensors");
+    contents.optimizer = read_checked("optimizer.safetensors");
+  }
   contents.config_yaml = data::read_file((dir / "config.yaml").string());
   check("config.yaml", data::crc32_of(contents.config_yaml));
   check("index.json", data::crc32_of_file((dir / "index.json").string()));
@@ -323,6 +339,121 @@ TensorMap load_rank_state(const std::string& directory, const CheckpointContents
     throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
   }
   return state;
+}
+
+CheckpointTensors::CheckpointTensors(const std::string& directory, const CheckpointContents& contents) : directory_(directory) {
+  const std::string index_path = directory + "/index.json";
+  const nlohmann::json index = data::read_json_file(index_path, "checkpoint index");
+  for (const std::string file : {"model.safetensors", "optimizer.safetensors"}) {
+    const std::string path = directory + "/" + file;
+    if (!index.contains("chunk_bytes")) {  // written before chunk checksums: read whole, checked file by file
+      uint32_t crc = 0;
+      TensorMap tensors = read_safetensors(path, &crc);
+      const auto expected = contents.checksums.find(file);
+      if (expected == contents.checksums.end() || expected->second != crc) {
+        throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+      }
+      for (auto& [name, tensor] : tensors) {
+        Source& source = sources_[name];
+        source.file = file;
+        source.whole = std::move(tensor);
+      }
+      continue;
+    }
+    if (!fs::exists(path)) throw std::runtime_error(path + ": missing from the checkpoint");
+    std::shared_ptr<SafetensorsFile> opened;
+    try {
+      opened = std::make_shared<SafetensorsFile>(path);
+    } catch (const std::runtime_error&) {  // a damaged header, whatever it broke first
+      throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+    }
+    if (opened->header_crc() != index.at("files").at(file).at("header_crc32").get<uint32_t>()) {
+      throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+    }
+    files_[file] = opened;
+    chunk_bytes_ = index.at("chunk_bytes").get<size_t>();
+    for (const auto& [name, entry] : opened->entries()) {
+      const auto recorded = index.at("tensors").find(name);
+      if (recorded == index.at("tensors").end() || recorded->at("offsets").get<std::vector<uint64_t>>() != std::vector<uint64_t>{entry.begin, entry.end}) {
+        throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+      }
+      Source& source = sources_[name];
+      source.file = file;
+      source.entry = entry;
+      source.chunks = recorded->at("chunk_crc32").get<std::vector<uint32_t>>();
+    }
+  }
+}
+
+std::vector<std::string> CheckpointTensors::names(const std::string& file) const {
+  std::vector<std::string> out;
+  for (const auto& [name, source] : sources_) {
+    if (source.file == file) out.push_back(name);
+  }
+  return out;
+}
+
+const CheckpointTensors::Source& CheckpointTensors::source(const std::string& name) const {
+  const auto it = sources_.find(name);
+  if (it == sources_.end()) throw std::runtime_error(directory_ + ": tensor '" + name + "' is missing");
+  return it->second;
+}
+
+at::ScalarType CheckpointTensors::dtype(const std::string& name) const {
+  const Source& s = source(name);
+  return s.whole.defined() ? s.whole.scalar_type() : s.entry.dtype;
+}
+
+std::vector<int64_t> CheckpointTensors::shape(const std::string& name) const {
+  const Source& s = source(name);
+  return s.whole.defined() ? s.whole.sizes().vec() : s.entry.shape;
+}
+
+at::Tensor CheckpointTensors::read(const std::string& name) const {
+  const std::vector<int64_t> full = shape(name);
+  if (full.empty()) {  // a scalar
+    const Source& s = source(name);
+    if (s.whole.defined()) return s.whole;
+    return read_rows(name, {1}, 0, 1).reshape({});
+  }
+  std::vector<int64_t> view = full;
+  return read_rows(name, view, 0, view[0]);
+}
+
+at::Tensor CheckpointTensors::read_rows(const std::string& name, at::IntArrayRef view, int64_t begin, int64_t end) const {
+  const Source& s = source(name);
+  std::vector<int64_t> rows = view.vec();
+  rows[0] = end - begin;
+  if (s.whole.defined()) return s.whole.reshape(view).narrow(0, begin, end - begin).contiguous();
+  const SafetensorsFile& file = *files_.at(s.file);
+  const size_t total = s.entry.end - s.entry.begin;
+  const size_t row_bytes = view[0] > 0 ? total / static_cast<size_t>(view[0]) : 0;
+  const size_t lo = static_cast<size_t>(begin) * row_bytes, hi = static_cast<size_t>(end) * row_bytes;
+  at::Tensor out = at::empty(rows, at::TensorOptions().dtype(s.entry.dtype));
+  char* dst = static_cast<char*>(out.data_ptr());
+  file.read(s.entry.begin + lo, dst, hi - lo);
+  bytes_read_ += hi - lo;
+  // Each chunk the rows touch: its bytes outside the rows are read into scratch, then its CRC32 checked.
+  std::vector<char> scratch;
+  const auto crc_of_file_range = [&](uint32_t crc, size_t from, size_t to) {
+    scratch.resize(to - from);
+    file.read(s.entry.begin + from, scratch.data(), to - from);
+    bytes_read_ += to - from;
+    return data::crc32_update(crc, scratch.data(), to - from);
+  };
+  if (hi == lo) return out;
+  for (size_t c = lo / chunk_bytes_; c * chunk_bytes_ < hi; ++c) {
+    const size_t cs = c * chunk_bytes_, ce = std::min(cs + chunk_bytes_, total);
+    uint32_t crc = 0;
+    if (cs < lo) crc = crc_of_file_range(crc, cs, lo);
+    const size_t inside_from = std::max(cs, lo), inside_to = std::min(ce, hi);
+    crc = data::crc32_update(crc, dst + (inside_from - lo), inside_to - inside_from);
+    if (ce > hi) crc = crc_of_file_range(crc, hi, ce);
+    if (c >= s.chunks.size() || crc != s.chunks[c]) {
+      throw std::runtime_error(file.path() + ": checksum mismatch: the file is truncated or corrupt");
+    }
+  }
+  return out;
 }
 
 }  // namespace fmoe::trainer

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <exception>
 #include <string>
@@ -75,8 +76,45 @@ std::vector<std::string> resume_candidates(const std::string& run_dir);
 // CRC32; throws the loader's one-line error naming the first bad file.
 void verify_checkpoint(const std::string& directory);
 
-// Reads and verifies a checkpoint directory. Throws a one-line error naming the bad file.
-CheckpointContents load_checkpoint(const std::string& directory);
+// Reads and verifies a checkpoint directory. Throws a one-line error naming the
+// bad file. Without read_tensors the model and optimizer files are left for a
+// CheckpointTensors to read piece by piece (contents.model / .optimizer empty).
+CheckpointContents load_checkpoint(const std::string& directory, bool read_tensors = true);
+
+// The bytes of a checkpoint's tensors carry a CRC32 per chunk of this size (index.json).
+inline constexpr size_t kChunkBytes = size_t{4} << 20;
+
+// The tensors of a checkpoint's model.safetensors and optimizer.safetensors,
+// read piece by piece: a rank reads the rows it needs and checks the CRC32 of
+// every chunk they touch (and each file's header against index.json), never the
+// whole state. A checkpoint written before chunk checksums is read whole and
+// checked file by file.
+class CheckpointTensors {
+ public:
+  CheckpointTensors(const std::string& directory, const CheckpointContents& contents);
+  std::vector<std::string> names(const std::string& file) const;  // "model.safetensors" | "optimizer.safetensors"
+  bool contains(const std::string& name) const { return sources_.count(name) > 0; }
+  at::ScalarType dtype(const std::string& name) const;
+  std::vector<int64_t> shape(const std::string& name) const;
+  at::Tensor read(const std::string& name) const;
+  // Rows [begin, end) of the tensor viewed as `view` (its element count; dim 0 split).
+  at::Tensor read_rows(const std::string& name, at::IntArrayRef view, int64_t begin, int64_t end) const;
+  size_t bytes_read() const { return bytes_read_; }
+
+ private:
+  struct Source {
+    std::string file;
+    SafetensorsEntry entry;        // where its bytes lie
+    std::vector<uint32_t> chunks;  // CRC32 per chunk_bytes_ of them
+    at::Tensor whole;              // read whole (older checkpoints)
+  };
+  const Source& source(const std::string& name) const;
+  std::string directory_;
+  size_t chunk_bytes_ = kChunkBytes;
+  std::map<std::string, std::shared_ptr<SafetensorsFile>> files_;
+  std::map<std::string, Source> sources_;
+  mutable size_t bytes_read_ = 0;
+};
 
 // Optimizer state sharded over ranks (tensor / expert parallelism, ZeRO-1):
 // rank 0 writes its own as optimizer.safetensors, every other rank's goes to

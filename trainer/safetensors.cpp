@@ -5,6 +5,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
@@ -161,6 +165,40 @@ TensorMap read_safetensors(const std::string& path, uint32_t* crc) {
   if (position != data_size) throw std::runtime_error(path + ": trailing bytes after the last tensor");
   if (crc) *crc = sum;
   return tensors;
+}
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) throw std::runtime_error(path + ": cannot stat: " + std::strerror(errno));
+  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  uint64_t header_size = 0;
+  if (file_size < 8) throw std::runtime_error(path + ": truncated safetensors file (no header)");
+  read(0, &header_size, 8);
+  if (header_size > file_size - 8) throw std::runtime_error(path + ": truncated safetensors file (header past end)");
+  std::string json(header_size, '\0');
+  read(8, json.data(), header_size);
+  header_crc_ = data::crc32_update(data::crc32_update(0, &header_size, 8), json.data(), json.size());
+  for (Entry& e : parse_header(json, file_size - 8 - header_size, path)) {
+    entries_[e.name] = {e.type, std::move(e.shape), 8 + header_size + e.begin, 8 + header_size + e.end};
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void SafetensorsFile::read(uint64_t offset, void* out, size_t size) const {
+  char* dst = static_cast<char*>(out);
+  while (size > 0) {
+    const ssize_t got = ::pread(fd_, dst, size, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) throw std::runtime_error(path_ + ": truncated safetensors file (data)");
+    dst += got;
+    offset += static_cast<uint64_t>(got);
+    size -= static_cast<size_t>(got);
+  }
 }
 
 TensorMap from_safetensors(const std::string& bytes, const std::string& path) {

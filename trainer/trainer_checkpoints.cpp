@@ -10,6 +10,14 @@ namespace {
 
 // An optimizer-state tensor's parameter and part: "<moment>.<param>.<part>" with
 // moment exp_avg | exp_avg_sq | master and part data | scales; {} for anything else.
+std::pair<std::string, std::string> state_parameter(const std::string& key);
+
+// The data entry of a state entry's moment: "<moment>.<param>.data".
+std::string data_key(const std::string& key) {
+  const auto [param, part] = state_parameter(key);
+  return key.substr(0, key.size() - part.size()) + "data";
+}
+
 std::pair<std::string, std::string> state_parameter(const std::string& key) {
   for (const std::string suffix : {".data", ".scales"}) {
     if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
@@ -39,10 +47,8 @@ int64_t split_dim(const parallel::ShardSpec& spec, const parallel::MeshShape& sh
 // when the elements past the split dimension d fill whole tiles: then codes
 // viewed as shape[:d+1] + [inner] and scales as shape[:d+1] + [inner / block]
 // shard like the parameter.
-StateView Trainer::Impl::state_view(const TensorMap& state, const std::string& key, at::IntArrayRef param_shape, int64_t dim) const {
-  const auto [param, part] = state_parameter(key);
-  const std::string moment = key.substr(0, key.size() - param.size() - part.size() - 2);
-  const at::ScalarType dtype = state.at(moment + "." + param + ".data").scalar_type();
+StateView Trainer::Impl::state_view(const std::string& key, at::ScalarType dtype, at::IntArrayRef param_shape, int64_t dim) const {
+  const std::string part = state_parameter(key).second;
   StateView view;
   if (dtype == at::kHalf) {
     view.why = "FP16 state has one scale per tensor";
@@ -85,7 +91,7 @@ const parallel::ShardSpec* Trainer::Impl::state_spec(const std::string& key, int
 bool Trainer::Impl::state_joins(const TensorMap& state, const std::string& key) const {
   int64_t dim = -1;
   if (state_spec(key, dim) == nullptr) return true;
-  return state_view(state, key, local_parameter_shape(state_parameter(key).first), dim).joins;
+  return state_view(key, state.at(data_key(key)).scalar_type(), local_parameter_shape(state_parameter(key).first), dim).joins;
 }
 
 // The whole tensor of a sharded optimizer-state entry (collective over tp and
@@ -95,29 +101,46 @@ at::Tensor Trainer::Impl::gather_state(const TensorMap& state, const std::string
   int64_t dim = -1;
   const parallel::ShardSpec* spec = state_spec(key, dim);
   if (spec == nullptr) return tensor;
-  const StateView view = state_view(state, key, local_parameter_shape(state_parameter(key).first), dim);
+  const StateView view = state_view(key, state.at(data_key(key)).scalar_type(), local_parameter_shape(state_parameter(key).first), dim);
   TORCH_CHECK(view.joins, "optimizer state '", key, "' cannot be joined exactly: ", view.why);
   const at::Tensor full = parallel::gather_full(tensor.reshape(view.shape), *spec, *mesh);
   return view.flat.empty() ? full : full.reshape(view.flat);
 }
 
+// This rank's part of a checkpoint tensor viewed as `view` (dim 0 its
+// parameter's dim 0): only the rows it needs are read when the split is along
+// dim 0 (experts over ep, row-split projections over tp), else the whole tensor.
+at::Tensor Trainer::Impl::read_shard(const CheckpointTensors& tensors, const std::string& name, at::IntArrayRef view,
+                                     const parallel::ShardSpec& spec) const {
+  const parallel::MeshShape& shape = mesh->shape();
+  const parallel::MeshCoords& coords = mesh->coords();
+  if (spec.ep_dim == 0 && shape.ep > 1 && view[0] % shape.ep == 0) {
+    const int64_t part = view[0] / shape.ep;
+    parallel::ShardSpec rest = spec;
+    rest.ep_dim = -1;  // the rows are this rank's experts; tp splits them further
+    return parallel::local_shard(tensors.read_rows(name, view, coords.ep * part, (coords.ep + 1) * part), rest, shape, coords);
+  }
+  if (spec.ep_dim < 0 && spec.tp_dim == 0 && shape.tp > 1 && spec.tp_blocks.size() <= 1 && view[0] % shape.tp == 0) {
+    const int64_t part = view[0] / shape.tp;
+    return tensors.read_rows(name, view, coords.tp * part, (coords.tp + 1) * part);
+  }
+  return parallel::local_shard(tensors.read(name).reshape(view), spec, shape, coords);
+}
+
 // This rank's exact shard of a whole optimizer-state entry; a ConfigError
 // (every rank fails alike) when this layout would split a tile.
-at::Tensor Trainer::Impl::shard_state(const TensorMap& state, const std::string& key, const TensorMap& full_model,
-                                      const std::string& source) const {
-  const at::Tensor& tensor = state.at(key);
+at::Tensor Trainer::Impl::shard_state(const CheckpointTensors& tensors, const std::string& key, const std::string& source) const {
   int64_t dim = -1;
   const parallel::ShardSpec* spec = state_spec(key, dim);
-  if (spec == nullptr) return tensor;
+  if (spec == nullptr) return tensors.read(key);
   const std::string param = state_parameter(key).first;
-  const auto full_param = full_model.find(param);
-  if (full_param == full_model.end()) throw std::runtime_error(source + ": parameter '" + param + "' of state '" + key + "' is missing");
-  const StateView view = state_view(state, key, full_param->second.sizes(), dim);
-  if (view.replicated) return tensor;
+  if (!tensors.contains(param)) throw std::runtime_error(source + ": parameter '" + param + "' of state '" + key + "' is missing");
+  const StateView view = state_view(key, tensors.dtype(data_key(key)), tensors.shape(param), dim);
+  if (view.replicated) return tensors.read(key);
   if (!view.splits) {
     throw ConfigError(source + ": optimizer state '" + key + "' cannot be split exactly under layout " + layout_name() + ": " + view.why);
   }
-  const at::Tensor local = parallel::local_shard(tensor.reshape(view.shape), *spec, mesh->shape(), mesh->coords());
+  const at::Tensor local = read_shard(tensors, key, view.shape, *spec);
   return view.flat.empty() ? local : local.reshape(view.flat);
 }
 
@@ -135,14 +158,20 @@ bool Trainer::Impl::whole_optimizer_state() const {
 }
 
 void Trainer::Impl::restore(const std::string& directory) {
-  const CheckpointContents contents = load_checkpoint(directory);
-  load_model_weights(directory, contents);
+  const CheckpointContents contents = load_checkpoint(directory, /*read_tensors=*/false);
+  const CheckpointTensors tensors(directory, contents);
+  load_model_weights(directory, tensors);
   if (options.eval_only) {  // the weights are all validation needs, under any layout
     state = contents.state;
     log("loaded the model of " + directory + " (step " + std::to_string(state.step) + ") for validation");
     return;
   }
-  restore_optimizer(directory, contents);
+  restore_optimizer(directory, contents, tensors);
+  char text[160];
+  std::snprintf(text, sizeof(text), "rank 0 read %.1f MB of the checkpoint's %.1f MB of whole tensors", tensors.bytes_read() / 1e6,
+                static_cast<double>(std::filesystem::file_size(directory + "/model.safetensors") +
+                                    std::filesystem::file_size(directory + "/optimizer.safetensors")) / 1e6);
+  log(text);
 }
 
 // The first candidate every rank can read: one that fails its checks on any
@@ -179,29 +208,31 @@ void Trainer::Impl::initialize_from(const std::string& path) {
     if (!latest) throw ConfigError("training.init_from: " + path + " is neither a checkpoint nor a run directory with checkpoints/latest");
     directory = *latest;
   }
-  load_model_weights(directory, load_checkpoint(directory));
+  load_model_weights(directory, CheckpointTensors(directory, load_checkpoint(directory, /*read_tensors=*/false)));
   log("initialized the model from " + directory);
 }
 
 // The checkpoint's full tensors: each rank takes its shard, whatever layout wrote them.
-void Trainer::Impl::load_model_weights(const std::string& directory, const CheckpointContents& contents) {
+void Trainer::Impl::load_model_weights(const std::string& directory, const CheckpointTensors& tensors) {
   const std::string model_file = directory + "/model.safetensors";
   torch::NoGradGuard no_grad;
-  // The checkpoint holds full tensors: each rank takes its shard, whatever layout wrote it.
-  const auto specs = model->shard_specs();
+  // The checkpoint holds full tensors: each rank reads its shard, whatever layout wrote it.
+  const auto& specs = model->shard_specs();
   for (auto& [name, tensor] : model_tensors()) {
     if (!stages->holds(name, static_cast<int>(mesh->coords().pp))) continue;  // another pipeline rank's
-    const auto it = contents.model.find(name);
-    if (it == contents.model.end()) throw std::runtime_error(model_file + ": tensor '" + name + "' is missing");
+    if (!tensors.contains(name)) throw std::runtime_error(model_file + ": tensor '" + name + "' is missing");
+    const std::vector<int64_t> stored = tensors.shape(name);
     const auto spec = specs.find(name);
-    at::Tensor source = it->second;
-    try {
-      if (spec != specs.end()) source = parallel::local_shard(source, spec->second, mesh->shape(), mesh->coords());
-    } catch (const std::exception&) {
-      source = it->second;  // reported as a shape mismatch below
+    at::Tensor source;
+    if (spec == specs.end() || !sharded_model || stored.empty()) {
+      if (stored == tensor.sizes().vec()) source = tensors.read(name);
+    } else {
+      // The full shape this rank's shard implies; another one is a different model, reported below.
+      const at::Tensor implied = parallel::local_shard(at::empty(stored, at::TensorOptions().device(at::kMeta)), spec->second, mesh->shape(), mesh->coords());
+      if (implied.sizes().equals(tensor.sizes())) source = read_shard(tensors, name, stored, spec->second);
     }
-    if (!source.sizes().equals(tensor.sizes())) {
-      throw std::runtime_error(model_file + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) +
+    if (!source.defined() || !source.sizes().equals(tensor.sizes())) {
+      throw std::runtime_error(model_file + ": tensor '" + name + "' has shape " + c10::str(at::IntArrayRef(stored)) +
                                ", the configured model expects " + c10::str(tensor.sizes()) +
                                (sharded_model ? " on this rank" : ""));
     }
@@ -209,7 +240,7 @@ void Trainer::Impl::load_model_weights(const std::string& directory, const Check
   }
 }
 
-void Trainer::Impl::restore_optimizer(const std::string& directory, const CheckpointContents& contents) {
+void Trainer::Impl::restore_optimizer(const std::string& directory, const CheckpointContents& contents, const CheckpointTensors& tensors) {
   // Optimizer state: whole in one file (each rank takes its shard, under any
   // layout), or written under a layout that shards it, one file per rank.
   const std::string written_layout = contents.layout.empty() ? "dp" : contents.layout;
@@ -218,10 +249,10 @@ void Trainer::Impl::restore_optimizer(const std::string& directory, const Checkp
     std::set<std::string> trained;  // this rank's stages' parameters
     for (const NamedParameter& p : params) trained.insert(p.name);
     TensorMap own;
-    for (const auto& [key, tensor] : contents.optimizer) {
+    for (const std::string& key : tensors.names("optimizer.safetensors")) {
       const std::string param = state_parameter(key).first;
       if (!param.empty() && !trained.count(param)) continue;  // another pipeline rank's
-      own[key] = shard_state(contents.optimizer, key, contents.model, directory + "/optimizer.safetensors");
+      own[key] = shard_state(tensors, key, directory + "/optimizer.safetensors");
     }
     if (zero1) {
       zero1->load_state(own, directory + "/optimizer.safetensors");  // the owned parameters' share
@@ -242,9 +273,11 @@ void Trainer::Impl::restore_optimizer(const std::string& directory, const Checkp
     throw ConfigError(directory + "/trainer_state.json: optimizer state was written under layout " + written_layout +
                              "; resume under that layout (this run is " + layout_name() + ")");
   }
-  TensorMap own_state = contents.optimizer;
+  TensorMap own_state;
   std::string state_file = directory + "/optimizer.safetensors";
-  if (sharded_state && rank != 0) {
+  if (!sharded_state || rank == 0) {
+    for (const std::string& key : tensors.names("optimizer.safetensors")) own_state[key] = tensors.read(key);
+  } else {
     state_file = directory + "/" + rank_state_file(rank);
     own_state = load_rank_state(directory, contents, rank);
   }

@@ -128,15 +128,16 @@ struct Trainer::Impl {
   void initialize_from(const std::string& path);
 
   // The checkpoint's full tensors: each rank takes its shard, whatever layout wrote them.
-  void load_model_weights(const std::string& directory, const CheckpointContents& contents);
+  void load_model_weights(const std::string& directory, const CheckpointTensors& tensors);
 
-  void restore_optimizer(const std::string& directory, const CheckpointContents& contents);
+  void restore_optimizer(const std::string& directory, const CheckpointContents& contents, const CheckpointTensors& tensors);
   bool whole_optimizer_state() const;
-  StateView state_view(const TensorMap& state, const std::string& key, at::IntArrayRef param_shape, int64_t dim) const;
+  StateView state_view(const std::string& key, at::ScalarType data_dtype, at::IntArrayRef param_shape, int64_t dim) const;
   const parallel::ShardSpec* state_spec(const std::string& key, int64_t& dim) const;
   bool state_joins(const TensorMap& state, const std::string& key) const;
   at::Tensor gather_state(const TensorMap& state, const std::string& key) const;
-  at::Tensor shard_state(const TensorMap& state, const std::string& key, const TensorMap& full_model, const std::string& source) const;
+  at::Tensor shard_state(const CheckpointTensors& tensors, const std::string& key, const std::string& source) const;
+  at::Tensor read_shard(const CheckpointTensors& tensors, const std::string& name, at::IntArrayRef view, const parallel::ShardSpec& spec) const;
   at::IntArrayRef local_parameter_shape(const std::string& name) const {
     for (const NamedParameter& p : params) {
       if (p.name == name) return p.tensor.sizes();

@@ -128,3 +128,54 @@ TEST_F(CheckpointTest, CorruptOrTruncatedFilesAreRefusedByName) {
 }
 
 }  // namespace
+
+namespace {
+
+// Rows of a tensor larger than a chunk: the reader returns exactly those rows,
+// reads about their bytes (plus the rest of the chunks they touch, to check
+// them), and a flipped byte inside a chunk it touches is reported with the file,
+// while one in a chunk it does not touch is not read at all.
+TEST_F(CheckpointTest, ReadsRowsAndChecksOnlyTheChunksTheyTouch) {
+  CheckpointContents c = contents(3);
+  const int64_t rows = 16, cols = (int64_t{3} << 20) / 4;  // 16 rows of 3 MiB (FP32): 48 MiB, 12 chunks of 4 MiB
+  c.model["experts"] = at::arange(rows * cols, at::kFloat).view({rows, cols});
+  const std::string saved = save_checkpoint(dir_, c, 2);
+  {
+    const CheckpointContents loaded = load_checkpoint(saved, /*read_tensors=*/false);
+    EXPECT_TRUE(loaded.model.empty());
+    const CheckpointTensors tensors(saved, loaded);
+    EXPECT_EQ(tensors.shape("experts"), (std::vector<int64_t>{rows, cols}));
+    EXPECT_EQ(tensors.dtype("bias"), at::kBFloat16);
+    const at::Tensor part = tensors.read_rows("experts", {rows, cols}, 4, 8);  // rows 4-7: bytes [12, 24) MiB, chunks 3-5
+    EXPECT_TRUE(at::equal(part, c.model["experts"].narrow(0, 4, 4)));
+    EXPECT_EQ(tensors.bytes_read(), size_t{12} << 20);  // chunk-aligned here: nothing beyond the rows
+    const at::Tensor odd = tensors.read_rows("experts", {rows * 3, cols / 3}, 1, 2);  // 1 MiB inside chunk 0
+    EXPECT_TRUE(at::equal(odd.view({-1}), c.model["experts"].view({-1}).narrow(0, cols / 3, cols / 3)));
+    EXPECT_EQ(tensors.bytes_read(), (size_t{12} << 20) + (size_t{4} << 20));  // the whole of chunk 0 to check it
+    EXPECT_TRUE(at::equal(tensors.read("layers.0.w"), c.model["layers.0.w"]));
+    EXPECT_EQ(tensors.read("optimizer_steps").item<int64_t>(), 3);
+  }
+  // Damage inside row 12 (chunk 9): rows 4-7 still read, rows 12-13 are refused naming the file.
+  const std::string file = saved + "/model.safetensors";
+  const SafetensorsFile layout(file);
+  const uint64_t at_byte = layout.entries().at("experts").begin + (uint64_t{12} * cols * 4) + 1000;
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(at_byte));
+    char byte = 0;
+    f.read(&byte, 1);
+    byte ^= 0x20;
+    f.seekp(static_cast<std::streamoff>(at_byte));
+    f.write(&byte, 1);
+  }
+  const CheckpointTensors tensors(saved, load_checkpoint(saved, /*read_tensors=*/false));
+  EXPECT_TRUE(at::equal(tensors.read_rows("experts", {rows, cols}, 4, 8), c.model["experts"].narrow(0, 4, 4)));
+  try {
+    tensors.read_rows("experts", {rows, cols}, 12, 14);
+    FAIL() << "damaged rows were read";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()), file + ": checksum mismatch: the file is truncated or corrupt");
+  }
+}
+
+}  // namespace
