@@ -5,6 +5,7 @@
 #include <csignal>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 
 #include "launch/cli.h"
 #include "parallel/mpi/mpi_communicator.h"
@@ -16,9 +17,11 @@ namespace {
 void on_signal(int) { fmoe::trainer::request_stop(); }
 
 constexpr const char* kUsage =
-    "usage: moe-train --config FILE [--set key.path=value]... [--resume[=CHECKPOINT]] [--stop-at STEP] [--eval-only] [--reshard]\n"
+    "usage: moe-train --config FILE [--set key.path=value]... [--resume[=CHECKPOINT] | --resume-if-present] [--stop-at STEP] [--eval-only] [--reshard]\n"
     "  --resume continues from the latest checkpoint (a damaged one is skipped for the newest earlier one, with a\n"
     "  warning); --resume=CHECKPOINT from that checkpoint directory only.\n"
+    "  --resume-if-present resumes when the run directory has a checkpoint and starts fresh otherwise (batch\n"
+    "  scripts that are requeued).\n"
     "  --eval-only validates the latest checkpoint's model under this layout and precision, writing nothing.\n"
     "  --reshard (with --resume) writes the checkpoint again under this run's layout into training.run_dir and exits:\n"
     "  the same step, the optimizer state resharded exactly, nothing trained.\n"
@@ -32,7 +35,7 @@ int main(int argc, char** argv) {
   fmoe::parallel::MpiRuntime mpi(&argc, &argv);
   const int rank = mpi.world_rank();
   try {
-    const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "eval-only", "reshard", "help"});
+    const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "resume-if-present", "eval-only", "reshard", "help"});
     if (args.has("help")) {
       std::fputs(kUsage, stdout);
       return 0;
@@ -46,7 +49,8 @@ int main(int argc, char** argv) {
     std::signal(SIGTERM, on_signal);
     auto world = fmoe::parallel::make_mpi_world_communicator();
     fmoe::trainer::TrainerOptions options;
-    options.resume = args.has("resume");
+    options.resume = args.has("resume") ||
+                     (args.has("resume-if-present") && std::filesystem::exists(config.training.run_dir + "/checkpoints/latest"));
     options.resume_path = args.get("resume");  // --resume=PATH: that checkpoint, no other
     options.eval_only = args.has("eval-only");
     options.reshard_only = args.has("reshard");

@@ -6,7 +6,8 @@
 set -euo pipefail
 
 debs=(libopenmpi-dev openmpi-bin libyaml-cpp-dev libabsl-dev libgtest-dev libbenchmark-dev
-      libsentencepiece-dev nlohmann-json3-dev zlib1g-dev cmake ninja-build ccache dict-gcide python3-pip)
+      libsentencepiece-dev nlohmann-json3-dev zlib1g-dev cmake ninja-build ccache dict-gcide python3-pip gnuplot-nox
+      slurmd slurmctld slurm-client munge)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,10 @@
 #include "trainer/trainer.h"
 #include "trainer/trainer_impl.h"
 
+#include <cstring>
+
+#include "parallel/topology.h"
+
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 #include <sys/resource.h>
@@ -270,6 +274,23 @@ TrainResult Trainer::Impl::run() {
       log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
     }
     mesh.emplace(world, shape);
+    // Each rank's node (its host name, gathered over the world): where the mesh's groups fall.
+    char host[64] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    at::Tensor mine = at::zeros({64}, at::kByte);
+    std::memcpy(mine.data_ptr(), host, std::strlen(host));
+    at::Tensor all = at::empty({world_size * 64}, at::kByte);
+    options.world->all_gather(all, mine, {})->wait();
+    std::vector<std::string> node_of_rank;
+    for (int r = 0; r < world_size; ++r) node_of_rank.emplace_back(reinterpret_cast<const char*>(all.data_ptr<uint8_t>() + r * 64));
+    for (const std::string& line : parallel::describe_placement(shape, node_of_rank)) log(line);
+    const auto& m = cfg.model;
+    if (shape.ep > 1 && m.num_groups > 1 && m.num_experts % m.num_groups == 0 && m.num_experts % shape.ep == 0) {
+      const int nodes = parallel::max_nodes_per_token(shape, node_of_rank, static_cast<int>(m.num_experts), static_cast<int>(m.num_groups),
+                                                       static_cast<int>(m.group_top_k));
+      log("routing: group_top_k " + std::to_string(m.group_top_k) + " of " + std::to_string(m.num_groups) +
+          " expert groups: a token's experts sit on at most " + std::to_string(nodes) + " node" + (nodes > 1 ? "s" : ""));
+    }
   } else {
     mesh.emplace(parallel::Mesh::single());
   }
