@@ -4,6 +4,7 @@
 #include <malloc.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <stdexcept>
 
 namespace fmoe::launch {
@@ -35,6 +36,19 @@ std::string error_message(const std::exception& error) {
 void configure_allocator() {
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+
+int check_usage(const Args& args, const char* usage, const std::vector<std::string>& required, bool positional_allowed) {
+  if (args.has("help")) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
+  const bool missing = std::any_of(required.begin(), required.end(), [&](const std::string& key) { return !args.has(key); });
+  if (missing || (!positional_allowed && !args.positional.empty()) || (positional_allowed && args.positional.empty())) {
+    std::fputs(usage, stderr);
+    return 2;
+  }
+  return -1;
 }
 
 Args parse_args(int argc, char** argv, int first, const std::vector<std::string>& flags) {

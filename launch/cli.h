@@ -26,4 +26,9 @@ std::string error_message(const std::exception& error);
 // flags: option names that take no value.
 Args parse_args(int argc, char** argv, int first, const std::vector<std::string>& flags);
 
+// --help prints usage to stdout (exit 0); a missing required option or a stray
+// positional argument prints it to stderr (exit 2). Returns the exit code, or
+// -1 when the arguments are usable.
+int check_usage(const Args& args, const char* usage, const std::vector<std::string>& required, bool positional_allowed = false);
+
 }  // namespace fmoe::launch

@@ -114,14 +114,7 @@ int main(int argc, char** argv) {
     }
     const launch::Args args = launch::parse_args(split, argv, 1, {"dry-run", "slurm", "help"});
     std::vector<std::string> trainer_args(argv + std::min(split + 1, argc), argv + argc);
-    if (args.has("help")) {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (!args.has("config") || !args.positional.empty()) {
-      std::fputs(kUsage, stderr);
-      return 2;
-    }
+    if (const int code = launch::check_usage(args, kUsage, {"config"}); code >= 0) return code;
     std::vector<Node> nodes;
     std::string source;
     if (args.has("hostfile")) {

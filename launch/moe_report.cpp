@@ -47,14 +47,7 @@ std::string run_name(const std::string& run_dir) {
 int main(int argc, char** argv) {
   try {
     const Args args = parse_args(argc, argv, 1, {"help"});
-    if (args.has("help")) {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (args.positional.empty()) {
-      std::fputs(kUsage, stderr);
-      return 2;
-    }
+    if (const int code = check_usage(args, kUsage, {}, /*positional_allowed=*/true); code >= 0) return code;
     require_gnuplot();
     const std::string out = args.get("out", (fs::path(args.positional.front()) / "report").string());
     fs::create_directories(out);

@@ -425,14 +425,7 @@ void Sweep::write_summary() const {
 int main(int argc, char** argv) {
   try {
     const Args args = parse_args(argc, argv, 1, {"dry-run", "help"});
-    if (args.has("help")) {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (!args.has("sweep") || !args.positional.empty()) {
-      std::fputs(kUsage, stderr);
-      return 2;
-    }
+    if (const int code = check_usage(args, kUsage, {"sweep"}); code >= 0) return code;
     Sweep sweep(load_sweep(args.get("sweep")));
     sweep.prepare(args.has("dry-run"));
     if (args.has("dry-run")) {

@@ -36,14 +36,7 @@ int main(int argc, char** argv) {
   const int rank = mpi.world_rank();
   try {
     const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "resume-if-present", "eval-only", "reshard", "help"});
-    if (args.has("help")) {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (!args.has("config") || !args.positional.empty()) {
-      std::fputs(kUsage, stderr);
-      return 2;
-    }
+    if (const int code = fmoe::launch::check_usage(args, kUsage, {"config"}); code >= 0) return code;
     const auto config = fmoe::trainer::load_config(args.get("config"), args.all("set"));
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
