@@ -121,6 +121,7 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 [ "$(in_a sinfo -h -o %D 2>/dev/null)" = 2 ] && [ "$(in_a sinfo -h -o %t)" = idle ] || { in_a sinfo; tail "$dir/slurmctld.log"; fail "the two Slurm nodes are not idle"; }
+SBATCH_FILE="$(cd "$(dirname "$0")/../.." && pwd)/launch/slurm/train.sbatch"
 SBATCH_ARGS=(--nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1)
 export FMOE_BIN="$BIN_DIR" OMPI_MCA_btl=tcp,self OMPI_MCA_btl_tcp_if_include="$net.0/24" OMPI_MCA_oob_tcp_if_include="$net.0/24"
 abs_config="$(cd "$(dirname "$CONFIG")" && pwd)/micro.yaml"
@@ -129,7 +130,7 @@ train_args() { echo "$abs_config" --set "data.prefix=$CORPUS/gcide" --set "data.
 # srun --mpi=pmix, stopped with SIGTERM mid-run and submitted again.
 RUN=(--set training.steps=150 --set training.eval_interval=0 --set training.checkpoint_interval=0 --set parallel.ep=2
      --set training.micro_batch_size=4 --set optimizer.warmup_steps=2)
-job=$(in_a sbatch --parsable "${SBATCH_ARGS[@]}" -o "$dir/srun1.out" "$(pwd)/launch/slurm/train.sbatch" $(train_args "$dir/srun"))
+job=$(in_a sbatch --parsable "${SBATCH_ARGS[@]}" -o "$dir/srun1.out" "$SBATCH_FILE" $(train_args "$dir/srun")) || fail "sbatch refused the job"
 for _ in $(seq 1 600); do
   [ -f "$dir/srun/metrics.jsonl" ] && [ "$(grep -c . "$dir/srun/metrics.jsonl")" -ge 20 ] && break
   sleep 0.1
@@ -141,7 +142,7 @@ for _ in $(seq 1 600); do
 done
 grep -q "stopped at step" "$dir/srun1.out" || { tail "$dir/srun1.out"; fail "the ranks did not stop at a checkpoint on SIGTERM"; }
 stopped=$(grep -c . "$dir/srun/metrics.jsonl")
-timeout 300 nsenter --net=/var/run/netns/"$A" sbatch --wait "${SBATCH_ARGS[@]}" -o "$dir/srun2.out" "$(pwd)/launch/slurm/train.sbatch" $(train_args "$dir/srun") \
+timeout 300 nsenter --net=/var/run/netns/"$A" sbatch --wait "${SBATCH_ARGS[@]}" -o "$dir/srun2.out" "$SBATCH_FILE" $(train_args "$dir/srun") \
   > /dev/null || { tail "$dir/srun2.out"; fail "the resubmitted srun job failed"; }
 grep -q "resumed from .*step_0*$stopped at step $stopped" "$dir/srun2.out" || { grep -i resum "$dir/srun2.out"; fail "the resubmitted job did not resume from step $stopped"; }
 mpirun -np 2 "$TRAIN" $(micro_args "$dir/one400") "${RUN[@]}" > "$dir/one400.log" 2>&1 || { cat "$dir/one400.log"; fail "the one-node run failed"; }
@@ -152,7 +153,7 @@ echo "ok: sbatch train.sbatch (srun --mpi=pmix) on two Slurm nodes, SIGTERM at s
 RUN=(--set training.steps=12 --set training.eval_interval=0 --set training.checkpoint_interval=0 --set parallel.ep=2
      --set training.micro_batch_size=4 --set optimizer.warmup_steps=2)
 FMOE_LAUNCH=mpirun timeout 300 nsenter --net=/var/run/netns/"$A" sbatch --wait "${SBATCH_ARGS[@]}" -o "$dir/mpirun.out" \
-  "$(pwd)/launch/slurm/train.sbatch" $(train_args "$dir/slurm_mpirun") > /dev/null || { tail "$dir/mpirun.out"; fail "the mpirun-in-allocation job failed"; }
+  "$SBATCH_FILE" $(train_args "$dir/slurm_mpirun") > /dev/null || { tail "$dir/mpirun.out"; fail "the mpirun-in-allocation job failed"; }
 grep -q "moe-launch: 2 ranks on 2 nodes (1 per node, from the Slurm allocation)" "$dir/mpirun.out" || { head "$dir/mpirun.out"; fail "moe-launch --slurm did not read the allocation"; }
 grep -q "nodes: 2 (node-a: ranks 0, node-b: ranks 1)" "$dir/mpirun.out" || fail "the ranks are not on node-a and node-b"
 diff <(losses "$dir/one/metrics.jsonl") <(losses "$dir/slurm_mpirun/metrics.jsonl") > /dev/null || fail "sbatch + mpirun losses differ from one node"
