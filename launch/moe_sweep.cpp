@@ -94,9 +94,9 @@ class Sweep {
       t.trial = trial;
       t.dir = (fs::path(spec_.out_dir) / trial.name).string();
       std::vector<std::string> overrides = spec_.overrides;
-      overrides.push_back("training.threads=" + std::to_string(threads));  // the sweep's ranks share the cores
-      for (const std::string& o : spec_.overrides) {
-        if (o.rfind("training.threads=", 0) == 0) overrides.push_back(o);  // unless the sweep says otherwise
+      // The sweep's ranks share the cores, unless the sweep file sets the threads itself.
+      if (std::none_of(overrides.begin(), overrides.end(), [](const std::string& o) { return o.rfind("training.threads=", 0) == 0; })) {
+        overrides.push_back("training.threads=" + std::to_string(threads));
       }
       for (const std::string& o : trial.overrides()) overrides.push_back(o);
       overrides.push_back("training.run_dir=" + t.dir);
@@ -315,9 +315,8 @@ class Sweep {
           budget_out = true;  // stopped short of its rung: the budget is spent
         }
       }
-      write_summary();
+      write_summary();  // the rung's pruned trials
     }
-    write_summary();
     std::printf("moe-sweep: %s: spent %s of %s %s; summary in %s/summary.md\n", g_stop ? "stopped (run it again to resume)" : budget_out ? "budget spent" : "done",
                 amount(spent()).c_str(), amount(spec_.search.budget).c_str(), spec_.search.budget_unit.c_str(), spec_.out_dir.c_str());
     return g_stop ? 1 : 0;

@@ -1,10 +1,29 @@
 #include "parallel/topology.h"
 
+#include <ATen/ATen.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <set>
 
+#include "parallel/communicator.h"
+
 namespace fmoe::parallel {
+
+std::vector<std::string> node_names(Communicator& world) {
+  constexpr int64_t kMax = 64;
+  char host[kMax] = {};
+  ::gethostname(host, kMax - 1);
+  at::Tensor mine = at::zeros({kMax}, at::kByte);
+  std::memcpy(mine.data_ptr(), host, std::strlen(host));
+  at::Tensor all = at::empty({world.size() * kMax}, at::kByte);
+  world.all_gather(all, mine, {})->wait();
+  std::vector<std::string> names;
+  for (int r = 0; r < world.size(); ++r) names.emplace_back(reinterpret_cast<const char*>(all.data_ptr<uint8_t>() + r * kMax));
+  return names;
+}
 
 std::vector<std::vector<int>> mesh_groups(const MeshShape& shape, char axis) {
   std::map<std::vector<int64_t>, std::vector<int>> groups;

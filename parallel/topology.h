@@ -2,7 +2,8 @@
 // name, gathered over the world at start; a launcher computes it from the
 // placement it asks mpirun for); tensor parallelism belongs inside a node
 // (its all-reduces run every layer), expert and data parallelism may cross
-// nodes. Pure functions: moe-train logs them, moe-launch prints them first.
+// nodes. Pure functions besides node_names: moe-train logs them, moe-launch
+// prints them first.
 #pragma once
 
 #include <string>
@@ -11,6 +12,11 @@
 #include "parallel/mesh.h"
 
 namespace fmoe::parallel {
+
+class Communicator;
+
+// Every rank's node: its host name (up to 63 characters), gathered over world (collective).
+std::vector<std::string> node_names(Communicator& world);
 
 // The ranks of every group along one mesh axis ('t' tp, 'd' dp, 'p' pp, 'e' ep), each group's ranks ascending.
 std::vector<std::vector<int>> mesh_groups(const MeshShape& shape, char axis);

@@ -264,45 +264,40 @@ void send_rank_state(const TensorMap& state, parallel::Communicator& world) {
   world.send(bytes, 0, {})->wait();
 }
 
-std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states(parallel::Communicator& world) {
-  return [&world](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
-    for (int r = 1; r < world.size(); ++r) {
-      at::Tensor size = at::empty({1}, at::kLong);
-      world.recv(size, r, {})->wait();
-      at::Tensor bytes = at::empty({size.item<int64_t>()}, at::kByte);
-      world.recv(bytes, r, {})->wait();
-      const std::string_view view(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
-      data::write_file_atomic(tmp_dir + "/" + rank_state_file(r), view);
-      checksums[rank_state_file(r)] = data::crc32_of(view);
-    }
-  };
-}
+namespace {
 
-TensorMap receive_state(parallel::Communicator& group, int source) {
+// What send_rank_state sent from source: its safetensors bytes.
+std::string receive_bytes(parallel::Communicator& group, int source) {
   at::Tensor size = at::empty({1}, at::kLong);
   group.recv(size, source, {})->wait();
   std::string bytes(static_cast<size_t>(size.item<int64_t>()), '\0');
   at::Tensor view = at::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, at::kByte);
   group.recv(view, source, {})->wait();
-  return from_safetensors(bytes, "optimizer state of pipeline rank " + std::to_string(source));
+  return bytes;
+}
+
+void write_rank_file(const std::string& tmp_dir, int rank, std::string_view bytes, std::map<std::string, uint32_t>& checksums) {
+  data::write_file_atomic(tmp_dir + "/" + rank_state_file(rank), bytes);
+  checksums[rank_state_file(rank)] = data::crc32_of(bytes);
+}
+
+}  // namespace
+
+std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states(parallel::Communicator& world) {
+  return [&world](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
+    for (int r = 1; r < world.size(); ++r) write_rank_file(tmp_dir, r, receive_bytes(world, r), checksums);
+  };
+}
+
+TensorMap receive_state(parallel::Communicator& group, int source) {
+  return from_safetensors(receive_bytes(group, source), "optimizer state of pipeline rank " + std::to_string(source));
 }
 
 std::function<void(const std::string&, std::map<std::string, uint32_t>&)> receive_rank_states_now(parallel::Communicator& world) {
   auto files = std::make_shared<std::vector<std::string>>();
-  for (int r = 1; r < world.size(); ++r) {
-    at::Tensor size = at::empty({1}, at::kLong);
-    world.recv(size, r, {})->wait();
-    std::string bytes(static_cast<size_t>(size.item<int64_t>()), '\0');
-    at::Tensor view = at::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, at::kByte);
-    world.recv(view, r, {})->wait();
-    files->push_back(std::move(bytes));
-  }
+  for (int r = 1; r < world.size(); ++r) files->push_back(receive_bytes(world, r));
   return [files](const std::string& tmp_dir, std::map<std::string, uint32_t>& checksums) {
-    for (size_t i = 0; i < files->size(); ++i) {
-      const int r = static_cast<int>(i) + 1;
-      data::write_file_atomic(tmp_dir + "/" + rank_state_file(r), (*files)[i]);
-      checksums[rank_state_file(r)] = data::crc32_of((*files)[i]);
-    }
+    for (size_t i = 0; i < files->size(); ++i) write_rank_file(tmp_dir, static_cast<int>(i) + 1, (*files)[i], checksums);
   };
 }
 

@@ -1,8 +1,6 @@
 #include "trainer/trainer.h"
 #include "trainer/trainer_impl.h"
 
-#include <cstring>
-
 #include "parallel/topology.h"
 
 #include <ATen/ATen.h>
@@ -274,15 +272,8 @@ TrainResult Trainer::Impl::run() {
       log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
     }
     mesh.emplace(world, shape);
-    // Each rank's node (its host name, gathered over the world): where the mesh's groups fall.
-    char host[64] = {};
-    ::gethostname(host, sizeof(host) - 1);
-    at::Tensor mine = at::zeros({64}, at::kByte);
-    std::memcpy(mine.data_ptr(), host, std::strlen(host));
-    at::Tensor all = at::empty({world_size * 64}, at::kByte);
-    options.world->all_gather(all, mine, {})->wait();
-    std::vector<std::string> node_of_rank;
-    for (int r = 0; r < world_size; ++r) node_of_rank.emplace_back(reinterpret_cast<const char*>(all.data_ptr<uint8_t>() + r * 64));
+    // Where the mesh's groups fall on the nodes.
+    const std::vector<std::string> node_of_rank = parallel::node_names(*options.world);
     for (const std::string& line : parallel::describe_placement(shape, node_of_rank)) log(line);
     const auto& m = cfg.model;
     if (shape.ep > 1 && m.num_groups > 1 && m.num_experts % m.num_groups == 0 && m.num_experts % shape.ep == 0) {

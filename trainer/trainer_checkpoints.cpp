@@ -10,14 +10,6 @@ namespace {
 
 // An optimizer-state tensor's parameter and part: "<moment>.<param>.<part>" with
 // moment exp_avg | exp_avg_sq | master and part data | scales; {} for anything else.
-std::pair<std::string, std::string> state_parameter(const std::string& key);
-
-// The data entry of a state entry's moment: "<moment>.<param>.data".
-std::string data_key(const std::string& key) {
-  const auto [param, part] = state_parameter(key);
-  return key.substr(0, key.size() - part.size()) + "data";
-}
-
 std::pair<std::string, std::string> state_parameter(const std::string& key) {
   for (const std::string suffix : {".data", ".scales"}) {
     if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
@@ -26,6 +18,11 @@ std::pair<std::string, std::string> state_parameter(const std::string& key) {
     }
   }
   return {};
+}
+
+// The data entry of a state entry's moment: "<moment>.<param>.data".
+std::string data_key(const std::string& key) {
+  return key.substr(0, key.size() - state_parameter(key).second.size()) + "data";
 }
 
 // The deepest dimension a spec splits under a mesh shape, or -1 when it splits none.
@@ -88,10 +85,14 @@ const parallel::ShardSpec* Trainer::Impl::state_spec(const std::string& key, int
   return dim < 0 ? nullptr : &spec->second;
 }
 
+// The view of this rank's entry of its own state (parameter shapes local).
+StateView Trainer::Impl::local_state_view(const TensorMap& state, const std::string& key, int64_t dim) const {
+  return state_view(key, state.at(data_key(key)).scalar_type(), local_parameter_shape(state_parameter(key).first), dim);
+}
+
 bool Trainer::Impl::state_joins(const TensorMap& state, const std::string& key) const {
   int64_t dim = -1;
-  if (state_spec(key, dim) == nullptr) return true;
-  return state_view(key, state.at(data_key(key)).scalar_type(), local_parameter_shape(state_parameter(key).first), dim).joins;
+  return state_spec(key, dim) == nullptr || local_state_view(state, key, dim).joins;
 }
 
 // The whole tensor of a sharded optimizer-state entry (collective over tp and
@@ -101,7 +102,7 @@ at::Tensor Trainer::Impl::gather_state(const TensorMap& state, const std::string
   int64_t dim = -1;
   const parallel::ShardSpec* spec = state_spec(key, dim);
   if (spec == nullptr) return tensor;
-  const StateView view = state_view(key, state.at(data_key(key)).scalar_type(), local_parameter_shape(state_parameter(key).first), dim);
+  const StateView view = local_state_view(state, key, dim);
   TORCH_CHECK(view.joins, "optimizer state '", key, "' cannot be joined exactly: ", view.why);
   const at::Tensor full = parallel::gather_full(tensor.reshape(view.shape), *spec, *mesh);
   return view.flat.empty() ? full : full.reshape(view.flat);
@@ -254,45 +255,39 @@ void Trainer::Impl::restore_optimizer(const std::string& directory, const Checkp
       if (!param.empty() && !trained.count(param)) continue;  // another pipeline rank's
       own[key] = shard_state(tensors, key, directory + "/optimizer.safetensors");
     }
-    if (zero1) {
-      zero1->load_state(own, directory + "/optimizer.safetensors");  // the owned parameters' share
-    } else {
-      optimizer->load_state(own, directory + "/optimizer.safetensors");
-    }
-    if (const auto rng = own.find("rng.cpu"); rng != own.end()) {
-      at::Generator generator = at::detail::getDefaultCPUGenerator();
-      generator.set_state(rng->second);
-    }
+    load_optimizer_state(own, directory + "/optimizer.safetensors");
     state = contents.state;
     if (written_layout != layout_name()) log("optimizer state resharded: written under " + written_layout + ", now " + layout_name());
     log("resumed from " + directory + " at step " + std::to_string(state.step));
     return;
   }
-  if ((sharded_state || written_sharded) && written_layout != layout_name()) {
+  if (written_layout != layout_name()) {
     // Every rank sees the same mismatch: reported once, like a config error.
     throw ConfigError(directory + "/trainer_state.json: optimizer state was written under layout " + written_layout +
                              "; resume under that layout (this run is " + layout_name() + ")");
   }
-  TensorMap own_state;
-  std::string state_file = directory + "/optimizer.safetensors";
   if (!sharded_state || rank == 0) {
-    for (const std::string& key : tensors.names("optimizer.safetensors")) own_state[key] = tensors.read(key);
+    TensorMap own;
+    for (const std::string& key : tensors.names("optimizer.safetensors")) own[key] = tensors.read(key);
+    load_optimizer_state(own, directory + "/optimizer.safetensors");
   } else {
-    state_file = directory + "/" + rank_state_file(rank);
-    own_state = load_rank_state(directory, contents, rank);
-  }
-  if (zero1) {
-    zero1->load_state(own_state, state_file);
-  } else {
-    optimizer->load_state(own_state, state_file);
-  }
-  const auto rng = own_state.find("rng.cpu");
-  if (rng != own_state.end()) {
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    generator.set_state(rng->second);
+    load_optimizer_state(load_rank_state(directory, contents, rank), directory + "/" + rank_state_file(rank));
   }
   state = contents.state;
   log("resumed from " + directory + " at step " + std::to_string(state.step));
+}
+
+// This rank's optimizer state (ZeRO-1: the owned parameters' share) and the CPU RNG state saved with it.
+void Trainer::Impl::load_optimizer_state(const TensorMap& own, const std::string& source) {
+  if (zero1) {
+    zero1->load_state(own, source);
+  } else {
+    optimizer->load_state(own, source);
+  }
+  if (const auto rng = own.find("rng.cpu"); rng != own.end()) {
+    at::Generator generator = at::detail::getDefaultCPUGenerator();
+    generator.set_state(rng->second);
+  }
 }
 
 void Trainer::Impl::save(const Config& cfg) {

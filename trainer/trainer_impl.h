@@ -131,9 +131,11 @@ struct Trainer::Impl {
   void load_model_weights(const std::string& directory, const CheckpointTensors& tensors);
 
   void restore_optimizer(const std::string& directory, const CheckpointContents& contents, const CheckpointTensors& tensors);
+  void load_optimizer_state(const TensorMap& own, const std::string& source);
   bool whole_optimizer_state() const;
   StateView state_view(const std::string& key, at::ScalarType data_dtype, at::IntArrayRef param_shape, int64_t dim) const;
   const parallel::ShardSpec* state_spec(const std::string& key, int64_t& dim) const;
+  StateView local_state_view(const TensorMap& state, const std::string& key, int64_t dim) const;
   bool state_joins(const TensorMap& state, const std::string& key) const;
   at::Tensor gather_state(const TensorMap& state, const std::string& key) const;
   at::Tensor shard_state(const CheckpointTensors& tensors, const std::string& key, const std::string& source) const;
