@@ -32,7 +32,8 @@ if python3 -c 'import transformers, safetensors, sys; sys.exit(0 if transformers
   echo "setup: transformers 5.24.0 present"
 else
   echo "setup: installing transformers==5.24.0 and safetensors==0.8.0 from PyPI"
-  python3 -m pip install --quiet transformers==5.24.0 safetensors==0.8.0 || echo "setup: could not install transformers (the Hugging Face parity test will skip)"
+  python3 -m pip install --quiet transformers==5.24.0 safetensors==0.8.0 ||
+    { echo "setup: error: pip could not install transformers==5.24.0 and safetensors==0.8.0 (the Hugging Face parity test needs them)" >&2; exit 1; }
 fi
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "setup: CUDA toolkit found at /usr/local/cuda (the CUDA path will be built)"

@@ -9,8 +9,7 @@
 # (scripts/setup.sh installs them); skips with the reason where they are missing.
 source "$(dirname "$0")/common.sh"
 if ! python3 -c "import transformers, safetensors" 2>/dev/null; then
-  echo "SKIPPED: python3 cannot import transformers and safetensors (scripts/setup.sh installs them)"
-  exit 0
+  skip "python3 cannot import transformers and safetensors (scripts/setup.sh installs them)"
 fi
 dir="$WORK_DIR/hf"; rm -rf "$dir"; mkdir -p "$dir"
 CONVERT="$BIN_DIR/moe-convert"

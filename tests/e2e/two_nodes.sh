@@ -16,7 +16,7 @@
 # second part: skipped (with the reason) where they are not there.
 source "$(dirname "$0")/common.sh"
 LAUNCH="$BIN_DIR/moe-launch"
-[ "$(id -u)" = 0 ] || { echo "SKIP: two-node test needs root (network namespaces)"; exit 0; }
+[ "$(id -u)" = 0 ] || skip "two-node test needs root (network namespaces)"
 tag=$$
 A=fmoe_a_$tag; B=fmoe_b_$tag; VA=fmva$tag; VB=fmvb$tag
 net=10.213.$(( tag % 200 + 20 ))
@@ -30,7 +30,7 @@ cleanup() {
   ip link del "$VA" 2>/dev/null || true
 }
 trap cleanup EXIT
-if ! ip netns add "$A" 2>/dev/null; then echo "SKIP: cannot create network namespaces here"; exit 0; fi
+ip netns add "$A" 2>/dev/null || skip "cannot create network namespaces here"
 ip netns add "$B"
 ip link add "$VA" type veth peer name "$VB"
 ip link set "$VA" netns "$A"; ip link set "$VB" netns "$B"
@@ -74,7 +74,7 @@ echo "ok: dp2 + ep2 across two network namespaces (node-a, node-b; MPI over TCP 
 
 # ---- The same two nodes as a Slurm cluster.
 for tool in munged slurmctld slurmd sbatch srun scancel; do
-  command -v "$tool" > /dev/null || { echo "SKIP: Slurm part: $tool not installed (scripts/setup.sh installs slurmd, slurmctld, slurm-client, munge)"; exit 0; }
+  command -v "$tool" > /dev/null || skip "Slurm part: $tool not installed (scripts/setup.sh installs slurmd, slurmctld, slurm-client, munge); the mpirun part above passed"
 done
 dd if=/dev/urandom of="$dir/munge.key" bs=1024 count=1 2> /dev/null; chmod 400 "$dir/munge.key"
 munged --force --socket="$dir/munge.sock" --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" \
