@@ -14,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "common/test_hooks.h"
 #include "launch/cli.h"
 #include "parallel/mesh.h"
 #include "parallel/topology.h"
@@ -178,10 +179,22 @@ int main(int argc, char** argv) {
     std::vector<std::string> command{"mpirun", "-np", std::to_string(world)};
     if (args.has("hostfile")) command.insert(command.end(), {"--hostfile", args.get("hostfile")});
     command.insert(command.end(), {"--map-by", "ppr:" + std::to_string(per_node) + ":node", "--bind-to", "none"});
+    // The libraries' own variables by prefix; of ours, only the named test hooks
+    // (a misspelt FMOE_ variable would otherwise travel silently and do nothing).
     for (char** e = environ; *e; ++e) {
       const std::string var(*e);
       const std::string name = var.substr(0, var.find('='));
-      for (const char* prefix : {"NCCL_", "FMOE_", "OMP_", "MKL_", "UCX_", "CUDA_VISIBLE_DEVICES", "TORCH_"}) {
+      if (name.rfind("FMOE_", 0) == 0) {
+        if (name == "FMOE_LAUNCH") continue;  // launch/slurm/train.sbatch's choice of launcher, read before this runs
+        if (common::is_test_hook(name)) {
+          command.insert(command.end(), {"-x", name});
+        } else {
+          std::fprintf(stderr, "moe-launch: warning: %s is not a FrugalMoE variable (docs/test-hooks.md lists them); not passed on\n",
+                       name.c_str());
+        }
+        continue;
+      }
+      for (const char* prefix : {"NCCL_", "OMP_", "MKL_", "UCX_", "CUDA_VISIBLE_DEVICES", "TORCH_"}) {
         if (name.rfind(prefix, 0) == 0) {
           command.insert(command.end(), {"-x", name});
           break;

@@ -322,10 +322,9 @@ bool grouped_mm_agrees(c10::Device device, at::ScalarType dtype) {
 
 }  // namespace
 
-bool use_grouped_mm(c10::Device device, at::ScalarType dtype) {
-  const char* forced = std::getenv("FMOE_GROUPED_MM");
-  if (forced && std::string(forced) == "off") return false;
-  const bool force_on = forced && std::string(forced) == "on";
+bool use_grouped_mm(c10::Device device, at::ScalarType dtype, const std::string& forced) {
+  if (forced == "off") return false;
+  const bool force_on = forced == "on";
   if (!force_on && !(device.is_cuda() && dtype == at::kBFloat16)) return false;
   static std::mutex mutex;
   static std::map<std::pair<std::string, int>, bool> verdicts;

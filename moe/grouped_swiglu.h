@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace fmoe::moe {
@@ -37,9 +38,10 @@ at::Tensor grouped_swiglu_grouped_mm(const at::Tensor& x_SD, const at::Tensor& w
 
 // Whether the experts of a forward in dtype on device go through
 // grouped_swiglu_grouped_mm: on CUDA in BF16 when a small probe agrees with
-// the per-expert loop (checked once per device and dtype). FMOE_GROUPED_MM=on
-// or off overrides it (on also runs LibTorch's CPU version, for tests).
-bool use_grouped_mm(c10::Device device, at::ScalarType dtype);
+// the per-expert loop (checked once per device and dtype). forced "on" or "off"
+// (the FMOE_GROUPED_MM test hook) overrides it (on also runs LibTorch's CPU
+// version, for tests); empty decides as above.
+bool use_grouped_mm(c10::Device device, at::ScalarType dtype, const std::string& forced = "");
 
 // int32 cumulative ends of groups of these sizes, on device.
 at::Tensor group_ends(const std::vector<int64_t>& rows_per_group, c10::Device device);

@@ -1,5 +1,6 @@
 #include "moe/model.h"
 
+#include "common/test_hooks.h"
 #include "moe/grouped_swiglu.h"
 
 #include "moe/cross_entropy.h"
@@ -148,7 +149,7 @@ ForwardContext MoEModel::make_context(int64_t batch, int64_t seq_len, c10::Devic
   // a GPU pads only FP8 experts, to 128 rows: the native block-scaled GEMM wants
   // every dimension, the tokens of a weight gradient included, in 128s.
   ctx.expert_pad_multiple = device.is_cpu() ? (compute_dtype == at::kBFloat16 && !fp8 ? 64 : 1) : (fp8 ? 128 : 1);
-  ctx.grouped_mm = !fp8 && use_grouped_mm(device, compute_dtype);
+  ctx.grouped_mm = !fp8 && use_grouped_mm(device, compute_dtype, common::test_hooks().grouped_mm);
   if (rope_cos_.device() != device) {  // the tables follow the model to its device once
     rope_cos_ = rope_cos_.to(device);
     rope_sin_ = rope_sin_.to(device);

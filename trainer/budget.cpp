@@ -48,9 +48,10 @@ std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int
   if (in.limit_seconds > 0) {
     std::snprintf(text, sizeof(text),
                   "schedule: %lld steps, fixed at step %lld from %.3f s/step and %.2f s per validation pass "
-                  "(%.0f%% of a %.1f-minute budget planned, %.1f s spent)",
+                  "(%.0f%% of a %.1f-minute budget planned, %.1f s spent%s)",
                   static_cast<long long>(total_steps), static_cast<long long>(in.decided_at_step), in.step_seconds,
-                  in.eval_seconds, 100 * kBudgetPlannedFraction, in.limit_seconds / 60, in.elapsed_seconds);
+                  in.eval_seconds, 100 * kBudgetPlannedFraction, in.limit_seconds / 60, in.elapsed_seconds,
+                  in.injected ? "; times injected by FMOE_CALIBRATION, not measured" : "");
   } else {
     std::snprintf(text, sizeof(text), "schedule: %lld steps from budget.max_tokens %lld (%lld tokens/step)",
                   static_cast<long long>(total_steps), static_cast<long long>(max_tokens), static_cast<long long>(tokens_per_step));
@@ -58,11 +59,11 @@ std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int
   return text;
 }
 
-bool injected_calibration(double& step_seconds, double& eval_seconds) {
-  const char* text = std::getenv("FMOE_CALIBRATION");
-  if (!text || !*text) return false;
-  if (std::sscanf(text, "step=%lf,eval=%lf", &step_seconds, &eval_seconds) != 2 || !(step_seconds > 0) || !(eval_seconds >= 0)) {
-    throw std::runtime_error(std::string("FMOE_CALIBRATION: expected 'step=SECONDS,eval=SECONDS', got '") + text + "'");
+bool injected_calibration(const std::string& text, double& step_seconds, double& eval_seconds) {
+  if (text.empty()) return false;
+  if (std::sscanf(text.c_str(), "step=%lf,eval=%lf", &step_seconds, &eval_seconds) != 2 || !(step_seconds > 0) ||
+      !(eval_seconds >= 0)) {
+    throw std::runtime_error("FMOE_CALIBRATION: expected 'step=SECONDS,eval=SECONDS', got '" + text + "'");
   }
   return true;
 }

@@ -33,6 +33,7 @@ struct ScheduleInputs {
   double eval_seconds = 0;     // measured time of one validation pass
   int64_t eval_interval = 0;   // training.eval_interval (0: only at the end)
   int64_t token_limit_steps = 0;  // max_tokens / tokens per step; 0: none
+  bool injected = false;       // the times came from FMOE_CALIBRATION, not the clock
 };
 
 // The total step count: the most steps whose time, with the validation passes
@@ -47,8 +48,9 @@ void agree_over_ranks(ScheduleInputs& in, parallel::Communicator& world);
 // The line that announces a decision of size_schedule.
 std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int64_t max_tokens, int64_t tokens_per_step);
 
-// "step=S,eval=E" from FMOE_CALIBRATION (seconds): replaces the measured times,
-// so that tests can size a schedule deterministically. False when unset.
-bool injected_calibration(double& step_seconds, double& eval_seconds);
+// "step=S,eval=E" (seconds; the FMOE_CALIBRATION test hook): replaces the
+// measured times, so that tests can size a schedule deterministically. False
+// for an empty text.
+bool injected_calibration(const std::string& text, double& step_seconds, double& eval_seconds);
 
 }  // namespace fmoe::trainer

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "common/test_hooks.h"
 #include "data/file_util.h"
 #include "data/json_file.h"
 #include "parallel/communicator.h"
@@ -30,8 +31,8 @@ std::string step_name(int64_t step) {
 // Test hook: FMOE_CRASH_AFTER_CHECKPOINT_FILES=n kills the process after n files
 // of a save, to prove that a save interrupted midway spoils nothing.
 void maybe_crash(int files_written) {
-  static const char* limit = std::getenv("FMOE_CRASH_AFTER_CHECKPOINT_FILES");
-  if (limit && files_written >= std::atoi(limit)) {
+  const int limit = common::test_hooks().crash_after_checkpoint_files;
+  if (limit > 0 && files_written >= limit) {
     std::fprintf(stderr, "checkpoint: simulated crash after %d files\n", files_written);
     std::_Exit(9);
   }

@@ -118,6 +118,7 @@ void visit(V& v, TrainingConfig& c) {
   v.field("eval_interval", c.eval_interval);
   v.field("eval_sequences", c.eval_sequences);
   v.field("checkpoint_interval", c.checkpoint_interval);
+  v.field("checkpoint_at_end", c.checkpoint_at_end);
   v.field("keep_checkpoints", c.keep_checkpoints);
   v.field("keep_every", c.keep_every);
   v.field("async_checkpoint", c.async_checkpoint);

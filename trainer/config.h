@@ -77,6 +77,9 @@ struct TrainingConfig {
   int64_t eval_interval = 100;       // 0: only at the end
   int64_t eval_sequences = 256;      // held-out windows of seq_len tokens, dealt over data-parallel ranks
   int64_t checkpoint_interval = 200;  // 0: only at the end
+  // false: no checkpoint after the last step (benchmarks, throwaway runs); a stop
+  // on request or by budget before the end still saves, so --resume can continue.
+  bool checkpoint_at_end = true;
   int64_t keep_checkpoints = 2;
   int64_t keep_every = 0;            // checkpoints at multiples of this step are kept for good; 0: none
   // Snapshot the state into host memory at the step boundary and write it on a

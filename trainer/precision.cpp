@@ -51,7 +51,7 @@ GemmRates average_over_ranks(const GemmRates& rates, parallel::Communicator& wor
   if (world.size() == 1) return rates;
   at::Tensor both = at::tensor({rates.bf16_gflops, rates.fp32_gflops}, at::kDouble);
   world.all_reduce(both, {parallel::ReduceOp::kSum})->wait();
-  return {both[0].item<double>() / world.size(), both[1].item<double>() / world.size()};
+  return {both[0].item<double>() / world.size(), both[1].item<double>() / world.size(), rates.injected};
 }
 
 GemmRates measure_gemm_rates(GemmShape shape, double max_seconds, c10::Device device) {
@@ -75,21 +75,22 @@ GemmRates measure_gemm_rates(GemmShape shape, double max_seconds, c10::Device de
   return rates;
 }
 
-std::optional<GemmRates> injected_gemm_rates() {
-  const char* text = std::getenv("FMOE_GEMM_GFLOPS");
-  if (!text || !*text) return std::nullopt;
+std::optional<GemmRates> injected_gemm_rates(const std::string& text) {
+  if (text.empty()) return std::nullopt;
   GemmRates rates;
   double bf16 = -1, fp32 = -1;
-  if (std::sscanf(text, "bf16=%lf,fp32=%lf", &bf16, &fp32) != 2 || !(bf16 > 0) || !(fp32 > 0)) {
-    throw std::runtime_error(std::string("FMOE_GEMM_GFLOPS: expected 'bf16=RATE,fp32=RATE' in GFLOP/s, got '") + text + "'");
+  if (std::sscanf(text.c_str(), "bf16=%lf,fp32=%lf", &bf16, &fp32) != 2 || !(bf16 > 0) || !(fp32 > 0)) {
+    throw std::runtime_error("FMOE_GEMM_GFLOPS: expected 'bf16=RATE,fp32=RATE' in GFLOP/s, got '" + text + "'");
   }
   rates.bf16_gflops = bf16;
   rates.fp32_gflops = fp32;
+  rates.injected = true;
   return rates;
 }
 
 PrecisionChoice choose_precision(const std::string& requested, const GemmRates& rates) {
-  const std::string figures = "bf16 GEMM " + format_rate(rates.bf16_gflops) + " GFLOP/s, fp32 " + format_rate(rates.fp32_gflops) + " GFLOP/s";
+  const std::string figures = "bf16 GEMM " + format_rate(rates.bf16_gflops) + " GFLOP/s, fp32 " + format_rate(rates.fp32_gflops) +
+                              " GFLOP/s" + (rates.injected ? ", injected by FMOE_GEMM_GFLOPS, not measured" : "");
   const bool bf16_faster = rates.bf16_gflops > rates.fp32_gflops;
   PrecisionChoice choice;
   choice.name = requested == "auto" ? (bf16_faster ? "bf16" : "fp32") : requested;

@@ -22,6 +22,7 @@ namespace fmoe::trainer {
 struct GemmRates {
   double bf16_gflops = 0;
   double fp32_gflops = 0;
+  bool injected = false;  // given by FMOE_GEMM_GFLOPS, not measured: every line that shows them says so
 };
 
 struct GemmShape {
@@ -37,9 +38,10 @@ GemmShape run_gemm_shape(const Config& config);
 // product of the slow kind cannot take much longer).
 GemmRates measure_gemm_rates(GemmShape shape, double max_seconds = 0.4, c10::Device device = c10::kCPU);
 
-// Rates given in FMOE_GEMM_GFLOPS="bf16=1.3,fp32=121" (tests inject a machine's
-// figures so that the choice does not depend on the machine that runs them).
-std::optional<GemmRates> injected_gemm_rates();
+// Rates given as "bf16=1.3,fp32=121" (the FMOE_GEMM_GFLOPS test hook: tests
+// inject a machine's figures so that the choice does not depend on the machine
+// that runs them), marked injected; nullopt for an empty text.
+std::optional<GemmRates> injected_gemm_rates(const std::string& text);
 
 // The mean of every rank's rates, so that all ranks make the same choice.
 GemmRates average_over_ranks(const GemmRates& rates, parallel::Communicator& world);

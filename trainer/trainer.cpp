@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "common/test_hooks.h"
 #include "data/file_util.h"
 #include "fp8/fp8_gemm.h"
 #include "data/loader.h"
@@ -163,7 +164,7 @@ std::string Trainer::Impl::spend_text(int64_t total_steps) const {
 // `auto` run keeps the dtype its checkpoint recorded.
 void Trainer::Impl::choose_precision_once() {
   const std::string& requested = config.training.precision;
-  const std::optional<GemmRates> injected = injected_gemm_rates();
+  const std::optional<GemmRates> injected = injected_gemm_rates(common::test_hooks().gemm_gflops);
   GemmRates rates = injected ? *injected : measure_gemm_rates(run_gemm_shape(config), 0.4, device);
   if (world_size > 1) rates = average_over_ranks(rates, mesh->world());
   const bool kept = requested == "auto" && !state.precision.empty();
@@ -174,6 +175,7 @@ void Trainer::Impl::choose_precision_once() {
   log(choice.message);
   peak_gflops_per_rank =
       injected ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops) : measure_peak_gflops(dtype, 0.6, device);
+  if (injected) injected_measurements.insert("FMOE_GEMM_GFLOPS");
 }
 
 // Fixes a budget-sized schedule's length once, from the measured times (or
@@ -182,8 +184,10 @@ void Trainer::Impl::fix_schedule(double step_seconds, double eval_seconds, int64
   const BudgetConfig& b = config.budget;
   ScheduleInputs in;
   // Injected times (tests) stand for the clock too, so the decision is reproducible.
-  const bool injected = injected_calibration(step_seconds, eval_seconds);
+  const bool injected = injected_calibration(common::test_hooks().calibration, step_seconds, eval_seconds);
   in.elapsed_seconds = injected ? step_seconds * static_cast<double>(state.step) + eval_seconds : state.elapsed_seconds;
+  in.injected = injected;
+  if (injected) injected_measurements.insert("FMOE_CALIBRATION");
   in.step_seconds = step_seconds;
   in.eval_seconds = eval_seconds;
   if (world_size > 1) agree_over_ranks(in, mesh->world());
@@ -266,7 +270,7 @@ TrainResult Trainer::Impl::run() {
       std::string message;
       world = device_world(world, cfg, world_size, &message);
       log(message);
-    } else if (const char* staged = std::getenv("FMOE_HOST_STAGING"); staged && std::string(staged) == "1") {
+    } else if (common::test_hooks().host_staging) {
       // Tests: a CPU run through the staging layer that carries CUDA tensors over MPI.
       world = parallel::with_host_staging(world, /*always=*/true);
       log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
@@ -386,12 +390,12 @@ TrainResult Trainer::Impl::run() {
   char summary[512];
   std::snprintf(summary, sizeof(summary),
                 "model: %.2fM parameters, %.2fM activated per token | %.1f MFLOP/token | layout dp=%lld pp=%lld tp=%lld ep=%lld (%s experts) | %lld threads/rank | %s\n"
-                "data: %lld train tokens, %lld validation tokens | %lld tokens/step | peak %.0f GFLOP/s (%s GEMM, all ranks)",
+                "data: %lld train tokens, %lld validation tokens | %lld tokens/step | peak %.0f GFLOP/s (%s GEMM, all ranks%s)",
                 counts.total / 1e6, counts.activated / 1e6, flops_per_token / 1e6, static_cast<long long>(shape.dp),
                 static_cast<long long>(shape.pp), static_cast<long long>(shape.tp), static_cast<long long>(shape.ep), cfg.parallel.expert_dispatcher.c_str(),
                 static_cast<long long>(threads), state.precision.c_str(), static_cast<long long>(loader->train_tokens()),
                 static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
-                state.precision.c_str());
+                state.precision.c_str(), injected_measurements.count("FMOE_GEMM_GFLOPS") ? "; injected, not measured" : "");
   log(summary);
   const StateBytes state_bytes = zero1 ? zero1->bytes_per_parameter() : optimizer->bytes_per_parameter();
   if (zero1) {
@@ -434,11 +438,9 @@ TrainResult Trainer::Impl::run() {
   // Test hook: FMOE_STALL_RANK=r FMOE_STALL_AT_STEP=s makes rank r stop taking
   // part at step s (it sleeps), to prove that its peers give up within the
   // collective timeout instead of hanging.
-  const char* stall_rank = std::getenv("FMOE_STALL_RANK");
-  const int64_t stall_step = std::getenv("FMOE_STALL_AT_STEP") ? std::atoll(std::getenv("FMOE_STALL_AT_STEP")) : -1;
+  const common::TestHooks& test_hooks = common::test_hooks();
   // Test hook: FMOE_DUMP_GRADIENTS=dir writes each rank's reduced gradients of the
   // first step (before clipping) to dir/gradients_rank<r>.safetensors.
-  const char* dump_gradients = std::getenv("FMOE_DUMP_GRADIENTS");
 
   std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
 
@@ -446,7 +448,7 @@ TrainResult Trainer::Impl::run() {
   StepTimer timer(device);
   parallel::reset_peak_device_memory(device);
   for (int64_t step = state.step; step < total_steps(); ++step) {
-    if (stall_rank && std::atoi(stall_rank) == rank && step == stall_step) std::this_thread::sleep_for(std::chrono::hours(1));
+    if (test_hooks.stall_rank == rank && step == test_hooks.stall_at_step) std::this_thread::sleep_for(std::chrono::hours(1));
     const auto step_start = Clock::now();
     timer.start();
     const int64_t copies_before = StepReadback::copies();
@@ -479,12 +481,12 @@ TrainResult Trainer::Impl::run() {
       optimizer->quantize_gradients();
       std::vector<at::Tensor> grads;
       for (const auto& p : params) grads.push_back(p.tensor.grad());
-      if (dump_gradients && step == 0) {
+      if (!test_hooks.dump_gradients.empty() && step == 0) {
         TensorMap dumped;
         for (const auto& p : params) {
           if (p.tensor.grad().defined()) dumped[p.name] = p.tensor.grad().to(at::kCPU);
         }
-        write_safetensors(std::string(dump_gradients) + "/gradients_rank" + std::to_string(rank) + ".safetensors", dumped);
+        write_safetensors(test_hooks.dump_gradients + "/gradients_rank" + std::to_string(rank) + ".safetensors", dumped);
       }
       grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, cfg.optimizer.grad_clip);
       optimizer->step(lr);
@@ -578,7 +580,8 @@ TrainResult Trainer::Impl::run() {
                                        {"compute", step_seconds - data_seconds - comm_seconds - optimizer_seconds}}},
                              {"peak_rss_bytes", peak_rss_bytes()}, {"precision", state.precision},
                              {"device", device.str()},
-                             {"device_to_host_copies", StepReadback::copies() - copies_before}};
+                             {"device_to_host_copies", StepReadback::copies() - copies_before},
+                             {"injected", injected_measurements}};
       if (device.is_cuda()) line["peak_device_memory_bytes"] = parallel::peak_device_memory_bytes(device);
       // The measured bubble: this rank's time blocked on the pipeline's sends and receives.
       if (shape.pp > 1) {
@@ -636,7 +639,8 @@ TrainResult Trainer::Impl::run() {
     stop[1] = exhausted.empty() ? 0L : 1L;
     sum_over_world(stop);
     const bool stopping = stop[0].item<int64_t>() > 0 || stop[1].item<int64_t>() > 0;
-    if (last || stopping || (tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0)) {
+    const bool interval_save = tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0;
+    if (last ? tc.checkpoint_at_end : stopping || interval_save) {
       const auto save_start = Clock::now();
       save(cfg);
       state.elapsed_seconds += seconds_since(save_start);  // the budget's clock counts checkpoint writes too

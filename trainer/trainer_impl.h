@@ -18,6 +18,7 @@
 #include <map>
 #include <numeric>
 #include <optional>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <thread>
 #include "data/file_util.h"
@@ -79,6 +80,9 @@ struct Trainer::Impl {
   std::unique_ptr<Zero1> zero1;
   int64_t dp_size = 1, dp_rank = 0;
   double peak_gflops_per_rank = 0;
+  // Test hooks whose figures replaced a measurement in this run (the GEMM rates,
+  // the budget's calibration): each metrics line lists them under "injected".
+  std::set<std::string> injected_measurements;
   // training.async_checkpoint: rank 0's writer. Declared last, so it is
   // destroyed (waiting for a save in flight) before what the save uses.
   BackgroundSaver saver;

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 
+#include "common/test_hooks.h"
 #include "data/loader.h"
 #include "launch/cli.h"
 #include "moe/model.h"
@@ -53,8 +54,8 @@ int main(int argc, char** argv) {
     std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
     for (int64_t step = 0; step < warmup + steps; ++step) {
       const bool timed = step >= warmup;
-      if (step == warmup && std::getenv("FMOE_PROFILE")) {
-        profile = std::make_unique<torch::autograd::profiler::RecordProfile>(std::string(std::getenv("FMOE_PROFILE")));
+      if (step == warmup && !fmoe::common::test_hooks().profile.empty()) {
+        profile = std::make_unique<torch::autograd::profiler::RecordProfile>(fmoe::common::test_hooks().profile);
       }
       for (int64_t micro = 0; micro < tc.grad_accum_steps; ++micro) {
         auto t = Clock::now();

@@ -9,12 +9,14 @@ SHORT=(--set training.steps=2 --set optimizer.warmup_steps=1 --set training.eval
 dir="$WORK_DIR/auto_avx2"; rm -rf "$dir"
 FMOE_GEMM_GFLOPS="bf16=1.3,fp32=121" "$TRAIN" $(micro_args "$dir") --set training.precision=auto "${SHORT[@]}" > "$dir.log" 2>&1 \
   || { cat "$dir.log"; fail "auto run failed"; }
-grep -qx "precision auto -> fp32 (bf16 GEMM 1.3 GFLOP/s, fp32 121 GFLOP/s)" "$dir.log" || { cat "$dir.log"; fail "auto did not pick fp32"; }
+grep -qx "precision auto -> fp32 (bf16 GEMM 1.3 GFLOP/s, fp32 121 GFLOP/s, injected by FMOE_GEMM_GFLOPS, not measured)" "$dir.log" \
+  || { cat "$dir.log"; fail "auto did not pick fp32, or the line does not say the rates were injected"; }
 grep -q '"precision":"fp32"' "$dir/metrics.jsonl" || fail "metrics do not record fp32"
+grep -q '"injected":\["FMOE_GEMM_GFLOPS"\]' "$dir/metrics.jsonl" || fail "metrics do not say the GEMM rates (and so MFU's peak) were injected"
 dir="$WORK_DIR/auto_amx"; rm -rf "$dir"
 FMOE_GEMM_GFLOPS="bf16=690,fp32=190" "$TRAIN" $(micro_args "$dir") --set training.precision=auto "${SHORT[@]}" > "$dir.log" 2>&1 \
   || { cat "$dir.log"; fail "auto run failed"; }
-grep -qx "precision auto -> bf16 (bf16 GEMM 690 GFLOP/s, fp32 190 GFLOP/s)" "$dir.log" || { cat "$dir.log"; fail "auto did not pick bf16"; }
+grep -qx "precision auto -> bf16 (bf16 GEMM 690 GFLOP/s, fp32 190 GFLOP/s, injected by FMOE_GEMM_GFLOPS, not measured)" "$dir.log" || { cat "$dir.log"; fail "auto did not pick bf16"; }
 dir="$WORK_DIR/explicit_bf16"; rm -rf "$dir"
 FMOE_GEMM_GFLOPS="bf16=1.3,fp32=121" "$TRAIN" $(micro_args "$dir") --set training.precision=bf16 "${SHORT[@]}" > "$dir.log" 2>&1 \
   || { cat "$dir.log"; fail "explicit bf16 run failed"; }
@@ -31,7 +33,9 @@ BUDGETED=(--set training.steps=0 --set budget.max_minutes=0.5 --set budget.calib
           --set training.checkpoint_interval=50 --set optimizer.lr_schedule=cosine)
 a="$WORK_DIR/sized_a"; b="$WORK_DIR/sized_b"; rm -rf "$a" "$b"
 "$TRAIN" $(micro_args "$a") "${BUDGETED[@]}" > "$a.log" 2>&1 || { cat "$a.log"; fail "budget-sized run failed"; }
-grep -q "^schedule: 94 steps, fixed at step 4 from 0.250 s/step and 0.50 s per validation pass" "$a.log" || { cat "$a.log"; fail "no schedule decision"; }
+grep -q "^schedule: 94 steps, fixed at step 4 from 0.250 s/step and 0.50 s per validation pass .*; times injected by FMOE_CALIBRATION, not measured)" "$a.log" \
+  || { cat "$a.log"; fail "no schedule decision saying its times were injected"; }
+grep -q '"injected":\["FMOE_CALIBRATION"\]' "$a/metrics.jsonl" || fail "metrics do not say the calibration was injected"
 python3 - "$a/metrics.jsonl" <<'PY' || fail "the budget-sized schedule is wrong"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

@@ -79,14 +79,10 @@ TEST(GroupedSwiGLU, GroupedGemmPathMatchesTheLoopIncludingEmptyGroups) {
 }
 
 TEST(GroupedSwiGLU, GroupedGemmIsOnlyAutomaticOnCudaBf16) {
-  unsetenv("FMOE_GROUPED_MM");
   EXPECT_FALSE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat));
   EXPECT_FALSE(use_grouped_mm(c10::Device(c10::kCPU), at::kBFloat16));
-  setenv("FMOE_GROUPED_MM", "on", 1);
-  EXPECT_TRUE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat));  // LibTorch's CPU version agrees with the loop
-  setenv("FMOE_GROUPED_MM", "off", 1);
-  EXPECT_FALSE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat));
-  unsetenv("FMOE_GROUPED_MM");
+  EXPECT_TRUE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat, "on"));  // LibTorch's CPU version agrees with the loop
+  EXPECT_FALSE(use_grouped_mm(c10::Device(c10::kCPU), at::kFloat, "off"));
 }
 
 // The MoE layer against a loop over tokens that routes and runs experts one

@@ -45,20 +45,23 @@ TEST(Precision, ExplicitBf16OnASlowMachineRunsButWarns) {
 }
 
 TEST(Precision, InjectedRatesParseAndBadOnesAreNamed) {
-  ::setenv("FMOE_GEMM_GFLOPS", "bf16=1.3,fp32=121", 1);
-  const auto rates = injected_gemm_rates();
+  const auto rates = injected_gemm_rates("bf16=1.3,fp32=121");
   ASSERT_TRUE(rates.has_value());
   EXPECT_DOUBLE_EQ(rates->bf16_gflops, 1.3);
   EXPECT_DOUBLE_EQ(rates->fp32_gflops, 121);
-  ::setenv("FMOE_GEMM_GFLOPS", "fast", 1);
+  EXPECT_TRUE(rates->injected);
   try {
-    injected_gemm_rates();
+    injected_gemm_rates("fast");
     FAIL() << "expected an error";
   } catch (const std::runtime_error& e) {
     EXPECT_EQ(std::string(e.what()), "FMOE_GEMM_GFLOPS: expected 'bf16=RATE,fp32=RATE' in GFLOP/s, got 'fast'");
   }
-  ::unsetenv("FMOE_GEMM_GFLOPS");
-  EXPECT_FALSE(injected_gemm_rates().has_value());
+  EXPECT_FALSE(injected_gemm_rates("").has_value());
+}
+
+TEST(Precision, InjectedRatesAreNamedWhereTheyArePrinted) {
+  const PrecisionChoice c = choose_precision("auto", *injected_gemm_rates("bf16=1.3,fp32=121"));
+  EXPECT_EQ(c.message, "precision auto -> fp32 (bf16 GEMM 1.3 GFLOP/s, fp32 121 GFLOP/s, injected by FMOE_GEMM_GFLOPS, not measured)");
 }
 
 TEST(Precision, MeasuredRatesArePositive) {
@@ -105,13 +108,11 @@ TEST(Budget, ScheduleFillsThePlannedFraction) {
 
 TEST(Budget, InjectedCalibration) {
   double step = 0, eval = 0;
-  ::unsetenv("FMOE_CALIBRATION");
-  EXPECT_FALSE(injected_calibration(step, eval));
-  ::setenv("FMOE_CALIBRATION", "step=0.25,eval=0.5", 1);
-  EXPECT_TRUE(injected_calibration(step, eval));
+  EXPECT_FALSE(injected_calibration("", step, eval));
+  EXPECT_TRUE(injected_calibration("step=0.25,eval=0.5", step, eval));
   EXPECT_DOUBLE_EQ(step, 0.25);
   EXPECT_DOUBLE_EQ(eval, 0.5);
-  ::unsetenv("FMOE_CALIBRATION");
+  EXPECT_THROW(injected_calibration("step=fast", step, eval), std::runtime_error);
 }
 
 }  // namespace

@@ -1,0 +1,72 @@
+#include "common/test_hooks.h"
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace fmoe::common {
+namespace {
+
+constexpr std::array<TestHookInfo, 10> kTestHooks{{
+    {"FMOE_CALIBRATION", "step=S,eval=E: replaces the measured step and validation seconds of a budget-sized schedule "
+                         "(and its clock), so that the step count is reproducible; the schedule line says injected"},
+    {"FMOE_GEMM_GFLOPS", "bf16=R,fp32=R: replaces the measured GEMM rates that precision auto chooses by and MFU is "
+                         "computed against; the precision line and the metrics say injected"},
+    {"FMOE_STALL_RANK", "with FMOE_STALL_AT_STEP: that rank sleeps at that step, so its peers' collectives time out"},
+    {"FMOE_STALL_AT_STEP", "the step at which FMOE_STALL_RANK stops taking part"},
+    {"FMOE_CRASH_AFTER_CHECKPOINT_FILES", "n: the process exits (_Exit(9)) after n files of a checkpoint save"},
+    {"FMOE_DUMP_GRADIENTS", "dir: each rank writes its reduced first-step gradients to dir/gradients_rank<r>.safetensors"},
+    {"FMOE_HOST_STAGING", "1: a CPU run's collectives go through the host-staging layer that carries CUDA tensors over MPI"},
+    {"FMOE_TEST_HOST_STAGING", "1: the multi-rank GoogleTest binaries' collectives go through the host-staging layer"},
+    {"FMOE_GROUPED_MM", "on|off: forces the grouped-GEMM expert path on (any device, checked against the loop) or off"},
+    {"FMOE_PROFILE", "trace.json: bench_step records its timed steps with LibTorch's profiler there"},
+}};
+
+std::string text_of(const char* name) {
+  const char* value = std::getenv(name);
+  return value ? value : "";
+}
+
+// A whole decimal number, or the error naming the variable.
+int64_t number_of(const char* name, int64_t unset) {
+  const std::string text = text_of(name);
+  if (text.empty()) return unset;
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (*end != '\0') throw std::runtime_error(std::string(name) + ": expected a whole number, got '" + text + "'");
+  return value;
+}
+
+}  // namespace
+
+std::span<const TestHookInfo> test_hook_table() { return kTestHooks; }
+
+bool is_test_hook(std::string_view name) {
+  return std::any_of(kTestHooks.begin(), kTestHooks.end(), [&](const TestHookInfo& h) { return h.name == name; });
+}
+
+TestHooks read_test_hooks() {
+  TestHooks hooks;
+  hooks.calibration = text_of("FMOE_CALIBRATION");
+  hooks.gemm_gflops = text_of("FMOE_GEMM_GFLOPS");
+  hooks.stall_rank = static_cast<int>(number_of("FMOE_STALL_RANK", -1));
+  hooks.stall_at_step = number_of("FMOE_STALL_AT_STEP", -1);
+  hooks.crash_after_checkpoint_files = static_cast<int>(number_of("FMOE_CRASH_AFTER_CHECKPOINT_FILES", 0));
+  hooks.dump_gradients = text_of("FMOE_DUMP_GRADIENTS");
+  hooks.host_staging = text_of("FMOE_HOST_STAGING") == "1";
+  hooks.test_host_staging = text_of("FMOE_TEST_HOST_STAGING") == "1";
+  hooks.grouped_mm = text_of("FMOE_GROUPED_MM");
+  if (!hooks.grouped_mm.empty() && hooks.grouped_mm != "on" && hooks.grouped_mm != "off") {
+    throw std::runtime_error("FMOE_GROUPED_MM: expected on or off, got '" + hooks.grouped_mm + "'");
+  }
+  hooks.profile = text_of("FMOE_PROFILE");
+  return hooks;
+}
+
+const TestHooks& test_hooks() {
+  static const TestHooks hooks = read_test_hooks();
+  return hooks;
+}
+
+}  // namespace fmoe::common
