@@ -21,6 +21,7 @@ constexpr const char* kUsage =
     "usage: moe-plan --config FILE --cluster NAME|FILE [--gpus G] [--tokens N] [--global-batch SEQUENCES]\n"
     "                [--mfu X] [--search [--top K]] [--json] [--schedule FILE.svg] [--set key.path=value]...\n"
     "  The layout comes from the config's parallel section (dp = gpus / (tp x pp)) and\n"
+    "  --gpus defaults to what it needs (tp x pp x dp, or tp x pp x ep where dp is 0);\n"
     "  training.micro_batch_size x grad_accum_steps; --global-batch sets the accumulation.\n"
     "  --mfu X also prices the tokens at a given model-FLOPs utilisation. --search ranks\n"
     "  every layout that fits by cost. --schedule FILE.svg prints the pipeline schedule\n"
@@ -34,6 +35,16 @@ double to_number(const std::string& text, const std::string& option) {
   } catch (const std::exception&) {
   }
   throw trainer::ConfigError("--" + option + ": expected a positive number, got '" + text + "'");
+}
+
+// Without --gpus: the count the config's layout runs on, tp x pp x dp, where a
+// dp left to the world size (0) is taken at its smallest, ep (experts are
+// sharded over ep ranks carved out of dp); 8 for a layout of one rank.
+int64_t gpus_the_layout_needs(const trainer::Config& config) {
+  const auto& p = config.parallel;
+  const int64_t dp = p.dp > 0 ? p.dp : std::max<int64_t>(1, p.ep);
+  const int64_t needed = p.tp * p.pp * dp;
+  return needed > 1 ? needed : 8;
 }
 
 }  // namespace
@@ -71,7 +82,11 @@ int main(int argc, char** argv) {
     }
     trainer::Config config = trainer::load_config(args.get("config"), args.all("set"));
     const plan::ClusterSpec cluster = plan::load_cluster(args.get("cluster"));
-    const auto gpus = static_cast<int64_t>(to_number(args.get("gpus", "8"), "gpus"));
+    const int64_t gpus = args.has("gpus") ? static_cast<int64_t>(to_number(args.get("gpus"), "gpus")) : gpus_the_layout_needs(config);
+    if (!args.has("gpus") && !args.has("search") && !args.has("json")) {
+      std::printf("gpus: %lld, what the config's layout needs (%s); --gpus prices another count\n", static_cast<long long>(gpus),
+                  config.parallel.dp > 0 ? "tp x pp x dp" : "tp x pp x ep: dp left to the world size, at its smallest, ep");
+    }
     const double tokens = to_number(args.get("tokens", "1e12"), "tokens");
     const plan::Assumptions assumptions;
     plan::Layout layout = plan::layout_from_config(config, gpus);
@@ -100,7 +115,8 @@ int main(int argc, char** argv) {
     }
     if (layout.gpus() != gpus) {
       throw trainer::ConfigError("parallel: tp x pp x dp = " + std::to_string(layout.gpus()) + " does not use the " +
-                                 std::to_string(gpus) + " GPUs given by --gpus");
+                                 std::to_string(gpus) + " GPUs given by --gpus; pass --gpus " + std::to_string(layout.gpus()) +
+                                 " or change parallel.dp");
     }
     if (args.has("global-batch")) {
       const auto sequences = static_cast<int64_t>(to_number(args.get("global-batch"), "global-batch"));
