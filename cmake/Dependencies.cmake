@@ -13,7 +13,10 @@ if(NOT Torch_DIR)
 endif()
 
 if(FMOE_CUDA)
-  set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc CACHE FILEPATH "")
+  if(NOT FMOE_NVCC)
+    message(FATAL_ERROR "FMOE_CUDA=ON but no nvcc: set CUDACXX, or install the CUDA toolkit under /usr/local/cuda")
+  endif()
+  set(CMAKE_CUDA_COMPILER ${FMOE_NVCC} CACHE FILEPATH "")
   set(CMAKE_CUDA_ARCHITECTURES 90 CACHE STRING "")
   # CMake 3.25 knows no C++20 dialect flag for nvcc; kernels are C++17.
   set(CMAKE_CUDA_STANDARD 17)

@@ -33,3 +33,29 @@ grep -q "budget already spent at step 1" "$c.again.log" || { cat "$c.again.log";
 "$TRAIN" $(micro_args "$c") --set training.steps=20 --set budget.max_gpu_hours=100 --resume > "$c.resume.log" 2>&1 || fail "resume failed"
 diff <(losses "$a/metrics.jsonl") <(losses "$c/metrics.jsonl") || fail "losses differ after the GPU-hour stop"
 echo "ok: budget stops, resumes and reproduces the losses"
+
+# A schedule sized by a 60-second budget with real timing (no injected
+# calibration): tiny on the fixture corpus fixes its step count from its own
+# measured steps and ends inside the budget with the decay finished.
+unset FMOE_CALIBRATION
+d="$WORK_DIR/budget_real"; rm -rf "$d"
+t0=$(date +%s)
+"$TRAIN" --config "$(dirname "$0")/../../configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" --set "data.tokenizer=$CORPUS/tok.model" \
+  --set "training.run_dir=$d" --set training.steps=0 --set budget.max_minutes=1 --set training.eval_sequences=16 \
+  --set training.checkpoint_interval=0 --set training.threads=2 > "$d.log" 2>&1 || { cat "$d.log"; fail "the 60-second budget run failed"; }
+wall=$(( $(date +%s) - t0 ))
+grep -q "^schedule: [0-9]* steps, fixed at step 20 from .* s/step" "$d.log" || { cat "$d.log"; fail "no measured schedule decision"; }
+grep -q "injected" "$d.log" && fail "the real-timing run says something was injected"
+python3 - "$d/metrics.jsonl" "$d/checkpoints" "$wall" <<'PY' || { cat "$d.log"; fail "the budget-sized run did not end inside its budget"; }
+import json, os, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+total = [r for r in rows if "schedule" in r][0]["schedule"]["total_steps"]
+assert rows[-1]["step"] == total, (rows[-1]["step"], total)          # it ran the schedule it fixed, not cut by the budget
+assert rows[-1]["injected"] == [], rows[-1]["injected"]
+spent = rows[-1]["gpu_hours"] * 3600                                    # one rank: GPU-hours are the trainer's clock
+latest = open(os.path.join(sys.argv[2], "latest")).read().strip()
+state = json.load(open(os.path.join(sys.argv[2], latest, "trainer_state.json")))
+assert state["elapsed_seconds"] <= 60, state["elapsed_seconds"]      # steps, validation and the final checkpoint
+assert spent <= 60, spent
+print("ok: 60 s budget: %d steps, %.1f s of training by the trainer's clock, %s s for the whole command" % (total, state["elapsed_seconds"], sys.argv[3]))
+PY
