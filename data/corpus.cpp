@@ -9,9 +9,11 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "data/file_util.h"
+#include "common/file_util.h"
 
 namespace fmoe::data {
+
+using common::read_file;
 namespace {
 
 std::string gunzip_file(const std::string& path) {

@@ -10,10 +10,15 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "data/file_util.h"
-#include "data/json_file.h"
+#include "common/file_util.h"
+#include "common/json_file.h"
 
 namespace fmoe::data {
+
+using common::read_file;
+using common::crc32_of;
+using common::write_file_atomic;
+using common::read_json_file;
 namespace {
 
 constexpr char kMagic[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', '\0', '\0'};

@@ -9,10 +9,15 @@
 #include <stdexcept>
 #include <unordered_map>
 
-#include "data/file_util.h"
-#include "data/json_file.h"
+#include "common/file_util.h"
+#include "common/json_file.h"
 
 namespace fmoe::data {
+
+using common::read_file;
+using common::crc32_of;
+using common::write_file_atomic;
+using common::read_json_file;
 
 void train_tokenizer(const std::vector<std::string>& documents, const std::string& model_path,
                      const TokenizerTrainOptions& options) {

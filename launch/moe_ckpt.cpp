@@ -8,7 +8,7 @@
 #include <filesystem>
 
 #include "launch/cli.h"
-#include "trainer/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 namespace {
 
@@ -32,7 +32,7 @@ double size_mb(const std::string& dir) {
 
 std::string latest_name(const std::string& run_dir) {
   try {
-    if (const auto latest = trainer::latest_checkpoint(run_dir)) return fs::path(*latest).filename().string();
+    if (const auto latest = checkpoint::latest_checkpoint(run_dir)) return fs::path(*latest).filename().string();
   } catch (const std::exception&) {
   }
   return "";
@@ -43,10 +43,10 @@ int list(const std::string& run_dir) {
   if (!fs::is_directory(root)) throw std::runtime_error(root.string() + ": no checkpoints directory");
   const std::string latest = latest_name(run_dir);
   std::printf("%-22s %10s %12s %10s  %s\n", "checkpoint", "step", "tokens", "MiB", "layout");
-  for (const std::string& dir : trainer::complete_checkpoints(run_dir)) {
+  for (const std::string& dir : checkpoint::complete_checkpoints(run_dir)) {
     const std::string name = fs::path(dir).filename().string();
     try {
-      const trainer::CheckpointContents c = trainer::load_checkpoint(dir);
+      const checkpoint::CheckpointContents c = checkpoint::load_checkpoint(dir);
       std::printf("%-22s %10lld %12lld %10.1f  %s%s\n", name.c_str(), static_cast<long long>(c.state.step),
                   static_cast<long long>(c.state.tokens_seen), size_mb(dir), c.layout.empty() ? "dp" : c.layout.c_str(),
                   name == latest ? "  (latest)" : "");
@@ -62,12 +62,12 @@ int list(const std::string& run_dir) {
 }
 
 int verify(const std::string& path) {
-  const std::vector<std::string> dirs = is_checkpoint(path) ? std::vector<std::string>{path} : trainer::complete_checkpoints(path);
+  const std::vector<std::string> dirs = is_checkpoint(path) ? std::vector<std::string>{path} : checkpoint::complete_checkpoints(path);
   if (dirs.empty()) throw std::runtime_error(path + ": no checkpoint to verify");
   int bad = 0;
   for (const std::string& dir : dirs) {
     try {
-      trainer::verify_checkpoint(dir);
+      checkpoint::verify_checkpoint(dir);
       std::printf("ok: %s\n", dir.c_str());
     } catch (const std::exception& e) {
       std::fprintf(stderr, "moe-ckpt: error: %s\n", launch::error_message(e).c_str());
@@ -80,11 +80,11 @@ int verify(const std::string& path) {
 int show(const std::string& path) {
   std::string dir = path;
   if (!is_checkpoint(path)) {
-    const auto latest = trainer::latest_checkpoint(path);
+    const auto latest = checkpoint::latest_checkpoint(path);
     if (!latest) throw std::runtime_error(path + ": neither a checkpoint nor a run directory with checkpoints/latest");
     dir = *latest;
   }
-  const trainer::CheckpointContents c = trainer::load_checkpoint(dir);
+  const checkpoint::CheckpointContents c = checkpoint::load_checkpoint(dir);
   int64_t parameters = 0;
   for (const auto& [name, t] : c.model) parameters += t.numel();
   std::printf("checkpoint  %s\nstep        %lld\ntokens      %lld\nlayout      %s\nprecision   %s\nsize        %.1f MiB in %zu files\n"

@@ -21,9 +21,9 @@
 
 #include "launch/cli.h"
 #include "moe/model.h"
-#include "trainer/checkpoint.h"
-#include "trainer/config.h"
-#include "trainer/hf_convert.h"
+#include "checkpoint/checkpoint.h"
+#include "config/config.h"
+#include "checkpoint/hf_convert.h"
 
 namespace {
 
@@ -37,14 +37,14 @@ constexpr const char* kUsage =
 
 std::string checkpoint_dir(const std::string& path) {
   if (std::filesystem::exists(path + "/trainer_state.json")) return path;
-  if (const auto latest = trainer::latest_checkpoint(path)) return *latest;
+  if (const auto latest = checkpoint::latest_checkpoint(path)) return *latest;
   throw std::runtime_error(path + ": neither a checkpoint (trainer_state.json) nor a run directory with checkpoints/latest");
 }
 
 // The checkpoint's model, built from its config in one process with its weights.
-std::shared_ptr<moe::MoEModel> load_model(const std::string& dir, trainer::TensorMap* tensors_out = nullptr) {
-  const trainer::CheckpointContents contents = trainer::load_checkpoint(dir);
-  const trainer::Config config = trainer::parse_config(contents.config_yaml, dir + "/config.yaml");
+std::shared_ptr<moe::MoEModel> load_model(const std::string& dir, checkpoint::TensorMap* tensors_out = nullptr) {
+  const checkpoint::CheckpointContents contents = checkpoint::load_checkpoint(dir);
+  const config::Config config = config::parse_config(contents.config_yaml, dir + "/config.yaml");
   auto model = std::make_shared<moe::MoEModel>(config.model);
   torch::NoGradGuard no_grad;
   std::set<std::string> used;
@@ -94,13 +94,13 @@ int run(const std::string& command, const launch::Args& args) {
   if (command == "import") {
     if (!args.has("hf") || !args.has("out")) throw std::invalid_argument("import needs --hf DIR and --out RUN_DIR");
     const std::string out = args.get("out");
-    trainer::HfModel hf = trainer::import_hf(args.get("hf"));
-    trainer::Config config = trainer::parse_config("{}", "defaults");
+    checkpoint::HfModel hf = checkpoint::import_hf(args.get("hf"));
+    config::Config config = config::parse_config("{}", "defaults");
     config.model = hf.config;
     config.training.seq_len = std::min(config.training.seq_len, config.model.max_seq_len);
     config.training.run_dir = out;
     std::vector<std::string> overrides = args.all("set");
-    config = trainer::parse_config(trainer::to_yaml(config), out + "/config.yaml", overrides);
+    config = config::parse_config(config::to_yaml(config), out + "/config.yaml", overrides);
     if (const std::string error = config.validate(); !error.empty()) throw std::runtime_error(out + "/config.yaml: " + error);
     // The model must build from this config and take every tensor.
     {
@@ -113,16 +113,16 @@ int run(const std::string& command, const launch::Args& args) {
       }
     }
     std::filesystem::create_directories(out);
-    const std::string yaml = trainer::to_yaml(config);
+    const std::string yaml = config::to_yaml(config);
     {
       std::ofstream file(out + "/config.yaml");
       file << yaml;
     }
-    trainer::CheckpointContents contents;
+    checkpoint::CheckpointContents contents;
     contents.model = std::move(hf.tensors);
     contents.config_yaml = yaml;
     contents.layout = "imported";
-    const std::string dir = trainer::save_checkpoint(out, contents, /*keep=*/1);
+    const std::string dir = checkpoint::save_checkpoint(out, contents, /*keep=*/1);
     int64_t parameters = 0;
     for (const auto& [name, t] : contents.model) parameters += t.numel();
     std::printf("imported %s: %.2fM parameters -> %s (config %s/config.yaml)\n", hf.model_type.c_str(), parameters / 1e6, dir.c_str(), out.c_str());
@@ -132,12 +132,12 @@ int run(const std::string& command, const launch::Args& args) {
   if (command == "export") {
     if (!args.has("checkpoint") || !args.has("hf")) throw std::invalid_argument("export needs --checkpoint PATH and --hf DIR");
     const std::string dir = checkpoint_dir(args.get("checkpoint"));
-    const trainer::CheckpointContents contents = trainer::load_checkpoint(dir);
-    const trainer::Config config = trainer::parse_config(contents.config_yaml, dir + "/config.yaml");
+    const checkpoint::CheckpointContents contents = checkpoint::load_checkpoint(dir);
+    const config::Config config = config::parse_config(contents.config_yaml, dir + "/config.yaml");
     const double shard_mb = std::stod(args.get("shard-mb", "4096"));
     if (!(shard_mb > 0)) throw std::invalid_argument("--shard-mb: must be > 0");
-    trainer::export_hf(config.model, contents.model, args.get("hf"), static_cast<int64_t>(shard_mb * (1 << 20)));
-    std::printf("exported %s as %s to %s\n", dir.c_str(), trainer::hf_model_type(config.model).c_str(), args.get("hf").c_str());
+    checkpoint::export_hf(config.model, contents.model, args.get("hf"), static_cast<int64_t>(shard_mb * (1 << 20)));
+    std::printf("exported %s as %s to %s\n", dir.c_str(), checkpoint::hf_model_type(config.model).c_str(), args.get("hf").c_str());
     return 0;
   }
   if (command == "logits") {
@@ -147,10 +147,10 @@ int run(const std::string& command, const launch::Args& args) {
     const auto model = load_model(checkpoint_dir(args.get("checkpoint")));
     const at::Tensor tokens = parse_tokens(args.get("tokens"));
     if (tokens.max().item<int64_t>() >= model->config().vocab_size) throw std::invalid_argument("--tokens: an id beyond model.vocab_size");
-    trainer::TensorMap out{{"logits", model->logits(tokens).contiguous()}};
+    checkpoint::TensorMap out{{"logits", model->logits(tokens).contiguous()}};
     const auto moes = model->moe_layers();
     for (size_t i = 0; i < moes.size(); ++i) out["experts." + std::to_string(i)] = moes[i]->last_experts_TK.contiguous();
-    trainer::write_safetensors(args.get("out"), out);
+    checkpoint::write_safetensors(args.get("out"), out);
     std::printf("logits %s -> %s\n", c10::str(out["logits"].sizes()).c_str(), args.get("out").c_str());
     return 0;
   }

@@ -17,7 +17,7 @@
 #include "data/indexed_dataset.h"
 #include "data/tokenizer.h"
 #include "launch/cli.h"
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace {
 
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
     const int64_t max_docs = to_int(args.get("max-documents", "0"), "max-documents");
     if (command == "prepare") {
       if (!args.has("config")) throw std::invalid_argument("prepare needs --config FILE");
-      const auto config = trainer::load_config(args.get("config"), args.all("set"));
+      const auto config = config::load_config(args.get("config"), args.all("set"));
       const auto& dc = config.data;
       const bool force = args.has("force");
       const bool have_tokenizer = std::filesystem::exists(dc.tokenizer);

@@ -18,7 +18,7 @@
 #include "launch/cli.h"
 #include "parallel/mesh.h"
 #include "parallel/topology.h"
-#include "trainer/config.h"
+#include "config/config.h"
 
 extern char** environ;
 namespace fs = std::filesystem;
@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
     if (per_node < 1) throw std::runtime_error("--ranks-per-node: give the ranks per node (" + source + " does not say)");
     const int world = per_node * static_cast<int>(nodes.size());
 
-    const trainer::Config config = trainer::load_config(args.get("config"), args.all("set"));
+    const config::Config config = config::load_config(args.get("config"), args.all("set"));
     parallel::MeshShape shape;
     shape.tp = config.parallel.tp;
     shape.pp = config.parallel.pp;

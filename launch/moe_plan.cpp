@@ -8,9 +8,9 @@
 #include <stdexcept>
 
 #include "launch/cli.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "parallel/pipeline_schedule.h"
-#include "parallel/pipeline_sim.h"
+#include "plan/pipeline_sim.h"
 #include "plan/plan.h"
 
 namespace {
@@ -34,13 +34,13 @@ double to_number(const std::string& text, const std::string& option) {
     if (used == text.size() && value > 0) return value;
   } catch (const std::exception&) {
   }
-  throw trainer::ConfigError("--" + option + ": expected a positive number, got '" + text + "'");
+  throw config::ConfigError("--" + option + ": expected a positive number, got '" + text + "'");
 }
 
 // Without --gpus: the count the config's layout runs on, tp x pp x dp, where a
 // dp left to the world size (0) is taken at its smallest, ep (experts are
 // sharded over ep ranks carved out of dp); 8 for a layout of one rank.
-int64_t gpus_the_layout_needs(const trainer::Config& config) {
+int64_t gpus_the_layout_needs(const config::Config& config) {
   const auto& p = config.parallel;
   const int64_t dp = p.dp > 0 ? p.dp : std::max<int64_t>(1, p.ep);
   const int64_t needed = p.tp * p.pp * dp;
@@ -59,12 +59,12 @@ void show_schedule(const plan::Plan& p, const std::string& svg_path) {
   }
   const parallel::PipelineSchedule schedule = parallel::make_schedule(
       plan::resolved_schedule(l), static_cast<int>(l.pp), static_cast<int>(l.virtual_pp), static_cast<int>(l.num_micro_batches));
-  const parallel::PipeSimResult r = parallel::simulate(schedule, plan::chunk_costs(p));
+  const plan::PipeSimResult r = plan::simulate(schedule, plan::chunk_costs(p));
   std::printf("schedule %s, pp %lld, v %lld, %lld micro-batches per step: %.4g s of pipeline, %.1f%% of it idle\n%s",
               schedule.name.c_str(), static_cast<long long>(l.pp), static_cast<long long>(l.virtual_pp),
-              static_cast<long long>(l.num_micro_batches), r.makespan, 100 * r.bubble_fraction, parallel::render_text(schedule, r).c_str());
+              static_cast<long long>(l.num_micro_batches), r.makespan, 100 * r.bubble_fraction, plan::render_text(schedule, r).c_str());
   std::ofstream out(svg_path);
-  out << parallel::render_svg(schedule, r);
+  out << plan::render_svg(schedule, r);
   if (!out) throw std::runtime_error(svg_path + ": cannot write the schedule picture");
   std::printf("picture: %s\n", svg_path.c_str());
 }
@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
       std::fputs(kUsage, stderr);
       return 2;
     }
-    trainer::Config config = trainer::load_config(args.get("config"), args.all("set"));
+    config::Config config = config::load_config(args.get("config"), args.all("set"));
     const plan::ClusterSpec cluster = plan::load_cluster(args.get("cluster"));
     const int64_t gpus = args.has("gpus") ? static_cast<int64_t>(to_number(args.get("gpus"), "gpus")) : gpus_the_layout_needs(config);
     if (!args.has("gpus") && !args.has("search") && !args.has("json")) {
@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
       const auto global = args.has("global-batch") ? static_cast<int64_t>(to_number(args.get("global-batch"), "global-batch"))
                                                    : layout.micro_batch_size * layout.num_micro_batches * layout.dp;
       const auto plans = plan::search_plans(config, cluster, gpus, global, tokens, assumptions);
-      if (plans.empty()) throw trainer::ConfigError("no layout of " + std::to_string(gpus) + " x " + cluster.name + " fits this model");
+      if (plans.empty()) throw config::ConfigError("no layout of " + std::to_string(gpus) + " x " + cluster.name + " fits this model");
       const auto top = std::min(plans.size(), static_cast<size_t>(to_number(args.get("top", "10"), "top")));
       if (args.has("json")) {
         std::printf("[\n");
@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (layout.gpus() != gpus) {
-      throw trainer::ConfigError("parallel: tp x pp x dp = " + std::to_string(layout.gpus()) + " does not use the " +
+      throw config::ConfigError("parallel: tp x pp x dp = " + std::to_string(layout.gpus()) + " does not use the " +
                                  std::to_string(gpus) + " GPUs given by --gpus; pass --gpus " + std::to_string(layout.gpus()) +
                                  " or change parallel.dp");
     }
@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
       const auto sequences = static_cast<int64_t>(to_number(args.get("global-batch"), "global-batch"));
       const int64_t per_micro = layout.micro_batch_size * layout.dp;
       if (sequences % per_micro != 0) {
-        throw trainer::ConfigError("--global-batch: " + std::to_string(sequences) + " sequences is not a multiple of micro_batch_size x dp = " +
+        throw config::ConfigError("--global-batch: " + std::to_string(sequences) + " sequences is not a multiple of micro_batch_size x dp = " +
                                    std::to_string(per_micro));
       }
       layout.num_micro_batches = sequences / per_micro;

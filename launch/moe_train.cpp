@@ -9,7 +9,7 @@
 
 #include "launch/cli.h"
 #include "parallel/mpi/mpi_communicator.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/trainer.h"
 
 namespace {
@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
   try {
     const auto args = fmoe::launch::parse_args(argc, argv, 1, {"resume", "resume-if-present", "eval-only", "reshard", "help"});
     if (const int code = fmoe::launch::check_usage(args, kUsage, {"config"}); code >= 0) return code;
-    const auto config = fmoe::trainer::load_config(args.get("config"), args.all("set"));
+    const auto config = fmoe::config::load_config(args.get("config"), args.all("set"));
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
     auto world = fmoe::parallel::make_mpi_world_communicator();
@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
       std::printf("done: step %lld, final val_loss %.4f\n", static_cast<long long>(result.final_step), result.final_val_loss);
     }
     return 0;
-  } catch (const fmoe::trainer::ConfigError& e) {
+  } catch (const fmoe::config::ConfigError& e) {
     // Every rank reads the same config and fails the same way: one report, no abort.
     if (rank == 0) std::fprintf(stderr, "moe-train: error: %s\n", e.what());
     return 1;

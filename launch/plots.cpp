@@ -7,7 +7,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "data/file_util.h"
+#include "common/file_util.h"
 
 namespace fmoe::launch {
 namespace fs = std::filesystem;
@@ -37,7 +37,7 @@ std::string preamble(const std::string& png_path, const Chart& chart) {
 
 void run_gnuplot(const std::string& png_path, const std::string& script) {
   const fs::path gp_path = fs::path(png_path).replace_extension(".gp");
-  data::write_file_atomic(gp_path.string(), script);
+  common::write_file_atomic(gp_path.string(), script);
   // gnuplot writes the PNG relative to the script's folder.
   const std::string command = "cd " + quoted(fs::absolute(gp_path).parent_path().string()) + " && gnuplot " +
                               quoted(gp_path.filename().string()) + " 2> " + quoted(gp_path.filename().string() + ".log");

@@ -1,4 +1,5 @@
 #include "parallel/device_communicators.h"
+#include "common/timing.h"
 
 #include <ATen/ATen.h>
 
@@ -23,7 +24,7 @@ class StagedWork : public Work {
     const auto start = std::chrono::steady_clock::now();
     inner_->wait();
     finish();
-    *blocked_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    *blocked_ += common::seconds_since(start);
   }
 
  private:

@@ -5,7 +5,7 @@
 #include <tuple>
 
 #include "parallel/pipeline_schedule.h"
-#include "parallel/pipeline_sim.h"
+#include "plan/pipeline_sim.h"
 
 #include <yaml-cpp/yaml.h>
 
@@ -20,6 +20,9 @@
 #include "moe/stage_split.h"
 
 namespace fmoe::plan {
+
+using config::Config;
+using config::ConfigError;
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
@@ -175,8 +178,8 @@ namespace {
 
 // A chunk's forward, input gradient and weight gradient a third each of its
 // training time; its whole backward two thirds.
-parallel::PipeCosts costs_per_chunk(double seconds) {
-  parallel::PipeCosts c;
+plan::PipeCosts costs_per_chunk(double seconds) {
+  plan::PipeCosts c;
   c.forward = c.input_grad = c.weight_grad = seconds / 3;
   c.backward = 2 * seconds / 3;
   return c;
@@ -205,7 +208,7 @@ PipelineFigures pipeline_figures(const Layout& layout) {
     throw ConfigError("layout " + layout.describe() + ": parallel.pipeline_schedule: " + e.what());
   }
   const double v = static_cast<double>(layout.virtual_pp);
-  const parallel::PipeSimResult r = parallel::simulate(schedule, costs_per_chunk(3.0 / v));
+  const plan::PipeSimResult r = plan::simulate(schedule, costs_per_chunk(3.0 / v));
   PipelineFigures f;
   f.schedule = name;
   double idle = 0, busy = 0;
@@ -218,7 +221,7 @@ PipelineFigures pipeline_figures(const Layout& layout) {
 
 }  // namespace
 
-parallel::PipeCosts chunk_costs(const Plan& plan) {
+plan::PipeCosts chunk_costs(const Plan& plan) {
   return costs_per_chunk(plan.compute_seconds / static_cast<double>(plan.layout.num_micro_batches * plan.layout.virtual_pp));
 }
 
@@ -238,9 +241,12 @@ Layout layout_from_config(const Config& config, int64_t gpus) {
   return l;
 }
 
+// One function of ~150 lines on purpose: the plan is one pass of arithmetic
+// (memory, communication, step time, cost) whose parts share a dozen
+// intermediate quantities; split, each piece would take most of them as arguments.
 Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, double tokens, const Assumptions& a) {
   const moe::ModelConfig& m = config.model;
-  const trainer::OptimizerConfig& o = config.optimizer;
+  const config::OptimizerConfig& o = config.optimizer;
   const auto bad = [&](const std::string& why) { return ConfigError("layout " + layout.describe() + ": " + why); };
   if (layout.tp < 1 || layout.pp < 1 || layout.ep < 1 || layout.dp < 1) throw bad("every degree must be >= 1");
   if (layout.dp % layout.ep != 0) throw bad("ep must divide dp (experts are sharded inside the data-parallel group)");

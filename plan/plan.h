@@ -7,13 +7,13 @@
 #include <string>
 #include <vector>
 
-#include "parallel/pipeline_sim.h"
-#include "trainer/config.h"
+#include "plan/pipeline_sim.h"
+#include "config/config.h"
 
 namespace fmoe::plan {
 
-using trainer::Config;
-using trainer::ConfigError;
+using config::Config;
+using config::ConfigError;
 
 struct ClusterSpec {
   std::string name;
@@ -106,7 +106,7 @@ std::vector<Plan> search_plans(const Config& config, const ClusterSpec& cluster,
 // seconds for this plan (F : I : W = 1 : 1 : 1, a backward twice a forward),
 // for moe-plan --schedule. Throws ConfigError for a combination no schedule takes.
 std::string resolved_schedule(const Layout& layout);
-parallel::PipeCosts chunk_costs(const Plan& plan);
+plan::PipeCosts chunk_costs(const Plan& plan);
 
 std::string format_plan(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);
 std::string plan_json(const Plan& plan, const ClusterSpec& cluster, const Assumptions& assumptions);

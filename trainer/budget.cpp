@@ -6,11 +6,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <numeric>
 #include <stdexcept>
 
 #include "parallel/communicator.h"
 
 namespace fmoe::trainer {
+
+using config::BudgetConfig;
 
 double budget_seconds(const BudgetConfig& b, int world_size) {
   double limit = 0;
@@ -56,6 +59,56 @@ std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int
     std::snprintf(text, sizeof(text), "schedule: %lld steps from budget.max_tokens %lld (%lld tokens/step)",
                   static_cast<long long>(total_steps), static_cast<long long>(max_tokens), static_cast<long long>(tokens_per_step));
   }
+  return text;
+}
+
+double calibrated_step_seconds(const std::vector<double>& step_seconds) {
+  const size_t skip = step_seconds.size() > 2 ? 2 : 0;
+  return std::accumulate(step_seconds.begin() + static_cast<long>(skip), step_seconds.end(), 0.0) /
+         static_cast<double>(step_seconds.size() - skip);
+}
+
+std::string budget_exhausted(const BudgetConfig& b, const BudgetSpend& spend, bool sized_by_budget) {
+  char text[160] = "";
+  if (sized_by_budget) return text;
+  if (b.max_minutes > 0 && spend.elapsed_seconds >= b.max_minutes * 60) {
+    std::snprintf(text, sizeof(text), "%.4g of budget.max_minutes %.4g minutes", spend.elapsed_seconds / 60, b.max_minutes);
+  } else if (b.max_tokens > 0 && spend.tokens_seen >= b.max_tokens) {
+    std::snprintf(text, sizeof(text), "%lld of budget.max_tokens %lld tokens", static_cast<long long>(spend.tokens_seen),
+                  static_cast<long long>(b.max_tokens));
+  } else if (b.max_gpu_hours > 0 && spend.gpu_hours >= b.max_gpu_hours) {
+    std::snprintf(text, sizeof(text), "%.4g of budget.max_gpu_hours %.4g GPU-hours", spend.gpu_hours, b.max_gpu_hours);
+  } else if (b.max_usd > 0 && spend.usd >= b.max_usd) {
+    std::snprintf(text, sizeof(text), "$%.4g of budget.max_usd $%.4g", spend.usd, b.max_usd);
+  }
+  return text;
+}
+
+std::string spend_text(const BudgetConfig& b, const BudgetSpend& spend, int64_t steps_done, int64_t total_steps) {
+  if (!b.limited() && b.usd_per_gpu_hour <= 0) return "";
+  const double projected = steps_done > 0 ? spend.gpu_hours / static_cast<double>(steps_done) * static_cast<double>(total_steps) : 0;
+  char text[96];
+  if (b.usd_per_gpu_hour > 0) {
+    std::snprintf(text, sizeof(text), "$%.4g / $%.4g projected", spend.usd, projected * b.usd_per_gpu_hour);
+  } else {
+    std::snprintf(text, sizeof(text), "%.3g / %.3g GPU-h projected", spend.gpu_hours, projected);
+  }
+  return text;
+}
+
+std::string token_limit_warning(const BudgetConfig& b, int64_t steps, int64_t tokens_per_step) {
+  if (steps <= 0 || b.max_tokens <= 0 || b.max_tokens >= steps * tokens_per_step) return "";
+  return "budget warning: " + std::to_string(steps * tokens_per_step) + " tokens planned, budget.max_tokens is " +
+         std::to_string(b.max_tokens) + ": the run will stop near step " + std::to_string(b.max_tokens / tokens_per_step);
+}
+
+std::string projection_warning(const BudgetConfig& b, const BudgetSpend& spend, int64_t steps_done, int64_t steps) {
+  if (steps <= 0 || steps_done <= 0 || (b.max_gpu_hours <= 0 && b.max_usd <= 0)) return "";
+  const double projected = spend.gpu_hours / static_cast<double>(steps_done) * static_cast<double>(steps);
+  if (!(b.max_gpu_hours > 0 && projected > b.max_gpu_hours) && !(b.max_usd > 0 && projected * b.usd_per_gpu_hour > b.max_usd)) return "";
+  char text[200];
+  std::snprintf(text, sizeof(text), "budget warning: projected %.4g GPU-hours ($%.4g) for %lld steps exceeds the budget", projected,
+                projected * b.usd_per_gpu_hour, static_cast<long long>(steps));
   return text;
 }
 

@@ -7,14 +7,17 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace fmoe::parallel {
 class Communicator;
 }
 
 namespace fmoe::trainer {
+
+using config::BudgetConfig;
 
 // Of a time-sized schedule: this fraction of the budget is planned, the rest
 // absorbs checkpoint writes and step-time drift on a shared machine (the tiny
@@ -47,6 +50,31 @@ void agree_over_ranks(ScheduleInputs& in, parallel::Communicator& world);
 
 // The line that announces a decision of size_schedule.
 std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int64_t max_tokens, int64_t tokens_per_step);
+
+// The mean time of the calibration steps a schedule is sized from: the first
+// two of a process warm caches up and are left out when there are more.
+double calibrated_step_seconds(const std::vector<double>& step_seconds);
+
+// What a run has spent so far, against its limits.
+struct BudgetSpend {
+  double elapsed_seconds = 0;
+  int64_t tokens_seen = 0;
+  double gpu_hours = 0;
+  double usd = 0;
+};
+
+// The first limit reached ("12.5 of budget.max_minutes 12 minutes"), or empty.
+// A schedule sized by its budget (training.steps: 0) runs to its fixed end
+// instead: its limits set its length, so they never cut it.
+std::string budget_exhausted(const BudgetConfig& budget, const BudgetSpend& spend, bool sized_by_budget);
+
+// "spent / projected" for the progress line, at the rate of the steps done so far; empty without a budget or a price.
+std::string spend_text(const BudgetConfig& budget, const BudgetSpend& spend, int64_t steps_done, int64_t total_steps);
+
+// The warning when configured steps will outrun a limit, or empty: before the
+// run for a token limit, after some steps for GPU-hours or dollars projected at their rate.
+std::string token_limit_warning(const BudgetConfig& budget, int64_t steps, int64_t tokens_per_step);
+std::string projection_warning(const BudgetConfig& budget, const BudgetSpend& spend, int64_t steps_done, int64_t steps);
 
 // "step=S,eval=E" (seconds; the FMOE_CALIBRATION test hook): replaces the
 // measured times, so that tests can size a schedule deterministically. False

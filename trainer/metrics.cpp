@@ -13,7 +13,7 @@
 #include <sstream>
 #include <vector>
 
-#include "data/file_util.h"
+#include "common/file_util.h"
 
 namespace fmoe::trainer {
 
@@ -41,7 +41,7 @@ std::string ProgressLine::format() const {
 MetricsWriter::MetricsWriter(const std::string& path, int64_t resume_step) : path_(path) {
   std::string kept;
   if (resume_step >= 0 && std::filesystem::exists(path)) {
-    std::istringstream lines(data::read_file(path));
+    std::istringstream lines(common::read_file(path));
     for (std::string line; std::getline(lines, line);) {
       try {
         if (nlohmann::json::parse(line).value("step", int64_t{0}) <= resume_step) kept += line + "\n";
@@ -50,7 +50,7 @@ MetricsWriter::MetricsWriter(const std::string& path, int64_t resume_step) : pat
       }
     }
   }
-  data::write_file_atomic(path, kept);  // never truncated in place: a crash leaves the old file or the new one
+  common::write_file_atomic(path, kept);  // never truncated in place: a crash leaves the old file or the new one
   fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
   if (fd_ < 0) throw std::runtime_error(path + ": cannot open the metrics file for appending");
 }

@@ -11,6 +11,9 @@
 
 namespace fmoe::trainer {
 
+using config::OptimizerConfig;
+using checkpoint::TensorMap;
+
 ParamKind classify_parameter(const std::string& name) {
   if (name.find("norm") != std::string::npos) return ParamKind::kNorm;
   if (name.rfind("embedding.", 0) == 0) return ParamKind::kEmbedding;

@@ -10,10 +10,13 @@
 
 #include "fp8/low_precision_tensor.h"
 #include "parallel/mesh.h"
-#include "trainer/config.h"
-#include "trainer/safetensors.h"
+#include "config/config.h"
+#include "checkpoint/safetensors.h"
 
 namespace fmoe::trainer {
+
+using config::OptimizerConfig;
+using checkpoint::TensorMap;
 
 enum class ParamKind { kEmbedding, kHead, kNorm, kRouter, kExpert, kDense };
 

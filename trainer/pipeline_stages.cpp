@@ -9,6 +9,10 @@
 
 namespace fmoe::trainer {
 
+using config::Config;
+using config::ConfigError;
+using config::TrainingConfig;
+
 std::string schedule_name(const Config& config) {
   const std::string& name = config.parallel.pipeline_schedule;
   if (name != "auto") return name;

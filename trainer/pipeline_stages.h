@@ -12,10 +12,12 @@
 #include "moe/model.h"
 #include "moe/stage_split.h"
 #include "parallel/mesh.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/step_runtime.h"
 
 namespace fmoe::trainer {
+
+using config::Config;
 
 // parallel.pipeline_schedule with auto resolved: interleaved when virtual_pp > 1, else 1f1b.
 std::string schedule_name(const Config& config);

@@ -1,5 +1,7 @@
 #include "trainer/precision.h"
 
+#include "common/timing.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -12,10 +14,12 @@
 #include "parallel/device.h"
 
 namespace fmoe::trainer {
+
+using config::Config;
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+using common::Clock;
+using common::seconds_since;
 
 // Best GFLOP/s of a @ b repeated until max_seconds have passed (at least once after a warm-up product).
 // (A GPU runs the products asynchronously: each is timed up to its completion.)

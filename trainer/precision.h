@@ -11,13 +11,15 @@
 #include <optional>
 #include <string>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace fmoe::parallel {
 class Communicator;
 }
 
 namespace fmoe::trainer {
+
+using config::Config;
 
 struct GemmRates {
   double bf16_gflops = 0;

@@ -15,6 +15,9 @@
 
 namespace fmoe::trainer {
 
+using config::Config;
+using config::ConfigError;
+
 int64_t local_ranks(int world_size) {
   for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"}) {
     if (const char* value = std::getenv(name); value && *value) return std::max(1, std::atoi(value));

@@ -8,13 +8,15 @@
 #include <memory>
 #include <string>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace fmoe::parallel {
 class Communicator;
 }
 
 namespace fmoe::trainer {
+
+using config::Config;
 
 // Ranks of this job on this machine, as the launcher says (world_size without one).
 int64_t local_ranks(int world_size);

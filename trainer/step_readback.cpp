@@ -5,6 +5,8 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <atomic>
+#include <stdexcept>
+#include <string>
 
 namespace fmoe::trainer {
 namespace {
@@ -60,6 +62,25 @@ double StepTimer::seconds() const {
   if (!events_) return std::chrono::duration<double>(stop_ - start_).count();
   events_->end.synchronize();  // already done when the step's scalars were read after it
   return events_->begin.elapsedTime(events_->end) / 1000.0;
+}
+
+StepScalars StepScalars::unpack(const std::vector<double>& values, size_t mtp_depth, size_t moe_layers) {
+  const size_t norm_at = 3 + mtp_depth, loads_at = norm_at + 1;
+  if (values.size() != loads_at + 2 * moe_layers) {
+    throw std::logic_error("step readback: " + std::to_string(values.size()) + " values, expected " +
+                           std::to_string(loads_at + 2 * moe_layers));
+  }
+  StepScalars s;
+  s.loss = values[0];
+  s.aux_loss = values[1];
+  s.z_loss = values[2];
+  s.mtp_losses.assign(values.begin() + 3, values.begin() + static_cast<long>(norm_at));
+  s.grad_norm = values[norm_at];
+  for (size_t i = 0; i < moe_layers; ++i) {
+    s.load_max.push_back(values[loads_at + 2 * i]);
+    s.load_mean.push_back(values[loads_at + 2 * i + 1]);
+  }
+  return s;
 }
 
 }  // namespace fmoe::trainer

@@ -30,6 +30,16 @@ class StepReadback {
   size_t size_ = 0;
 };
 
+// The step's scalars by name, from what read() returned for the values the
+// step added in this order: the losses (cross-entropy, aux, z, then one per MTP
+// depth), the gradient norm, then each MoE layer's (max, mean) expert load.
+struct StepScalars {
+  double loss = 0, aux_loss = 0, z_loss = 0, grad_norm = 0;
+  std::vector<double> mtp_losses;           // one per MTP depth
+  std::vector<double> load_max, load_mean;  // one per MoE layer
+  static StepScalars unpack(const std::vector<double>& values, size_t mtp_depth, size_t moe_layers);
+};
+
 // A step's duration: CUDA events around the step on a GPU (read once the
 // step's scalars have reached the host, so no extra wait), the host clock on the CPU.
 class StepTimer {

@@ -8,14 +8,13 @@
 #include <optional>
 #include <stdexcept>
 
+#include "common/timing.h"
 #include "moe/weight_grad.h"
 
 namespace fmoe::trainer {
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
+using common::seconds_since;
 
 // [cross-entropy, aux, z, MTP depth 1..D] of one stage's forward (zeros for what it does not hold).
 at::Tensor stage_losses(const moe::StageOutput& out, const at::Tensor& zero, int64_t mtp_depth) {
@@ -127,6 +126,8 @@ std::vector<at::Tensor> StepRuntime::forward_only(const std::vector<at::Tensor>&
   return losses;
 }
 
+// Kept whole (~140 lines): one loop over this rank's actions whose cases share
+// the posted receives, the sends in flight and the activations kept for backward.
 StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType compute_dtype, bool fp8) {
   parallel::Communicator& pp = *pipeline_.pp;
   const int rank = pp.rank();

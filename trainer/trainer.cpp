@@ -21,7 +21,8 @@
 #include <thread>
 
 #include "common/test_hooks.h"
-#include "data/file_util.h"
+#include "common/timing.h"
+#include "common/file_util.h"
 #include "fp8/fp8_gemm.h"
 #include "data/loader.h"
 #include "moe/model.h"
@@ -32,12 +33,12 @@
 #include "parallel/grad_sync.h"
 #include "parallel/mesh.h"
 #include "parallel/tensor_parallel.h"
-#include "trainer/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/budget.h"
 #include "trainer/precision.h"
-#include "trainer/safetensors.h"
+#include "checkpoint/safetensors.h"
 #include "trainer/step_readback.h"
 #include "trainer/pipeline_stages.h"
 #include "trainer/run_device.h"
@@ -45,24 +46,27 @@
 #include "trainer/zero1.h"
 
 namespace fmoe::trainer {
+
+using config::Config;
+using config::ConfigError;
+using config::TrainingConfig;
+using config::BudgetConfig;
+using config::to_yaml;
+using checkpoint::TensorMap;
+using checkpoint::write_safetensors;
+using checkpoint::resume_candidates;
+using common::Clock;
+using common::seconds_since;
 namespace {
 
 std::atomic<bool> g_stop_requested{false};
 
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 // Peak resident set size of this process so far (getrusage's ru_maxrss, in KiB on Linux).
 double peak_rss_bytes() {
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<double>(usage.ru_maxrss) * 1024.0;
-}
-
-int64_t default_threads(int world_size) {
-  const int64_t local_ranks = fmoe::trainer::local_ranks(world_size);
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return std::max<int64_t>(1, cores / local_ranks);
 }
 
 // {"wait_seconds": [...], "forward_seconds": [...], "backward_seconds": [...], "weight_seconds": [...]},
@@ -125,39 +129,6 @@ double Trainer::Impl::evaluate() {
   for (const auto& layer : model->moe_layers()) layer->step_load.zero_();
   return (sums[0] / sums[1]).item<double>();
 }
-
-// The first budget limit reached, or empty. A schedule sized by the budget
-// (training.steps: 0) runs to its fixed end instead: its limits set its length.
-std::string Trainer::Impl::budget_exhausted() const {
-  const BudgetConfig& b = config.budget;
-  char text[160] = "";
-  if (config.training.steps == 0) return text;
-  if (b.max_minutes > 0 && state.elapsed_seconds >= b.max_minutes * 60) {
-    std::snprintf(text, sizeof(text), "%.4g of budget.max_minutes %.4g minutes", state.elapsed_seconds / 60, b.max_minutes);
-  } else if (b.max_tokens > 0 && state.tokens_seen >= b.max_tokens) {
-    std::snprintf(text, sizeof(text), "%lld of budget.max_tokens %lld tokens", static_cast<long long>(state.tokens_seen),
-                  static_cast<long long>(b.max_tokens));
-  } else if (b.max_gpu_hours > 0 && gpu_hours() >= b.max_gpu_hours) {
-    std::snprintf(text, sizeof(text), "%.4g of budget.max_gpu_hours %.4g GPU-hours", gpu_hours(), b.max_gpu_hours);
-  } else if (b.max_usd > 0 && usd() >= b.max_usd) {
-    std::snprintf(text, sizeof(text), "$%.4g of budget.max_usd $%.4g", usd(), b.max_usd);
-  }
-  return text;
-}
-
-// "spent / projected" for the progress line, given the run's total steps.
-std::string Trainer::Impl::spend_text(int64_t total_steps) const {
-  if (!config.budget.limited() && config.budget.usd_per_gpu_hour <= 0) return "";
-  const double projected = state.step > 0 ? gpu_hours() / static_cast<double>(state.step) * static_cast<double>(total_steps) : 0;
-  char text[96];
-  if (config.budget.usd_per_gpu_hour > 0) {
-    std::snprintf(text, sizeof(text), "$%.4g / $%.4g projected", usd(), projected * config.budget.usd_per_gpu_hour);
-  } else {
-    std::snprintf(text, sizeof(text), "%.3g / %.3g GPU-h projected", gpu_hours(), projected);
-  }
-  return text;
-}
-
 
 // Measures BF16 and FP32 GEMMs at the run's shapes (or takes injected rates),
 // averaged over ranks so that every rank makes the same choice; a resumed
@@ -224,203 +195,18 @@ Trainer::~Trainer() = default;
 
 TrainResult Trainer::run() { return impl_->run(); }
 
+// The run's outline: set up, then steps until the schedule ends or every rank
+// agrees to stop; each step is trained, validated when due, reported, and saved when due.
 TrainResult Trainer::Impl::run() {
-  const Config& cfg = config;
-  const TrainingConfig& tc = cfg.training;
-  if (options.world) {
-    rank = options.world->rank();
-    world_size = options.world->size();
-  }
-  if (const std::string error = cfg.model.trainer_support(); !error.empty()) throw ConfigError("model." + error);
-  if (const std::string error = cfg.parallel.trainer_support(); !error.empty()) throw ConfigError("parallel." + error);
-  // Ranks that disagree on the config would issue mismatched collectives: refuse at once.
-  if (options.world && world_size > 1) {
-    const uint32_t crc = data::crc32_of(to_yaml(cfg));
-    at::Tensor mine = at::full({1}, static_cast<int64_t>(crc), at::kLong);
-    at::Tensor all = at::empty({world_size}, at::kLong);
-    options.world->all_gather(all, mine, {})->wait();
-    for (int r = 1; r < world_size; ++r) {
-      if (all[r].item<int64_t>() != all[0].item<int64_t>()) {
-        throw ConfigError("ranks disagree on the config: rank " + std::to_string(r) +
-                          "'s resolved config differs from rank 0's (same --config and --set on every rank)");
-      }
-    }
-  }
-  const RunDevice run_device = setup_device(cfg);
-  device = run_device.device;
-  log(run_device.message);
-  // The mesh: dp x pp x tp = world, ep carved out of dp.
-  if (world_size % (cfg.parallel.tp * cfg.parallel.pp) != 0) {
-    throw ConfigError("parallel.tp: tp x pp = " + std::to_string(cfg.parallel.tp * cfg.parallel.pp) + " does not divide the " +
-                      std::to_string(world_size) + " ranks launched");
-  }
-  parallel::MeshShape shape;
-  shape.tp = cfg.parallel.tp;
-  shape.pp = cfg.parallel.pp;
-  shape.ep = cfg.parallel.ep;
-  shape.dp = cfg.parallel.dp > 0 ? cfg.parallel.dp : world_size / std::max<int64_t>(1, shape.tp * shape.pp);
-  if (const std::string why = shape.validate(world_size); !why.empty()) {
-    throw ConfigError("parallel." + why + " (launched " + std::to_string(world_size) + " ranks; dp x pp x tp must equal it)");
-  }
-  if (options.world) {
-    options.world->set_default_timeout(std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.timeout_s * 1000)));
-    // Non-owning: the caller keeps the world communicator alive for the run.
-    std::shared_ptr<parallel::Communicator> world(options.world, [](parallel::Communicator*) {});
-    if (device.is_cuda()) {
-      std::string message;
-      world = device_world(world, cfg, world_size, &message);
-      log(message);
-    } else if (common::test_hooks().host_staging) {
-      // Tests: a CPU run through the staging layer that carries CUDA tensors over MPI.
-      world = parallel::with_host_staging(world, /*always=*/true);
-      log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
-    }
-    mesh.emplace(world, shape);
-    // Where the mesh's groups fall on the nodes.
-    const std::vector<std::string> node_of_rank = parallel::node_names(*options.world);
-    for (const std::string& line : parallel::describe_placement(shape, node_of_rank)) log(line);
-    const auto& m = cfg.model;
-    if (shape.ep > 1 && m.num_groups > 1 && m.num_experts % m.num_groups == 0 && m.num_experts % shape.ep == 0) {
-      const int nodes = parallel::max_nodes_per_token(shape, node_of_rank, static_cast<int>(m.num_experts), static_cast<int>(m.num_groups),
-                                                       static_cast<int>(m.group_top_k));
-      log("routing: group_top_k " + std::to_string(m.group_top_k) + " of " + std::to_string(m.num_groups) +
-          " expert groups: a token's experts sit on at most " + std::to_string(nodes) + " node" + (nodes > 1 ? "s" : ""));
-    }
-  } else {
-    mesh.emplace(parallel::Mesh::single());
-  }
-  dp_size = shape.dp;
-  dp_rank = mesh->coords().dp;
-  const bool use_zero1 = cfg.parallel.zero1 && shape.dp > 1;
-  sharded_model = shape.tp > 1 || shape.ep > 1;
-  sharded_state = sharded_model || use_zero1 || shape.pp > 1;
-  const int64_t threads = tc.threads > 0 ? tc.threads : default_threads(world_size);
-  at::set_num_threads(static_cast<int>(threads));
-  log("moe-train: " + std::to_string(world_size) + " rank" + (world_size > 1 ? "s" : "") + " x " + std::to_string(threads) +
-      " thread" + (threads > 1 ? "s" : "") + "; building the model, then timing BF16 and FP32 GEMMs (about a second)");
-
-  // Every rank draws the same initial parameters from the shared seed and keeps its shard.
-  torch::manual_seed(static_cast<uint64_t>(tc.seed));
-  moe::Parallelism parallelism{*mesh,
-                               cfg.parallel.expert_dispatcher == "allgather" ? moe::ExpertDispatcher::kAllGather
-                                                                             : moe::ExpertDispatcher::kAllToAll,
-                               cfg.parallel.sequence_parallel};
-  try {
-    model = std::make_shared<moe::MoEModel>(cfg.model, parallelism);
-  } catch (const std::invalid_argument& e) {
-    throw ConfigError(e.what());
-  }
-  // Drawn on the CPU from the seed, then moved: a GPU run starts from the CPU run's weights.
-  model->to(device);
-  // Under pipelining every rank builds the whole model from the seed and trains the
-  // parameters of its stages; the others are brought up to date (a broadcast from
-  // their owner) before validation and checkpoints.
-  stages = std::make_unique<PipelineStages>(cfg, shape);
-  std::vector<at::Tensor> dense, experts;
-  for (const auto& item : model->named_parameters()) {
-    if (stages->owner_of(item.key()) != mesh->coords().pp) continue;
-    params.push_back({item.key(), item.value()});
-    const parallel::ShardSpec& spec = model->shard_specs().at(item.key());
-    (spec.is_expert() ? experts : dense).push_back(item.value());
-    if (spec.tp_partial_grad) tp_partial.push_back(item.value());
-    sharded_over_tp.push_back(spec.tp_dim >= 0);
-    is_expert.push_back(spec.is_expert());
-  }
-  if (use_zero1) {
-    zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer);
-  } else {
-    grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
-    grad_sync->enable_overlap(/*deferred=*/tp_partial);
-    optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
-  }
-
-  // A rank keeps only its stages' weights (other stages' come back for checkpoints).
-  stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
-  std::string pipeline_message;
-  step_runtime = std::make_unique<StepRuntime>(stages->make_runtime(*model, cfg, *mesh, device, &pipeline_message));
-  if (!pipeline_message.empty()) log(pipeline_message);
-
-  const auto dataset = data::IndexedDataset::open(cfg.data.prefix);
-  if (dataset->vocab_size() > cfg.model.vocab_size) {
-    throw ConfigError("data.prefix: " + cfg.data.prefix + " was tokenized with " + std::to_string(dataset->vocab_size()) +
-                      " tokens, more than model.vocab_size " + std::to_string(cfg.model.vocab_size));
-  }
-  data::LoaderOptions loader_options;
-  loader_options.seq_len = tc.seq_len;
-  loader_options.micro_batch_size = tc.micro_batch_size;
-  loader_options.num_micro_batches = tc.grad_accum_steps;
-  loader_options.dp_size = dp_size;
-  loader_options.seed = static_cast<uint64_t>(tc.seed);
-  loader_options.val_fraction = cfg.data.val_fraction;
-  loader_options.split_seed = static_cast<uint64_t>(cfg.data.split_seed);
-  loader = std::make_unique<data::TokenLoader>(dataset, loader_options);
-  state.loader_seed = loader_options.seed;
-
-  if (options.resume || options.eval_only) {
-    const bool explicit_path = !options.resume_path.empty();
-    const std::vector<std::string> candidates = explicit_path ? std::vector<std::string>{options.resume_path} : resume_candidates(tc.run_dir);
-    if (candidates.empty()) {
-      throw std::runtime_error(tc.run_dir + "/checkpoints: no checkpoint to " + (options.eval_only ? "evaluate" : "resume from") +
-                               (options.eval_only ? "" : "; run without --resume"));
-    }
-    restore_first_usable(candidates, /*fallback=*/!explicit_path);
-  } else if (!tc.init_from.empty()) {
-    initialize_from(tc.init_from);
-  }
-
+  check_config();
+  setup_mesh();
+  build_model();
+  open_data();
+  restore_or_initialize();
   if (options.eval_only) return evaluate_checkpoint();
-  if (options.reshard_only) {
-    save(cfg);
-    finish_saves();
-    TrainResult done;
-    done.final_step = state.step;
-    return done;
-  }
-  if (rank == 0) {
-    std::filesystem::create_directories(tc.run_dir);
-    data::write_file_atomic(tc.run_dir + "/config.yaml", to_yaml(cfg));
-    metrics = std::make_unique<MetricsWriter>(tc.run_dir + "/metrics.jsonl", options.resume ? state.step : -1);
-  }
-
-  const moe::ParameterCounts counts = moe::count_parameters(cfg.model);
-  const double flops_per_token = moe::training_flops_per_token(cfg.model, tc.seq_len);
-  choose_precision_once();
-  const double peak_gflops = peak_gflops_per_rank * world_size;
-  const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * dp_size;
-  char summary[512];
-  std::snprintf(summary, sizeof(summary),
-                "model: %.2fM parameters, %.2fM activated per token | %.1f MFLOP/token | layout dp=%lld pp=%lld tp=%lld ep=%lld (%s experts) | %lld threads/rank | %s\n"
-                "data: %lld train tokens, %lld validation tokens | %lld tokens/step | peak %.0f GFLOP/s (%s GEMM, all ranks%s)",
-                counts.total / 1e6, counts.activated / 1e6, flops_per_token / 1e6, static_cast<long long>(shape.dp),
-                static_cast<long long>(shape.pp), static_cast<long long>(shape.tp), static_cast<long long>(shape.ep), cfg.parallel.expert_dispatcher.c_str(),
-                static_cast<long long>(threads), state.precision.c_str(), static_cast<long long>(loader->train_tokens()),
-                static_cast<long long>(loader->val_tokens()), static_cast<long long>(tokens_per_step), peak_gflops,
-                state.precision.c_str(), injected_measurements.count("FMOE_GEMM_GFLOPS") ? "; injected, not measured" : "");
-  log(summary);
-  const StateBytes state_bytes = zero1 ? zero1->bytes_per_parameter() : optimizer->bytes_per_parameter();
-  if (zero1) {
-    char text[160];
-    std::snprintf(text, sizeof(text), "zero1: this rank owns the optimizer state of %.2fM of %.2fM local parameters",
-                  zero1->owned_numel() / 1e6, static_cast<double>(std::accumulate(params.begin(), params.end(), int64_t{0},
-                      [](int64_t n, const NamedParameter& p) { return n + p.tensor.numel(); })) / 1e6);
-    log(text);
-  }
-  log("memory per parameter: " + state_bytes.format() + " (master " + cfg.optimizer.main_params_dtype + ", grads " +
-      cfg.optimizer.grad_dtype + ", exp_avg " + cfg.optimizer.exp_avg_dtype + ", exp_avg_sq " + cfg.optimizer.exp_avg_sq_dtype + ")");
-  if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(device));
-
-  const BudgetConfig& budget = cfg.budget;
-  if (tc.eval_sequences > loader->num_val_windows()) {
-    log("validation: training.eval_sequences " + std::to_string(tc.eval_sequences) + " exceeds the " +
-        std::to_string(loader->num_val_windows()) + " held-out windows; evaluating all of them");
-  }
-  if (!length_known() && !budget.limited_in_time()) fix_schedule(0, 0, tokens_per_step);
-  if (tc.steps > 0 && budget.max_tokens > 0 && budget.max_tokens < tc.steps * tokens_per_step) {
-    log("budget warning: " + std::to_string(tc.steps * tokens_per_step) + " tokens planned, budget.max_tokens is " +
-        std::to_string(budget.max_tokens) + ": the run will stop near step " + std::to_string(budget.max_tokens / tokens_per_step));
-  }
-  bool projection_warned = false;
-  if (const std::string spent = budget_exhausted(); !spent.empty()) {
+  if (options.reshard_only) return reshard();
+  const RunFigures figures = start_outputs();
+  if (const std::string spent = budget_exhausted(config.budget, spend(), sized_by_budget()); !spent.empty()) {
     log("budget already spent at step " + std::to_string(state.step) + ": " + spent + "; raise the budget to continue");
     TrainResult done;
     done.final_step = state.step;
@@ -429,241 +215,266 @@ TrainResult Trainer::Impl::run() {
   }
 
   TrainResult result;
-  const bool interactive = rank == 0 && isatty(STDERR_FILENO);
-  auto last_progress = Clock::now();  // a line at least every 10 s, whatever log_interval says
-  const auto moe_layers = model->moe_layers();
-  double train_seconds = 0;
-  int64_t timed_tokens = 0;
-
-  // Test hook: FMOE_STALL_RANK=r FMOE_STALL_AT_STEP=s makes rank r stop taking
-  // part at step s (it sleeps), to prove that its peers give up within the
-  // collective timeout instead of hanging.
-  const common::TestHooks& test_hooks = common::test_hooks();
-  // Test hook: FMOE_DUMP_GRADIENTS=dir writes each rank's reduced gradients of the
-  // first step (before clipping) to dir/gradients_rank<r>.safetensors.
-
-  std::vector<double> timed_steps;  // step times of this invocation until a budget-sized schedule is fixed
-
-  StepReadback readback;
-  StepTimer timer(device);
+  LoopState loop(device);
   parallel::reset_peak_device_memory(device);
   for (int64_t step = state.step; step < total_steps(); ++step) {
-    if (test_hooks.stall_rank == rank && step == test_hooks.stall_at_step) std::this_thread::sleep_for(std::chrono::hours(1));
-    const auto step_start = Clock::now();
-    timer.start();
-    const int64_t copies_before = StepReadback::copies();
-    const double pipeline_wait_start = mesh->pp().wait_seconds();
-    const double comm_start = communication_seconds();
-    // The micro-batches' forwards and backwards: this rank's schedule for the step.
-    StepHooks hooks;
-    hooks.batch = [&](int64_t micro) { return to_device(loader->train_batch(step, micro, dp_rank)); };
-    hooks.before_backward = [&](bool last) {
-      if (grad_sync) grad_sync->arm(/*last_micro_batch=*/last);
-    };
-    const StepTotals totals = step_runtime->run(hooks, dtype, cfg.precision.fp8);
-    const double data_seconds = totals.data_seconds;
-    const double pipeline_wait = mesh->pp().wait_seconds() - pipeline_wait_start;
-    // ce, aux, z summed over micro-batches, on the device: read with the step's other scalars.
-    at::Tensor losses = totals.losses;
-    // Before a budget-sized schedule is fixed the steps are in warmup, where the rate ignores the length.
-    const double lr = learning_rate(cfg.optimizer, step, length_known() ? total_steps() : step + 1);
-    at::Tensor grad_norm;
-    const auto optimizer_start = Clock::now();
-    const double optimizer_comm_start = communication_seconds();
-    parallel::sum_partial_gradients_over_tp(tp_partial, *mesh);
-    if (zero1) {
-      zero1->reduce_scatter_gradients();
-      zero1->quantize_gradients();
-      grad_norm = zero1->clip_grad_norm(cfg.optimizer.grad_clip);
-      zero1->step(lr);
-    } else {
-      grad_sync->sync();
-      optimizer->quantize_gradients();
-      std::vector<at::Tensor> grads;
-      for (const auto& p : params) grads.push_back(p.tensor.grad());
-      if (!test_hooks.dump_gradients.empty() && step == 0) {
-        TensorMap dumped;
-        for (const auto& p : params) {
-          if (p.tensor.grad().defined()) dumped[p.name] = p.tensor.grad().to(at::kCPU);
-        }
-        write_safetensors(test_hooks.dump_gradients + "/gradients_rank" + std::to_string(rank) + ".safetensors", dumped);
-      }
-      grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, cfg.optimizer.grad_clip);
-      optimizer->step(lr);
-    }
-    // Step-time breakdown: data, communication this rank waited on, optimizer, and the rest (compute).
-    const double optimizer_seconds = seconds_since(optimizer_start) - (communication_seconds() - optimizer_comm_start);
-    model->zero_grad(/*set_to_none=*/true);
-
-    std::vector<at::Tensor> loads;
-    for (const auto& layer : moe_layers) {
-      at::Tensor load = layer->step_load.clone();
-      // Over the pipeline too: every rank then updates every layer's bias alike.
-      sum_over_pipeline(load);
-      sum_over_ranks(load);
-      loads.push_back(load);
-    }
-    model->update_expert_biases(loads);
-
-    sum_over_pipeline(losses);  // each stage's share
-    sum_over_ranks(losses);
-    losses /= static_cast<double>(tc.grad_accum_steps * dp_size);
-    // The step's one device-to-host copy: losses, gradient norm, per-layer max and mean expert load.
-    timer.stop();
-    readback.add(losses);
-    readback.add(grad_norm);
-    for (const auto& load : loads) readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean()}));
-    const std::vector<double> scalars = readback.read();
-    const size_t mtp_depth = static_cast<size_t>(cfg.model.mtp_depth);
-    const double loss = scalars[0], grad_norm_value = scalars[3 + mtp_depth];
-    state.step = step + 1;
-    state.tokens_seen += tokens_per_step;
-    const double step_seconds = device.is_cpu() ? seconds_since(step_start) : timer.seconds();
-    const double comm_seconds = communication_seconds() - comm_start;
-    train_seconds += step_seconds;
-    timed_tokens += tokens_per_step;
-    if (!length_known()) timed_steps.push_back(step_seconds);
-
-    StepRecord record{state.step, loss, -1};
+    StepOutcome outcome = train_step(step, figures, loop);
     bool last = state.step == total_steps();
     // A budget-sized schedule is fixed after its calibration steps, from their
-    // mean time (the first two of this process warm caches up) and one timed validation pass.
-    const bool deciding = !length_known() && state.step >= budget.calibration_steps;
-    double eval_seconds = 0;
-    if ((tc.eval_interval > 0 && state.step % tc.eval_interval == 0) || last || deciding) {
-      // A pass can take tens of seconds on a slow CPU: say so before it starts.
-      if (rank == 0 && !interactive) {
-        std::fprintf(stderr, "eval step %lld: validating on %lld held-out sequences\n", static_cast<long long>(state.step),
-                     static_cast<long long>(eval_windows()));
-      }
-      const auto eval_start = Clock::now();
-      record.val_loss = evaluate();
-      eval_seconds = seconds_since(eval_start);
-    }
+    // mean time and one timed validation pass.
+    const bool deciding = !length_known() && state.step >= config.budget.calibration_steps;
+    const double eval_seconds = validate_if_due(outcome, last || deciding);
     // Spend counts the whole iteration (step and evaluation) and carries over on resume.
-    state.elapsed_seconds += seconds_since(step_start);
+    state.elapsed_seconds += seconds_since(outcome.start);
     if (deciding) {
-      const size_t skip = timed_steps.size() > 2 ? 2 : 0;
-      const double mean = std::accumulate(timed_steps.begin() + static_cast<long>(skip), timed_steps.end(), 0.0) /
-                          static_cast<double>(timed_steps.size() - skip);
-      fix_schedule(mean, eval_seconds, tokens_per_step);
+      fix_schedule(calibrated_step_seconds(loop.timed_steps), eval_seconds, figures.tokens_per_step);
       last = state.step == total_steps();
     }
-    if (!projection_warned && tc.steps > 0 && (budget.max_gpu_hours > 0 || budget.max_usd > 0)) {
-      const double projected = gpu_hours() / static_cast<double>(state.step) * static_cast<double>(tc.steps);
-      if ((budget.max_gpu_hours > 0 && projected > budget.max_gpu_hours) ||
-          (budget.max_usd > 0 && projected * budget.usd_per_gpu_hour > budget.max_usd)) {
-        char text[200];
-        std::snprintf(text, sizeof(text), "budget warning: projected %.4g GPU-hours ($%.4g) for %lld steps exceeds the budget",
-                      projected, projected * budget.usd_per_gpu_hour, static_cast<long long>(tc.steps));
-        log(text);
-        projection_warned = true;
-      }
+    if (!loop.projection_warned) {
+      const std::string warning = projection_warning(config.budget, spend(), state.step, config.training.steps);
+      if (!warning.empty()) log(warning);
+      loop.projection_warned = !warning.empty();
     }
+    report(outcome, figures, loop, deciding, last);
+    result.steps.push_back({state.step, outcome.scalars.loss, outcome.val_loss});
+    if (outcome.val_loss >= 0) result.final_val_loss = outcome.val_loss;
 
-    // Each pipeline rank's blocked, forward, backward and weight-gradient time, gathered (host values) for rank 0's metrics.
-    at::Tensor pipeline_ranks;
-    if (shape.pp > 1) {
-      const at::Tensor mine = at::tensor({pipeline_wait, totals.forward_seconds, totals.backward_seconds, totals.weight_seconds}, at::kDouble);
-      pipeline_ranks = at::empty({shape.pp * 4}, at::kDouble);
-      mesh->pp().all_gather(pipeline_ranks, mine, {})->wait();
-    }
-    const double tokens_per_second = timed_tokens / train_seconds;
-    const double mfu = flops_per_token * tokens_per_second / (peak_gflops * 1e9);
-    if (rank == 0) {
-      nlohmann::json line = {{"step", state.step}, {"loss", loss}, {"aux_loss", scalars[1]},
-                             {"z_loss", scalars[2]}, {"lr", lr}, {"grad_norm", grad_norm_value},
-                             {"tokens_seen", state.tokens_seen}, {"tokens_per_second", tokens_per_step / step_seconds},
-                             {"mfu", flops_per_token * tokens_per_step / step_seconds / (peak_gflops * 1e9)},
-                             {"step_seconds", step_seconds}, {"gpu_hours", gpu_hours()},
-                             {"time", {{"data", data_seconds}, {"communication", comm_seconds}, {"optimizer", optimizer_seconds},
-                                       {"compute", step_seconds - data_seconds - comm_seconds - optimizer_seconds}}},
-                             {"peak_rss_bytes", peak_rss_bytes()}, {"precision", state.precision},
-                             {"device", device.str()},
-                             {"device_to_host_copies", StepReadback::copies() - copies_before},
-                             {"injected", injected_measurements}};
-      if (device.is_cuda()) line["peak_device_memory_bytes"] = parallel::peak_device_memory_bytes(device);
-      // The measured bubble: this rank's time blocked on the pipeline's sends and receives.
-      if (shape.pp > 1) {
-        line["pipeline_wait_seconds"] = pipeline_wait;
-        line["pipeline"] = pipeline_times_json(pipeline_ranks);
-      }
-      if (deciding) {
-        line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},
-                            {"step_seconds", state.calibrated_step_seconds}, {"eval_seconds", state.calibrated_eval_seconds},
-                            {"limit_seconds", budget_seconds(budget, world_size)}};
-      }
-      if (budget.usd_per_gpu_hour > 0) line["usd"] = usd();
-      if (record.val_loss >= 0) line["val_loss"] = record.val_loss;
-      if (mtp_depth > 0) line["mtp_loss"] = std::vector<double>(scalars.begin() + 3, scalars.begin() + 3 + static_cast<long>(mtp_depth));
-      nlohmann::json max_load = nlohmann::json::array(), mean_load = nlohmann::json::array();
-      for (size_t i = 0; i < loads.size(); ++i) {
-        max_load.push_back(scalars[4 + mtp_depth + 2 * i]);
-        mean_load.push_back(scalars[5 + mtp_depth + 2 * i]);
-      }
-      line["state_bytes_per_param"] = state_bytes.training_state();
-      line["memory_bytes_per_param"] = {{"weights", state_bytes.weights},       {"master", state_bytes.master},
-                                        {"grads", state_bytes.grads},           {"exp_avg", state_bytes.exp_avg},
-                                        {"exp_avg_sq", state_bytes.exp_avg_sq}};
-      line["expert_load_max"] = max_load;
-      line["expert_load_mean"] = mean_load;
-      metrics->write(line.dump());
-
-      const int64_t total = length_known() ? total_steps() : 0;
-      ProgressLine progress{state.step, total, loss, lr, tokens_per_second, mfu,
-                            (total - state.step) * train_seconds / std::max<int64_t>(1, timed_tokens / tokens_per_step),
-                            total > 0 ? spend_text(total) : ""};
-      if (interactive) {
-        std::fprintf(stderr, "\r%s", progress.format().c_str());
-        if (last) std::fprintf(stderr, "\n");
-      } else if (state.step % tc.log_interval == 0 || last || seconds_since(last_progress) >= 10) {
-        std::fprintf(stderr, "%s\n", progress.format().c_str());
-        last_progress = Clock::now();
-      }
-      if (record.val_loss >= 0) {
-        if (interactive) std::fprintf(stderr, "\n");
-        char text[128];
-        std::snprintf(text, sizeof(text), "eval step %lld: val_loss %.4f", static_cast<long long>(state.step), record.val_loss);
-        log(text);
-      }
-    }
-    result.steps.push_back(record);
-    if (record.val_loss >= 0) result.final_val_loss = record.val_loss;
-
-    // Every rank must agree to stop, or the next collective would hang.
-    const std::string exhausted = budget_exhausted();
-    const bool stop_here = g_stop_requested.load() || (options.stop_at_step > 0 && state.step >= options.stop_at_step);
-    // Stop flags (request: 1, budget: 2) agree across ranks, or a collective would hang.
-    at::Tensor stop = at::full({2}, 0L, at::kLong);
-    stop[0] = stop_here ? 1L : 0L;
-    stop[1] = exhausted.empty() ? 0L : 1L;
-    sum_over_world(stop);
-    const bool stopping = stop[0].item<int64_t>() > 0 || stop[1].item<int64_t>() > 0;
-    const bool interval_save = tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0;
-    if (last ? tc.checkpoint_at_end : stopping || interval_save) {
-      const auto save_start = Clock::now();
-      save(cfg);
-      state.elapsed_seconds += seconds_since(save_start);  // the budget's clock counts checkpoint writes too
-    }
-    if (stopping && !last) {
-      if (stop[1].item<int64_t>() > 0) {
-        char text[320];
-        std::snprintf(text, sizeof(text),
-                      "budget reached at step %lld: spent %s (%.4g GPU-hours, %lld tokens); checkpoint saved; raise the "
-                      "budget and run with --resume to continue",
-                      static_cast<long long>(state.step), exhausted.empty() ? "the limit on another rank" : exhausted.c_str(),
-                      gpu_hours(), static_cast<long long>(state.tokens_seen));
-        log(text);
-      } else {
-        log("stopped at step " + std::to_string(state.step) + " on request; resume with --resume");
-      }
+    const StopVotes stop = agree_to_stop();
+    save_if_due(last, stop.any());
+    if (stop.any() && !last) {
+      announce_stop(stop);
       result.stopped_early = true;
       break;
     }
   }
+  return finish(std::move(result));
+}
+
+// One optimizer step: this rank's schedule of micro-batch forwards and
+// backwards, gradient reduction, clipping and the update, the router-bias
+// update, then the step's one device-to-host copy.
+StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, LoopState& loop) {
+  const common::TestHooks& hooks = common::test_hooks();
+  // FMOE_STALL_RANK / FMOE_STALL_AT_STEP: this rank stops taking part, so its peers' collectives time out.
+  if (hooks.stall_rank == rank && step == hooks.stall_at_step) std::this_thread::sleep_for(std::chrono::hours(1));
+  StepOutcome out;
+  out.start = Clock::now();
+  loop.timer.start();
+  const int64_t copies_before = StepReadback::copies();
+  const double pipeline_wait_start = mesh->pp().wait_seconds();
+  const double comm_start = communication_seconds();
+  StepHooks step_hooks;
+  step_hooks.batch = [&](int64_t micro) { return to_device(loader->train_batch(step, micro, dp_rank)); };
+  step_hooks.before_backward = [&](bool last) {
+    if (grad_sync) grad_sync->arm(/*last_micro_batch=*/last);
+  };
+  const StepTotals totals = step_runtime->run(step_hooks, dtype, config.precision.fp8);
+  out.data_seconds = totals.data_seconds;
+  out.forward_seconds = totals.forward_seconds;
+  out.backward_seconds = totals.backward_seconds;
+  out.weight_seconds = totals.weight_seconds;
+  out.pipeline_wait = mesh->pp().wait_seconds() - pipeline_wait_start;
+  // ce, aux, z summed over micro-batches, on the device: read with the step's other scalars.
+  at::Tensor losses = totals.losses;
+  // Before a budget-sized schedule is fixed the steps are in warmup, where the rate ignores the length.
+  out.lr = learning_rate(config.optimizer, step, length_known() ? total_steps() : step + 1);
+  const auto optimizer_start = Clock::now();
+  const double optimizer_comm_start = communication_seconds();
+  const at::Tensor grad_norm = optimizer_step(step, out.lr);
+  // Step-time breakdown: data, communication this rank waited on, optimizer, and the rest (compute).
+  out.optimizer_seconds = seconds_since(optimizer_start) - (communication_seconds() - optimizer_comm_start);
+  model->zero_grad(/*set_to_none=*/true);
+  const std::vector<at::Tensor> loads = update_expert_biases();
+
+  sum_over_pipeline(losses);  // each stage's share
+  sum_over_ranks(losses);
+  losses /= static_cast<double>(config.training.grad_accum_steps * dp_size);
+  loop.timer.stop();
+  loop.readback.add(losses);
+  loop.readback.add(grad_norm);
+  for (const auto& load : loads) loop.readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean()}));
+  out.scalars = StepScalars::unpack(loop.readback.read(), static_cast<size_t>(config.model.mtp_depth), loads.size());
+  state.step = step + 1;
+  state.tokens_seen += figures.tokens_per_step;
+  out.step_seconds = device.is_cpu() ? seconds_since(out.start) : loop.timer.seconds();
+  out.comm_seconds = communication_seconds() - comm_start;
+  out.device_to_host_copies = StepReadback::copies() - copies_before;
+  loop.train_seconds += out.step_seconds;
+  loop.timed_tokens += figures.tokens_per_step;
+  if (!length_known()) loop.timed_steps.push_back(out.step_seconds);
+  return out;
+}
+
+// Reduces the gradients, clips them and updates the weights; returns the
+// gradient norm (a device scalar, read with the step's other scalars).
+at::Tensor Trainer::Impl::optimizer_step(int64_t step, double lr) {
+  parallel::sum_partial_gradients_over_tp(tp_partial, *mesh);
+  if (zero1) {
+    zero1->reduce_scatter_gradients();
+    zero1->quantize_gradients();
+    at::Tensor grad_norm = zero1->clip_grad_norm(config.optimizer.grad_clip);
+    zero1->step(lr);
+    return grad_norm;
+  }
+  grad_sync->sync();
+  optimizer->quantize_gradients();
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params) grads.push_back(p.tensor.grad());
+  // FMOE_DUMP_GRADIENTS=dir: each rank's reduced first-step gradients (before clipping).
+  if (const std::string& dir = common::test_hooks().dump_gradients; !dir.empty() && step == 0) {
+    TensorMap dumped;
+    for (const auto& p : params) {
+      if (p.tensor.grad().defined()) dumped[p.name] = p.tensor.grad().to(at::kCPU);
+    }
+    write_safetensors(dir + "/gradients_rank" + std::to_string(rank) + ".safetensors", dumped);
+  }
+  at::Tensor grad_norm = clip_grad_norm(grads, sharded_over_tp, is_expert, *mesh, config.optimizer.grad_clip);
+  optimizer->step(lr);
+  return grad_norm;
+}
+
+// Each MoE layer's expert load of the step, summed over every rank (pipeline
+// stages included, so every rank updates every layer's bias alike), applied to
+// the routers' biases; returned for the metrics.
+std::vector<at::Tensor> Trainer::Impl::update_expert_biases() {
+  std::vector<at::Tensor> loads;
+  for (const auto& layer : model->moe_layers()) {
+    at::Tensor load = layer->step_load.clone();
+    sum_over_pipeline(load);
+    sum_over_ranks(load);
+    loads.push_back(load);
+  }
+  model->update_expert_biases(loads);
+  return loads;
+}
+
+// Validation at eval_interval, at the end, and when a budget-sized schedule is
+// being fixed; returns its seconds (0 when not run).
+double Trainer::Impl::validate_if_due(StepOutcome& outcome, bool forced) {
+  const int64_t interval = config.training.eval_interval;
+  if (!forced && !(interval > 0 && state.step % interval == 0)) return 0;
+  // A pass can take tens of seconds on a slow CPU: say so before it starts.
+  if (rank == 0 && !interactive) {
+    std::fprintf(stderr, "eval step %lld: validating on %lld held-out sequences\n", static_cast<long long>(state.step),
+                 static_cast<long long>(eval_windows()));
+  }
+  const auto eval_start = Clock::now();
+  outcome.val_loss = evaluate();
+  return seconds_since(eval_start);
+}
+
+// Rank 0's metrics line and progress line (the pipeline ranks' times are gathered by all).
+void Trainer::Impl::report(const StepOutcome& out, const RunFigures& figures, LoopState& loop, bool deciding, bool last) {
+  const parallel::MeshShape& shape = mesh->shape();
+  // Each pipeline rank's blocked, forward, backward and weight-gradient time, gathered (host values) for rank 0's metrics.
+  at::Tensor pipeline_ranks;
+  if (shape.pp > 1) {
+    const at::Tensor mine = at::tensor({out.pipeline_wait, out.forward_seconds, out.backward_seconds, out.weight_seconds}, at::kDouble);
+    pipeline_ranks = at::empty({shape.pp * 4}, at::kDouble);
+    mesh->pp().all_gather(pipeline_ranks, mine, {})->wait();
+  }
+  if (rank != 0) return;
+  const StepScalars& s = out.scalars;
+  const int64_t tokens_per_step = figures.tokens_per_step;
+  const double peak_flops = figures.peak_gflops * 1e9;
+  nlohmann::json line = {{"step", state.step}, {"loss", s.loss}, {"aux_loss", s.aux_loss},
+                         {"z_loss", s.z_loss}, {"lr", out.lr}, {"grad_norm", s.grad_norm},
+                         {"tokens_seen", state.tokens_seen}, {"tokens_per_second", tokens_per_step / out.step_seconds},
+                         {"mfu", figures.flops_per_token * tokens_per_step / out.step_seconds / peak_flops},
+                         {"step_seconds", out.step_seconds}, {"gpu_hours", gpu_hours()},
+                         {"time", {{"data", out.data_seconds}, {"communication", out.comm_seconds}, {"optimizer", out.optimizer_seconds},
+                                   {"compute", out.step_seconds - out.data_seconds - out.comm_seconds - out.optimizer_seconds}}},
+                         {"peak_rss_bytes", peak_rss_bytes()}, {"precision", state.precision},
+                         {"device", device.str()},
+                         {"device_to_host_copies", out.device_to_host_copies},
+                         {"injected", injected_measurements}};
+  if (device.is_cuda()) line["peak_device_memory_bytes"] = parallel::peak_device_memory_bytes(device);
+  // The measured bubble: this rank's time blocked on the pipeline's sends and receives.
+  if (shape.pp > 1) {
+    line["pipeline_wait_seconds"] = out.pipeline_wait;
+    line["pipeline"] = pipeline_times_json(pipeline_ranks);
+  }
+  if (deciding) {
+    line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},
+                        {"step_seconds", state.calibrated_step_seconds}, {"eval_seconds", state.calibrated_eval_seconds},
+                        {"limit_seconds", budget_seconds(config.budget, world_size)}};
+  }
+  if (config.budget.usd_per_gpu_hour > 0) line["usd"] = usd();
+  if (out.val_loss >= 0) line["val_loss"] = out.val_loss;
+  if (!s.mtp_losses.empty()) line["mtp_loss"] = s.mtp_losses;
+  const StateBytes& bytes = figures.state_bytes;
+  line["state_bytes_per_param"] = bytes.training_state();
+  line["memory_bytes_per_param"] = {{"weights", bytes.weights}, {"master", bytes.master}, {"grads", bytes.grads},
+                                    {"exp_avg", bytes.exp_avg}, {"exp_avg_sq", bytes.exp_avg_sq}};
+  line["expert_load_max"] = s.load_max;
+  line["expert_load_mean"] = s.load_mean;
+  metrics->write(line.dump());
+
+  const double tokens_per_second = loop.timed_tokens / loop.train_seconds;
+  const int64_t total = length_known() ? total_steps() : 0;
+  ProgressLine progress{state.step, total, s.loss, out.lr, tokens_per_second,
+                        figures.flops_per_token * tokens_per_second / peak_flops,
+                        (total - state.step) * loop.train_seconds / std::max<int64_t>(1, loop.timed_tokens / tokens_per_step),
+                        total > 0 ? spend_text(config.budget, spend(), state.step, total) : ""};
+  if (interactive) {
+    std::fprintf(stderr, "\r%s", progress.format().c_str());
+    if (last) std::fprintf(stderr, "\n");
+  } else if (state.step % config.training.log_interval == 0 || last || seconds_since(loop.last_progress) >= 10) {
+    std::fprintf(stderr, "%s\n", progress.format().c_str());
+    loop.last_progress = Clock::now();
+  }
+  if (out.val_loss >= 0) {
+    if (interactive) std::fprintf(stderr, "\n");
+    char text[128];
+    std::snprintf(text, sizeof(text), "eval step %lld: val_loss %.4f", static_cast<long long>(state.step), out.val_loss);
+    log(text);
+  }
+}
+
+// A stop requested on any rank (signal, --stop-at) or a budget reached on any
+// rank stops all of them: every rank must agree, or the next collective would hang.
+StopVotes Trainer::Impl::agree_to_stop() {
+  StopVotes votes;
+  votes.exhausted = budget_exhausted(config.budget, spend(), sized_by_budget());
+  const bool requested = g_stop_requested.load() || (options.stop_at_step > 0 && state.step >= options.stop_at_step);
+  at::Tensor flags = at::full({2}, 0L, at::kLong);
+  flags[0] = requested ? 1L : 0L;
+  flags[1] = votes.exhausted.empty() ? 0L : 1L;
+  sum_over_world(flags);
+  votes.requested = flags[0].item<int64_t>() > 0;
+  votes.budget = flags[1].item<int64_t>() > 0;
+  return votes;
+}
+
+// At checkpoint_interval, at a stop, and after the last step unless
+// training.checkpoint_at_end is false; the budget's clock counts the write.
+void Trainer::Impl::save_if_due(bool last, bool stopping) {
+  const TrainingConfig& tc = config.training;
+  const bool interval_save = tc.checkpoint_interval > 0 && state.step % tc.checkpoint_interval == 0;
+  if (!(last ? tc.checkpoint_at_end : stopping || interval_save)) return;
+  const auto save_start = Clock::now();
+  save(config);
+  state.elapsed_seconds += seconds_since(save_start);
+}
+
+void Trainer::Impl::announce_stop(const StopVotes& votes) const {
+  if (!votes.budget) {
+    log("stopped at step " + std::to_string(state.step) + " on request; resume with --resume");
+    return;
+  }
+  char text[320];
+  std::snprintf(text, sizeof(text),
+                "budget reached at step %lld: spent %s (%.4g GPU-hours, %lld tokens); checkpoint saved; raise the "
+                "budget and run with --resume to continue",
+                static_cast<long long>(state.step), votes.exhausted.empty() ? "the limit on another rank" : votes.exhausted.c_str(),
+                gpu_hours(), static_cast<long long>(state.tokens_seen));
+  log(text);
+}
+
+// The last save made durable, and the peak memory each machine must hold per rank.
+TrainResult Trainer::Impl::finish(TrainResult result) {
   finish_saves();  // the last checkpoint is durable before the run reports done
   result.final_step = state.step;
-  // The largest rank's peak: what each machine must hold per rank.
   at::Tensor rss = at::full({1}, static_cast<int64_t>(peak_rss_bytes()), at::kLong);
   if (world_size > 1) mesh->world().all_reduce(rss, {parallel::ReduceOp::kMax})->wait();
   result.peak_rss_bytes = static_cast<double>(rss.item<int64_t>());

@@ -7,13 +7,15 @@
 #include <string>
 #include <vector>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace fmoe::parallel {
 class Communicator;
 }
 
 namespace fmoe::trainer {
+
+using config::Config;
 
 struct TrainerOptions {
   // Continue from the run's latest checkpoint; one that fails its checks (a

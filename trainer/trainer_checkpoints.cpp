@@ -6,6 +6,22 @@
 // damaged checkpoint), training.init_from, and the weights under any layout.
 
 namespace fmoe::trainer {
+
+using config::Config;
+using config::ConfigError;
+using config::to_yaml;
+using checkpoint::TensorMap;
+using checkpoint::CheckpointContents;
+using checkpoint::save_checkpoint;
+using checkpoint::latest_checkpoint;
+using checkpoint::load_checkpoint;
+using checkpoint::CheckpointTensors;
+using checkpoint::rank_state_file;
+using checkpoint::send_rank_state;
+using checkpoint::receive_state;
+using checkpoint::receive_rank_states;
+using checkpoint::receive_rank_states_now;
+using checkpoint::load_rank_state;
 namespace {
 
 // An optimizer-state tensor's parameter and part: "<moment>.<param>.<part>" with

@@ -21,7 +21,8 @@
 #include <set>
 #include <nlohmann/json.hpp>
 #include <thread>
-#include "data/file_util.h"
+#include "common/file_util.h"
+#include "common/timing.h"
 #include "fp8/fp8_gemm.h"
 #include "data/loader.h"
 #include "moe/model.h"
@@ -32,12 +33,12 @@
 #include "parallel/grad_sync.h"
 #include "parallel/mesh.h"
 #include "parallel/tensor_parallel.h"
-#include "trainer/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/budget.h"
 #include "trainer/precision.h"
-#include "trainer/safetensors.h"
+#include "checkpoint/safetensors.h"
 #include "trainer/step_readback.h"
 #include "trainer/pipeline_stages.h"
 #include "trainer/run_device.h"
@@ -45,6 +46,13 @@
 #include "trainer/zero1.h"
 
 namespace fmoe::trainer {
+
+using config::Config;
+using checkpoint::TensorMap;
+using checkpoint::TrainerState;
+using checkpoint::CheckpointContents;
+using checkpoint::CheckpointTensors;
+using checkpoint::BackgroundSaver;
 
 // How an optimizer-state entry is split and joined like its parameter (trainer_checkpoints.cpp).
 struct StateView {
@@ -54,6 +62,45 @@ struct StateView {
   bool joins = false;          // shards join exactly
   bool replicated = false;     // every shard holds the whole (FP16's per-tensor scale)
   std::string why;             // when it does not split or join
+};
+
+// Figures fixed once training starts, that every step reports against.
+struct RunFigures {
+  double flops_per_token = 0;
+  double peak_gflops = 0;  // all ranks together
+  int64_t tokens_per_step = 0;
+  StateBytes state_bytes;  // of the training state, per parameter
+};
+
+// What one training step measured, as the host sees it after the step's one copy.
+struct StepOutcome {
+  common::Clock::time_point start;  // the iteration's start: validation and saving count against the budget from here
+  StepScalars scalars;
+  double lr = 0;
+  double step_seconds = 0, data_seconds = 0, comm_seconds = 0, optimizer_seconds = 0;
+  double pipeline_wait = 0, forward_seconds = 0, backward_seconds = 0, weight_seconds = 0;
+  int64_t device_to_host_copies = 0;
+  double val_loss = -1;  // < 0 when not validated at this step
+};
+
+// What the loop carries from step to step.
+struct LoopState {
+  explicit LoopState(c10::Device device) : timer(device) {}
+  double train_seconds = 0;  // of this invocation's steps
+  int64_t timed_tokens = 0;
+  std::vector<double> timed_steps;  // step times until a budget-sized schedule is fixed
+  common::Clock::time_point last_progress = common::Clock::now();  // a progress line at least every 10 s
+  bool projection_warned = false;
+  StepReadback readback;
+  StepTimer timer;
+};
+
+// The stop votes of every rank, summed: any one stops all.
+struct StopVotes {
+  bool requested = false;  // a signal or --stop-at on some rank
+  bool budget = false;     // a limit reached on some rank
+  std::string exhausted;   // this rank's description of the limit reached, or empty
+  bool any() const { return requested || budget; }
 };
 
 struct Trainer::Impl {
@@ -79,6 +126,8 @@ struct Trainer::Impl {
   std::unique_ptr<MetricsWriter> metrics;  // rank 0's metrics.jsonl, once training starts
   std::unique_ptr<Zero1> zero1;
   int64_t dp_size = 1, dp_rank = 0;
+  int64_t threads = 1;       // intra-op threads of this rank
+  bool interactive = false;  // rank 0 writing to a terminal: the progress line redraws in place
   double peak_gflops_per_rank = 0;
   // Test hooks whose figures replaced a measurement in this run (the GEMM rates,
   // the budget's calibration): each metrics line lists them under "injected".
@@ -185,12 +234,9 @@ struct Trainer::Impl {
   double gpu_hours() const { return state.elapsed_seconds * world_size / 3600.0; }  // every rank of the mesh
   double usd() const { return gpu_hours() * config.budget.usd_per_gpu_hour; }
 
-  // The first budget limit reached, or empty. A schedule sized by the budget
-  // (training.steps: 0) runs to its fixed end instead: its limits set its length.
-  std::string budget_exhausted() const;
-
-  // "spent / projected" for the progress line, given the run's total steps.
-  std::string spend_text(int64_t total_steps) const;
+  // What the budget counts; a schedule sized by its budget (training.steps: 0) is never cut by it.
+  BudgetSpend spend() const { return {state.elapsed_seconds, state.tokens_seen, gpu_hours(), usd()}; }
+  bool sized_by_budget() const { return config.training.steps == 0; }
 
   // Whether the run's length is known: configured, or fixed by the budget.
   bool length_known() const { return config.training.steps > 0 || state.total_steps > 0; }
@@ -213,7 +259,25 @@ struct Trainer::Impl {
   TrainResult evaluate_checkpoint();
   void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
 
+  // The run (trainer.cpp) and its setup (trainer_setup.cpp), in the order run() calls them.
   TrainResult run();
+  void check_config();
+  void setup_mesh();
+  void log_placement() const;
+  void build_model();
+  void open_data();
+  void restore_or_initialize();
+  TrainResult reshard();
+  RunFigures start_outputs();
+  StepOutcome train_step(int64_t step, const RunFigures& figures, LoopState& loop);
+  at::Tensor optimizer_step(int64_t step, double lr);
+  std::vector<at::Tensor> update_expert_biases();
+  double validate_if_due(StepOutcome& outcome, bool forced);
+  void report(const StepOutcome& outcome, const RunFigures& figures, LoopState& loop, bool deciding, bool last);
+  StopVotes agree_to_stop();
+  void save_if_due(bool last, bool stopping);
+  void announce_stop(const StopVotes& votes) const;
+  TrainResult finish(TrainResult result);
 };
 
 }  // namespace fmoe::trainer

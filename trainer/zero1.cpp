@@ -11,6 +11,9 @@
 
 namespace fmoe::trainer {
 
+using config::OptimizerConfig;
+using checkpoint::TensorMap;
+
 Zero1::Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>& sharded_over_tp, const std::vector<bool>& expert,
              const parallel::Mesh& mesh, const OptimizerConfig& config)
     : params_(params), sharded_over_tp_(sharded_over_tp), expert_(expert), owned_(params.size(), false), mesh_(&mesh),

@@ -16,6 +16,9 @@
 
 namespace fmoe::trainer {
 
+using config::OptimizerConfig;
+using checkpoint::TensorMap;
+
 class Zero1 {
  public:
   // sharded_over_tp / expert: per parameter, as parallel::global_grad_square_sum takes them.

@@ -1,4 +1,5 @@
 #include "parallel/mpi/mpi_communicator.h"
+#include "common/timing.h"
 
 // The C API only: Open MPI's deprecated C++ bindings would need libmpi_cxx.
 #define OMPI_SKIP_MPICXX 1
@@ -113,7 +114,7 @@ class MpiWork : public Work {
       std::chrono::steady_clock::time_point start;
       double* total;
       ~Account() {
-        if (total) *total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (total) *total += common::seconds_since(start);
       }
     } account{start, wait_seconds_.get()};
     // Poll rather than MPI_Wait: a peer that died or diverged must not hang us.

@@ -1,4 +1,5 @@
 #include "parallel/nccl/nccl_communicator.h"
+#include "common/timing.h"
 
 #define OMPI_SKIP_MPICXX 1
 #include <cuda_runtime.h>
@@ -82,7 +83,7 @@ class NcclWork : public Work {
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::microseconds(1000));
     }
-    if (wait_seconds_) *wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (wait_seconds_) *wait_seconds_ += common::seconds_since(start);
   }
 
  private:

@@ -16,7 +16,7 @@
 #include "data/loader.h"
 #include "launch/cli.h"
 #include "moe/model.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/precision.h"
@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
   launch::configure_allocator();
   try {
     const auto args = launch::parse_args(argc, argv, 1, {});
-    const trainer::Config cfg = trainer::load_config(args.get("config", "configs/tiny.yaml"), args.all("set"));
+    const config::Config cfg = config::load_config(args.get("config", "configs/tiny.yaml"), args.all("set"));
     const int64_t steps = std::stoll(args.get("steps", "12"));
     const int64_t warmup = 2;
     const auto& tc = cfg.training;

@@ -12,10 +12,11 @@
 #include <vector>
 
 #include "parallel/pipeline_schedule.h"
-#include "parallel/pipeline_sim.h"
+#include "plan/pipeline_sim.h"
 
 int main(int argc, char** argv) {
   using namespace fmoe::parallel;
+  using namespace fmoe::plan;
   if (argc < 7) {
     std::fprintf(stderr, "usage: pipeline_sim NAME PP V MICRO_BATCHES COMM F0,B0,W0 [F1,B1,W1 ...]\n");
     return 2;

@@ -8,7 +8,7 @@
 #include <fstream>
 
 #include "data/corpus.h"
-#include "data/file_util.h"
+#include "common/file_util.h"
 #include "data/indexed_dataset.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
@@ -17,6 +17,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace fmoe::data;
+using fmoe::common::read_file;
 
 class TempDir : public ::testing::Test {
  protected:

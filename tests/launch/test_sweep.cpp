@@ -8,6 +8,7 @@
 #include <set>
 
 #include "launch/sweep.h"
+#include "launch/sweep_runner.h"
 
 namespace {
 
@@ -160,6 +161,52 @@ TEST_F(SweepTest, TrialRecordsAndSpend) {
   EXPECT_DOUBLE_EQ(spend_of(r, "gpu_hours", 2.0), 0.004);
   EXPECT_DOUBLE_EQ(spend_of(r, "usd", 2.0), 0.008);
   EXPECT_EQ(read_trial_record((dir_ / "none").string(), 1).steps, 0);  // a trial not started
+}
+
+// Successive halving promotes the best by validation loss at the rung's end; a
+// trial without one (failed, or never validated) goes last; ties keep their order.
+TEST(SweepPromotion, BestByRungLossWithMissingLast) {
+  std::vector<TrialRun> runs(5);
+  runs[0].rung_val = {{0, 3.0}};
+  runs[1].rung_val = {{0, 1.0}};
+  runs[2].rung_val = {{0, -1.0}};           // never validated
+  runs[3].rung_val = {{0, 2.0}, {1, 0.5}};  // rung 1's figure is not rung 0's
+  runs[4].rung_val = {{0, 1.0}};
+  const Promotion p = promote(runs, {0, 1, 2, 3, 4}, 0, 2);
+  EXPECT_EQ(p.promoted, (std::vector<size_t>{1, 4}));
+  EXPECT_EQ(p.dropped, (std::vector<size_t>{3, 0, 2}));
+  const Promotion at_rung_1 = promote(runs, {0, 3}, 1, 1);  // trial 0 has no rung-1 loss
+  EXPECT_EQ(at_rung_1.promoted, (std::vector<size_t>{3}));
+  EXPECT_EQ(at_rung_1.dropped, (std::vector<size_t>{0}));
+  EXPECT_EQ(promote(runs, {2, 0}, 0, 5).promoted, (std::vector<size_t>{0, 2}));  // keep beyond the members: all, ordered
+}
+
+// trial.json round-trips; a trial the sweep left running resumes as stopped, others keep their state.
+TEST(SweepResume, TrialStateRoundTripsAndRunningBecomesStopped) {
+  TrialRun t;
+  t.trial.values = {{"optimizer.lr", "0.001"}, {"model.top_k", "2"}};
+  t.state = "running";
+  t.launches = 3;
+  t.rung = 1;
+  t.rung_val = {{0, 4.5}, {1, 3.25}};
+  const nlohmann::json j = trial_state_json(t);
+  EXPECT_EQ(j["values"]["optimizer.lr"], "0.001");
+  TrialRun back;
+  restore_trial_state(back, j);
+  EXPECT_EQ(back.state, "stopped");
+  EXPECT_EQ(back.launches, 3);
+  EXPECT_EQ(back.rung, 1);
+  EXPECT_EQ(back.rung_val, t.rung_val);
+  for (const std::string state : {"done", "pruned", "failed", "stopped"}) {
+    t.state = state;
+    TrialRun again;
+    restore_trial_state(again, trial_state_json(t));
+    EXPECT_EQ(again.state, state);
+  }
+  TrialRun fresh;
+  restore_trial_state(fresh, nlohmann::json::object());  // a trial.json from before any launch field
+  EXPECT_EQ(fresh.state, "pending");
+  EXPECT_EQ(fresh.launches, 0);
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <torch/torch.h>
 
 #include "fp8/fp8_gemm.h"
@@ -18,19 +20,7 @@ double relative_error(const at::Tensor& a, const at::Tensor& b) {
 }
 
 ModelConfig small_config() {
-  ModelConfig c;
-  c.vocab_size = 97;
-  c.hidden_size = 32;
-  c.num_layers = 3;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_hidden_size = 48;
-  c.first_k_dense = 1;
-  c.max_seq_len = 16;
-  c.num_experts = 8;
-  c.top_k = 3;
-  c.moe_ffn_hidden_size = 16;
+  ModelConfig c = fmoe::testing::test_model({.vocab = 97, .hidden = 32, .layers = 3, .heads = 4, .kv_heads = 2, .head_dim = 8, .ffn = 48, .experts = 8, .top_k = 3, .moe_ffn = 16});
   c.num_shared_experts = 1;
   c.num_groups = 4;
   c.group_top_k = 2;

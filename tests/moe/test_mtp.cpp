@@ -6,6 +6,8 @@
 // shared embedding and head.
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <torch/torch.h>
 
 #include "moe/model.h"
@@ -15,19 +17,7 @@ namespace {
 using namespace fmoe::moe;
 
 ModelConfig mtp_config() {
-  ModelConfig c;
-  c.vocab_size = 50;
-  c.hidden_size = 16;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_hidden_size = 32;
-  c.first_k_dense = 1;
-  c.max_seq_len = 16;
-  c.num_experts = 4;
-  c.top_k = 2;
-  c.moe_ffn_hidden_size = 8;
+  ModelConfig c = fmoe::testing::test_model({.vocab = 50, .hidden = 16, .layers = 2, .heads = 2, .kv_heads = 2, .head_dim = 8, .ffn = 32, .experts = 4, .top_k = 2, .moe_ffn = 8});
   c.num_groups = 1;
   c.mtp_depth = 2;
   c.mtp_loss_weight = 0.3;

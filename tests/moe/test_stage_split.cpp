@@ -3,6 +3,8 @@
 // layouts parse, print back, and are refused in one line naming the problem.
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <algorithm>
 #include <functional>
 #include <limits>
@@ -15,18 +17,8 @@ namespace {
 using namespace fmoe::moe;
 
 ModelConfig four_layers() {
-  ModelConfig c;
-  c.vocab_size = 8192;
-  c.hidden_size = 256;
-  c.num_layers = 4;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 64;
-  c.ffn_hidden_size = 1024;
-  c.first_k_dense = 1;
-  c.num_experts = 16;
-  c.top_k = 4;
-  c.moe_ffn_hidden_size = 256;
+  ModelConfig c = fmoe::testing::test_model({.vocab = 8192, .hidden = 256, .layers = 4, .heads = 4, .kv_heads = 2, .head_dim = 64,
+                                              .ffn = 1024, .experts = 16, .top_k = 4, .moe_ffn = 256, .max_seq_len = 256});
   c.num_shared_experts = 1;
   return c;
 }

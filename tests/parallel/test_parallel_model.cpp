@@ -4,6 +4,8 @@
 // batch (FP32, 1e-5 relative), and 20 AdamW steps give the same loss curve (1e-4).
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
@@ -21,7 +23,8 @@ using namespace fmoe;
 using fmoe::testing::world;
 
 moe::ModelConfig micro_config(bool mla = false, bool mtp = false, bool qwen = false) {
-  moe::ModelConfig c;
+  moe::ModelConfig c = fmoe::testing::test_model(
+      {.vocab = 128, .hidden = 32, .layers = 3, .heads = 4, .kv_heads = 2, .head_dim = 8, .ffn = 64, .experts = 8, .top_k = 2, .moe_ffn = 16});
   c.attention_bias = c.shared_expert_gate = qwen;  // Qwen2-MoE's QKV biases and gated shared expert
   c.mtp_depth = mtp ? 1 : 0;  // multi-token prediction (not under sequence parallelism)
   if (mla) {  // multi-head latent attention with a query latent and YaRN
@@ -36,18 +39,6 @@ moe::ModelConfig micro_config(bool mla = false, bool mtp = false, bool qwen = fa
     c.rope_scaling.original_max_position_embeddings = 8;
     c.rope_scaling.mscale_all_dim = 1;
   }
-  c.vocab_size = 128;
-  c.hidden_size = 32;
-  c.num_layers = 3;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_hidden_size = 64;
-  c.first_k_dense = 1;
-  c.max_seq_len = 16;
-  c.num_experts = 8;
-  c.top_k = 2;
-  c.moe_ffn_hidden_size = 16;
   c.num_shared_experts = 1;
   c.num_groups = 2;
   c.group_top_k = 1;
@@ -98,8 +89,8 @@ struct Trained {
   std::unique_ptr<trainer::AdamW> optimizer;
 };
 
-trainer::OptimizerConfig optimizer_config() {
-  trainer::OptimizerConfig o;
+config::OptimizerConfig optimizer_config() {
+  config::OptimizerConfig o;
   o.lr = 3e-3;
   o.weight_decay = 0.1;
   o.grad_clip = 1.0;

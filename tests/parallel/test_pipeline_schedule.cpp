@@ -12,11 +12,12 @@
 #include <string>
 
 #include "parallel/pipeline_schedule.h"
-#include "parallel/pipeline_sim.h"
+#include "plan/pipeline_sim.h"
 
 namespace {
 
 using namespace fmoe::parallel;
+using namespace fmoe::plan;
 
 // F = I = W = 1 per stage; a chunk of v costs 1 / v of that.
 PipeCosts unit_costs(int v) {

@@ -3,13 +3,13 @@
 #include <gtest/gtest.h>
 
 #include "moe/model_config.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "plan/plan.h"
 
 namespace {
 
 using namespace fmoe::plan;
-using fmoe::trainer::load_config;
+using fmoe::config::load_config;
 
 Layout layout(int64_t tp, int64_t pp, int64_t ep, int64_t dp, int64_t mb, int64_t micro, bool zero1) {
   Layout l;
@@ -100,7 +100,7 @@ namespace {
 using namespace fmoe::plan;
 
 TEST(Plan, PipelineFiguresComeFromTheSimulatedScheduleAndTheStageSplit) {
-  fmoe::trainer::Config c = fmoe::trainer::load_config("configs/presets/deepseek-v3.yaml");
+  fmoe::config::Config c = fmoe::config::load_config("configs/presets/deepseek-v3.yaml");
   const ClusterSpec h800 = load_cluster("h800");
   Layout l = layout_from_config(c, 2048);
   l.num_micro_batches = 20;

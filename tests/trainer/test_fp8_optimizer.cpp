@@ -7,6 +7,8 @@
 namespace {
 
 using namespace fmoe::trainer;
+using namespace fmoe::config;
+using namespace fmoe::checkpoint;
 
 OptimizerConfig recipe(const std::string& main, const std::string& grad, const std::string& m, const std::string& v) {
   OptimizerConfig o;

@@ -10,6 +10,7 @@
 namespace {
 
 using namespace fmoe::trainer;
+using namespace fmoe::config;
 
 const GemmRates kAvx2{1.3, 121};     // AMD EPYC, AVX2 only: BF16 falls back to a generic loop
 const GemmRates kAmx{690, 190};      // Xeon with AMX / AVX512-BF16

@@ -7,14 +7,14 @@
 
 #include "moe/model.h"
 #include "moe/model_config.h"
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace {
 
 using fmoe::moe::ModelConfig;
 
 ModelConfig preset(const std::string& name) {
-  return fmoe::trainer::load_config("configs/presets/" + name + ".yaml").model;
+  return fmoe::config::load_config("configs/presets/" + name + ".yaml").model;
 }
 
 void expect_within(double value, double published, double tolerance, const std::string& what) {

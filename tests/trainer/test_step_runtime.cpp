@@ -4,6 +4,8 @@
 // pipeline ranks is refused.
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <torch/torch.h>
 
 #include "moe/model.h"
@@ -14,19 +16,7 @@ namespace {
 using namespace fmoe;
 
 moe::ModelConfig micro_model() {
-  moe::ModelConfig c;
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 16;
-  c.ffn_hidden_size = 64;
-  c.first_k_dense = 1;
-  c.max_seq_len = 16;
-  c.num_experts = 4;
-  c.top_k = 2;
-  c.moe_ffn_hidden_size = 16;
+  moe::ModelConfig c = fmoe::testing::test_model({.vocab = 64, .hidden = 32, .layers = 2, .heads = 2, .kv_heads = 2, .head_dim = 16, .ffn = 64, .experts = 4, .top_k = 2, .moe_ffn = 16});
   return c;
 }
 

@@ -1,4 +1,4 @@
-#include "trainer/safetensors.h"
+#include "checkpoint/safetensors.h"
 
 #include <ATen/ATen.h>
 
@@ -13,9 +13,9 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "data/file_util.h"
+#include "common/file_util.h"
 
-namespace fmoe::trainer {
+namespace fmoe::checkpoint {
 namespace {
 
 struct DtypeName {
@@ -74,7 +74,7 @@ std::string to_safetensors(const TensorMap& tensors, const std::map<std::string,
 }
 
 uint32_t write_safetensors(const std::string& path, const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
-  data::AtomicFileWriter writer(path);
+  common::AtomicFileWriter writer(path);
   writer.append(safetensors_header(tensors, metadata));
   for_each_tensor_bytes(tensors, [&](const void* data, size_t size) { writer.append(data, size); });
   return writer.commit();
@@ -144,7 +144,7 @@ TensorMap read_safetensors(const std::string& path, uint32_t* crc) {
     if (!in.read(static_cast<char*>(data), static_cast<std::streamsize>(size))) {
       throw std::runtime_error(path + ": truncated safetensors file (" + what + ")");
     }
-    sum = data::crc32_update(sum, data, size);
+    sum = common::crc32_update(sum, data, size);
   };
   uint64_t header_size = 0;
   if (file_size < 8) throw std::runtime_error(path + ": truncated safetensors file (no header)");
@@ -179,7 +179,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   if (header_size > file_size - 8) throw std::runtime_error(path + ": truncated safetensors file (header past end)");
   std::string json(header_size, '\0');
   read(8, json.data(), header_size);
-  header_crc_ = data::crc32_update(data::crc32_update(0, &header_size, 8), json.data(), json.size());
+  header_crc_ = common::crc32_update(common::crc32_update(0, &header_size, 8), json.data(), json.size());
   for (Entry& e : parse_header(json, file_size - 8 - header_size, path)) {
     entries_[e.name] = {e.type, std::move(e.shape), 8 + header_size + e.begin, 8 + header_size + e.end};
   }
@@ -216,4 +216,4 @@ TensorMap from_safetensors(const std::string& bytes, const std::string& path) {
   return tensors;
 }
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::checkpoint

@@ -11,7 +11,7 @@
 
 #include "moe/model_config.h"
 
-namespace fmoe::trainer {
+namespace fmoe::config {
 
 // A bad config: the message is one line naming the file (or --set) and the key.
 class ConfigError : public std::runtime_error {
@@ -159,4 +159,4 @@ std::string to_yaml(const Config& config);
 // Levenshtein distance, for "did you mean" suggestions.
 size_t edit_distance(const std::string& a, const std::string& b);
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::config

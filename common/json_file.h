@@ -6,9 +6,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "data/file_util.h"
+#include "common/file_util.h"
 
-namespace fmoe::data {
+namespace fmoe::common {
 
 // what names the file's role in the message, e.g. "dataset metadata".
 inline nlohmann::json read_json_file(const std::string& path, const std::string& what) {
@@ -19,4 +19,4 @@ inline nlohmann::json read_json_file(const std::string& path, const std::string&
   }
 }
 
-}  // namespace fmoe::data
+}  // namespace fmoe::common

@@ -7,14 +7,15 @@
 #include <filesystem>
 #include <fstream>
 
-#include "data/file_util.h"
-#include "trainer/checkpoint.h"
-#include "trainer/safetensors.h"
+#include "common/file_util.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/safetensors.h"
 
 namespace {
 
 namespace fs = std::filesystem;
-using namespace fmoe::trainer;
+
+using namespace fmoe::checkpoint;
 
 class CheckpointTest : public ::testing::Test {
  protected:
@@ -65,9 +66,9 @@ TEST_F(CheckpointTest, StreamedFilesEqualInMemoryBytesAndReadBack) {
                        {"strided", at::randn({3, 2}).t()}};
   const std::string path = dir_ + "/s.safetensors";
   const uint32_t crc = write_safetensors(path, tensors, {{"format", "pt"}});
-  const std::string bytes = fmoe::data::read_file(path);
+  const std::string bytes = fmoe::common::read_file(path);
   EXPECT_EQ(bytes, to_safetensors(tensors, {{"format", "pt"}}));
-  EXPECT_EQ(crc, fmoe::data::crc32_of(bytes));
+  EXPECT_EQ(crc, fmoe::common::crc32_of(bytes));
   EXPECT_FALSE(fs::exists(path + ".tmp"));
   uint32_t read_crc = 0;
   const TensorMap back = read_safetensors(path, &read_crc);
@@ -78,7 +79,7 @@ TEST_F(CheckpointTest, StreamedFilesEqualInMemoryBytesAndReadBack) {
   expect_error_mentions([&] { read_safetensors(path); }, path + ": tensor");
   {
     // A writer dropped before commit leaves nothing behind.
-    fmoe::data::AtomicFileWriter writer(dir_ + "/never");
+    fmoe::common::AtomicFileWriter writer(dir_ + "/never");
     writer.append("partial");
   }
   EXPECT_FALSE(fs::exists(dir_ + "/never"));
@@ -111,7 +112,7 @@ TEST_F(CheckpointTest, SaveLoadLatestAndRetention) {
   EXPECT_TRUE(at::equal(back.model.at("bias"), contents(30).model.at("bias")));
   EXPECT_EQ(back.config_yaml, "model: {}\n");
   // The index describes every tensor with its global shape and slice.
-  const std::string index = fmoe::data::read_file(*latest + "/index.json");
+  const std::string index = fmoe::common::read_file(*latest + "/index.json");
   EXPECT_NE(index.find("\"layers.0.w\""), std::string::npos);
   EXPECT_NE(index.find("\"slice\""), std::string::npos);
 }

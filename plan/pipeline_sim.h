@@ -12,7 +12,12 @@
 
 #include "parallel/pipeline_schedule.h"
 
-namespace fmoe::parallel {
+namespace fmoe::plan {
+
+// The schedules are the parallel layer's (parallel/pipeline_schedule.h).
+using parallel::PipeAction;
+using parallel::PipelineSchedule;
+using parallel::PipeOp;
 
 // Seconds (or any unit) per action of one chunk; backward is the whole one (I + W).
 struct PipeCosts {
@@ -48,4 +53,4 @@ std::string render_text(const PipelineSchedule& schedule, const PipeSimResult& r
 // gradients green, weight gradients orange, idle white).
 std::string render_svg(const PipelineSchedule& schedule, const PipeSimResult& result);
 
-}  // namespace fmoe::parallel
+}  // namespace fmoe::plan

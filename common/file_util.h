@@ -7,7 +7,7 @@
 #include <string>
 #include <string_view>
 
-namespace fmoe::data {
+namespace fmoe::common {
 
 std::string read_file(const std::string& path);
 uint32_t crc32_of(std::string_view bytes);
@@ -40,4 +40,4 @@ class AtomicFileWriter {
 // fsyncs a directory so that a rename inside it is durable.
 void fsync_directory(const std::string& dir);
 
-}  // namespace fmoe::data
+}  // namespace fmoe::common

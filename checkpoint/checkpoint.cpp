@@ -1,4 +1,4 @@
-#include "trainer/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 #include <ATen/ATen.h>
 
@@ -14,11 +14,11 @@
 #include <vector>
 
 #include "common/test_hooks.h"
-#include "data/file_util.h"
-#include "data/json_file.h"
+#include "common/file_util.h"
+#include "common/json_file.h"
 #include "parallel/communicator.h"
 
-namespace fmoe::trainer {
+namespace fmoe::checkpoint {
 namespace fs = std::filesystem;
 namespace {
 
@@ -50,7 +50,7 @@ nlohmann::json index_of(const TensorMap& tensors, const std::string& file, const
     const char* data = static_cast<const char*>(bytes.data_ptr());
     const size_t size = static_cast<size_t>(bytes.numel()) * bytes.element_size();
     std::vector<uint32_t> chunks;
-    for (size_t at = 0; at < size; at += kChunkBytes) chunks.push_back(data::crc32_update(0, data + at, std::min(kChunkBytes, size - at)));
+    for (size_t at = 0; at < size; at += kChunkBytes) chunks.push_back(common::crc32_update(0, data + at, std::min(kChunkBytes, size - at)));
     const SafetensorsEntry& entry = written.entries().at(name);
     index[name] = {{"file", file}, {"shape", tensor.sizes().vec()}, {"slice", slice}, {"offsets", {entry.begin, entry.end}}, {"chunk_crc32", chunks}};
   }
@@ -79,8 +79,8 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   checksums["optimizer.safetensors"] =
       write_safetensors((tmp_dir / "optimizer.safetensors").string(), contents.optimizer, {{"format", "pt"}});
   maybe_crash(++written);
-  data::write_file_atomic((tmp_dir / "config.yaml").string(), contents.config_yaml);
-  checksums["config.yaml"] = data::crc32_of(contents.config_yaml);
+  common::write_file_atomic((tmp_dir / "config.yaml").string(), contents.config_yaml);
+  checksums["config.yaml"] = common::crc32_of(contents.config_yaml);
   maybe_crash(++written);
   if (contents.write_extra) {
     std::map<std::string, uint32_t> extra;
@@ -96,8 +96,8 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   // Tensors are stored whole: any layout takes its slices of them.
   const std::string index_bytes =
       nlohmann::json{{"layout", contents.layout}, {"chunk_bytes", kChunkBytes}, {"files", files}, {"tensors", index}}.dump(1) + "\n";
-  data::write_file_atomic((tmp_dir / "index.json").string(), index_bytes);
-  checksums["index.json"] = data::crc32_of(index_bytes);
+  common::write_file_atomic((tmp_dir / "index.json").string(), index_bytes);
+  checksums["index.json"] = common::crc32_of(index_bytes);
 
   const nlohmann::json state = {
       {"layout", contents.layout},
@@ -113,16 +113,16 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   };
   // The state file checks itself: a CRC32 of its own text without this field.
   nlohmann::json sealed = state;
-  sealed["self_crc32"] = data::crc32_of(state.dump(2));
-  data::write_file_atomic((tmp_dir / "trainer_state.json").string(), sealed.dump(2) + "\n");
+  sealed["self_crc32"] = common::crc32_of(state.dump(2));
+  common::write_file_atomic((tmp_dir / "trainer_state.json").string(), sealed.dump(2) + "\n");
   maybe_crash(++written);
 
   // Swap the directory in; an older save of the same step is replaced only now.
   const fs::path old_dir = root / (name + ".old." + std::to_string(::getpid()));
   if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
   fs::rename(tmp_dir, final_dir);
-  data::fsync_directory(root.string());
-  data::write_file_atomic((root / "latest").string(), name + "\n");
+  common::fsync_directory(root.string());
+  common::write_file_atomic((root / "latest").string(), name + "\n");
   fs::remove_all(old_dir);
 
   // Retention: the newest `keep` complete checkpoints, and every keep_every-th step for good.
@@ -174,14 +174,14 @@ void verify_checkpoint(const std::string& directory) {
   for (const auto& [file, crc] : contents.checksums) {
     const std::string path = directory + "/" + file;
     if (!fs::exists(path)) throw std::runtime_error(path + ": missing from the checkpoint");
-    if (data::crc32_of_file(path) != crc) throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
+    if (common::crc32_of_file(path) != crc) throw std::runtime_error(path + ": checksum mismatch: the file is truncated or corrupt");
   }
 }
 
 std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
   const fs::path latest = fs::path(run_dir) / "checkpoints" / "latest";
   if (!fs::exists(latest)) return std::nullopt;
-  std::string name = data::read_file(latest.string());
+  std::string name = common::read_file(latest.string());
   while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
   if (name.empty() || name.find('/') != std::string::npos) {
     throw std::runtime_error(latest.string() + ": corrupt (expected a checkpoint directory name)");
@@ -193,11 +193,11 @@ CheckpointContents load_checkpoint(const std::string& directory, bool read_tenso
   const fs::path dir(directory);
   const std::string state_path = (dir / "trainer_state.json").string();
   if (!fs::exists(state_path)) throw std::runtime_error(state_path + ": missing: not a complete checkpoint");
-  nlohmann::json state = data::read_json_file(state_path, "checkpoint state");
+  nlohmann::json state = common::read_json_file(state_path, "checkpoint state");
   if (state.is_object() && state.contains("self_crc32")) {  // absent from checkpoints of earlier versions
     const nlohmann::json sealed = state["self_crc32"];
     state.erase("self_crc32");
-    if (!sealed.is_number_unsigned() || sealed.get<uint32_t>() != data::crc32_of(state.dump(2))) {
+    if (!sealed.is_number_unsigned() || sealed.get<uint32_t>() != common::crc32_of(state.dump(2))) {
       throw std::runtime_error(state_path + ": checksum mismatch: the file is truncated or corrupt");
     }
   }
@@ -235,7 +235,7 @@ CheckpointContents load_checkpoint(const std::string& directory, bool read_tenso
     try {
       tensors = read_safetensors(path, &crc);
     } catch (const std::runtime_error&) {
-      check(file, data::crc32_of_file(path));
+      check(file, common::crc32_of_file(path));
       throw;
     }
     check(file, crc);
@@ -245,9 +245,9 @@ CheckpointContents load_checkpoint(const std::string& directory, bool read_tenso
     contents.model = read_checked("model.safetensors");
     contents.optimizer = read_checked("optimizer.safetensors");
   }
-  contents.config_yaml = data::read_file((dir / "config.yaml").string());
-  check("config.yaml", data::crc32_of(contents.config_yaml));
-  check("index.json", data::crc32_of_file((dir / "index.json").string()));
+  contents.config_yaml = common::read_file((dir / "config.yaml").string());
+  check("config.yaml", common::crc32_of(contents.config_yaml));
+  check("index.json", common::crc32_of_file((dir / "index.json").string()));
   return contents;
 }
 
@@ -278,8 +278,8 @@ std::string receive_bytes(parallel::Communicator& group, int source) {
 }
 
 void write_rank_file(const std::string& tmp_dir, int rank, std::string_view bytes, std::map<std::string, uint32_t>& checksums) {
-  data::write_file_atomic(tmp_dir + "/" + rank_state_file(rank), bytes);
-  checksums[rank_state_file(rank)] = data::crc32_of(bytes);
+  common::write_file_atomic(tmp_dir + "/" + rank_state_file(rank), bytes);
+  checksums[rank_state_file(rank)] = common::crc32_of(bytes);
 }
 
 }  // namespace
@@ -339,7 +339,7 @@ TensorMap load_rank_state(const std::string& directory, const CheckpointContents
 
 CheckpointTensors::CheckpointTensors(const std::string& directory, const CheckpointContents& contents) : directory_(directory) {
   const std::string index_path = directory + "/index.json";
-  const nlohmann::json index = data::read_json_file(index_path, "checkpoint index");
+  const nlohmann::json index = common::read_json_file(index_path, "checkpoint index");
   for (const std::string file : {"model.safetensors", "optimizer.safetensors"}) {
     const std::string path = directory + "/" + file;
     if (!index.contains("chunk_bytes")) {  // written before chunk checksums: read whole, checked file by file
@@ -435,7 +435,7 @@ at::Tensor CheckpointTensors::read_rows(const std::string& name, at::IntArrayRef
     scratch.resize(to - from);
     file.read(s.entry.begin + from, scratch.data(), to - from);
     bytes_read_ += to - from;
-    return data::crc32_update(crc, scratch.data(), to - from);
+    return common::crc32_update(crc, scratch.data(), to - from);
   };
   if (hi == lo) return out;
   for (size_t c = lo / chunk_bytes_; c * chunk_bytes_ < hi; ++c) {
@@ -443,7 +443,7 @@ at::Tensor CheckpointTensors::read_rows(const std::string& name, at::IntArrayRef
     uint32_t crc = 0;
     if (cs < lo) crc = crc_of_file_range(crc, cs, lo);
     const size_t inside_from = std::max(cs, lo), inside_to = std::min(ce, hi);
-    crc = data::crc32_update(crc, dst + (inside_from - lo), inside_to - inside_from);
+    crc = common::crc32_update(crc, dst + (inside_from - lo), inside_to - inside_from);
     if (ce > hi) crc = crc_of_file_range(crc, hi, ce);
     if (c >= s.chunks.size() || crc != s.chunks[c]) {
       throw std::runtime_error(file.path() + ": checksum mismatch: the file is truncated or corrupt");
@@ -452,4 +452,4 @@ at::Tensor CheckpointTensors::read_rows(const std::string& name, at::IntArrayRef
   return out;
 }
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::checkpoint

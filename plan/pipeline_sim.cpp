@@ -1,4 +1,4 @@
-#include "parallel/pipeline_sim.h"
+#include "plan/pipeline_sim.h"
 
 #include <algorithm>
 #include <cctype>
@@ -7,7 +7,7 @@
 #include <map>
 #include <tuple>
 
-namespace fmoe::parallel {
+namespace fmoe::plan {
 namespace {
 
 using Key = std::tuple<int, int, int>;  // stage, op, micro
@@ -219,4 +219,4 @@ std::string render_svg(const PipelineSchedule& s, const PipeSimResult& r) {
   return out;
 }
 
-}  // namespace fmoe::parallel
+}  // namespace fmoe::plan

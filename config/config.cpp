@@ -1,4 +1,4 @@
-#include "trainer/config.h"
+#include "config/config.h"
 
 #include "moe/stage_split.h"
 
@@ -10,7 +10,7 @@
 #include <fstream>
 #include <sstream>
 
-namespace fmoe::trainer {
+namespace fmoe::config {
 namespace {
 
 // One description of every field, walked by the reader and the writer alike.
@@ -523,4 +523,4 @@ std::string to_yaml(const Config& config) {
   return std::string(out.c_str()) + "\n";
 }
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::config

@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "moe/model_config.h"
-#include "trainer/safetensors.h"
+#include "checkpoint/safetensors.h"
 
-namespace fmoe::trainer {
+namespace fmoe::checkpoint {
 
 struct HfModel {
   std::string model_type;          // deepseek_v3 | deepseek_v2 | mixtral | qwen2_moe
@@ -41,4 +41,4 @@ std::string hf_model_type(const moe::ModelConfig& config);
 // shards of about shard_bytes with model.safetensors.index.json.
 void export_hf(const moe::ModelConfig& config, const TensorMap& tensors, const std::string& dir, int64_t shard_bytes);
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::checkpoint

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-namespace fmoe::trainer {
+namespace fmoe::checkpoint {
 
 using TensorMap = std::map<std::string, at::Tensor>;
 
@@ -55,4 +55,4 @@ class SafetensorsFile {
 // truncated or inconsistent file.
 TensorMap from_safetensors(const std::string& bytes, const std::string& path);
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::checkpoint

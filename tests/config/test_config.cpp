@@ -1,11 +1,12 @@
 #include <gtest/gtest.h>
 
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/optimizer.h"
 
 namespace {
 
 using namespace fmoe::trainer;
+using namespace fmoe::config;
 
 std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
   try {

@@ -1,4 +1,4 @@
-#include "data/file_util.h"
+#include "common/file_util.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -11,7 +11,7 @@
 #include <fstream>
 #include <stdexcept>
 
-namespace fmoe::data {
+namespace fmoe::common {
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -91,4 +91,4 @@ void fsync_directory(const std::string& dir) {
   ::close(fd);
 }
 
-}  // namespace fmoe::data
+}  // namespace fmoe::common

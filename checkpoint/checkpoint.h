@@ -24,13 +24,13 @@
 #include <thread>
 #include <vector>
 
-#include "trainer/safetensors.h"
+#include "checkpoint/safetensors.h"
 
 namespace fmoe::parallel {
 class Communicator;
 }
 
-namespace fmoe::trainer {
+namespace fmoe::checkpoint {
 
 struct TrainerState {
   int64_t step = 0;            // optimizer steps completed
@@ -152,4 +152,4 @@ class BackgroundSaver {
   std::exception_ptr error_;
 };
 
-}  // namespace fmoe::trainer
+}  // namespace fmoe::checkpoint
