@@ -7,6 +7,7 @@
 #include <exception>
 #include <filesystem>
 
+#include "common/test_hooks.h"
 #include "launch/cli.h"
 #include "parallel/mpi/mpi_communicator.h"
 #include "config/config.h"
@@ -53,6 +54,7 @@ int main(int argc, char** argv) {
     }
     if (args.has("stop-at")) options.stop_at_step = std::stoll(args.get("stop-at"));
     options.world = world.get();
+    options.hooks = fmoe::common::test_hooks();
     fmoe::trainer::Trainer trainer(config, options);
     const auto result = trainer.run();
     if (rank == 0 && result.final_val_loss >= 0) {

@@ -135,7 +135,7 @@ double Trainer::Impl::evaluate() {
 // `auto` run keeps the dtype its checkpoint recorded.
 void Trainer::Impl::choose_precision_once() {
   const std::string& requested = config.training.precision;
-  const std::optional<GemmRates> injected = injected_gemm_rates(common::test_hooks().gemm_gflops);
+  const std::optional<GemmRates> injected = injected_gemm_rates(options.hooks.gemm_gflops);
   GemmRates rates = injected ? *injected : measure_gemm_rates(run_gemm_shape(config), 0.4, device);
   if (world_size > 1) rates = average_over_ranks(rates, mesh->world());
   const bool kept = requested == "auto" && !state.precision.empty();
@@ -155,7 +155,7 @@ void Trainer::Impl::fix_schedule(double step_seconds, double eval_seconds, int64
   const BudgetConfig& b = config.budget;
   ScheduleInputs in;
   // Injected times (tests) stand for the clock too, so the decision is reproducible.
-  const bool injected = injected_calibration(common::test_hooks().calibration, step_seconds, eval_seconds);
+  const bool injected = injected_calibration(options.hooks.calibration, step_seconds, eval_seconds);
   in.elapsed_seconds = injected ? step_seconds * static_cast<double>(state.step) + eval_seconds : state.elapsed_seconds;
   in.injected = injected;
   if (injected) injected_measurements.insert("FMOE_CALIBRATION");
@@ -254,7 +254,7 @@ TrainResult Trainer::Impl::run() {
 // backwards, gradient reduction, clipping and the update, the router-bias
 // update, then the step's one device-to-host copy.
 StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, LoopState& loop) {
-  const common::TestHooks& hooks = common::test_hooks();
+  const common::TestHooks& hooks = options.hooks;
   // FMOE_STALL_RANK / FMOE_STALL_AT_STEP: this rank stops taking part, so its peers' collectives time out.
   if (hooks.stall_rank == rank && step == hooks.stall_at_step) std::this_thread::sleep_for(std::chrono::hours(1));
   StepOutcome out;
@@ -321,7 +321,7 @@ at::Tensor Trainer::Impl::optimizer_step(int64_t step, double lr) {
   std::vector<at::Tensor> grads;
   for (const auto& p : params) grads.push_back(p.tensor.grad());
   // FMOE_DUMP_GRADIENTS=dir: each rank's reduced first-step gradients (before clipping).
-  if (const std::string& dir = common::test_hooks().dump_gradients; !dir.empty() && step == 0) {
+  if (const std::string& dir = options.hooks.dump_gradients; !dir.empty() && step == 0) {
     TensorMap dumped;
     for (const auto& p : params) {
       if (p.tensor.grad().defined()) dumped[p.name] = p.tensor.grad().to(at::kCPU);

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/test_hooks.h"
 #include "config/config.h"
 
 namespace fmoe::parallel {
@@ -34,6 +35,8 @@ struct TrainerOptions {
   bool reshard_only = false;
   // Data-parallel group over all ranks; null means a single process.
   parallel::Communicator* world = nullptr;
+  // The test hooks (docs/test-hooks.md): moe-train passes common::test_hooks(), read once from the environment.
+  common::TestHooks hooks;
 };
 
 struct StepRecord {

@@ -73,7 +73,7 @@ void Trainer::Impl::setup_mesh() {
       std::string message;
       world = device_world(world, cfg, world_size, &message);
       log(message);
-    } else if (common::test_hooks().host_staging) {
+    } else if (options.hooks.host_staging) {
       // Tests: a CPU run through the staging layer that carries CUDA tensors over MPI.
       world = parallel::with_host_staging(world, /*always=*/true);
       log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
