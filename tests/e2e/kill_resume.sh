@@ -29,7 +29,10 @@ killed_run() {  # name, ranks, seed, extra args...
     attempt=$((attempt + 1))
     local resume=(); [ -f "$dir/checkpoints/latest" ] && resume=(--resume)
     local before=0; [ -f "$dir/metrics.jsonl" ] && [ -n "${resume[*]}" ] && before=$(grep -c . "$dir/metrics.jsonl" || true)
-    mpirun -np "$ranks" "$TRAIN" $(micro_args "$dir") "${STEPS[@]}" "$@" "${resume[@]}" > "$dir.$attempt.log" 2>&1 &
+    # A time limit per attempt (a whole run takes seconds): Open MPI's mpirun can hang in its
+    # PMIx teardown after a rank is killed, its other ranks already gone; it is then ended
+    # here, and the attempt counts as a killed one.
+    timeout -k 5 120 mpirun -np "$ranks" "$TRAIN" $(micro_args "$dir") "${STEPS[@]}" "$@" "${resume[@]}" > "$dir.$attempt.log" 2>&1 &
     local pid=$!
     if [ -n "$kill_at" ]; then
       local target=$((before + ${kill_at%%:*})) recorded=0
