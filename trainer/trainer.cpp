@@ -1,8 +1,6 @@
 #include "trainer/trainer.h"
 #include "trainer/trainer_impl.h"
 
-#include "parallel/topology.h"
-
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 #include <sys/resource.h>
@@ -48,13 +46,10 @@
 namespace fmoe::trainer {
 
 using config::Config;
-using config::ConfigError;
 using config::TrainingConfig;
 using config::BudgetConfig;
-using config::to_yaml;
 using checkpoint::TensorMap;
 using checkpoint::write_safetensors;
-using checkpoint::resume_candidates;
 using common::Clock;
 using common::seconds_since;
 namespace {

@@ -237,6 +237,8 @@ struct Trainer::Impl {
   // What the budget counts; a schedule sized by its budget (training.steps: 0) is never cut by it.
   BudgetSpend spend() const { return {state.elapsed_seconds, state.tokens_seen, gpu_hours(), usd()}; }
   bool sized_by_budget() const { return config.training.steps == 0; }
+  // ZeRO-1 shards the optimizer state only where there is data parallelism.
+  bool uses_zero1() const { return config.parallel.zero1 && mesh->shape().dp > 1; }
 
   // Whether the run's length is known: configured, or fixed by the budget.
   bool length_known() const { return config.training.steps > 0 || state.total_steps > 0; }

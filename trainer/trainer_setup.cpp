@@ -86,7 +86,7 @@ void Trainer::Impl::setup_mesh() {
   dp_size = shape.dp;
   dp_rank = mesh->coords().dp;
   sharded_model = shape.tp > 1 || shape.ep > 1;
-  sharded_state = sharded_model || (cfg.parallel.zero1 && shape.dp > 1) || shape.pp > 1;
+  sharded_state = sharded_model || uses_zero1() || shape.pp > 1;
   threads = config.training.threads > 0 ? config.training.threads : default_threads(world_size);
   at::set_num_threads(static_cast<int>(threads));
   log("moe-train: " + std::to_string(world_size) + " rank" + (world_size > 1 ? "s" : "") + " x " + std::to_string(threads) +
@@ -138,7 +138,7 @@ void Trainer::Impl::build_model() {
     sharded_over_tp.push_back(spec.tp_dim >= 0);
     is_expert.push_back(spec.is_expert());
   }
-  if (cfg.parallel.zero1 && shape.dp > 1) {
+  if (uses_zero1()) {
     zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer);
   } else {
     grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
