@@ -15,19 +15,21 @@ namespace {
 
 // LibTorch's CUDA backend registers itself when its library loads; CPU-only
 // binaries link libtorch_cpu alone and load it here when a GPU may be present.
+// at::detail::getCUDAHooks() must not be called before that: its first call
+// fixes the hooks for the life of the process (the CPU stub when the library is
+// not yet loaded), so the load is attempted first. dlopen of a library already
+// linked in returns it without loading it twice.
 std::string& load_error() {
   static std::string error;
   return error;
 }
 
-bool load_torch_cuda() {
+}  // namespace
+
+bool load_cuda_backend() {
   static std::once_flag once;
   static bool loaded = false;
   std::call_once(once, [] {
-    if (at::detail::getCUDAHooks().hasCUDA()) {  // linked in already
-      loaded = true;
-      return;
-    }
 #ifdef FMOE_TORCH_LIB_DIR
     loaded = dlopen(FMOE_TORCH_LIB_DIR "/libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL) != nullptr;
     if (!loaded) load_error() = std::string("LibTorch's CUDA library did not load: ") + dlerror();
@@ -37,8 +39,6 @@ bool load_torch_cuda() {
   });
   return loaded;
 }
-
-}  // namespace
 
 DeviceChoice choose_device(const std::string& requested, int local_rank, int device_count) {
   if (requested != "auto" && requested != "cpu" && requested != "cuda") {
@@ -67,12 +67,14 @@ int launcher_local_rank() {
   return 0;
 }
 
-int visible_cuda_devices() {
-  // No driver, no GPU: skip loading the CUDA libraries (half a second) on CPU machines.
-  if (access("/proc/driver/nvidia/version", F_OK) != 0 && access("/dev/nvidiactl", F_OK) != 0 && access("/dev/nvidia0", F_OK) != 0) {
+int visible_cuda_devices(bool always_load) {
+  // No driver, no GPU: skip loading the CUDA libraries (half a second) on CPU
+  // machines, unless CUDA was asked for by name.
+  if (!always_load && access("/proc/driver/nvidia/version", F_OK) != 0 && access("/dev/nvidiactl", F_OK) != 0 &&
+      access("/dev/nvidia0", F_OK) != 0) {
     return 0;
   }
-  if (!load_torch_cuda()) return 0;
+  if (!load_cuda_backend()) return 0;
   return at::detail::getCUDAHooks().deviceCount();
 }
 

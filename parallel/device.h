@@ -25,9 +25,15 @@ DeviceChoice choose_device(const std::string& requested, int local_rank, int dev
 // SLURM_LOCALID or LOCAL_RANK), or 0 when launched without one.
 int launcher_local_rank();
 
+// Loads LibTorch's CUDA library (once; true when it is loaded, also when the
+// binary links it). Call it before anything queries CUDA: LibTorch fixes its
+// CUDA hooks at the first query. cuda_load_error() says why it failed.
+bool load_cuda_backend();
+
 // CUDA devices LibTorch can use: loads LibTorch's CUDA library the first time
-// when an NVIDIA driver is present; 0 on machines without one.
-int visible_cuda_devices();
+// when an NVIDIA driver is present (always_load: whether or not one is seen);
+// 0 on machines without one.
+int visible_cuda_devices(bool always_load = false);
 
 // Why LibTorch's CUDA library could not be loaded (empty when it was, or was not tried).
 std::string cuda_load_error();

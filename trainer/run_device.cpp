@@ -27,7 +27,7 @@ int64_t local_ranks(int world_size) {
 
 RunDevice setup_device(const Config& config) {
   const std::string& requested = config.training.device;
-  const int devices = requested == "cpu" ? 0 : parallel::visible_cuda_devices();
+  const int devices = requested == "cpu" ? 0 : parallel::visible_cuda_devices(/*always_load=*/requested == "cuda");
   parallel::DeviceChoice choice;
   try {
     choice = parallel::choose_device(requested, parallel::launcher_local_rank(), devices);
