@@ -20,23 +20,23 @@ BlockQuantOptions tiles(int64_t rows, int64_t cols) {
 
 // ---- The native path: at::_scaled_mm with DeepSeek-style block scales (CUDA, sm_90).
 
-bool native_shapes_ok(int64_t m, int64_t n, int64_t k) { return m % kTile == 0 && n % kTile == 0 && k % kTile == 0; }
+// cuBLAS reads a 128 x 128 scale grid with a leading dimension of K/128 floats,
+// which must be 16-byte aligned: K a multiple of 512 for B in blocks.
+bool native_shapes_ok(int64_t m, int64_t n, int64_t k, bool b_blocks) {
+  return m % kTile == 0 && n % kTile == 0 && k % (b_blocks ? 4 * kTile : kTile) == 0;
+}
 
-// out[M, N] = A[M, K] . B[N, K]^T on E4M3 codes: A in 1 x 128 tiles along K; B in
-// 128 x 128 blocks (b_blocks) or 1 x 128 tiles along K. cuBLAS takes the 1 x 128
-// scales outer-dim-major (stride [1, M]) and the 128 x 128 ones as [round_up(K/128, 4), N/128].
+// out[M, N] = A[M, K] . B[N, K]^T on E4M3 codes. at::_scaled_mm takes B as the
+// column-major [K, N] matrix and checks the scales against A and B^T:
+//   A in 1 x 128 tiles: scale_a [M, K/128], outer-dim-major (strides [1, M]);
+//   B in 128 x 128 blocks: scale_b [K/128, N/128] whose transpose is the
+//     row-major [N/128, K/128] grid (strides [1, K/128]);
+//   B in 1 x 128 tiles: scale_b [K/128, N] row-major (its transpose outer-dim-major).
 at::Tensor scaled_mm_native(const at::Tensor& a, const at::Tensor& b, bool b_blocks, at::ScalarType out_dtype) {
   const BlockQuantized qa = quantize_blocks(a, tiles(1, kTile));
   const BlockQuantized qb = quantize_blocks(b, b_blocks ? tiles(kTile, kTile) : tiles(1, kTile));
   const at::Tensor scale_a = qa.scales.t().contiguous().t();
-  at::Tensor scale_b;
-  if (b_blocks) {
-    const int64_t k_blocks = qb.scales.size(1);
-    const int64_t padded = (k_blocks + 3) / 4 * 4;
-    scale_b = at::constant_pad_nd(qb.scales, {0, padded - k_blocks}, 1.0).t();
-  } else {
-    scale_b = qb.scales.t().contiguous().t();
-  }
+  const at::Tensor scale_b = b_blocks ? qb.scales.contiguous().t() : qb.scales.t().contiguous();
   return at::_scaled_mm(qa.codes.view(at::kFloat8_e4m3fn), qb.codes.view(at::kFloat8_e4m3fn).t(), scale_a, scale_b,
                         std::nullopt, std::nullopt, out_dtype);
 }
@@ -48,11 +48,14 @@ at::Tensor scaled_mm_emulated(const at::Tensor& a, const at::Tensor& b, bool b_b
 
 struct Probe {
   bool native = false;
+  at::ScalarType out_dtype = at::kFloat;  // what cuBLAS writes; widened to FP32 after
   std::string detail;
 };
 
-// Tries the native GEMM once per device against the emulation; any error or a
-// mismatch selects the emulation, and the reason is kept for the log.
+// Tries the native GEMM once per device against the emulation, in both operand
+// layouts, writing FP32 and, where cuBLAS refuses FP32 output, BF16. Any error
+// or a mismatch beyond the output's rounding selects the emulation, and the
+// reason is kept for the log.
 const Probe& probe(const at::Device& device) {
   static std::mutex mutex;
   static std::map<std::string, Probe> probes;
@@ -60,31 +63,41 @@ const Probe& probe(const at::Device& device) {
   auto it = probes.find(device.str());
   if (it != probes.end()) return it->second;
   Probe result;
-  try {
-    const auto options = at::TensorOptions().device(device);
-    const at::Tensor a = at::randn({256, 384}, options), b = at::randn({256, 384}, options);
-    double worst = 0;
-    for (bool blocks : {true, false}) {
-      const at::Tensor native = scaled_mm_native(a, b, blocks, at::kFloat);
-      const at::Tensor emulated = scaled_mm_emulated(a, b, blocks);
-      worst = std::max(worst, ((native - emulated).norm() / emulated.norm()).item<double>());
+  const auto options = at::TensorOptions().device(device);
+  const at::Tensor a = at::randn({256, 512}, options), b = at::randn({384, 512}, options);
+  std::string why;
+  for (const at::ScalarType out_dtype : {at::kFloat, at::kBFloat16}) {
+    const double tolerance = out_dtype == at::kFloat ? 1e-3 : 1e-2;
+    try {
+      double worst = 0;
+      for (bool blocks : {true, false}) {
+        const at::Tensor native = scaled_mm_native(a, b, blocks, out_dtype).to(at::kFloat);
+        const at::Tensor emulated = scaled_mm_emulated(a, b, blocks);
+        worst = std::max(worst, ((native - emulated).norm() / emulated.norm()).item<double>());
+      }
+      if (worst < tolerance) {
+        result.native = true;
+        result.out_dtype = out_dtype;
+        result.detail = std::string("native at::_scaled_mm with 1x128 / 128x128 block scales, ") +
+                        (out_dtype == at::kFloat ? "FP32" : "BF16") + " output";
+        break;
+      }
+      why = "at::_scaled_mm disagrees with the emulation (relative error " + std::to_string(worst) + ")";
+    } catch (const std::exception& e) {
+      const std::string what = e.what();
+      if (why.empty()) why = "at::_scaled_mm with block scales unavailable (" + what.substr(0, what.find('\n')) + ")";
     }
-    result.native = worst < 1e-3;
-    result.detail = result.native ? "native at::_scaled_mm with 1x128 / 128x128 block scales"
-                                  : "emulated: at::_scaled_mm disagrees with the emulation (relative error " + std::to_string(worst) + ")";
-  } catch (const std::exception& e) {
-    std::string why = e.what();
-    why = why.substr(0, why.find('\n'));
-    result.detail = "emulated: at::_scaled_mm with block scales unavailable (" + why + ")";
   }
+  if (!result.native) result.detail = "emulated: " + why;
   return probes.emplace(device.str(), result).first->second;
 }
 
 }  // namespace
 
 at::Tensor fp8_mm(const at::Tensor& a, const at::Tensor& b, bool b_blocks) {
-  if (a.is_cuda() && native_shapes_ok(a.size(0), b.size(0), a.size(1)) && probe(a.device()).native) {
-    return scaled_mm_native(a, b, b_blocks, at::kFloat);
+  if (a.is_cuda() && native_shapes_ok(a.size(0), b.size(0), a.size(1), b_blocks)) {
+    const Probe& native = probe(a.device());
+    if (native.native) return scaled_mm_native(a, b, b_blocks, native.out_dtype).to(at::kFloat);
   }
   return scaled_mm_emulated(a, b, b_blocks);
 }
