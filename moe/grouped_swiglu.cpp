@@ -143,18 +143,16 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
 };
 
 // sum over each group's rows of a_g^T b_g: [S, P] x [S, Q] -> [G, P, Q], one
-// grouped call with the groups along the reduction dim. The operands are laid
-// out as LibTorch's grouped kernel wants them (the first row-major, the second
-// column-major, the reduction dim padded to 16 bytes); groups without rows are
-// set to zero rather than trusted to be.
+// grouped call with the groups along the reduction dim S. The first operand is
+// passed column-major (a_SP transposed in place) and the second row-major: the
+// layout of LibTorch's own weight gradient for grouped GEMMs, in which a group
+// moves the operands' start by whole rows (always 16-byte aligned) and may be
+// empty. The row-major / column-major layout instead needs every group to start
+// at a 16-byte boundary of S and to be non-empty, which its CUDA kernel asserts
+// (fatal to the process), so routed token counts cannot use it. Groups without
+// rows are set to zero rather than trusted to be.
 at::Tensor grouped_weight_grad(const at::Tensor& a_SP, const at::Tensor& b_SQ, const at::Tensor& ends_G) {
-  const int64_t rows = a_SP.size(0);
-  const int64_t padded = (rows + 7) / 8 * 8;
-  at::Tensor a_PS = at::zeros({a_SP.size(1), padded}, a_SP.options());
-  a_PS.narrow(1, 0, rows).copy_(a_SP.t());
-  at::Tensor b_QS = at::zeros({b_SQ.size(1), padded}, b_SQ.options());
-  b_QS.narrow(1, 0, rows).copy_(b_SQ.t());
-  at::Tensor grad = at::_grouped_mm(a_PS, b_QS.t(), ends_G);
+  at::Tensor grad = at::_grouped_mm(a_SP.contiguous().t(), b_SQ.contiguous(), ends_G);
   const at::Tensor starts = at::cat({at::zeros({1}, ends_G.options()), ends_G.narrow(0, 0, ends_G.size(0) - 1)});
   return grad.masked_fill_((ends_G == starts).view({-1, 1, 1}), 0);
 }
