@@ -50,6 +50,10 @@ secs=$(grep '^| mpi2 | ' "$table" | cut -d'|' -f4 | awk '{print $1}')
 [ "$secs" -le 32 ] || fail "the hung stage ran $secs s past its 20 s limit (+10 s for SIGKILL)"
 grep -q '^==== mpi2: TIMEOUT' "$dir/out/gpu_check_logs.txt" || fail "the hung stage's log tail is not in GPU_CHECK_OUT"
 grep -q 'goal MFU >= 45%: not met' "$table" || fail "the MFU goal is not computed"
+grep -q 'over steps 1-10, .* over all 12' "$table" || { cat "$table"; fail "the tiny comparison does not give the first steps' and the whole run's gaps"; }
+for run in tiny_cpu tiny_gpu gpu1b_bf16 gpu1b_fp8; do
+  [ "$(grep "^$run: " "$dir/out/gpu_check_losses.txt" | wc -w)" -ge 7 ] || fail "gpu_check_losses.txt has no losses of $run"
+done
 pgrep -f gpu_check_runs > /dev/null && fail "processes of the hung stage are still running"
 echo "ok: the rehearsal's table: $(for s in build unit tiny resume mpi2 gpu1b_bf16 gpu1b_fp8 gemm; do printf '%s=%s ' $s "$(row $s)"; done)($(( $(date +%s) - start )) s)"
 
