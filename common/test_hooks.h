@@ -32,6 +32,7 @@ struct TestHooks {
   // Paths forced for testing.
   bool host_staging = false;       // FMOE_HOST_STAGING=1: a CPU run's collectives through the host-staging layer
   bool test_host_staging = false;  // FMOE_TEST_HOST_STAGING=1: the same for the multi-rank GoogleTest binaries
+  bool test_mpi_progress = false;  // FMOE_TEST_MPI_PROGRESS=1: the multi-rank GoogleTest binaries with the MPI progress thread
   std::string grouped_mm;          // FMOE_GROUPED_MM=on|off: force the grouped-GEMM expert path on or off
   std::string profile;             // FMOE_PROFILE=trace.json: bench_step records its timed steps there
 };

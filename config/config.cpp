@@ -139,6 +139,7 @@ void visit(V& v, ParallelConfig& c) {
   v.field("sequence_parallel", c.sequence_parallel);
   v.field("timeout_s", c.timeout_s);
   v.field("bucket_mb", c.bucket_mb);
+  v.field("mpi_progress_thread", c.mpi_progress_thread);
   v.field("backend", c.backend);
   v.field("pipeline_schedule", c.pipeline_schedule);
   v.field("pipeline_layout", c.pipeline_layout);

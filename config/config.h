@@ -106,6 +106,11 @@ struct ParallelConfig {
   bool sequence_parallel = false;               // with tp > 1: split the residual stream over tp by tokens
   double timeout_s = 300;                       // a collective that does not complete by then ends the job
   double bucket_mb = 32;                        // data-parallel gradient bucket size
+  // One thread per rank drives MPI's non-blocking operations while the rank
+  // computes (parallel/mpi/mpi_communicator.h), so gradient buckets reduce during
+  // backward. Off by default: where every core computes, the thread costs about
+  // what it hides (docs/benchmarks.md).
+  bool mpi_progress_thread = false;
   // For CUDA tensors: nccl, or mpi through page-locked host buffers (ranks may then
   // share a GPU); auto: nccl when every rank of a node has a GPU of its own. CPU tensors use MPI.
   std::string backend = "auto";

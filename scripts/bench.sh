@@ -4,7 +4,8 @@
 # at the other one), against the plain-PyTorch version of the same model on the
 # same threads, eager and torch.compile'd; MPI collective bandwidth at 2 and 4
 # ranks; the step-time breakdown of the tiny config under expert and tensor
-# parallelism at 2 and 4 ranks. SKIP_PARALLEL=1 stops after the single-process part.
+# parallelism at 2 and 4 ranks, and with the MPI progress thread off and on.
+# SKIP_PARALLEL=1 stops after the single-process part.
 # Needs the corpus (moe-data prepare) and a build. Results go to docs/benchmarks.md by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,3 +52,9 @@ breakdown 2 "dp2+ep2" --set parallel.ep=2
 breakdown 2 "tp2" --set parallel.tp=2 --set training.micro_batch_size=16
 breakdown 4 "dp4+ep4" --set parallel.ep=4
 breakdown 4 "dp2xtp2+ep2" --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=8
+echo "== the MPI progress thread off, then on (parallel.mpi_progress_thread): gradient buckets launched during backward"
+for layout in "dp2" "dp2+ep2 --set parallel.ep=2" "dp4+ep4 --set parallel.ep=4"; do
+  name=${layout%% *}; ranks=${name:2:1}; args=(${layout#"$name"})
+  breakdown "$ranks" "$name off" "${args[@]}" --set parallel.mpi_progress_thread=false
+  breakdown "$ranks" "$name on" "${args[@]}" --set parallel.mpi_progress_thread=true
+done

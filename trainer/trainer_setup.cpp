@@ -5,6 +5,7 @@
 #include "trainer/trainer_impl.h"
 
 #include "common/test_hooks.h"
+#include "parallel/mpi/mpi_communicator.h"
 #include "parallel/topology.h"
 
 namespace fmoe::trainer {
@@ -67,6 +68,13 @@ void Trainer::Impl::setup_mesh() {
   }
   if (options.world) {
     options.world->set_default_timeout(std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.timeout_s * 1000)));
+    if (world_size > 1 && options.world->backend_name() == "mpi") {
+      const bool on = parallel::set_mpi_progress_thread(cfg.parallel.mpi_progress_thread);
+      if (cfg.parallel.mpi_progress_thread) {
+        log(on ? "MPI progress thread: on (non-blocking operations advance while the rank computes)"
+               : "MPI progress thread: off (this MPI gives no MPI_THREAD_MULTIPLE)");
+      }
+    }
     // Non-owning: the caller keeps the world communicator alive for the run.
     std::shared_ptr<parallel::Communicator> world(options.world, [](parallel::Communicator*) {});
     if (device.is_cuda()) {

@@ -8,9 +8,12 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 
@@ -92,15 +95,120 @@ void check_cpu_contiguous(const at::Tensor& tensor, const char* op) {
   }
 }
 
+// ---- The progress thread. Open MPI advances a non-blocking operation only
+// inside MPI calls of the process, so a gradient bucket's all-reduce started
+// during backward would otherwise wait for the step's next MPI call. When on,
+// one thread per process owns every request issued after that and tests them
+// (MPI_Testsome) until they complete, while the compute threads go on; a Work
+// then only waits for its flag. It sleeps while nothing is outstanding and
+// polls every kPoll while something is. Needs MPI_THREAD_MULTIPLE.
+struct Outstanding {
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::atomic<bool> done{false};
+};
+
+class ProgressThread {
+ public:
+  static ProgressThread& instance() {
+    static ProgressThread engine;
+    return engine;
+  }
+  bool set(bool on) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (on) {
+      int level = MPI_THREAD_SINGLE, initialized = 0;
+      MPI_Initialized(&initialized);
+      if (initialized) MPI_Query_thread(&level);
+      if (level != MPI_THREAD_MULTIPLE) return false;
+      if (!thread_.joinable()) {
+        stop_ = false;
+        thread_ = std::thread([this] { loop(); });
+      }
+    } else if (thread_.joinable()) {
+      stop_ = true;
+      cv_.notify_all();
+      lock.unlock();
+      thread_.join();
+      lock.lock();
+    }
+    on_ = on;
+    return true;
+  }
+  bool on() const { return on_.load(); }
+  std::shared_ptr<Outstanding> add(MPI_Request request) {
+    auto entry = std::make_shared<Outstanding>();
+    entry->request = request;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      incoming_.push_back(entry);
+    }
+    cv_.notify_one();
+    return entry;
+  }
+  // Wakes whoever waits for a request (Work::wait).
+  std::mutex& done_mutex() { return done_mutex_; }
+  std::condition_variable& done_cv() { return done_cv_; }
+
+ private:
+  static constexpr std::chrono::microseconds kPoll{20};
+  ~ProgressThread() {
+    if (thread_.joinable()) set(false);
+  }
+  void loop() {
+    std::vector<std::shared_ptr<Outstanding>> active;
+    std::vector<MPI_Request> requests;
+    std::vector<int> indices;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !active.empty(); });
+        // Stopping abandons what is still outstanding (a request a timed-out
+        // wait gave up on), as a process without the thread would.
+        if (stop_) return;
+        for (auto& entry : incoming_) active.push_back(std::move(entry));
+        incoming_.clear();
+      }
+      requests.resize(active.size());
+      indices.resize(active.size());
+      for (size_t i = 0; i < active.size(); ++i) requests[i] = active[i]->request;
+      int completed = 0;
+      MPI_Testsome(static_cast<int>(requests.size()), requests.data(), &completed, indices.data(), MPI_STATUSES_IGNORE);
+      if (completed > 0 && completed != MPI_UNDEFINED) {
+        {
+          std::lock_guard<std::mutex> lock(done_mutex_);
+          for (int k = 0; k < completed; ++k) active[static_cast<size_t>(indices[static_cast<size_t>(k)])]->done = true;
+        }
+        done_cv_.notify_all();
+        active.erase(std::remove_if(active.begin(), active.end(), [](const auto& e) { return e->done.load(); }), active.end());
+      }
+      if (!active.empty()) std::this_thread::sleep_for(kPoll);
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<std::shared_ptr<Outstanding>> incoming_;
+  std::thread thread_;
+  bool stop_ = false;
+  std::atomic<bool> on_{false};
+  std::mutex done_mutex_;
+  std::condition_variable done_cv_;
+};
+
 class MpiWork : public Work {
  public:
   MpiWork(MPI_Request request, int rank, std::string op, std::chrono::milliseconds timeout,
           std::function<void()> on_complete = {}, std::shared_ptr<double> wait_seconds = nullptr)
       : request_(request), rank_(rank), op_(std::move(op)), timeout_(timeout), on_complete_(std::move(on_complete)),
-        wait_seconds_(std::move(wait_seconds)) {}
+        wait_seconds_(std::move(wait_seconds)) {
+    if (ProgressThread::instance().on()) outstanding_ = ProgressThread::instance().add(request_);
+  }
 
   bool is_completed() override {
     if (done_) return true;
+    if (outstanding_) {
+      if (outstanding_->done) finish();
+      return done_;
+    }
     int flag = 0;
     MPI_Test(&request_, &flag, MPI_STATUS_IGNORE);
     if (flag) finish();
@@ -117,6 +225,17 @@ class MpiWork : public Work {
         if (total) *total += common::seconds_since(start);
       }
     } account{start, wait_seconds_.get()};
+    if (outstanding_) {  // the progress thread completes it: sleep until it does, or the deadline
+      ProgressThread& engine = ProgressThread::instance();
+      std::unique_lock<std::mutex> lock(engine.done_mutex());
+      if (!engine.done_cv().wait_until(lock, deadline, [&] { return outstanding_->done.load(); })) {
+        throw std::runtime_error("rank " + std::to_string(rank_) + ": " + op_ + " did not complete within " +
+                                 std::to_string(timeout_.count()) + " ms (a peer rank exited or ranks disagree)");
+      }
+      lock.unlock();
+      finish();
+      return;
+    }
     // Poll rather than MPI_Wait: a peer that died or diverged must not hang us.
     auto pause = std::chrono::microseconds(1);
     while (!is_completed()) {
@@ -140,6 +259,7 @@ class MpiWork : public Work {
   std::chrono::milliseconds timeout_;
   std::function<void()> on_complete_;
   std::shared_ptr<double> wait_seconds_;
+  std::shared_ptr<Outstanding> outstanding_;  // set when the progress thread owns the request
   bool done_ = false;
 };
 
@@ -296,7 +416,8 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   MPI_Initialized(&initialized);
   if (!initialized) {
     int provided = 0;
-    MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+    // MPI_THREAD_MULTIPLE where the library gives it: the progress thread needs it.
+    MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided);
   }
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
@@ -304,6 +425,7 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
 }
 
 MpiRuntime::~MpiRuntime() {
+  set_mpi_progress_thread(false);
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
@@ -315,5 +437,9 @@ void MpiRuntime::abort(int code) {
 }
 
 std::unique_ptr<Communicator> make_mpi_world_communicator() { return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD); }
+
+bool set_mpi_progress_thread(bool on) { return ProgressThread::instance().set(on); }
+
+bool mpi_progress_thread() { return ProgressThread::instance().on(); }
 
 }  // namespace fmoe::parallel

@@ -29,4 +29,13 @@ class MpiRuntime {
 // A communicator over MPI_COMM_WORLD (split ones come with the mesh).
 std::unique_ptr<Communicator> make_mpi_world_communicator();
 
+// The progress thread: one thread per process that drives every MPI request
+// issued while it is on, so that non-blocking operations (a gradient bucket's
+// all-reduce started during backward) advance while the caller computes; Open
+// MPI otherwise advances them only inside the caller's MPI calls. Needs MPI
+// initialised with MPI_THREAD_MULTIPLE (MpiRuntime asks for it): returns false
+// and stays off without it. Turn it off before MPI_Finalize (MpiRuntime does).
+bool set_mpi_progress_thread(bool on);
+bool mpi_progress_thread();
+
 }  // namespace fmoe::parallel

@@ -11,6 +11,7 @@
 
 #include "common/test_hooks.h"
 #include "parallel/device_communicators.h"
+#include "parallel/mpi/mpi_communicator.h"
 #include "tests/parallel/mpi_test_env.h"
 #include "tests/skip_exit.h"
 
@@ -24,7 +25,7 @@ std::shared_ptr<parallel::Communicator>& world_communicator() {
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -38,6 +39,11 @@ int main(int argc, char** argv) {
   if (fmoe::common::test_hooks().test_host_staging) {
     fmoe::testing::world_communicator() = fmoe::parallel::with_host_staging(fmoe::testing::world_communicator(), /*always=*/true);
   }
+  // FMOE_TEST_MPI_PROGRESS=1: the progress thread drives every request.
+  if (fmoe::common::test_hooks().test_mpi_progress && !fmoe::parallel::set_mpi_progress_thread(true)) {
+    std::fprintf(stderr, "rank %d: FMOE_TEST_MPI_PROGRESS=1 but MPI gives no MPI_THREAD_MULTIPLE (provided %d)\n", rank, provided);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
   // 0 passed, 1 skipped, 2 failed: the worst over the ranks decides.
   const int code = fmoe::testing::exit_code_after(RUN_ALL_TESTS(), /*print=*/false);
   const int mine = code == 0 ? 0 : code == fmoe::testing::kSkipExitCode ? 1 : 2;
@@ -49,6 +55,7 @@ int main(int argc, char** argv) {
                 fmoe::testing::kSkipExitCode);
   }
   fmoe::testing::world_communicator().reset();
+  fmoe::parallel::set_mpi_progress_thread(false);
   MPI_Finalize();
   return worst == 2 ? 1 : worst == 1 ? fmoe::testing::kSkipExitCode : 0;
 }

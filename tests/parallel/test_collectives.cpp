@@ -5,8 +5,10 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <thread>
 
 #include "parallel/mesh.h"
+#include "parallel/mpi/mpi_communicator.h"
 #include "tests/parallel/mpi_test_env.h"
 #include "tests/test_util.h"
 
@@ -177,6 +179,24 @@ TEST(Collectives, AMissingPeerTimesOutNamingTheRank) {
     group->all_reduce(t, {ReduceOp::kSum, kTimeout})->wait();
   }
   EXPECT_EQ(t[0].item<float>(), static_cast<float>(world().size()));
+}
+
+TEST(Collectives, TheProgressThreadCompletesWhatTheCallerNeverTests) {
+  // With the progress thread on, is_completed() reads a flag and makes no MPI
+  // call, so only the thread can complete this all-reduce: the caller sleeps.
+  const bool was_on = mpi_progress_thread();
+  ASSERT_TRUE(set_mpi_progress_thread(true)) << "MPI was initialised without MPI_THREAD_MULTIPLE";
+  const int64_t n = world().size();
+  at::Tensor t = at::full({1 << 16}, static_cast<float>(world().rank() + 1));
+  auto work = world().all_reduce(t, {ReduceOp::kSum, kTimeout});
+  const auto deadline = std::chrono::steady_clock::now() + kTimeout;
+  while (!work->is_completed() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_TRUE(work->is_completed());
+  work->wait();
+  EXPECT_TRUE(at::all(t == static_cast<float>(n * (n + 1) / 2)).item<bool>());
+  if (!was_on) set_mpi_progress_thread(false);
 }
 
 TEST(Mesh, GroupsMatchTheDocumentedRankOrder) {
