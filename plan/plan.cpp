@@ -322,12 +322,15 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
     // The CPU implementation: the FP32 parameters are the master copy, autograd
     // leaves FP32 gradients, the compute-dtype casts of the weights live through
     // backward, and there is no pipeline, so one micro-batch is in flight. Data
-    // parallelism all-reduces a flat FP32 copy of the gradients, but only after
-    // backward has freed the activations, so that copy does not raise the peak.
+    // parallelism all-reduces a flat FP32 copy of the gradients it reduces, filled
+    // during the last micro-batch's backward (the buckets reduce while backward
+    // goes on), so that copy stands beside the activations at the peak.
     const double c = config.training.precision == "fp32" ? 4.0 : 2.0;
     p.memory.weights = c == 4.0 ? 0 : local * c;
     p.memory.master = local * dtype_bytes(o.main_params_dtype, block);
     p.memory.grads = local * (4.0 + (o.grad_dtype == "fp32" ? 0 : dtype_bytes(o.grad_dtype, block)));
+    const double buckets = (layout.dp > 1 ? dense_local : 0) + (layout.dp / layout.ep > 1 ? expert_local : 0);
+    p.memory.grads += 4.0 * buckets;
     const double per_token =
         static_cast<double>(m.first_k_dense) * cpu_activation_bytes_per_token_layer(m, false, c) +
         static_cast<double>(m.num_moe_layers()) * cpu_activation_bytes_per_token_layer(m, true, c) +
