@@ -8,7 +8,7 @@
 namespace fmoe::common {
 namespace {
 
-constexpr std::array<TestHookInfo, 11> kTestHooks{{
+constexpr std::array<TestHookInfo, 12> kTestHooks{{
     {"FMOE_CALIBRATION", "step=S,eval=E: replaces the measured step and validation seconds of a budget-sized schedule "
                          "(and its clock), so that the step count is reproducible; the schedule line says injected"},
     {"FMOE_GEMM_GFLOPS", "bf16=R,fp32=R: replaces the measured GEMM rates that precision auto chooses by and MFU is "
@@ -19,6 +19,7 @@ constexpr std::array<TestHookInfo, 11> kTestHooks{{
     {"FMOE_DUMP_GRADIENTS", "dir: each rank writes its reduced first-step gradients to dir/gradients_rank<r>.safetensors"},
     {"FMOE_HOST_STAGING", "1: a CPU run's collectives go through the host-staging layer that carries CUDA tensors over MPI"},
     {"FMOE_TEST_HOST_STAGING", "1: the multi-rank GoogleTest binaries' collectives go through the host-staging layer"},
+    {"FMOE_P2P_ISSUE_ORDER", "1: MPI sends and receives between two ranks match in issue order, whatever their tags (NCCL's rule)"},
     {"FMOE_TEST_MPI_PROGRESS", "1: the multi-rank GoogleTest binaries run with the MPI progress thread driving every request"},
     {"FMOE_GROUPED_MM", "on|off: forces the grouped-GEMM expert path on (any device, checked against the loop) or off"},
     {"FMOE_PROFILE", "trace.json: bench_step records its timed steps with LibTorch's profiler there"},
@@ -58,6 +59,7 @@ TestHooks read_test_hooks() {
   hooks.host_staging = text_of("FMOE_HOST_STAGING") == "1";
   hooks.test_host_staging = text_of("FMOE_TEST_HOST_STAGING") == "1";
   hooks.test_mpi_progress = text_of("FMOE_TEST_MPI_PROGRESS") == "1";
+  hooks.p2p_issue_order = text_of("FMOE_P2P_ISSUE_ORDER") == "1";
   hooks.grouped_mm = text_of("FMOE_GROUPED_MM");
   if (!hooks.grouped_mm.empty() && hooks.grouped_mm != "on" && hooks.grouped_mm != "off") {
     throw std::runtime_error("FMOE_GROUPED_MM: expected on or off, got '" + hooks.grouped_mm + "'");

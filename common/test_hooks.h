@@ -33,6 +33,7 @@ struct TestHooks {
   bool host_staging = false;       // FMOE_HOST_STAGING=1: a CPU run's collectives through the host-staging layer
   bool test_host_staging = false;  // FMOE_TEST_HOST_STAGING=1: the same for the multi-rank GoogleTest binaries
   bool test_mpi_progress = false;  // FMOE_TEST_MPI_PROGRESS=1: the multi-rank GoogleTest binaries with the MPI progress thread
+  bool p2p_issue_order = false;    // FMOE_P2P_ISSUE_ORDER=1: MPI point-to-point messages match in issue order (NCCL's rule)
   std::string grouped_mm;          // FMOE_GROUPED_MM=on|off: force the grouped-GEMM expert path on or off
   std::string profile;             // FMOE_PROFILE=trace.json: bench_step records its timed steps there
 };

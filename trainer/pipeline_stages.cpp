@@ -81,11 +81,13 @@ StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& con
   const parallel::MeshShape& shape = mesh.shape();
   const int micro = static_cast<int>(tc.grad_accum_steps);
   if (pp_ == 1) return StepRuntime(model, parallel::make_schedule("1f1b", 1, 1, micro));
-  // NCCL matches a pair of ranks' sends and receives in issue order, not by tag;
-  // the runtime's messages between two ranks travel both ways and interleave.
+  // The runtime's messages pair up in issue order, as NCCL matches them, but the
+  // NCCL communicator runs its operations in turn on one stream: a receive posted
+  // ahead would hold back the sends queued behind it on both ranks until the
+  // sends and receives of one schedule point go out as one group.
   if (mesh.pp().backend_name().find("nccl") != std::string::npos) {
-    throw ConfigError("parallel.pp: pipelining over NCCL is not supported yet (its point-to-point messages match in issue "
-                      "order, not by tag); set parallel.backend: mpi");
+    throw ConfigError("parallel.pp: pipelining over NCCL is not supported yet (its sends and receives are not yet issued "
+                      "as groups); set parallel.backend: mpi");
   }
   const int v = static_cast<int>(config.parallel.virtual_pp);
   const std::string name = schedule_name(config);

@@ -3,10 +3,12 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <optional>
 #include <stdexcept>
+#include <tuple>
 
 #include "common/timing.h"
 #include "moe/weight_grad.h"
@@ -38,6 +40,41 @@ StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedu
     const parallel::PipeOp op = actions[i].op;
     if (op == parallel::PipeOp::kRecvForward || op == parallel::PipeOp::kRecvBackward) post_at_[last_compute].push_back(i);
     if (actions[i].is_compute()) last_compute = i;
+  }
+  // Receives from one peer are posted in the order that peer sends: NCCL (and
+  // MPI under FMOE_P2P_ISSUE_ORDER) match a pair of ranks' messages in issue
+  // order, not by tag. The schedule names every rank's sends, so each receive's
+  // place in its sender's sequence is known here.
+  const int me = pipeline_.pp->rank();
+  const auto rank_of = [&](int stage) { return schedule_.stage_rank[static_cast<size_t>(stage)]; };
+  std::map<std::tuple<int, int, int, int>, int> place;  // (sender, backward, receiving stage, micro) -> its place among the sender's messages to me
+  for (int peer = 0; peer < schedule_.pp; ++peer) {
+    int sent = 0;
+    for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(peer)]) {
+      if (a.op == parallel::PipeOp::kSendForward && rank_of(a.stage + 1) == me) place[{peer, 0, a.stage + 1, a.micro}] = sent++;
+      if (a.op == parallel::PipeOp::kSendBackward && rank_of(a.stage - 1) == me) place[{peer, 1, a.stage - 1, a.micro}] = sent++;
+    }
+  }
+  std::map<int, std::vector<std::pair<int, size_t>>> by_peer;  // sender -> (place, my receive's index)
+  recv_peer_.assign(actions.size(), -1);
+  recv_place_.assign(actions.size(), 0);
+  for (size_t i = 0; i < actions.size(); ++i) {
+    const parallel::PipeAction& a = actions[i];
+    if (a.op != parallel::PipeOp::kRecvForward && a.op != parallel::PipeOp::kRecvBackward) continue;
+    const bool backward = a.op == parallel::PipeOp::kRecvBackward;
+    const int peer = rank_of(backward ? a.stage + 1 : a.stage - 1);
+    const auto it = place.find({peer, backward ? 1 : 0, a.stage, a.micro});
+    if (it == place.end()) throw std::invalid_argument("step schedule: " + a.text() + " on rank " + std::to_string(me) + " has no matching send");
+    by_peer[peer].emplace_back(it->second, i);
+    recv_peer_[i] = peer;
+  }
+  recv_order_.assign(static_cast<size_t>(schedule_.pp), {});
+  for (auto& [peer, receives] : by_peer) {
+    std::sort(receives.begin(), receives.end());
+    for (size_t k = 0; k < receives.size(); ++k) {
+      recv_order_[static_cast<size_t>(peer)].push_back(receives[k].second);
+      recv_place_[receives[k].second] = k;
+    }
   }
 }
 
@@ -194,21 +231,28 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
 
   // Receives are posted ahead: each one when the compute action before it
   // starts (the tensor can arrive while that runs), and waited for where the
-  // schedule puts it. Tags keep early receives from matching the wrong message.
+  // schedule puts it. Tags keep early receives from matching the wrong message
+  // under MPI; where messages match in issue order (NCCL's rule), receives from
+  // a peer are posted in the order it sends them.
   const std::vector<parallel::PipeAction>& actions = schedule_.ranks[static_cast<size_t>(rank)];
   std::map<size_t, std::pair<std::unique_ptr<parallel::Work>, at::Tensor>> posted;
-  const auto post = [&](size_t index) {
+  const auto post_one = [&](size_t index) {
     const parallel::PipeAction& r = actions[index];
     at::Tensor into = buffer();
     const bool forward = r.op == parallel::PipeOp::kRecvForward;
     const int from = forward ? r.stage - 1 : r.stage + 1;
     posted[index] = {pp.recv(into, rank_of(from), {tag(from, r.micro, forward ? 0 : 1)}), into};
   };
+  // Posts a receive, and first every receive from the same peer that peer sends
+  // earlier (issue-order matching); a no-op for one already posted.
+  std::vector<size_t> next_from(static_cast<size_t>(schedule_.pp), 0);
+  const auto post = [&](size_t index) {
+    const size_t peer = static_cast<size_t>(recv_peer_[index]);
+    for (size_t& next = next_from[peer]; next <= recv_place_[index]; ++next) post_one(recv_order_[peer][next]);
+  };
 
   for (size_t index = 0; index < actions.size(); ++index) {
-    for (size_t r : post_at_[index]) {
-      if (!posted.count(r)) post(r);
-    }
+    for (size_t r : post_at_[index]) post(r);
     const parallel::PipeAction& a = actions[index];
     const auto key = std::make_pair(a.stage, a.micro);
     const bool gradient = a.op == parallel::PipeOp::kBackward || a.op == parallel::PipeOp::kInputGrad || a.op == parallel::PipeOp::kWeightGrad;
@@ -216,7 +260,7 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
     switch (a.op) {
       case parallel::PipeOp::kRecvForward:
       case parallel::PipeOp::kRecvBackward: {
-        if (!posted.count(index)) post(index);
+        post(index);
         auto& [work, tensor] = posted.at(index);
         work->wait();
         received[key] = tensor;

@@ -74,6 +74,11 @@ class StepRuntime {
   parallel::PipelineSchedule schedule_;
   PipelineContext pipeline_;
   std::vector<std::vector<size_t>> post_at_;  // per action of this rank: the receives to post as it starts
+  // Per receive action: the sending rank, and its place among that rank's messages to this one;
+  // per sending rank: this rank's receives from it in that order (they are posted so).
+  std::vector<int> recv_peer_;
+  std::vector<size_t> recv_place_;
+  std::vector<std::vector<size_t>> recv_order_;
 };
 
 }  // namespace fmoe::trainer

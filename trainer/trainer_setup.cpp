@@ -86,6 +86,11 @@ void Trainer::Impl::setup_mesh() {
       world = parallel::with_host_staging(world, /*always=*/true);
       log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
     }
+    if (options.hooks.p2p_issue_order) {
+      // Tests: NCCL's matching rule on MPI, for the pipeline runtime's messages.
+      parallel::set_mpi_issue_order_matching(true);
+      log("point-to-point: messages match in issue order, not by tag (FMOE_P2P_ISSUE_ORDER=1)");
+    }
     mesh.emplace(world, shape);
     log_placement();
   } else {

@@ -263,6 +263,13 @@ class MpiWork : public Work {
   bool done_ = false;
 };
 
+// Point-to-point messages matched in issue order only (one tag per peer pair):
+// how NCCL matches them, for tests of code that must run over NCCL.
+std::atomic<bool>& issue_order_matching() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
 class MpiCommunicator : public Communicator {
  public:
   explicit MpiCommunicator(MPI_Comm comm, bool owned = false) : comm_(comm), owned_(owned) {
@@ -368,7 +375,7 @@ class MpiCommunicator : public Communicator {
     check_cpu_contiguous(tensor, "send");
     check_peer(dst, "send");
     MPI_Request request;
-    MPI_Isend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, options.tag, comm_, &request);
+    MPI_Isend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, issue_order_matching() ? 0 : options.tag, comm_, &request);
     return std::make_unique<MpiWork>(request, rank_, "send to rank " + std::to_string(dst), resolve(options.timeout), [tensor] {}, wait_seconds_);
   }
 
@@ -376,7 +383,7 @@ class MpiCommunicator : public Communicator {
     check_cpu_contiguous(tensor, "recv");
     check_peer(src, "recv");
     MPI_Request request;
-    MPI_Irecv(tensor.data_ptr(), mpi_count(tensor.numel(), "recv"), mpi_type(tensor), src, options.tag, comm_, &request);
+    MPI_Irecv(tensor.data_ptr(), mpi_count(tensor.numel(), "recv"), mpi_type(tensor), src, issue_order_matching() ? 0 : options.tag, comm_, &request);
     return std::make_unique<MpiWork>(request, rank_, "recv from rank " + std::to_string(src), resolve(options.timeout), [tensor] {}, wait_seconds_);
   }
 
@@ -439,6 +446,8 @@ void MpiRuntime::abort(int code) {
 std::unique_ptr<Communicator> make_mpi_world_communicator() { return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD); }
 
 bool set_mpi_progress_thread(bool on) { return ProgressThread::instance().set(on); }
+
+void set_mpi_issue_order_matching(bool on) { issue_order_matching() = on; }
 
 bool mpi_progress_thread() { return ProgressThread::instance().on(); }
 
