@@ -19,13 +19,16 @@ using namespace fmoe;
 
 constexpr const char* kUsage =
     "usage: moe-plan --config FILE --cluster NAME|FILE [--gpus G] [--tokens N] [--global-batch SEQUENCES]\n"
-    "                [--mfu X] [--search [--top K]] [--json] [--schedule FILE.svg] [--set key.path=value]...\n"
+    "                [--mfu X] [--assume KEY=VALUE]... [--search [--top K]] [--json] [--schedule FILE.svg]\n"
+    "                [--set key.path=value]...\n"
     "  The layout comes from the config's parallel section (dp = gpus / (tp x pp)) and\n"
     "  --gpus defaults to what it needs (tp x pp x dp, or tp x pp x ep where dp is 0);\n"
     "  training.micro_batch_size x grad_accum_steps; --global-batch sets the accumulation.\n"
     "  --mfu X also prices the tokens at a given model-FLOPs utilisation. --search ranks\n"
     "  every layout that fits by cost. --schedule FILE.svg prints the pipeline schedule\n"
-    "  (parallel.pipeline_schedule) simulated on the plan's times and draws it in FILE.svg.\n";
+    "  (parallel.pipeline_schedule) simulated on the plan's times and draws it in FILE.svg.\n"
+    "  --assume replaces one of the printed assumptions: gemm_efficiency, ep_overlap,\n"
+    "  dp_overlap, tp_overlap, moe_imbalance, memory_headroom.\n";
 
 double to_number(const std::string& text, const std::string& option) {
   try {
@@ -88,7 +91,8 @@ int main(int argc, char** argv) {
                   config.parallel.dp > 0 ? "tp x pp x dp" : "tp x pp x ep: dp left to the world size, at its smallest, ep");
     }
     const double tokens = to_number(args.get("tokens", "1e12"), "tokens");
-    const plan::Assumptions assumptions;
+    plan::Assumptions assumptions;
+    for (const std::string& assume : args.all("assume")) plan::set_assumption(assumptions, assume);
     plan::Layout layout = plan::layout_from_config(config, gpus);
     if (args.has("search")) {
       const auto global = args.has("global-batch") ? static_cast<int64_t>(to_number(args.get("global-batch"), "global-batch"))

@@ -117,6 +117,34 @@ std::string Layout::describe() const {
   return text;
 }
 
+void set_assumption(Assumptions& a, const std::string& key_value) {
+  const size_t eq = key_value.find('=');
+  const std::string key = key_value.substr(0, eq);
+  const std::vector<std::pair<const char*, double*>> fields = {
+      {"gemm_efficiency", &a.gemm_efficiency}, {"ep_overlap", &a.ep_overlap},         {"dp_overlap", &a.dp_overlap},
+      {"tp_overlap", &a.tp_overlap},           {"moe_imbalance", &a.moe_imbalance}, {"memory_headroom", &a.memory_headroom}};
+  const auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return key == f.first; });
+  if (eq == std::string::npos || it == fields.end()) {
+    throw ConfigError("--assume " + key_value + ": expected KEY=VALUE with KEY one of gemm_efficiency, ep_overlap, dp_overlap, "
+                      "tp_overlap, moe_imbalance, memory_headroom");
+  }
+  double value = 0;
+  try {
+    size_t used = 0;
+    value = std::stod(key_value.substr(eq + 1), &used);
+    if (used != key_value.size() - eq - 1) throw std::invalid_argument("trailing text");
+  } catch (const std::exception&) {
+    throw ConfigError("--assume " + key + ": '" + key_value.substr(eq + 1) + "' is not a number");
+  }
+  const bool fraction = key == "gemm_efficiency" || key == "memory_headroom";
+  const bool ok = key == "moe_imbalance" ? value >= 1 : fraction ? value > 0 && value <= 1 : value >= 0 && value <= 1;
+  if (!ok) {
+    throw ConfigError("--assume " + key + ": " + key_value.substr(eq + 1) + " is out of range (" +
+                      (key == "moe_imbalance" ? ">= 1" : fraction ? "(0, 1]" : "[0, 1]") + ")");
+  }
+  *it->second = value;
+}
+
 ClusterSpec load_cluster(const std::string& name_or_path) {
   std::string path = name_or_path;
   if (!std::filesystem::exists(path)) path = "configs/clusters/" + name_or_path + ".yaml";
@@ -381,7 +409,11 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   // ---- roofline
   const double peak = (config.precision.fp8 ? cluster.peak_fp8_tflops : cluster.peak_bf16_tflops) * 1e12;
   const double gpus = static_cast<double>(layout.gpus());
-  p.compute_seconds = p.flops_per_token * p.tokens_per_step / gpus / (peak * a.gemm_efficiency);
+  // A CPU node's peak is all its cores'; the ranks placed on it share them, so
+  // two ranks on one node each compute at half of it (a GPU is its own).
+  const double sharing = cluster.device == "cpu" ? static_cast<double>(std::min(layout.gpus(), cluster.gpus_per_node)) : 1.0;
+  const double rank_peak = peak / sharing;
+  p.compute_seconds = p.flops_per_token * p.tokens_per_step / gpus / (rank_peak * a.gemm_efficiency);
   // Full recompute runs each forward twice; selective recomputes cheap element-wise work and
   // the MLA up-projections (a few percent).
   if (layout.recompute == "full") p.compute_seconds *= 4.0 / 3.0;
@@ -391,7 +423,7 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
                          p.comm.dp_seconds * (1 - a.dp_overlap);
   p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + exposed;
-  p.mfu = p.flops_per_token * p.tokens_per_step / (p.step_seconds * gpus * peak);
+  p.mfu = p.flops_per_token * p.tokens_per_step / (p.step_seconds * gpus * rank_peak);
   p.tokens = tokens;
   p.gpu_hours = tokens / p.tokens_per_step * p.step_seconds * gpus / 3600.0;
   p.usd = p.gpu_hours * cluster.usd_per_gpu_hour;

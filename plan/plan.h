@@ -62,6 +62,11 @@ struct Assumptions {
   double memory_headroom = 0.92;      // usable fraction of HBM (allocator, workspaces, fragmentation)
 };
 
+// Sets one assumption from "key=value" (moe-plan --assume): gemm_efficiency and
+// memory_headroom in (0, 1], the overlaps in [0, 1], moe_imbalance >= 1.
+// Throws ConfigError naming the key for an unknown key or a value out of range.
+void set_assumption(Assumptions& assumptions, const std::string& key_value);
+
 struct MemoryEstimate {  // bytes per GPU
   double weights = 0, master = 0, grads = 0, optimizer = 0, activations = 0;
   double comm_buffers = 0, runtime = 0;

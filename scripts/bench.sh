@@ -4,7 +4,8 @@
 # at the other one), against the plain-PyTorch version of the same model on the
 # same threads, eager and torch.compile'd; MPI collective bandwidth at 2 and 4
 # ranks; the step-time breakdown of the tiny config under expert and tensor
-# parallelism at 2 and 4 ranks, and with the MPI progress thread off and on.
+# parallelism at 2 and 4 ranks; moe-plan's step time against the measured one;
+# the MPI progress thread off and on.
 # SKIP_PARALLEL=1 stops after the single-process part.
 # Needs the corpus (moe-data prepare) and a build. Results go to docs/benchmarks.md by hand.
 set -euo pipefail
@@ -52,6 +53,38 @@ breakdown 2 "dp2+ep2" --set parallel.ep=2
 breakdown 2 "tp2" --set parallel.tp=2 --set training.micro_batch_size=16
 breakdown 4 "dp4+ep4" --set parallel.ep=4
 breakdown 4 "dp2xtp2+ep2" --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=8
+echo "== moe-plan's step time against the measured one (cpu-local, gemm_efficiency calibrated on the single process)"
+# This machine as one node holding every rank; the planner's efficiency is set so
+# that it reproduces the single process's measured step, then it predicts the rest.
+cluster=$(mktemp --suffix=.yaml); sed 's/^gpus_per_node: .*/gpus_per_node: 8/' configs/clusters/cpu-local.yaml > "$cluster"
+measured_step() {  # ranks, args...: the mean step of steps 3-12, as breakdown measures it
+  local ranks=$1; shift
+  local dir; dir=$(mktemp -d)
+  mpirun --oversubscribe --bind-to none -np "$ranks" build/launch/moe-train --config configs/tiny.yaml \
+    --set training.steps="${BREAKDOWN_STEPS:-12}" --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0 \
+    --set training.eval_sequences=16 --set training.run_dir="$dir" --set training.precision="$chosen" "$@" > "$dir/log" 2>&1
+  python3 -c 'import json,sys; s=[json.loads(l) for l in open(sys.argv[1])][2:]; print(sum(r["step_seconds"] for r in s)/len(s))' "$dir/metrics.jsonl"
+  rm -rf "$dir"
+}
+planned_step() {  # ranks, efficiency, args...
+  local ranks=$1 efficiency=$2; shift 2
+  build/launch/moe-plan --config configs/tiny.yaml --cluster "$cluster" --gpus "$ranks" --json --set training.precision="$chosen" \
+    --assume gemm_efficiency="$efficiency" "$@" | python3 -c 'import json,sys; print(json.load(sys.stdin)["step_seconds"])'
+}
+single=(--set parallel.dp=1 --set training.micro_batch_size=16)
+one=$(measured_step 1 "${single[@]}")
+efficiency=$(python3 -c "print(0.55 * $(planned_step 1 0.55 "${single[@]}") / $one)")
+printf '%-14s %6s %10s %10s %8s\n' layout ranks measured planned error
+for layout in "single 1 ${single[*]}" "dp2+ep2 2 --set parallel.ep=2 --set training.micro_batch_size=8" \
+              "pp2 2 --set parallel.pp=2 --set training.micro_batch_size=4 --set training.grad_accum_steps=4" \
+              "dp2xtp2+ep2 4 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=8"; do
+  read -r name ranks args <<< "$layout"
+  m=$(measured_step "$ranks" $args); p=$(planned_step "$ranks" "$efficiency" $args)
+  python3 -c "print('%-14s %6s %9.3fs %9.3fs %+7.1f%%' % ('$name', $ranks, $m, $p, 100 * ($p / $m - 1)))"
+done
+echo "(gemm_efficiency calibrated to $efficiency)"
+rm -f "$cluster"
+
 echo "== the MPI progress thread off, then on (parallel.mpi_progress_thread): gradient buckets launched during backward"
 for layout in "dp2" "dp2+ep2 --set parallel.ep=2" "dp4+ep4 --set parallel.ep=4"; do
   name=${layout%% *}; ranks=${name:2:1}; args=(${layout#"$name"})

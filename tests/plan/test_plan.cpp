@@ -78,6 +78,55 @@ TEST(Plan, SearchRanksFittingLayoutsByCost) {
   }
 }
 
+TEST(Plan, CpuRanksShareTheirNodesCores) {
+  // cpu-local: 2 ranks per node share its peak. Two data-parallel ranks each
+  // compute half the tokens at half the rate: as long as one rank alone, with
+  // the flat FP32 gradient buckets (4 bytes per parameter) on top of its memory.
+  Config tiny = load_config("configs/tiny.yaml");
+  tiny.training.precision = "bf16";
+  const ClusterSpec cpu = load_cluster("cpu-local");
+  const Plan one = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions());
+  const Plan two = make_plan(tiny, cpu, layout(1, 1, 1, 2, 8, 1, false), 1e9, Assumptions());
+  EXPECT_DOUBLE_EQ(two.compute_seconds, one.compute_seconds);
+  EXPECT_NEAR(two.mfu * two.step_seconds, one.mfu * one.step_seconds, 1e-12);
+  const double params = static_cast<double>(fmoe::moe::count_parameters(tiny.model).total);
+  EXPECT_DOUBLE_EQ(two.memory.grads - one.memory.grads, 4 * params);
+  // A GPU is its own: the same two ranks on H100s halve the compute time.
+  const ClusterSpec h100 = load_cluster("h100-sxm");
+  EXPECT_DOUBLE_EQ(make_plan(tiny, h100, layout(1, 1, 1, 2, 8, 1, false), 1e9, Assumptions()).compute_seconds,
+                   make_plan(tiny, h100, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions()).compute_seconds / 2);
+}
+
+TEST(Plan, AssumptionsSetByNameAndRange) {
+  Assumptions a;
+  set_assumption(a, "gemm_efficiency=0.25");
+  set_assumption(a, "ep_overlap=0");
+  set_assumption(a, "moe_imbalance=1.5");
+  EXPECT_DOUBLE_EQ(a.gemm_efficiency, 0.25);
+  EXPECT_DOUBLE_EQ(a.ep_overlap, 0);
+  EXPECT_DOUBLE_EQ(a.moe_imbalance, 1.5);
+  const auto refused = [&](const std::string& text, const std::string& why) {
+    try {
+      set_assumption(a, text);
+      ADD_FAILURE() << text << " accepted";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+    }
+  };
+  refused("gemm_efficiency=0", "--assume gemm_efficiency: 0 is out of range ((0, 1])");
+  refused("dp_overlap=1.5", "--assume dp_overlap: 1.5 is out of range ([0, 1])");
+  refused("moe_imbalance=0.5", "out of range (>= 1)");
+  refused("ep_overlap=half", "--assume ep_overlap: 'half' is not a number");
+  refused("mfu=0.5", "--assume mfu=0.5: expected KEY=VALUE with KEY one of gemm_efficiency");
+  // Halving the efficiency doubles the compute time.
+  const Config tiny = load_config("configs/tiny.yaml");
+  Assumptions half;
+  set_assumption(half, "gemm_efficiency=0.275");
+  const ClusterSpec cpu = load_cluster("cpu-local");
+  const double base = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions()).compute_seconds;
+  EXPECT_NEAR(make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, half).compute_seconds, 2 * base, 1e-12 * base);
+}
+
 TEST(Plan, ClusterSpecsLoadAndRefuseBadFiles) {
   for (const char* name : {"h800", "h100-sxm", "h200", "a100-80gb", "cpu-local"}) {
     const ClusterSpec c = load_cluster(name);
