@@ -8,13 +8,14 @@
 namespace fmoe::common {
 namespace {
 
-constexpr std::array<TestHookInfo, 12> kTestHooks{{
+constexpr std::array<TestHookInfo, 13> kTestHooks{{
     {"FMOE_CALIBRATION", "step=S,eval=E: replaces the measured step and validation seconds of a budget-sized schedule "
                          "(and its clock), so that the step count is reproducible; the schedule line says injected"},
     {"FMOE_GEMM_GFLOPS", "bf16=R,fp32=R: replaces the measured GEMM rates that precision auto chooses by and MFU is "
                          "computed against; the precision line and the metrics say injected"},
     {"FMOE_STALL_RANK", "with FMOE_STALL_AT_STEP: that rank sleeps at that step, so its peers' collectives time out"},
     {"FMOE_STALL_AT_STEP", "the step at which FMOE_STALL_RANK stops taking part"},
+    {"FMOE_SLOW_STEPS", "S:seconds: every step from S on sleeps that long too (a machine that slows down mid-run)"},
     {"FMOE_CRASH_AFTER_CHECKPOINT_FILES", "n: the process exits (_Exit(9)) after n files of a checkpoint save"},
     {"FMOE_DUMP_GRADIENTS", "dir: each rank writes its reduced first-step gradients to dir/gradients_rank<r>.safetensors"},
     {"FMOE_HOST_STAGING", "1: a CPU run's collectives go through the host-staging layer that carries CUDA tensors over MPI"},
@@ -55,6 +56,14 @@ TestHooks read_test_hooks() {
   hooks.stall_rank = static_cast<int>(number_of("FMOE_STALL_RANK", -1));
   hooks.stall_at_step = number_of("FMOE_STALL_AT_STEP", -1);
   hooks.crash_after_checkpoint_files = static_cast<int>(number_of("FMOE_CRASH_AFTER_CHECKPOINT_FILES", 0));
+  if (const std::string slow = text_of("FMOE_SLOW_STEPS"); !slow.empty()) {
+    char* end = nullptr;
+    hooks.slow_from_step = std::strtoll(slow.c_str(), &end, 10);
+    if (*end == ':') hooks.slow_step_seconds = std::strtod(end + 1, &end);
+    if (*end != '\0' || hooks.slow_from_step < 0 || !(hooks.slow_step_seconds > 0)) {
+      throw std::runtime_error("FMOE_SLOW_STEPS: expected STEP:SECONDS (a step >= 0, seconds > 0), got '" + slow + "'");
+    }
+  }
   hooks.dump_gradients = text_of("FMOE_DUMP_GRADIENTS");
   hooks.host_staging = text_of("FMOE_HOST_STAGING") == "1";
   hooks.test_host_staging = text_of("FMOE_TEST_HOST_STAGING") == "1";

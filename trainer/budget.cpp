@@ -37,6 +37,31 @@ int64_t size_schedule(const ScheduleInputs& in) {
   return std::max(total, in.decided_at_step + 1);
 }
 
+namespace {
+
+// Validation passes after step `done` up to `total` under eval_interval, the final one included.
+int64_t passes_left(int64_t done, int64_t total, int64_t interval) {
+  const int64_t periodic = interval > 0 ? total / interval - done / interval : 0;
+  return periodic + (interval > 0 && total % interval == 0 ? 0 : 1);
+}
+
+}  // namespace
+
+double projected_seconds(const ScheduleInputs& in, int64_t total_steps) {
+  const int64_t left = std::max<int64_t>(0, total_steps - in.decided_at_step);
+  return in.elapsed_seconds + static_cast<double>(left) * in.step_seconds +
+         static_cast<double>(passes_left(in.decided_at_step, total_steps, in.eval_interval)) * in.eval_seconds;
+}
+
+int64_t shortened_schedule(const ScheduleInputs& in, int64_t total_steps) {
+  if (in.limit_seconds <= 0 || projected_seconds(in, total_steps) <= in.limit_seconds) return total_steps;
+  const double left = kBudgetPlannedFraction * (in.limit_seconds - in.elapsed_seconds) - in.eval_seconds;  // the final pass
+  const double per_step =
+      std::max(1e-9, in.step_seconds + (in.eval_interval > 0 ? in.eval_seconds / static_cast<double>(in.eval_interval) : 0.0));
+  const auto more = static_cast<int64_t>(std::floor(std::max(0.0, left) / per_step));
+  return std::clamp(in.decided_at_step + more, std::min(in.decided_at_step + 1, total_steps), total_steps);
+}
+
 void agree_over_ranks(ScheduleInputs& in, parallel::Communicator& world) {
   if (world.size() == 1) return;
   at::Tensor times = at::tensor({in.step_seconds, in.eval_seconds, in.elapsed_seconds}, at::kDouble);

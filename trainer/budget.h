@@ -2,7 +2,9 @@
 // not given but derived, once: from max_tokens directly, or, for limits in time
 // or money, from the step time measured over the first budget.calibration_steps
 // and the time of one validation pass. The decision is stored in the
-// checkpoint, so a resumed run follows the same schedule bit for bit.
+// checkpoint, so a resumed run follows the same schedule bit for bit. A fixed
+// schedule that the recent step time would carry past the whole limit is
+// shortened (shortened_schedule), and the new length is stored alike.
 #pragma once
 
 #include <cstdint>
@@ -43,6 +45,17 @@ struct ScheduleInputs {
 // they trigger and the final one, fits in the planned fraction of what is left;
 // never fewer than decided_at_step + 1, never more than the token limit.
 int64_t size_schedule(const ScheduleInputs& in);
+
+// Of a schedule already fixed, with in's times measured now (elapsed, the recent
+// step time, decided_at_step = the steps done): the seconds finishing it would
+// take in all, validation passes and the final one included.
+double projected_seconds(const ScheduleInputs& in, int64_t total_steps);
+
+// A schedule whose projection outruns the whole limit (the planned fraction's
+// slack used up: the machine slowed down since calibration) is shortened: to
+// the steps that fit in the planned fraction of the time left at the recent
+// step time, never longer than it was, never ending before the next step.
+int64_t shortened_schedule(const ScheduleInputs& in, int64_t total_steps);
 
 // Every rank must fix the same length, or the last steps' collectives would
 // hang: all take the slowest rank's step, validation and elapsed times.

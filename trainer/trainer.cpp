@@ -209,6 +209,12 @@ TrainResult Trainer::Impl::run() {
     return done;
   }
 
+  if (options.hooks.slow_from_step >= 0) {
+    char text[160];
+    std::snprintf(text, sizeof(text), "test hook: every step from %lld on sleeps %.3f s more (FMOE_SLOW_STEPS)",
+                  static_cast<long long>(options.hooks.slow_from_step), options.hooks.slow_step_seconds);
+    log(text);
+  }
   TrainResult result;
   LoopState loop(device);
   parallel::reset_peak_device_memory(device);
@@ -234,13 +240,20 @@ TrainResult Trainer::Impl::run() {
     result.steps.push_back({state.step, outcome.scalars.loss, outcome.val_loss});
     if (outcome.val_loss >= 0) result.final_val_loss = outcome.val_loss;
 
-    const StopVotes stop = agree_to_stop();
+    // A budget-sized schedule watches its recent step time once fixed (unless
+    // its times are injected: then the clock must not change it).
+    if (sized_by_budget() && length_known() && !deciding && options.hooks.calibration.empty()) {
+      loop.recent_steps.push_back(outcome.step_seconds);
+      if (loop.recent_steps.size() > kRecentSteps) loop.recent_steps.erase(loop.recent_steps.begin());
+    }
+    const StopVotes stop = agree_to_stop(loop);
     save_if_due(last, stop.any());
     if (stop.any() && !last) {
       announce_stop(stop);
       result.stopped_early = true;
       break;
     }
+    if (stop.overrun && !last) shorten_schedule(loop);
   }
   return finish(std::move(result));
 }
@@ -255,6 +268,10 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   StepOutcome out;
   out.start = Clock::now();
   loop.timer.start();
+  // FMOE_SLOW_STEPS="S:seconds": every step from S on takes that much longer (a machine that slows down).
+  if (hooks.slow_from_step >= 0 && step >= hooks.slow_from_step) {
+    std::this_thread::sleep_for(std::chrono::duration<double>(hooks.slow_step_seconds));
+  }
   const int64_t copies_before = StepReadback::copies();
   const double pipeline_wait_start = mesh->pp().wait_seconds();
   const double comm_start = communication_seconds();
@@ -428,17 +445,59 @@ void Trainer::Impl::report(const StepOutcome& out, const RunFigures& figures, Lo
 
 // A stop requested on any rank (signal, --stop-at) or a budget reached on any
 // rank stops all of them: every rank must agree, or the next collective would hang.
-StopVotes Trainer::Impl::agree_to_stop() {
+StopVotes Trainer::Impl::agree_to_stop(const LoopState& loop) {
   StopVotes votes;
   votes.exhausted = budget_exhausted(config.budget, spend(), sized_by_budget());
   const bool requested = g_stop_requested.load() || (options.stop_at_step > 0 && state.step >= options.stop_at_step);
-  at::Tensor flags = at::full({2}, 0L, at::kLong);
+  at::Tensor flags = at::full({3}, 0L, at::kLong);
   flags[0] = requested ? 1L : 0L;
   flags[1] = votes.exhausted.empty() ? 0L : 1L;
+  flags[2] = schedule_overruns(loop) ? 1L : 0L;
   sum_over_world(flags);
   votes.requested = flags[0].item<int64_t>() > 0;
   votes.budget = flags[1].item<int64_t>() > 0;
+  votes.overrun = flags[2].item<int64_t>() > 0;
   return votes;
+}
+
+ScheduleInputs Trainer::Impl::schedule_now(const LoopState& loop) const {
+  ScheduleInputs in;
+  in.limit_seconds = budget_seconds(config.budget, world_size);
+  in.elapsed_seconds = state.elapsed_seconds;
+  in.decided_at_step = state.step;
+  in.step_seconds = loop.recent_steps.empty() ? state.calibrated_step_seconds
+                                              : std::accumulate(loop.recent_steps.begin(), loop.recent_steps.end(), 0.0) /
+                                                    static_cast<double>(loop.recent_steps.size());
+  in.eval_seconds = state.calibrated_eval_seconds;
+  in.eval_interval = config.training.eval_interval;
+  return in;
+}
+
+bool Trainer::Impl::schedule_overruns(const LoopState& loop) const {
+  if (loop.recent_steps.size() < kRecentSteps) return false;  // a full window: one slow step is not a trend
+  const ScheduleInputs in = schedule_now(loop);
+  return in.limit_seconds > 0 && projected_seconds(in, total_steps()) > in.limit_seconds;
+}
+
+// Some rank projects the fixed schedule past its limit: every rank takes the
+// slowest rank's recent step time and elapsed time and shortens the schedule
+// alike (the learning-rate decay follows the new length); the new length goes
+// into the checkpoints, so a resumed run keeps it.
+void Trainer::Impl::shorten_schedule(LoopState& loop) {
+  ScheduleInputs in = schedule_now(loop);
+  if (world_size > 1) agree_over_ranks(in, mesh->world());
+  const int64_t before = total_steps();
+  const int64_t after = shortened_schedule(in, before);
+  loop.recent_steps.clear();  // the next decision waits for a fresh window
+  if (after >= before) return;
+  state.total_steps = after;
+  char text[320];
+  std::snprintf(text, sizeof(text),
+                "schedule: shortened to %lld steps at step %lld: steps take %.3f s now against %.3f s when the schedule was "
+                "fixed, and the %lld planned would end at %.1f s of a %.1f s budget",
+                static_cast<long long>(after), static_cast<long long>(state.step), in.step_seconds, state.calibrated_step_seconds,
+                static_cast<long long>(before), projected_seconds(in, before), in.limit_seconds);
+  log(text);
 }
 
 // At checkpoint_interval, at a stop, and after the last step unless

@@ -83,12 +83,16 @@ struct StepOutcome {
   double val_loss = -1;  // < 0 when not validated at this step
 };
 
+// A budget-sized schedule's drift watch averages this many recent step times.
+inline constexpr size_t kRecentSteps = 10;
+
 // What the loop carries from step to step.
 struct LoopState {
   explicit LoopState(c10::Device device) : timer(device) {}
   double train_seconds = 0;  // of this invocation's steps
   int64_t timed_tokens = 0;
   std::vector<double> timed_steps;  // step times until a budget-sized schedule is fixed
+  std::vector<double> recent_steps; // after it is fixed: the last kRecentSteps step times (drift watch)
   common::Clock::time_point last_progress = common::Clock::now();  // a progress line at least every 10 s
   bool projection_warned = false;
   StepReadback readback;
@@ -99,6 +103,7 @@ struct LoopState {
 struct StopVotes {
   bool requested = false;  // a signal or --stop-at on some rank
   bool budget = false;     // a limit reached on some rank
+  bool overrun = false;    // a budget-sized schedule projected past its limit on some rank: shorten it
   std::string exhausted;   // this rank's description of the limit reached, or empty
   bool any() const { return requested || budget; }
 };
@@ -260,6 +265,10 @@ struct Trainer::Impl {
   }
   TrainResult evaluate_checkpoint();
   void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
+  // The budget-sized schedule's inputs as they stand now (the recent step time); overrun: whether it outruns its limit.
+  ScheduleInputs schedule_now(const LoopState& loop) const;
+  bool schedule_overruns(const LoopState& loop) const;
+  void shorten_schedule(LoopState& loop);
 
   // The run (trainer.cpp) and its setup (trainer_setup.cpp), in the order run() calls them.
   TrainResult run();
@@ -276,7 +285,7 @@ struct Trainer::Impl {
   std::vector<at::Tensor> update_expert_biases();
   double validate_if_due(StepOutcome& outcome, bool forced);
   void report(const StepOutcome& outcome, const RunFigures& figures, LoopState& loop, bool deciding, bool last);
-  StopVotes agree_to_stop();
+  StopVotes agree_to_stop(const LoopState& loop);
   void save_if_due(bool last, bool stopping);
   void announce_stop(const StopVotes& votes) const;
   TrainResult finish(TrainResult result);

@@ -36,7 +36,8 @@ echo "ok: budget stops, resumes and reproduces the losses"
 
 # A schedule sized by a 60-second budget with real timing (no injected
 # calibration): tiny on the fixture corpus fixes its step count from its own
-# measured steps and ends inside the budget with the decay finished.
+# measured steps and ends inside the budget with the decay finished (shortened
+# on the way if the machine slows down: the schedule the checkpoint carries).
 unset FMOE_CALIBRATION
 d="$WORK_DIR/budget_real"; rm -rf "$d"
 t0=$(date +%s)
@@ -49,13 +50,36 @@ grep -q "injected" "$d.log" && fail "the real-timing run says something was inje
 python3 - "$d/metrics.jsonl" "$d/checkpoints" "$wall" <<'PY' || { cat "$d.log"; fail "the budget-sized run did not end inside its budget"; }
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-total = [r for r in rows if "schedule" in r][0]["schedule"]["total_steps"]
-assert rows[-1]["step"] == total, (rows[-1]["step"], total)          # it ran the schedule it fixed, not cut by the budget
-assert rows[-1]["injected"] == [], rows[-1]["injected"]
-spent = rows[-1]["gpu_hours"] * 3600                                    # one rank: GPU-hours are the trainer's clock
+fixed = [r for r in rows if "schedule" in r][0]["schedule"]["total_steps"]
 latest = open(os.path.join(sys.argv[2], "latest")).read().strip()
 state = json.load(open(os.path.join(sys.argv[2], latest, "trainer_state.json")))
+total = state["schedule"]["total_steps"]                                # as fixed, or shortened after a slowdown
+assert total <= fixed and rows[-1]["step"] == total, (rows[-1]["step"], total, fixed)  # the schedule ran to its end
+assert rows[-1]["injected"] == [], rows[-1]["injected"]
+spent = rows[-1]["gpu_hours"] * 3600                                    # one rank: GPU-hours are the trainer's clock
 assert state["elapsed_seconds"] <= 60, state["elapsed_seconds"]      # steps, validation and the final checkpoint
 assert spent <= 60, spent
-print("ok: 60 s budget: %d steps, %.1f s of training by the trainer's clock, %s s for the whole command" % (total, state["elapsed_seconds"], sys.argv[3]))
+print("ok: 60 s budget: %d steps%s, %.1f s of training by the trainer's clock, %s s for the whole command"
+      % (total, "" if total == fixed else " (fixed at %d, shortened)" % fixed, state["elapsed_seconds"], sys.argv[3]))
+PY
+
+# The same with the machine slowing down after the schedule is fixed
+# (FMOE_SLOW_STEPS: every step from 30 on sleeps 0.3 s more): the projection
+# passes the 30 s limit, the schedule is shortened, and the run still ends inside it.
+d="$WORK_DIR/budget_slowed"; rm -rf "$d"
+FMOE_SLOW_STEPS=30:0.3 "$TRAIN" --config "$(dirname "$0")/../../configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" \
+  --set "data.tokenizer=$CORPUS/tok.model" --set "training.run_dir=$d" --set training.steps=0 --set budget.max_minutes=0.5 \
+  --set training.eval_sequences=16 --set training.checkpoint_interval=0 --set training.threads=2 > "$d.log" 2>&1 ||
+  { cat "$d.log"; fail "the slowed 30-second budget run failed"; }
+grep -q "^schedule: shortened to [0-9]* steps at step [0-9]*: steps take" "$d.log" || { cat "$d.log"; fail "the slowed run's schedule was not shortened"; }
+python3 - "$d/metrics.jsonl" "$d/checkpoints" <<'PY' || { cat "$d.log"; fail "the slowed run did not end inside its budget"; }
+import json, os, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+fixed = [r for r in rows if "schedule" in r][0]["schedule"]["total_steps"]
+latest = open(os.path.join(sys.argv[2], "latest")).read().strip()
+state = json.load(open(os.path.join(sys.argv[2], latest, "trainer_state.json")))
+total = state["schedule"]["total_steps"]
+assert total < fixed and rows[-1]["step"] == total, (rows[-1]["step"], total, fixed)
+assert state["elapsed_seconds"] <= 30, state["elapsed_seconds"]
+print("ok: 30 s budget slowed at step 30: fixed at %d steps, shortened to %d, %.1f s by the trainer's clock" % (fixed, total, state["elapsed_seconds"]))
 PY

@@ -107,6 +107,35 @@ TEST(Budget, ScheduleFillsThePlannedFraction) {
   EXPECT_EQ(size_schedule(tokens_only), 123);
 }
 
+TEST(Budget, AScheduleThatSlowsDownIsShortenedToFitItsLimit) {
+  // Fixed at 421 steps of 1 s (eval every 100 steps, 2 s a pass) in a 480 s budget;
+  // now at step 200, 250 s spent, steps take 1.2 s.
+  ScheduleInputs now;
+  now.limit_seconds = 480;
+  now.elapsed_seconds = 250;
+  now.decided_at_step = 200;
+  now.step_seconds = 1.2;
+  now.eval_seconds = 2.0;
+  now.eval_interval = 100;
+  // 221 steps x 1.2 s + passes at 300 and 400 and the final one x 2 s.
+  EXPECT_DOUBLE_EQ(projected_seconds(now, 421), 250 + 221 * 1.2 + 3 * 2.0);
+  // 0.9 x (480 - 250) - 2 = 205 s at 1.22 s per step: 168 more steps.
+  EXPECT_EQ(shortened_schedule(now, 421), 368);
+  EXPECT_LE(projected_seconds(now, 368), now.limit_seconds);
+  // Within the limit it stays as it is, even past the planned fraction; it is never lengthened.
+  now.step_seconds = 0.95;
+  EXPECT_LE(projected_seconds(now, 421), 480);
+  EXPECT_EQ(shortened_schedule(now, 421), 421);
+  // Past the limit already: the next step ends it; a step at the end stays the end.
+  now.step_seconds = 1.2;
+  now.elapsed_seconds = 500;
+  EXPECT_EQ(shortened_schedule(now, 421), 201);
+  EXPECT_EQ(shortened_schedule(now, 200), 200);
+  // Without a time limit nothing changes.
+  now.limit_seconds = 0;
+  EXPECT_EQ(shortened_schedule(now, 421), 421);
+}
+
 TEST(Budget, InjectedCalibration) {
   double step = 0, eval = 0;
   EXPECT_FALSE(injected_calibration("", step, eval));
