@@ -423,6 +423,8 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
                          p.comm.dp_seconds * (1 - a.dp_overlap);
   p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + exposed;
+  p.comm_seconds = p.comm.tp_seconds + p.comm.ep_seconds + p.comm.pp_seconds + p.comm.dp_seconds;
+  p.comm_exposed_seconds = exposed;
   p.mfu = p.flops_per_token * p.tokens_per_step / (p.step_seconds * gpus * rank_peak);
   p.tokens = tokens;
   p.gpu_hours = tokens / p.tokens_per_step * p.step_seconds * gpus / 3600.0;
@@ -508,6 +510,9 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.bubble_fraction);
   const std::string bubble = p.pipeline_schedule.empty() ? "pipeline bubble" : "pipeline bubble (" + p.pipeline_schedule + ", simulated)";
   row(bubble.c_str(), line);
+  std::snprintf(line, sizeof(line), "%s of %s (the rest hidden as assumed below)", seconds(p.comm_exposed_seconds).c_str(),
+                seconds(p.comm_seconds).c_str());
+  row("communication on the step", line);
   row("step", seconds(p.step_seconds));
   std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.mfu);
   row("MFU", line);
@@ -552,6 +557,8 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"peak_in_flight", p.peak_in_flight},
       {"compute_seconds", p.compute_seconds},
       {"step_seconds", p.step_seconds},
+      {"comm_total_seconds", p.comm_seconds},
+      {"comm_exposed_seconds", p.comm_exposed_seconds},
       {"mfu", p.mfu},
       {"tokens", p.tokens},
       {"gpu_hours", p.gpu_hours},

@@ -93,6 +93,7 @@ struct Plan {
   int64_t peak_in_flight = 0;     // most micro-batch stages whose activations the busiest rank holds
   double compute_seconds = 0;
   double step_seconds = 0;
+  double comm_seconds = 0, comm_exposed_seconds = 0;  // all communication, and what the assumed overlaps leave on the step
   double mfu = 0;                // against the peak of the run's GEMM precision
   double tokens = 0;
   double gpu_hours = 0;

@@ -34,6 +34,9 @@ TEST(Plan, MemoryAndCommunicationByHand) {
   EXPECT_DOUBLE_EQ(p.comm.ep_bytes, 32.0 * 4 * 4 * 4096 * 2 * 4096 * 2 * 7 / 8);
   EXPECT_DOUBLE_EQ(p.comm.tp_bytes, 0);
   EXPECT_DOUBLE_EQ(p.bubble_fraction, 0);
+  // What the assumed overlaps leave on the step: half the all-to-all, a tenth of the dp traffic.
+  EXPECT_DOUBLE_EQ(p.comm_exposed_seconds, 0.5 * p.comm.ep_seconds + 0.1 * p.comm.dp_seconds);
+  EXPECT_DOUBLE_EQ(p.step_seconds, p.compute_seconds + p.comm_exposed_seconds);
   EXPECT_DOUBLE_EQ(p.tokens_per_step, 4096.0 * 4 * 8);
   EXPECT_NEAR(p.gpu_hours, 1e12 / p.tokens_per_step * p.step_seconds * 8 / 3600, 1e-6);
   EXPECT_NEAR(p.usd, p.gpu_hours * 2.5, 1e-6);
