@@ -85,14 +85,20 @@ TEST(Budget, SecondsAreTheTightestLimit) {
   EXPECT_DOUBLE_EQ(budget_seconds(b, 2), 90);
 }
 
-TEST(Budget, ScheduleFillsThePlannedFraction) {
+// A 480 s budget with a 2 s validation pass every 100 steps, at the given point.
+ScheduleInputs schedule_at(double elapsed, int64_t step, double step_seconds) {
   ScheduleInputs in;
   in.limit_seconds = 480;
-  in.elapsed_seconds = 10;
-  in.decided_at_step = 10;
-  in.step_seconds = 1.0;
+  in.elapsed_seconds = elapsed;
+  in.decided_at_step = step;
+  in.step_seconds = step_seconds;
   in.eval_seconds = 2.0;
   in.eval_interval = 100;
+  return in;
+}
+
+TEST(Budget, ScheduleFillsThePlannedFraction) {
+  ScheduleInputs in = schedule_at(10, 10, 1.0);
   // 0.9 * 480 - 10 spent - 2 for the final pass = 420 s at 1.02 s per step (eval amortised): 411 more.
   EXPECT_EQ(size_schedule(in), 421);
   in.eval_interval = 0;  // only the final pass: 420 more
@@ -110,13 +116,7 @@ TEST(Budget, ScheduleFillsThePlannedFraction) {
 TEST(Budget, AScheduleThatSlowsDownIsShortenedToFitItsLimit) {
   // Fixed at 421 steps of 1 s (eval every 100 steps, 2 s a pass) in a 480 s budget;
   // now at step 200, 250 s spent, steps take 1.2 s.
-  ScheduleInputs now;
-  now.limit_seconds = 480;
-  now.elapsed_seconds = 250;
-  now.decided_at_step = 200;
-  now.step_seconds = 1.2;
-  now.eval_seconds = 2.0;
-  now.eval_interval = 100;
+  ScheduleInputs now = schedule_at(250, 200, 1.2);
   // 221 steps x 1.2 s + passes at 300 and 400 and the final one x 2 s.
   EXPECT_DOUBLE_EQ(projected_seconds(now, 421), 250 + 221 * 1.2 + 3 * 2.0);
   // 0.9 x (480 - 250) - 2 = 205 s at 1.22 s per step: 168 more steps.
