@@ -229,8 +229,7 @@ class MpiWork : public Work {
       ProgressThread& engine = ProgressThread::instance();
       std::unique_lock<std::mutex> lock(engine.done_mutex());
       if (!engine.done_cv().wait_until(lock, deadline, [&] { return outstanding_->done.load(); })) {
-        throw std::runtime_error("rank " + std::to_string(rank_) + ": " + op_ + " did not complete within " +
-                                 std::to_string(timeout_.count()) + " ms (a peer rank exited or ranks disagree)");
+        throw timed_out();
       }
       lock.unlock();
       finish();
@@ -240,8 +239,7 @@ class MpiWork : public Work {
     auto pause = std::chrono::microseconds(1);
     while (!is_completed()) {
       if (std::chrono::steady_clock::now() > deadline) {
-        throw std::runtime_error("rank " + std::to_string(rank_) + ": " + op_ + " did not complete within " +
-                                 std::to_string(timeout_.count()) + " ms (a peer rank exited or ranks disagree)");
+        throw timed_out();
       }
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::microseconds(1000));
@@ -252,6 +250,10 @@ class MpiWork : public Work {
   void finish() {
     done_ = true;
     if (on_complete_) on_complete_();
+  }
+  std::runtime_error timed_out() const {
+    return std::runtime_error("rank " + std::to_string(rank_) + ": " + op_ + " did not complete within " +
+                              std::to_string(timeout_.count()) + " ms (a peer rank exited or ranks disagree)");
   }
   MPI_Request request_;
   int rank_;
