@@ -140,6 +140,7 @@ void visit(V& v, ParallelConfig& c) {
   v.field("timeout_s", c.timeout_s);
   v.field("bucket_mb", c.bucket_mb);
   v.field("mpi_progress_thread", c.mpi_progress_thread);
+  v.field("ep_overlap", c.ep_overlap);
   v.field("backend", c.backend);
   v.field("pipeline_schedule", c.pipeline_schedule);
   v.field("pipeline_layout", c.pipeline_layout);
@@ -426,6 +427,9 @@ std::string ParallelConfig::validate() const {
   if (dp > 0 && dp % ep != 0) return "ep: must divide dp (" + std::to_string(dp) + "), got " + std::to_string(ep);
   if (expert_dispatcher != "alltoall" && expert_dispatcher != "allgather") {
     return "expert_dispatcher: must be alltoall or allgather, got '" + expert_dispatcher + "'";
+  }
+  if (ep_overlap && expert_dispatcher != "alltoall") {
+    return "ep_overlap: overlaps the all-to-all dispatcher's exchanges; expert_dispatcher is '" + expert_dispatcher + "'";
   }
   if (!(timeout_s > 0)) return "timeout_s: must be > 0";
   if (!(bucket_mb > 0)) return "bucket_mb: must be > 0";

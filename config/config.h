@@ -111,6 +111,11 @@ struct ParallelConfig {
   // backward. Off by default: where every core computes, the thread costs about
   // what it hides (docs/benchmarks.md).
   bool mpi_progress_thread = false;
+  // With ep > 1 and the all-to-all dispatcher: each MoE layer splits its tokens in
+  // two chunks whose expert all-to-alls overlap the other chunk's expert compute
+  // (moe/expert_parallel.h). Off by default: on CPU ranks MPI advances the exchanges
+  // only inside MPI calls, i.e. with mpi_progress_thread (docs/benchmarks.md).
+  bool ep_overlap = false;
   // For CUDA tensors: nccl, or mpi through page-locked host buffers (ranks may then
   // share a GPU); auto: nccl when every rank of a node has a GPU of its own. CPU tensors use MPI.
   std::string backend = "auto";

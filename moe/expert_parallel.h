@@ -37,9 +37,17 @@ at::Tensor expert_major_order(const at::Tensor& counts_SE);
 // rank's routing over all num_experts; keep_TK (optional, bool): the assignments
 // that fit their expert's capacity, the others are dropped before dispatch.
 // Returns the FP32 combined output [T, D].
+//
+// chunks > 1 splits the tokens into that many consecutive chunks (DeepSeek-V3's
+// micro-batch split) whose exchanges overlap compute: every chunk's dispatch is
+// issued first, then each chunk's experts run while the later chunks' rows are in
+// flight, and each chunk's combine returns while the next one computes; backward
+// overlaps in the mirrored order. Per token the result is the same function: the
+// outputs equal the unsplit ones where the expert GEMMs compute each row alike;
+// the expert weight gradients are summed per chunk, so they differ by rounding.
 at::Tensor dispatch_all_to_all(const at::Tensor& x_TD, const at::Tensor& experts_TK, const at::Tensor& probs_TK,
                                int64_t num_experts, const ExpertCompute& experts, parallel::Communicator& ep,
-                               parallel::Communicator& tp, const at::Tensor& keep_TK = {});
+                               parallel::Communicator& tp, const at::Tensor& keep_TK = {}, int64_t chunks = 1);
 at::Tensor dispatch_all_gather(const at::Tensor& x_TD, const at::Tensor& experts_TK, const at::Tensor& probs_TK,
                                int64_t num_experts, const ExpertCompute& experts, parallel::Communicator& ep,
                                parallel::Communicator& tp, const at::Tensor& keep_TK = {});

@@ -237,7 +237,8 @@ at::Tensor MoELayer::forward(const at::Tensor& h_in, ForwardContext& ctx) {
       return run_padded(rows_x, rows, ctx.expert_pad_multiple, experts);
     };
     out = par.dispatcher == ExpertDispatcher::kAllToAll
-              ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep)
+              ? dispatch_all_to_all(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep,
+                                    par.ep_overlap ? 2 : 1)
               : dispatch_all_gather(x, routing.experts_TK, routing.probs_TK, config_.num_experts, padded, par.ep(), par.tp(), keep);
   } else if (device_plan) {
     // The GPU path: routing, permutation and grouped GEMMs without the host seeing a count.

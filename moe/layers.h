@@ -24,6 +24,9 @@ struct Parallelism {
   // over tp along the tokens; regions are entered by all-gather and left by
   // reduce-scatter instead of all-reduce.
   bool sequence_parallel = false;
+  // The all-to-all dispatcher splits each MoE layer's tokens in two chunks whose
+  // exchanges overlap the other chunk's expert compute (dispatch_all_to_all).
+  bool ep_overlap = false;
   bool sp() const { return sequence_parallel && mesh.shape().tp > 1; }
   parallel::Communicator& tp() const { return mesh.tp(); }
   parallel::Communicator& ep() const { return mesh.ep(); }

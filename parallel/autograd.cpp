@@ -107,6 +107,92 @@ class AllToAllRows : public torch::autograd::Function<AllToAllRows> {
 
 }  // namespace
 
+// What the two halves of an overlapped exchange share: the exchange in flight in
+// either direction, and the reverse exchange's output until start's backward takes it.
+struct PendingExchange {
+  Communicator* group = nullptr;
+  std::vector<int64_t> output_splits, input_splits;
+  std::unique_ptr<Work> forward, backward;
+  at::Tensor backward_output;
+};
+
+namespace {
+
+class PendingHolder : public torch::CustomClassHolder {
+ public:
+  explicit PendingHolder(std::shared_ptr<PendingExchange> p) : pending(std::move(p)) {}
+  std::shared_ptr<PendingExchange> pending;
+};
+
+void remember(AutogradContext* ctx, const std::shared_ptr<PendingExchange>& pending) {
+  ctx->saved_data["pending"] = c10::IValue::make_capsule(c10::make_intrusive<PendingHolder>(pending));
+}
+PendingExchange& pending_of(AutogradContext* ctx) {
+  return *c10::static_intrusive_pointer_cast<PendingHolder>(ctx->saved_data["pending"].toCapsule())->pending;
+}
+
+at::Tensor rows_buffer(const at::Tensor& like, const std::vector<int64_t>& splits) {
+  std::vector<int64_t> shape = like.sizes().vec();
+  shape[0] = std::accumulate(splits.begin(), splits.end(), int64_t{0});
+  return at::empty(shape, like.options());
+}
+
+class StartRows : public torch::autograd::Function<StartRows> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, std::shared_ptr<PendingExchange> pending) {
+    remember(ctx, pending);
+    at::Tensor out = rows_buffer(x, pending->output_splits);
+    pending->forward = pending->group->all_to_all(out, x.contiguous(), pending->output_splits, pending->input_splits, {});
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    // The gradient for x is the output of the reverse exchange finish's backward issued.
+    PendingExchange& p = pending_of(ctx);
+    TORCH_CHECK(p.backward, "start_all_to_all_rows: backward reached before the reverse exchange was issued");
+    p.backward->wait();
+    p.backward.reset();
+    return {std::move(p.backward_output), at::Tensor()};
+  }
+};
+
+class FinishRows : public torch::autograd::Function<FinishRows> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& buffer, std::shared_ptr<PendingExchange> pending) {
+    remember(ctx, pending);
+    TORCH_CHECK(pending->forward, "finish_all_to_all_rows: the exchange was finished already");
+    pending->forward->wait();
+    pending->forward.reset();
+    return buffer.view_as(buffer);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    PendingExchange& p = pending_of(ctx);
+    const at::Tensor g = grad[0].contiguous();
+    p.backward_output = rows_buffer(g, p.input_splits);
+    p.backward = p.group->all_to_all(p.backward_output, g, p.input_splits, p.output_splits, {});
+    // Autograd wants this gradient in the received buffer's shape: pass the
+    // incoming one on untouched; start's backward, its only consumer, returns the
+    // reverse exchange's output instead.
+    return {g, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+RowsInFlight start_all_to_all_rows(const at::Tensor& x, const std::vector<int64_t>& output_splits,
+                                   const std::vector<int64_t>& input_splits, Communicator& group) {
+  if (group.size() == 1) return {x, nullptr};
+  auto pending = std::make_shared<PendingExchange>();
+  pending->group = &group;
+  pending->output_splits = output_splits;
+  pending->input_splits = input_splits;
+  at::Tensor buffer = StartRows::apply(x, pending);
+  return {std::move(buffer), std::move(pending)};
+}
+
+at::Tensor finish_all_to_all_rows(const RowsInFlight& rows) {
+  return rows.pending ? FinishRows::apply(rows.buffer, rows.pending) : rows.buffer;
+}
+
 at::Tensor gather_along_dim(const at::Tensor& x, int64_t dim, Communicator& group) {
   const int64_t n = group.size();
   if (n == 1) return x;

@@ -8,11 +8,24 @@
 //   scatter_along        forward own slice of dim    backward all-gather
 //   reduce_scatter_along forward reduce-scatter dim  backward all-gather
 //   all_to_all_rows      forward rows by splits      backward the reverse exchange
+//
+// start_all_to_all_rows / finish_all_to_all_rows split all_to_all_rows in two so
+// that compute runs while the exchange is in flight, forward and backward:
+//
+//   forward   start issues the exchange     ... compute ...   finish waits for it
+//   backward  finish's backward issues the reverse exchange    ... compute ...
+//             start's backward waits for it
+//
+// Autograd runs ready nodes latest-created first, so a layer that starts two
+// exchanges and finishes them in turn gets its backward exchanges overlapped in
+// the mirrored order. The buffer start returns is only valid after finish: it
+// may be used by finish alone.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -29,6 +42,15 @@ at::Tensor reduce_scatter_along(const at::Tensor& x, int64_t dim, Communicator& 
 // output_splits[r] rows arrive from rank r; input_splits[r] rows of x go to rank r.
 at::Tensor all_to_all_rows(const at::Tensor& x, const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits,
                            Communicator& group);
+
+struct PendingExchange;
+struct RowsInFlight {
+  at::Tensor buffer;                         // the received rows, once finished
+  std::shared_ptr<PendingExchange> pending;  // null when nothing is in flight (a group of one)
+};
+RowsInFlight start_all_to_all_rows(const at::Tensor& x, const std::vector<int64_t>& output_splits,
+                                   const std::vector<int64_t>& input_splits, Communicator& group);
+at::Tensor finish_all_to_all_rows(const RowsInFlight& rows);
 
 // The same exchanges without autograd, for code that manages its own gradients.
 at::Tensor gather_along_dim(const at::Tensor& x, int64_t dim, Communicator& group);

@@ -129,7 +129,7 @@ void Trainer::Impl::build_model() {
   moe::Parallelism parallelism{*mesh,
                                cfg.parallel.expert_dispatcher == "allgather" ? moe::ExpertDispatcher::kAllGather
                                                                              : moe::ExpertDispatcher::kAllToAll,
-                               cfg.parallel.sequence_parallel};
+                               cfg.parallel.sequence_parallel, cfg.parallel.ep_overlap};
   try {
     model = std::make_shared<moe::MoEModel>(cfg.model, parallelism);
   } catch (const std::invalid_argument& e) {

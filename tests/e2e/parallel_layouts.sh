@@ -14,11 +14,15 @@ run "$WORK_DIR/ep2" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2") "${ARGS[@]}" --
 run "$WORK_DIR/ep4" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/ep4") "${ARGS[@]}" --set parallel.ep=4 --set training.micro_batch_size=4
 # Accumulation under overlapped reductions: buckets launch during the last micro-batch's backward.
 run "$WORK_DIR/ep2acc" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2acc") "${ARGS[@]}" --set parallel.ep=2 --set training.micro_batch_size=4 --set training.grad_accum_steps=2
+# Overlapped expert exchanges (two chunks per MoE layer), with and without the MPI progress thread.
+run "$WORK_DIR/ep2ov" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2ov") "${ARGS[@]}" --set parallel.ep=2 --set parallel.ep_overlap=true
+run "$WORK_DIR/ep2ovth" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2ovth") "${ARGS[@]}" --set parallel.ep=2 --set parallel.ep_overlap=true --set parallel.mpi_progress_thread=true
 run "$WORK_DIR/ep2ag" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/ep2ag") "${ARGS[@]}" --set parallel.ep=2 --set parallel.expert_dispatcher=allgather
 run "$WORK_DIR/tp2" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/tp2") "${ARGS[@]}" --set parallel.tp=2 --set training.grad_accum_steps=2
 run "$WORK_DIR/tp2sp" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/tp2sp") "${ARGS[@]}" --set parallel.tp=2 --set parallel.sequence_parallel=true --set training.grad_accum_steps=2
 run "$WORK_DIR/zero1" -np 2 "$TRAIN" $(micro_args "$WORK_DIR/zero1") "${ARGS[@]}" --set parallel.zero1=true
 run "$WORK_DIR/mixed" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/mixed") "${ARGS[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.zero1=true
+run "$WORK_DIR/mixedov" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/mixedov") "${ARGS[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.ep_overlap=true
 run "$WORK_DIR/mixedsp" -np 4 "$TRAIN" $(micro_args "$WORK_DIR/mixedsp") "${ARGS[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.sequence_parallel=true
 grep -q "layout dp=2 pp=1 tp=2 ep=2" "$WORK_DIR/mixed.log" || fail "mixed run did not report its layout"
 grep -q "ep: 2" "$WORK_DIR/mixed/config.yaml" || fail "the run directory does not record the layout"
@@ -26,7 +30,7 @@ python3 - "$WORK_DIR" <<'PY'
 import json, sys
 load = lambda name: [json.loads(l) for l in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
 ref = load("single")
-for name in ["ep2", "ep4", "ep2acc", "ep2ag", "tp2", "tp2sp", "zero1", "mixed", "mixedsp"]:
+for name in ["ep2", "ep4", "ep2acc", "ep2ov", "ep2ovth", "ep2ag", "tp2", "tp2sp", "zero1", "mixed", "mixedov", "mixedsp"]:
     other = load(name)
     assert len(other) == 20, name
     worst = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(ref, other))
@@ -42,6 +46,15 @@ for name in ["ep2", "ep4", "ep2acc", "ep2ag", "tp2", "tp2sp", "zero1", "mixed", 
             difference = abs(a["val_loss"] - b["val_loss"]) / a["val_loss"]
             assert difference <= 1e-4, (name, a["step"], a["val_loss"], b["val_loss"])
     print(f"{name}: validation loss at step 20 {other[-1]['val_loss']:.7f} (one process: {ref[-1]['val_loss']:.7f})")
+# Overlap splits each layer's tokens in two chunks: the forward is the same per token,
+# so the first step's loss is bit-identical; the expert weight gradients are then
+# summed per chunk, so later steps agree to rounding.
+for name, base in [("ep2ov", "ep2"), ("ep2ovth", "ep2"), ("mixedov", "mixed")]:
+    a, b = load(base), load(name)
+    assert a[0]["loss"] == b[0]["loss"], (name, a[0]["loss"], b[0]["loss"])
+    assert all("expert_wait_seconds" in r and r["expert_wait_seconds"] >= 0 for r in b), name
+    worst = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b))
+    print(f"{name}: first loss bit-identical to {base}, worst relative difference over 20 steps {worst:.1e}")
 PY
 
 # One checkpoint validated under four layouts (--eval-only loads the model under any
@@ -77,6 +90,8 @@ echo "ok: sharded resume is exact"
 expect_error "parallel.ep: 3 does not divide dp 2" mpirun --bind-to none -np 2 "$TRAIN" $(micro_args "$WORK_DIR/bad") --set parallel.ep=3
 expect_error "parallel.tp: tp x pp = 4 does not divide the 2 ranks" mpirun --bind-to none -np 2 "$TRAIN" $(micro_args "$WORK_DIR/bad") --set parallel.tp=4
 expect_error "parallel.tp: 2 does not divide model.num_heads 3" mpirun --bind-to none -np 2 "$TRAIN" $(micro_args "$WORK_DIR/bad") --set parallel.tp=2 --set model.num_heads=3 --set model.num_kv_heads=1
+expect_error "parallel.ep_overlap: overlaps the all-to-all dispatcher's exchanges; expert_dispatcher is 'allgather'" \
+  "$TRAIN" $(micro_args "$WORK_DIR/bad") --set parallel.expert_dispatcher=allgather --set parallel.ep_overlap=true
 # Ranks launched with different configs are refused before any collective can hang.
 expect_error "ranks disagree on the config: rank 1" mpirun --bind-to none -np 1 "$TRAIN" $(micro_args "$WORK_DIR/bad") : -np 1 "$TRAIN" $(micro_args "$WORK_DIR/bad") --set training.seed=2
 

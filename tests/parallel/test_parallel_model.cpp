@@ -13,6 +13,7 @@
 
 #include "moe/model.h"
 #include "parallel/grad_sync.h"
+#include "parallel/mpi/mpi_communicator.h"
 #include "tests/parallel/mpi_test_env.h"
 #include "trainer/optimizer.h"
 #include "trainer/zero1.h"
@@ -287,6 +288,48 @@ TEST(ExpertParallel, DispatchersAgreeWhenTokensAreDropped) {
   }
   EXPECT_LT(relative_error(outs[1], outs[0]), 1e-6);
   EXPECT_LT(relative_error(grads[1], grads[0]), 1e-6);
+}
+
+TEST(ExpertParallel, OverlappedChunksComputeTheSameFunction) {
+  // parallel.ep_overlap: the tokens go through the all-to-all dispatcher in two
+  // chunks whose exchanges are in flight while the other chunk's experts compute.
+  // Per token nothing changes: the outputs and the input gradients are the
+  // unsplit ones (each row's GEMMs alike); the expert weight gradients are summed
+  // per chunk, so they may differ by rounding only. With the MPI progress thread too.
+  const int64_t n = world().size();
+  const parallel::Mesh mesh(fmoe::testing::world_communicator(), {n, 1, 1, n});
+  for (const bool thread : {false, true}) {
+    SCOPED_TRACE(thread ? "progress thread" : "no progress thread");
+    const bool was_on = parallel::mpi_progress_thread();
+    ASSERT_TRUE(parallel::set_mpi_progress_thread(thread));
+    std::vector<at::Tensor> outs, input_grads, weight_grads, bias_grads;
+    for (const bool overlap : {false, true}) {
+      at::manual_seed(5);
+      moe::MoEModel model(micro_config(), moe::Parallelism{mesh, moe::ExpertDispatcher::kAllToAll, false, overlap});
+      at::manual_seed(300 + world().rank());
+      // 25 tokens: chunks of 13 and 12.
+      const at::Tensor h = at::randn({25, 32}).requires_grad_();
+      auto& layer = *model.moe_layers()[0];
+      moe::ForwardContext ctx;
+      ctx.batch = 1;
+      ctx.seq_len = 25;
+      ctx.aux_loss = at::zeros({});
+      ctx.z_loss = at::zeros({});
+      ctx.parallel = &model.parallelism();
+      const at::Tensor out = layer.forward(h, ctx);
+      const auto grads = torch::autograd::grad({(out * out.detach().cos()).sum()}, {h, layer.w13, layer.w2, layer.router_weight});
+      outs.push_back(out.detach());
+      input_grads.push_back(grads[0]);
+      weight_grads.push_back(at::cat({grads[1].flatten(), grads[2].flatten()}));
+      bias_grads.push_back(grads[3]);
+    }
+    EXPECT_TRUE(at::equal(outs[1], outs[0])) << "largest difference " << (outs[1] - outs[0]).abs().max().item<double>();
+    EXPECT_TRUE(at::equal(input_grads[1], input_grads[0])) << "relative " << relative_error(input_grads[1], input_grads[0]);
+    EXPECT_TRUE(at::equal(bias_grads[1], bias_grads[0])) << "router relative " << relative_error(bias_grads[1], bias_grads[0]);
+    EXPECT_GT(weight_grads[0].abs().sum().item<double>(), 0);
+    EXPECT_LT(relative_error(weight_grads[1], weight_grads[0]), 1e-6);
+    parallel::set_mpi_progress_thread(was_on);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, ParallelModel,
