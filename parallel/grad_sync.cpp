@@ -62,7 +62,7 @@ void GradientSync::on_gradient(size_t b, size_t i, const at::Tensor& grad) {
   bucket.filled[i] = true;
   if (++bucket.ready == static_cast<int64_t>(bucket.params.size())) {
     launch(bucket);
-    ++launched_in_backward_;
+    ++launching_;
   }
 }
 
@@ -76,6 +76,8 @@ void GradientSync::sync() {
   const Mesh& mesh = *mesh_;
   const int64_t dp = mesh.shape().dp;
   armed_ = false;
+  launched_in_backward_ = launching_;
+  launching_ = 0;
   if (dp == 1) return;
   // Buckets backward did not complete, in bucket order (the same on every rank).
   for (Bucket& bucket : buckets_) {

@@ -28,20 +28,19 @@ class GradientSync {
   GradientSync(const GradientSync&) = delete;
   GradientSync& operator=(const GradientSync&) = delete;
 
-  // Registers the gradient hooks (once). Then call arm(true) before the backward of
-  // the last micro-batch of a step, so buckets launch during it. Parameters in
-  // deferred get no hook (their gradient is still changed after backward, as
+  // Registers the gradient hooks (once). Then call arm(true) before a backward
+  // whose gradients are the parameters' last contributions of the step (the last
+  // micro-batch's; in a pipeline each stage's last B, I or W), arm(false) before
+  // the others, so buckets launch as they fill. Parameters in deferred get no hook
+  // (their gradient is still changed after backward, as
   // sum_partial_gradients_over_tp does): their buckets launch in sync().
   void enable_overlap(const std::vector<at::Tensor>& deferred = {});
-  void arm(bool last_micro_batch) {
-    armed_ = last_micro_batch && overlap_;
-    if (armed_) launched_in_backward_ = 0;
-  }
+  void arm(bool final_contributions) { armed_ = final_contributions && overlap_; }
   // Averages the parameters' .grad() in place (every rank of the mesh calls it):
   // launches what backward has not, waits for every bucket, writes the results.
   void sync();
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
-  // Buckets whose all-reduce started inside the last armed backward (overlap).
+  // Of the last sync()'s step: the buckets whose all-reduce started during backward (overlap).
   int64_t launched_in_backward() const { return launched_in_backward_; }
 
  private:
@@ -60,7 +59,7 @@ class GradientSync {
   std::vector<Bucket> buckets_;
   const Mesh* mesh_;
   bool overlap_ = false, armed_ = false;
-  int64_t launched_in_backward_ = 0;
+  int64_t launched_in_backward_ = 0, launching_ = 0;
   std::vector<std::pair<at::Tensor, unsigned>> hooks_;
 };
 

@@ -375,4 +375,23 @@ std::string validate(const PipelineSchedule& s) {
   return "";
 }
 
+std::vector<bool> last_gradient_actions(const PipelineSchedule& schedule, int rank) {
+  const std::vector<PipeAction>& actions = schedule.ranks.at(static_cast<size_t>(rank));
+  std::vector<bool> last(actions.size(), false);
+  // Walking backwards: the kinds of gradient action met so far on each stage.
+  std::map<int, std::set<PipeOp>> later;
+  for (size_t i = actions.size(); i-- > 0;) {
+    const PipeAction& a = actions[i];
+    if (a.op != PipeOp::kBackward && a.op != PipeOp::kInputGrad && a.op != PipeOp::kWeightGrad) continue;
+    std::set<PipeOp>& met = later[a.stage];
+    // B gives every gradient, I those that do not defer, W those that do.
+    const bool b = met.count(PipeOp::kBackward) > 0, in = met.count(PipeOp::kInputGrad) > 0, w = met.count(PipeOp::kWeightGrad) > 0;
+    if (a.op == PipeOp::kBackward) last[i] = !b && !in && !w;
+    if (a.op == PipeOp::kInputGrad) last[i] = !b && !in;
+    if (a.op == PipeOp::kWeightGrad) last[i] = !b && !w;
+    met.insert(a.op);
+  }
+  return last;
+}
+
 }  // namespace fmoe::parallel

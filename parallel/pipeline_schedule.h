@@ -91,4 +91,13 @@ PipelineSchedule lower(const PipelineSchedule& schedule);
 // one matching receive on the next (or previous) stage's rank.
 std::string validate(const PipelineSchedule& schedule);
 
+// For each action of `rank`'s list: whether the gradients it produces are the
+// last contributions of the step to its stage's parameters, so that their
+// data-parallel reductions may start during it. A whole backward (B) gives every
+// parameter's gradient, an input-gradient half (I) only those of the weights
+// that do not defer to W (norms, the embedding), W the rest: a B is final with
+// no later B, I or W on its stage, an I with no later B or I, a W with no later
+// B or W (DualPipeV mixes whole and split backwards on one stage).
+std::vector<bool> last_gradient_actions(const PipelineSchedule& schedule, int rank);
+
 }  // namespace fmoe::parallel

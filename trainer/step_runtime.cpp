@@ -190,12 +190,9 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
   const at::Tensor zero = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(pipeline_.device));
   const int64_t mtp_depth = model_.config().mtp_depth;
   totals.losses = at::zeros({3 + mtp_depth}, at::TensorOptions().dtype(at::kDouble).device(pipeline_.device));
-  // The gradient buckets arm before the last action that produces gradients: a B,
-  // or under a split schedule the last W (the input-gradient halves come earlier).
-  int gradient_actions_left = 0;
-  for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(rank)]) {
-    gradient_actions_left += a.op == parallel::PipeOp::kBackward || a.op == parallel::PipeOp::kInputGrad || a.op == parallel::PipeOp::kWeightGrad;
-  }
+  // The gradient buckets arm for each stage's last B, I and W: what those produce
+  // is final, so the buckets it completes start reducing while backward goes on.
+  const std::vector<bool> final_gradients = parallel::last_gradient_actions(schedule_, rank);
   const double scale = 1.0 / micro_batches;
 
   // A whole backward (B), or its input-gradient half (I) with the weight gradients queued for W.
@@ -256,7 +253,7 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
     const parallel::PipeAction& a = actions[index];
     const auto key = std::make_pair(a.stage, a.micro);
     const bool gradient = a.op == parallel::PipeOp::kBackward || a.op == parallel::PipeOp::kInputGrad || a.op == parallel::PipeOp::kWeightGrad;
-    if (gradient && hooks.before_backward) hooks.before_backward(--gradient_actions_left == 0);
+    if (gradient && hooks.before_backward) hooks.before_backward(final_gradients[index]);
     switch (a.op) {
       case parallel::PipeOp::kRecvForward:
       case parallel::PipeOp::kRecvBackward: {

@@ -26,7 +26,9 @@ struct StepHooks {
   // The tokens of micro-batch `micro` ([B, T + 1], on the model's device).
   std::function<at::Tensor(int64_t micro)> batch;
   // Called before each backward, input-gradient or weight-gradient action; `last`
-  // for the step's final one (the gradient buckets launch their reductions during it).
+  // when it is the last of its kind on its stage this step
+  // (parallel::last_gradient_actions): the gradients it produces are final, and
+  // the buckets they complete launch their reductions during it.
   std::function<void(bool last)> before_backward;
 };
 

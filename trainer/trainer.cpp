@@ -274,6 +274,7 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   }
   const int64_t copies_before = StepReadback::copies();
   const double pipeline_wait_start = mesh->pp().wait_seconds();
+  const double expert_wait_start = mesh->ep().wait_seconds();
   const double comm_start = communication_seconds();
   StepHooks step_hooks;
   step_hooks.batch = [&](int64_t micro) { return to_device(loader->train_batch(step, micro, dp_rank)); };
@@ -293,6 +294,7 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   const auto optimizer_start = Clock::now();
   const double optimizer_comm_start = communication_seconds();
   const at::Tensor grad_norm = optimizer_step(step, out.lr);
+  if (grad_sync && !zero1) out.buckets_in_backward = grad_sync->launched_in_backward();
   // Step-time breakdown: data, communication this rank waited on, optimizer, and the rest (compute).
   out.optimizer_seconds = seconds_since(optimizer_start) - (communication_seconds() - optimizer_comm_start);
   model->zero_grad(/*set_to_none=*/true);
@@ -310,6 +312,7 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   state.tokens_seen += figures.tokens_per_step;
   out.step_seconds = device.is_cpu() ? seconds_since(out.start) : loop.timer.seconds();
   out.comm_seconds = communication_seconds() - comm_start;
+  out.expert_wait = mesh->ep().wait_seconds() - expert_wait_start;
   out.device_to_host_copies = StepReadback::copies() - copies_before;
   loop.train_seconds += out.step_seconds;
   loop.timed_tokens += figures.tokens_per_step;
@@ -405,6 +408,13 @@ void Trainer::Impl::report(const StepOutcome& out, const RunFigures& figures, Lo
   if (shape.pp > 1) {
     line["pipeline_wait_seconds"] = out.pipeline_wait;
     line["pipeline"] = pipeline_times_json(pipeline_ranks);
+  }
+  // The expert exchanges' share of the communication (all-to-alls, and the
+  // expert-parallel group's part of checkpoints and clipping).
+  if (shape.ep > 1) line["expert_wait_seconds"] = out.expert_wait;
+  // How many data-parallel gradient buckets started reducing behind the backward.
+  if (shape.dp > 1 && out.buckets_in_backward >= 0) {
+    line["gradient_buckets"] = {{"total", grad_sync->num_buckets()}, {"launched_in_backward", out.buckets_in_backward}};
   }
   if (deciding) {
     line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},

@@ -13,7 +13,8 @@
 # resumed is bit-identical; every metrics line reports the time blocked on the
 # pipeline; validation runs through the pipeline (a one-process checkpoint
 # validates alike at pp4); a DualPipeV without two chunks per rank is refused.
-# Each layout runs again with point-to-point messages matched in issue order
+# Under ZB-H1 and DualPipeV with dp2 the gradient buckets launch during each
+# stage's last backward actions. Each layout runs again with point-to-point messages matched in issue order
 # only (NCCL's rule; FMOE_P2P_ISSUE_ORDER=1): bit-identical losses.
 source "$(dirname "$0")/common.sh"
 STEPS=(--set training.steps=20 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
@@ -70,6 +71,21 @@ check zbh1_pp2_dp2_zero1 4 --set parallel.pp=2 "${ZB[@]}" --set parallel.zero1=t
 check dualpipev_pp2 2 --set parallel.pp=2 "${DPV[@]}"
 check dualpipev_pp4 4 --set parallel.pp=4 "${DPV[@]}" --set training.grad_accum_steps=8 --set training.micro_batch_size=1
 check dualpipev_pp2_dp2_ep2 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=1
+check dualpipev_pp2_dp2_ep2_overlap 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.ep_overlap=true --set training.micro_batch_size=1 \
+  --set parallel.bucket_mb=0.05
+check zbh1_pp2_dp2 4 --set parallel.pp=2 "${ZB[@]}" --set parallel.bucket_mb=0.05 --set training.micro_batch_size=1
+# Gradient buckets start reducing during each stage's last backward actions (its
+# last I for norms and the embedding, its last W for the rest): under ZB-H1 every
+# bucket of rank 0 does; under DualPipeV, which mixes whole and split backwards
+# on a stage, most do.
+python3 - "$WORK_DIR/pp_zbh1_pp2_dp2/metrics.jsonl" "$WORK_DIR/pp_dualpipev_pp2_dp2_ep2_overlap/metrics.jsonl" <<'PY' || fail "gradient buckets wait for the end of backward"
+import json, sys
+for path, share in ((sys.argv[1], 1.0), (sys.argv[2], 0.5)):
+    lines = [json.loads(l)["gradient_buckets"] for l in open(path)]
+    total, early = lines[0]["total"], min(b["launched_in_backward"] for b in lines)
+    assert total >= 4 and early >= share * total, (path, lines[0], early)
+    print("ok: %s: %d of %d gradient buckets launched during backward" % (path.split("/")[-2], early, total))
+PY
 
 # Every gradient of the first step (reduced, before clipping) against one process:
 # each pipeline rank writes its stages' gradients; together they are the model's.

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -176,6 +177,49 @@ TEST(PipelineSchedule, DualPipeVHoldsAVOfStagesAndDeepSeeksMemory) {
     EXPECT_EQ(r1[i + 3], (PipeAction{b.stage, PipeOp::kSendBackward, b.micro}));
   }
   EXPECT_EQ(pairs, 2 * (10 - 8 + 1 + 1) + 2);  // phase 4: two per round; phase 5: one per round
+}
+
+// Which gradients each kind of action gives: 1 those of weights that do not defer
+// to W (norms, the embedding), 2 those that do.
+int contributes(PipeOp op) { return op == PipeOp::kBackward ? 3 : op == PipeOp::kInputGrad ? 1 : op == PipeOp::kWeightGrad ? 2 : 0; }
+
+TEST(PipelineSchedule, TheLastGradientActionsOfEachStageAreMarked) {
+  EXPECT_EQ(last_gradient_actions(make_schedule("1f1b", 1, 1, 3), 0), (std::vector<bool>{false, false, false, false, false, true}));
+  int checked = 0;
+  for (const std::string name : {"gpipe", "1f1b", "interleaved", "zbh1", "dualpipev"}) {
+    for (int pp : {2, 4}) {
+      const int v = name == "interleaved" || name == "dualpipev" ? 2 : 1;
+      for (int m : {2 * pp, 3 * pp}) {
+        const PipelineSchedule s = lower(make_schedule(name, pp, v, m));
+        for (int r = 0; r < pp; ++r) {
+          const std::vector<PipeAction>& actions = s.ranks[static_cast<size_t>(r)];
+          const std::vector<bool> last = last_gradient_actions(s, r);
+          ASSERT_EQ(last.size(), actions.size());
+          std::map<int, int> covered;  // stage -> the kinds of gradient its marked actions give, together
+          for (size_t i = 0; i < actions.size(); ++i) {
+            const int mine = contributes(actions[i].op);
+            if (mine == 0) {
+              EXPECT_FALSE(last[i]) << actions[i].text();
+              continue;
+            }
+            // Marked exactly when no later action on the stage gives any of the same gradients.
+            bool later = false;
+            for (size_t j = i + 1; j < actions.size(); ++j) later |= actions[j].stage == actions[i].stage && (contributes(actions[j].op) & mine);
+            EXPECT_EQ(last[i], !later) << name << " pp" << pp << " m" << m << " rank " << r << " " << actions[i].text();
+            if (last[i]) covered[actions[i].stage] |= mine;
+            ++checked;
+          }
+          // Every stage of the rank has a marked action; without mixed whole and
+          // split backwards, the marked ones give both kinds of gradient.
+          EXPECT_EQ(static_cast<int>(covered.size()), v) << name << " rank " << r;
+          if (name != "dualpipev") {
+            for (const auto& [stage, kinds] : covered) EXPECT_EQ(kinds, 3) << name << " stage " << stage;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 800);  // the grid ran (854 gradient actions)
 }
 
 TEST(PipelineSchedule, ValidatorNamesTheFirstProblem) {
