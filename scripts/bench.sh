@@ -5,7 +5,7 @@
 # same threads, eager and torch.compile'd; MPI collective bandwidth at 2 and 4
 # ranks; the step-time breakdown of the tiny config under expert and tensor
 # parallelism at 2 and 4 ranks; moe-plan's step time against the measured one;
-# the MPI progress thread off and on.
+# the MPI progress thread off and on; the expert exchanges overlapped off and on.
 # SKIP_PARALLEL=1 stops after the single-process part.
 # Needs the corpus (moe-data prepare) and a build. Results go to docs/benchmarks.md by hand.
 set -euo pipefail
@@ -90,4 +90,41 @@ for layout in "dp2" "dp2+ep2 --set parallel.ep=2" "dp4+ep4 --set parallel.ep=4";
   name=${layout%% *}; ranks=${name:2:1}; args=(${layout#"$name"})
   breakdown "$ranks" "$name off" "${args[@]}" --set parallel.mpi_progress_thread=false
   breakdown "$ranks" "$name on" "${args[@]}" --set parallel.mpi_progress_thread=true
+done
+
+echo "== overlapped expert exchanges (parallel.ep_overlap) off and on, three interleaved pairs each, medians"
+# hidden: 1 - (step_on - compute) / comm with comm = the expert group's waited time
+# with overlap off (rank 0) and compute = step_off - comm, i.e. the step time saved
+# per second of expert communication; waited: how much less rank 0 waits on it.
+overlap_pairs() {  # name, ranks, args...
+  local name=$1 ranks=$2; shift 2
+  local dir; dir=$(mktemp -d)
+  for pair in 1 2 3; do
+    for overlap in false true; do
+      mpirun --oversubscribe --bind-to none -np "$ranks" build/launch/moe-train --config configs/tiny.yaml \
+        --set training.steps="${BREAKDOWN_STEPS:-12}" --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0 \
+        --set training.eval_sequences=16 --set training.run_dir="$dir/$overlap$pair" --set training.precision="$chosen" \
+        --set parallel.ep_overlap=$overlap "$@" > "$dir/$overlap$pair.log" 2>&1
+    done
+  done
+  python3 - "$dir" "$name" <<'PY'
+import json, statistics, sys
+def run(path):
+    steps = [json.loads(l) for l in open(path + "/metrics.jsonl")][2:]
+    return (sum(s["step_seconds"] for s in steps) / len(steps), sum(s["expert_wait_seconds"] for s in steps) / len(steps))
+off = [run(f"{sys.argv[1]}/false{p}") for p in (1, 2, 3)]
+on = [run(f"{sys.argv[1]}/true{p}") for p in (1, 2, 3)]
+med = lambda runs, i: statistics.median(r[i] for r in runs)
+step_off, comm_off, step_on, comm_on = med(off, 0), med(off, 1), med(on, 0), med(on, 1)
+hidden = 1 - (step_on - (step_off - comm_off)) / comm_off
+print(f"{sys.argv[2]:<34} step off {step_off:.3f} s on {step_on:.3f} s ({100 * (step_on / step_off - 1):+.1f}%)  expert wait off {1e3 * comm_off:5.1f} ms"
+      f" on {1e3 * comm_on:5.1f} ms  hidden {100 * hidden:+.0f}%  waited {100 * (1 - comm_on / comm_off):+.0f}%")
+PY
+  rm -rf "$dir"
+}
+for thread in false true; do
+  overlap_pairs "dp2+ep2, progress thread $thread" 2 --set parallel.ep=2 --set training.micro_batch_size=8 --set parallel.mpi_progress_thread=$thread
+  overlap_pairs "pp2 DualPipeV+dp2+ep2, thread $thread" 4 --set parallel.pp=2 --set parallel.pipeline_schedule=dualpipev --set parallel.virtual_pp=2 \
+    --set parallel.ep=2 --set training.micro_batch_size=2 --set training.grad_accum_steps=4 --set parallel.mpi_progress_thread=$thread
+  overlap_pairs "dp4+ep4, progress thread $thread" 4 --set parallel.ep=4 --set training.micro_batch_size=4 --set parallel.mpi_progress_thread=$thread
 done
