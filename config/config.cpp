@@ -77,6 +77,7 @@ void visit(V& v, DataConfig& c) {
 
 template <class V>
 void visit(V& v, OptimizerConfig& c) {
+  v.field("name", c.name);
   v.field("lr", c.lr);
   v.field("min_lr", c.min_lr);
   v.field("beta1", c.beta1);
@@ -95,6 +96,11 @@ void visit(V& v, OptimizerConfig& c) {
   v.field("exp_avg_sq_dtype", c.exp_avg_sq_dtype);
   v.field("grad_dtype", c.grad_dtype);
   v.field("state_block_size", c.state_block_size);
+  v.field("adamw_lr", c.adamw_lr);
+  v.field("muon_momentum", c.muon_momentum);
+  v.field("muon_nesterov", c.muon_nesterov);
+  v.field("muon_ns_steps", c.muon_ns_steps);
+  v.field("muon_scale", c.muon_scale);
 }
 
 template <class V>
@@ -393,6 +399,11 @@ std::string OptimizerConfig::validate() const {
   }
   if (!one_of(grad_dtype, {"fp32", "bf16", "fp8"})) return "grad_dtype: must be fp32, bf16 or fp8, got '" + grad_dtype + "'";
   if (state_block_size < 1) return "state_block_size: must be >= 1";
+  if (name != "adamw" && name != "muon") return "name: must be adamw or muon, got '" + name + "'";
+  if (!(adamw_lr >= 0)) return "adamw_lr: must be >= 0 (0: lr)";
+  if (!(muon_momentum >= 0 && muon_momentum < 1)) return "muon_momentum: must be in [0, 1)";
+  if (muon_ns_steps < 1 || muon_ns_steps > 20) return "muon_ns_steps: must be in [1, 20], got " + std::to_string(muon_ns_steps);
+  if (muon_scale != "rms" && muon_scale != "shape") return "muon_scale: must be rms or shape, got '" + muon_scale + "'";
   return "";
 }
 
@@ -473,6 +484,9 @@ std::string Config::validate() const {
     } catch (const std::invalid_argument& e) {
       return std::string("parallel.pipeline_layout: ") + e.what();
     }
+  }
+  if (optimizer.muon() && parallel.tp > 1) {
+    return "optimizer.name: muon orthogonalizes whole matrices, which parallel.tp > 1 splits (not supported yet: use tp 1)";
   }
   if (training.seq_len > model.max_seq_len) {
     return "training.seq_len: " + std::to_string(training.seq_len) + " exceeds model.max_seq_len " + std::to_string(model.max_seq_len);

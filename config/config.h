@@ -30,7 +30,11 @@ struct DataConfig {
 };
 
 struct OptimizerConfig {
-  double lr = 3e-3;
+  // adamw | muon: Muon (momentum orthogonalized by Newton-Schulz) for the hidden
+  // weight matrices (attention and MLA projections, dense FFNs, each expert's
+  // matrices), AdamW for the rest (embedding, head, norms, biases, router).
+  std::string name = "adamw";
+  double lr = 3e-3;                  // peak learning rate (under muon: the matrices', their updates RMS-matched to AdamW's)
   double min_lr = 3e-4;
   double beta1 = 0.9;
   double beta2 = 0.95;
@@ -49,6 +53,15 @@ struct OptimizerConfig {
   std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
   std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8
   int64_t state_block_size = 128;          // FP8 state tiles
+  // Muon (name: muon). Its momentum is stored like exp_avg (exp_avg_dtype).
+  double adamw_lr = 0;               // peak learning rate of the AdamW-updated parameters; 0: lr
+  double muon_momentum = 0.95;
+  bool muon_nesterov = true;
+  int64_t muon_ns_steps = 5;         // Newton-Schulz iterations (quintic coefficients)
+  // rms: update x 0.2 sqrt(max(rows, cols)), so its RMS matches AdamW's (Moonshot);
+  // shape: update x sqrt(max(1, fan_out / fan_in)) (the original Muon)
+  std::string muon_scale = "rms";
+  bool muon() const { return name == "muon"; }
   std::string validate() const;
 };
 

@@ -309,7 +309,12 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   p.memory.weights = local * 2.0;  // BF16 compute copy (FP8 copies are transient per GEMM)
   p.memory.grads = local * dtype_bytes(o.grad_dtype, block);
   p.memory.master = sharded * dtype_bytes(o.main_params_dtype, block);
-  p.memory.optimizer = sharded * (dtype_bytes(o.exp_avg_dtype, block) + dtype_bytes(o.exp_avg_sq_dtype, block));
+  // Muon keeps one moment for the hidden matrices (every expert, and the dense
+  // side's attention, FFN and MTP projections); the second moment stays with
+  // the AdamW parameters (embedding, head, norms, router).
+  const double adamw_dense = o.muon() ? static_cast<double>(counts.embedding + counts.head + counts.norms + counts.router) / dense_total : 1.0;
+  const double second_moment = dense_local / zero_dense * adamw_dense + (o.muon() ? 0.0 : expert_local / zero_expert);
+  p.memory.optimizer = sharded * dtype_bytes(o.exp_avg_dtype, block) + second_moment * dtype_bytes(o.exp_avg_sq_dtype, block);
   // The stages: written, or split by cost; the busiest holds the most layers.
   double layers_per_stage = static_cast<double>(m.num_layers);
   if (layout.pp > 1) {

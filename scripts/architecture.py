@@ -4,7 +4,7 @@
   scripts/architecture.py            prints the section (a Mermaid picture and a table)
   scripts/architecture.py --write    replaces it in docs/architecture.md (between the layers markers)
   scripts/architecture.py --check    fails when an include points up the layer order, a folder
-                                     holds over 25% of the source lines, trainer/ exceeds 3,500,
+                                     holds over 25% of the source lines, trainer/ exceeds 4,000,
                                      or the picture's arrows are not the code's
 
 The layer order is the one docs/architecture.md states; the CMake targets follow it.
@@ -20,7 +20,7 @@ LAYERS = ["common", "fp8", "data", "parallel", "moe", "config", "checkpoint", "t
 SOURCES = (".h", ".cpp", ".cu", ".cuh")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([a-z0-9_]+)/', re.M)
 MAX_SHARE = 0.25
-MAX_TRAINER_LINES = 3500
+MAX_TRAINER_LINES = 4000  # the run, its step, and the optimizers (AdamW, Muon, ZeRO-1)
 BEGIN, END = "<!-- layers:begin (scripts/architecture.py --write) -->", "<!-- layers:end -->"
 
 

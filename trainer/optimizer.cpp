@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <numbers>
@@ -40,7 +41,26 @@ std::string StateBytes::format() const {
   return text;
 }
 
-AdamW::AdamW(std::vector<NamedParameter> parameters, const OptimizerConfig& config)
+moe::WeightMatrices muon_matrices(const std::string& name, at::IntArrayRef shape, const OptimizerConfig& config,
+                                  const moe::ModelConfig* model) {
+  return config.muon() ? moe::weight_matrices(name, shape, model) : moe::WeightMatrices{};
+}
+
+at::Tensor newton_schulz(const at::Tensor& G, int64_t steps) {
+  constexpr double a = 3.4445, b = -4.7750, c = 2.0315;
+  at::Tensor X = G / (G.square().sum({-2, -1}, /*keepdim=*/true).sqrt() + 1e-7);
+  const bool tall = X.size(-2) > X.size(-1);
+  if (tall) X = X.transpose(-2, -1);  // A = X X^T on the smaller side
+  X = X.contiguous();
+  for (int64_t k = 0; k < steps; ++k) {
+    const at::Tensor A = at::bmm(X, X.transpose(-2, -1));
+    const at::Tensor B = at::baddbmm(A, A, A, /*beta=*/b, /*alpha=*/c);
+    X = at::baddbmm(X, B, X, /*beta=*/a, /*alpha=*/1.0);
+  }
+  return tall ? X.transpose(-2, -1) : X;
+}
+
+Optimizer::Optimizer(std::vector<NamedParameter> parameters, const OptimizerConfig& config, const moe::ModelConfig* model)
     : params_(std::move(parameters)), config_(config), grad_dtype_(fp8::parse_storage_dtype(config.grad_dtype)) {
   const auto main_dtype = fp8::parse_storage_dtype(config.main_params_dtype);
   const auto m_dtype = fp8::parse_storage_dtype(config.exp_avg_dtype);
@@ -51,23 +71,32 @@ AdamW::AdamW(std::vector<NamedParameter> parameters, const OptimizerConfig& conf
   Group decay{config.weight_decay, {}}, no_decay{0.0, {}};
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i].tensor;
+    muon_.push_back(muon_matrices(params_[i].name, p.sizes(), config, model));
     exp_avg_.emplace_back(p.sizes(), m_dtype, block, /*sqrt_transform=*/false, p.device());
     // FP8 second moments are stored as their square root (half the dynamic range).
-    exp_avg_sq_.emplace_back(p.sizes(), v_dtype, block, /*sqrt_transform=*/v_dtype == fp8::StorageDtype::kFp8, p.device());
+    if (muon_.back().matrix) {
+      exp_avg_sq_.emplace_back();
+    } else {
+      exp_avg_sq_.emplace_back(p.sizes(), v_dtype, block, /*sqrt_transform=*/v_dtype == fp8::StorageDtype::kFp8, p.device());
+    }
     if (main_dtype != fp8::StorageDtype::kFp32) {
       master_.emplace_back(p.sizes(), main_dtype, block, /*sqrt_transform=*/false, p.device());
       master_.back().store(p.detach());
       at::NoGradGuard no_grad;
       p.copy_(master_.back().load());  // the working copy starts from the rounded master
     }
-    (decays(classify_parameter(params_[i].name), config) ? decay : no_decay).members.push_back(i);
+    if (muon_.back().matrix) {
+      muon_members_.push_back(i);
+    } else {
+      (decays(classify_parameter(params_[i].name), config) ? decay : no_decay).members.push_back(i);
+    }
   }
   for (Group* group : {&decay, &no_decay}) {
     if (!group->members.empty()) groups_.push_back(std::move(*group));
   }
 }
 
-void AdamW::quantize_gradients() {
+void Optimizer::quantize_gradients() {
   if (grad_dtype_ == fp8::StorageDtype::kFp32) return;
   at::NoGradGuard no_grad;
   for (auto& p : params_) {
@@ -77,18 +106,64 @@ void AdamW::quantize_gradients() {
   }
 }
 
-void AdamW::step(double lr) {
+void Optimizer::step(double lr) {
   at::NoGradGuard no_grad;
+  // Under Muon the AdamW parameters follow the schedule from their own peak.
+  const double adamw_lr = config_.muon() && config_.adamw_lr > 0 ? lr * config_.adamw_lr / config_.lr : lr;
   if (all_fp32_) {
-    step_fused(lr);
+    step_fused(adamw_lr);
   } else {
     const double step = static_cast<double>(steps_taken_ + 1);
-    step_stored(lr, 1.0 - std::pow(config_.beta1, step), 1.0 - std::pow(config_.beta2, step));
+    step_stored(adamw_lr, 1.0 - std::pow(config_.beta1, step), 1.0 - std::pow(config_.beta2, step));
   }
+  step_muon(lr);
   ++steps_taken_;
 }
 
-void AdamW::step_fused(double lr) {
+// The scaled orthogonalized update of parameter i from U (FP32, its shape).
+at::Tensor Optimizer::muon_update(const at::Tensor& u, size_t i) const {
+  const moe::WeightMatrices& m = muon_[i];
+  const bool experts = m.in_major;  // [matrices, in, out]; 2-D weights are [out, in]
+  const at::Tensor u3 = experts ? u : u.unsqueeze(0);
+  at::Tensor out = at::empty_like(u3);
+  const int64_t dim = m.split_dim < 0 ? -1 : (experts ? m.split_dim : m.split_dim + 1);
+  const std::vector<int64_t> blocks = m.blocks.empty() ? std::vector<int64_t>{u3.size(-1)} : m.blocks;
+  int64_t begin = 0;
+  for (const int64_t size : blocks) {
+    const at::Tensor piece = u3.narrow(dim, begin, size);
+    const double rows = static_cast<double>(piece.size(1)), cols = static_cast<double>(piece.size(2));
+    const double fan_out = experts ? cols : rows, fan_in = experts ? rows : cols;
+    const double scale = config_.muon_scale == "rms" ? 0.2 * std::sqrt(std::max(rows, cols)) : std::sqrt(std::max(1.0, fan_out / fan_in));
+    out.narrow(dim, begin, size).copy_(newton_schulz(piece, config_.muon_ns_steps).mul_(scale));
+    begin += size;
+  }
+  return experts ? out : out.squeeze(0);
+}
+
+void Optimizer::step_muon(double lr) {
+  const double mu = config_.muon_momentum;
+  for (size_t i : muon_members_) {
+    at::Tensor& param = params_[i].tensor;
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined()) continue;
+    const at::Tensor g = grad.to(at::kFloat);
+    // FP32 storage: load() is the stored momentum itself, updated in place.
+    at::Tensor momentum = exp_avg_[i].dtype() == fp8::StorageDtype::kFp32 ? exp_avg_[i].load() : exp_avg_[i].load().clone();
+    momentum.lerp_(g, 1.0 - mu);
+    const at::Tensor u = config_.muon_nesterov ? g.lerp(momentum, mu) : momentum;
+    const at::Tensor update = muon_update(u, i);
+    at::Tensor master = master_.empty() ? param : master_[i].load().clone();
+    if (config_.weight_decay > 0) master.mul_(1.0 - lr * config_.weight_decay);
+    master.add_(update, -lr);
+    if (exp_avg_[i].dtype() != fp8::StorageDtype::kFp32) exp_avg_[i].store(momentum);
+    if (!master_.empty()) {
+      master_[i].store(master);
+      param.copy_(master_[i].load());
+    }
+  }
+}
+
+void Optimizer::step_fused(double lr) {
   for (const Group& group : groups_) {
     std::vector<at::Tensor> p, g, m, v;
     for (size_t i : group.members) {
@@ -110,7 +185,7 @@ void AdamW::step_fused(double lr) {
   }
 }
 
-void AdamW::step_stored(double lr, double bias_correction1, double bias_correction2) {
+void Optimizer::step_stored(double lr, double bias_correction1, double bias_correction2) {
   for (const Group& group : groups_) {
     for (size_t i : group.members) {
       at::Tensor& param = params_[i].tensor;
@@ -133,14 +208,14 @@ void AdamW::step_stored(double lr, double bias_correction1, double bias_correcti
   }
 }
 
-StateBytes AdamW::bytes_per_parameter() const {
+StateBytes Optimizer::bytes_per_parameter() const {
   StateBytes b;
   double numel = 0, master = 0, m = 0, v = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
     numel += static_cast<double>(params_[i].tensor.numel());
     if (!master_.empty()) master += static_cast<double>(master_[i].bytes());
     m += static_cast<double>(exp_avg_[i].bytes());
-    v += static_cast<double>(exp_avg_sq_[i].bytes());
+    if (!muon_[i].matrix) v += static_cast<double>(exp_avg_sq_[i].bytes());
   }
   if (numel == 0) return b;
   b.weights = 4;
@@ -173,21 +248,31 @@ void restore_parts(const TensorMap& state, const std::string& prefix, fp8::LowPr
 
 }  // namespace
 
-TensorMap AdamW::state() const {
+TensorMap Optimizer::state() const {
   TensorMap state;
   for (size_t i = 0; i < params_.size(); ++i) {
-    add_parts(state, "exp_avg." + params_[i].name, exp_avg_[i]);
-    add_parts(state, "exp_avg_sq." + params_[i].name, exp_avg_sq_[i]);
+    add_parts(state, "exp_avg." + params_[i].name, exp_avg_[i]);  // Muon: its momentum
+    if (!muon_[i].matrix) add_parts(state, "exp_avg_sq." + params_[i].name, exp_avg_sq_[i]);
     if (!master_.empty()) add_parts(state, "master." + params_[i].name, master_[i]);
   }
   state["optimizer_steps"] = at::full({}, steps_taken_, at::kLong);  // a host scalar: the checkpoint reads it
   return state;
 }
 
-void AdamW::load_state(const TensorMap& state, const std::string& source) {
+void Optimizer::load_state(const TensorMap& state, const std::string& source) {
   for (size_t i = 0; i < params_.size(); ++i) {
-    restore_parts(state, "exp_avg." + params_[i].name, exp_avg_[i], source);
-    restore_parts(state, "exp_avg_sq." + params_[i].name, exp_avg_sq_[i], source);
+    const std::string& name = params_[i].name;
+    // Muon keeps no second moment: its presence or absence tells which optimizer wrote the state.
+    const bool has_second = state.count("exp_avg_sq." + name + ".data") > 0;
+    if (muon_[i].matrix && has_second) {
+      throw std::runtime_error(source + ": optimizer state of '" + name + "' was written by AdamW; this run's optimizer.name is muon");
+    }
+    if (!muon_[i].matrix && !has_second && state.count("exp_avg." + name + ".data") > 0) {
+      throw std::runtime_error(source + ": optimizer state of '" + name + "' was written by Muon (no second moment); this run updates "
+                               "it with AdamW (optimizer.name: " + config_.name + ")");
+    }
+    restore_parts(state, "exp_avg." + name, exp_avg_[i], source);
+    if (!muon_[i].matrix) restore_parts(state, "exp_avg_sq." + name, exp_avg_sq_[i], source);
     if (!master_.empty()) restore_parts(state, "master." + params_[i].name, master_[i], source);
   }
   const auto steps = state.find("optimizer_steps");

@@ -11,6 +11,8 @@
 #include "fp8/low_precision_tensor.h"
 #include "parallel/mesh.h"
 #include "config/config.h"
+#include "moe/matrices.h"
+#include "moe/model_config.h"
 #include "checkpoint/safetensors.h"
 
 namespace fmoe::trainer {
@@ -41,13 +43,35 @@ struct StateBytes {
   std::string format() const;
 };
 
-// AdamW whose master weights, moments and gradients are kept in the configured
-// storage dtypes. With everything FP32 it runs multi-tensor (foreach) kernels;
-// otherwise each parameter's state is loaded to FP32, updated and stored back,
-// and the working weights are refreshed from the (rounded) master copy.
-class AdamW {
+// The parameters optimizer.name: muon takes: the hidden weight matrices
+// (moe::weight_matrices; the rest stays with AdamW).
+moe::WeightMatrices muon_matrices(const std::string& name, at::IntArrayRef shape, const OptimizerConfig& config,
+                                  const moe::ModelConfig* model = nullptr);
+
+// Newton-Schulz orthogonalization of each matrix of G ([matrices, rows, cols],
+// FP32): the quintic iteration X <- a X + (b A + c A^2) X, A = X X^T, from X =
+// G / ||G||_F, with (a, b, c) = (3.4445, -4.7750, 2.0315): singular values are
+// pushed into about [0.7, 1.2] (not exactly 1: the coefficients trade accuracy
+// for speed), directions kept.
+at::Tensor newton_schulz(const at::Tensor& G, int64_t steps);
+
+// The training state's optimizer: AdamW, or under optimizer.name: muon Muon for
+// the hidden matrices (muon_matrices) beside AdamW for the rest. Master
+// weights, moments (Muon's momentum is kept as exp_avg, with its dtype) and
+// gradients are kept in the configured storage dtypes. With everything FP32 the
+// AdamW part runs multi-tensor (foreach) kernels; otherwise each parameter's
+// state is loaded to FP32, updated and stored back, and the working weights are
+// refreshed from the (rounded) master copy.
+//
+// Muon, per matrix: M <- lerp(M, G, 1 - momentum); U = lerp(G, M, momentum)
+// (Nesterov) or M; O = newton_schulz(U); W <- W (1 - lr wd) - lr s O with s =
+// 0.2 sqrt(max(rows, cols)) (muon_scale rms: O's RMS becomes about 0.2, AdamW's
+// typical update RMS, so one learning rate serves both) or sqrt(max(1, fan_out
+// / fan_in)) (muon_scale shape). The AdamW parameters take adamw_lr (when set)
+// scaled by the same schedule.
+class Optimizer {
  public:
-  AdamW(std::vector<NamedParameter> parameters, const OptimizerConfig& config);
+  Optimizer(std::vector<NamedParameter> parameters, const OptimizerConfig& config, const moe::ModelConfig* model = nullptr);
   // Rounds the gradients to grad_dtype, as if they had been stored in it. Call before clipping.
   void quantize_gradients();
   // One update with learning rate lr from the parameters' current .grad().
@@ -67,9 +91,14 @@ class AdamW {
   };
   void step_fused(double lr);
   void step_stored(double lr, double bias_correction1, double bias_correction2);
+  void step_muon(double lr);
+  at::Tensor muon_update(const at::Tensor& u, size_t i) const;
 
   std::vector<NamedParameter> params_;
+  // exp_avg_ holds Muon's momentum for its matrices, whose exp_avg_sq_ entries are empty.
   std::vector<fp8::LowPrecisionTensor> exp_avg_, exp_avg_sq_, master_;  // master_ empty when FP32
+  std::vector<moe::WeightMatrices> muon_;  // matrix: Muon updates it
+  std::vector<size_t> muon_members_;
   std::vector<Group> groups_;
   OptimizerConfig config_;
   fp8::StorageDtype grad_dtype_;

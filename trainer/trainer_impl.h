@@ -119,7 +119,7 @@ struct Trainer::Impl {
   c10::Device device{c10::kCPU};
   std::shared_ptr<moe::MoEModel> model;
   std::unique_ptr<data::TokenLoader> loader;
-  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<Optimizer> optimizer;
   std::vector<NamedParameter> params;
   TrainerState state;
   std::optional<parallel::Mesh> mesh;

@@ -152,11 +152,11 @@ void Trainer::Impl::build_model() {
     is_expert.push_back(spec.is_expert());
   }
   if (uses_zero1()) {
-    zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer);
+    zero1 = std::make_unique<Zero1>(params, sharded_over_tp, is_expert, *mesh, cfg.optimizer, &cfg.model);
   } else {
     grad_sync = std::make_unique<parallel::GradientSync>(dense, experts, *mesh, static_cast<int64_t>(cfg.parallel.bucket_mb * (1 << 20)));
     grad_sync->enable_overlap(/*deferred=*/tp_partial);
-    optimizer = std::make_unique<AdamW>(params, cfg.optimizer);
+    optimizer = std::make_unique<Optimizer>(params, cfg.optimizer, &cfg.model);
   }
   // A rank keeps only its stages' weights (other stages' come back for checkpoints).
   stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
@@ -246,7 +246,8 @@ RunFigures Trainer::Impl::start_outputs() {
                       [](int64_t n, const NamedParameter& p) { return n + p.tensor.numel(); })) / 1e6);
     log(text);
   }
-  log("memory per parameter: " + figures.state_bytes.format() + " (master " + cfg.optimizer.main_params_dtype + ", grads " +
+  log("memory per parameter: " + figures.state_bytes.format() + " (optimizer " + cfg.optimizer.name + ", master " +
+      cfg.optimizer.main_params_dtype + ", grads " +
       cfg.optimizer.grad_dtype + ", exp_avg " + cfg.optimizer.exp_avg_dtype + ", exp_avg_sq " + cfg.optimizer.exp_avg_sq_dtype + ")");
   if (cfg.precision.fp8) log("fp8 GEMMs: " + fp8::fp8_gemm_backend(device));
   if (tc.eval_sequences > loader->num_val_windows()) {

@@ -15,7 +15,7 @@ using config::OptimizerConfig;
 using checkpoint::TensorMap;
 
 Zero1::Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>& sharded_over_tp, const std::vector<bool>& expert,
-             const parallel::Mesh& mesh, const OptimizerConfig& config)
+             const parallel::Mesh& mesh, const OptimizerConfig& config, const moe::ModelConfig* model)
     : params_(params), sharded_over_tp_(sharded_over_tp), expert_(expert), owned_(params.size(), false), mesh_(&mesh),
       options_(at::TensorOptions().dtype(at::kFloat).device(params.empty() ? at::Device(at::kCPU) : params.front().tensor.device())) {
   for (bool experts : {false, true}) {
@@ -49,7 +49,8 @@ Zero1::Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>&
   for (size_t i = 0; i < params_.size(); ++i) {
     if (owned_[i]) mine.push_back(params_[i]);
   }
-  optimizer_ = std::make_unique<AdamW>(mine, config);
+  optimizer_ = std::make_unique<Optimizer>(mine, config, model);
+  for (const NamedParameter& p : params_) muon_.push_back(muon_matrices(p.name, p.tensor.sizes(), config, model).matrix);
 }
 
 TensorMap Zero1::full_state() const {
@@ -60,6 +61,7 @@ TensorMap Zero1::full_state() const {
     for (size_t k = 0; k < p.members.size(); ++k) {
       const NamedParameter& param = params_[p.members[k]];
       for (const std::string moment : {"exp_avg.", "exp_avg_sq."}) {
+        if (moment == "exp_avg_sq." && muon_[p.members[k]]) continue;
         const std::string key = moment + param.name + ".data";
         at::Tensor t = p.owner[k] == p.group->rank() ? owned.at(key).clone() : at::empty(param.tensor.sizes(), options_);
         if (p.group->size() > 1) p.group->broadcast(t, {static_cast<int>(p.owner[k])})->wait();

@@ -23,7 +23,7 @@ class Zero1 {
  public:
   // sharded_over_tp / expert: per parameter, as parallel::global_grad_square_sum takes them.
   Zero1(const std::vector<NamedParameter>& params, const std::vector<bool>& sharded_over_tp, const std::vector<bool>& expert,
-        const parallel::Mesh& mesh, const OptimizerConfig& config);
+        const parallel::Mesh& mesh, const OptimizerConfig& config, const moe::ModelConfig* model = nullptr);
 
   // Gradients averaged over data parallelism, each landing on its owner only.
   void reduce_scatter_gradients();
@@ -31,7 +31,8 @@ class Zero1 {
   void quantize_gradients() { optimizer_->quantize_gradients(); }
   // Clips the owned gradients by the global norm (every shard counted once); returns that norm.
   at::Tensor clip_grad_norm(double max_norm);
-  // AdamW on the owned parameters, then every rank receives every parameter.
+  // The optimizer on the owned parameters (whole tensors, so Muon's matrices are
+  // whole on their owner), then every rank receives every parameter.
   void step(double lr);
 
   TensorMap state() const { return optimizer_->state(); }
@@ -61,7 +62,8 @@ class Zero1 {
   std::vector<Partition> partitions_;
   const parallel::Mesh* mesh_;
   at::TensorOptions options_;  // FP32 on the parameters' device: the flat buffers
-  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<Optimizer> optimizer_;
+  std::vector<bool> muon_;  // per parameter: Muon keeps no second moment
 };
 
 }  // namespace fmoe::trainer

@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
     auto model = std::make_shared<moe::MoEModel>(cfg.model);
     std::vector<trainer::NamedParameter> params;
     for (const auto& p : model->named_parameters()) params.push_back({p.key(), p.value()});
-    trainer::AdamW optimizer(params, cfg.optimizer);
+    trainer::Optimizer optimizer(params, cfg.optimizer);
     data::LoaderOptions lo;
     lo.seq_len = tc.seq_len;
     lo.micro_batch_size = tc.micro_batch_size;

@@ -60,6 +60,14 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(parse_config("parallel:\n  tp: 2\n  ep: 2\n  dp: 2\n", "run.yaml").parallel.trainer_support(), "");
   EXPECT_EQ(error_of("parallel:\n  expert_dispatcher: ring\n"),
             "run.yaml: parallel.expert_dispatcher: must be alltoall or allgather, got 'ring'");
+  EXPECT_EQ(error_of("parallel:\n  ep_overlap: true\n  expert_dispatcher: allgather\n"),
+            "run.yaml: parallel.ep_overlap: overlaps the all-to-all dispatcher's exchanges; expert_dispatcher is 'allgather'");
+  EXPECT_EQ(error_of("optimizer:\n  name: sgd\n"), "run.yaml: optimizer.name: must be adamw or muon, got 'sgd'");
+  EXPECT_EQ(error_of("optimizer:\n  name: muon\n  muon_scale: spectral\n"),
+            "run.yaml: optimizer.muon_scale: must be rms or shape, got 'spectral'");
+  EXPECT_EQ(error_of("optimizer:\n  muon_ns_steps: 0\n"), "run.yaml: optimizer.muon_ns_steps: must be in [1, 20], got 0");
+  EXPECT_EQ(error_of("optimizer:\n  name: muon\nparallel:\n  tp: 2\n"),
+            "run.yaml: optimizer.name: muon orthogonalizes whole matrices, which parallel.tp > 1 splits (not supported yet: use tp 1)");
 }
 
 TEST(Config, SyntaxErrorHasLocation) {
@@ -151,7 +159,7 @@ TEST(Optimizer, AdamWFirstStepMatchesClosedForm) {
   OptimizerConfig o;
   o.weight_decay = 0.1;
   o.eps = 1e-8;
-  AdamW adam({{"layers.0.moe.w13", decayed}, {"layers.0.attention_norm.weight", plain}}, o);
+  Optimizer adam({{"layers.0.moe.w13", decayed}, {"layers.0.attention_norm.weight", plain}}, o);
   adam.step(0.01);
   EXPECT_NEAR(decayed[0].item<double>(), 2.0 - 0.01 * 0.1 * 2.0 - 0.01, 1e-6);
   EXPECT_NEAR(decayed[1].item<double>(), 2.0 - 0.01 * 0.1 * 2.0 + 0.01, 1e-6);

@@ -87,7 +87,7 @@ std::vector<Layout> layouts_for(int64_t n) {
 
 struct Trained {
   std::shared_ptr<moe::MoEModel> model;
-  std::unique_ptr<trainer::AdamW> optimizer;
+  std::unique_ptr<trainer::Optimizer> optimizer;
 };
 
 config::OptimizerConfig optimizer_config() {
@@ -115,7 +115,7 @@ double reference_backward(moe::MoEModel& model, const at::Tensor& tokens) {
   return out.loss.item<double>();
 }
 
-void reference_update(moe::MoEModel& model, trainer::AdamW& optimizer) {
+void reference_update(moe::MoEModel& model, trainer::Optimizer& optimizer) {
   std::vector<at::Tensor> grads;
   for (const auto& p : model.parameters()) grads.push_back(p.grad());
   trainer::clip_grad_norm(grads, optimizer_config().grad_clip);
@@ -141,7 +141,7 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     at::manual_seed(7);
     auto sharded =
         std::make_shared<moe::MoEModel>(micro_config(layout.mla, mtp, layout.qwen), moe::Parallelism{mesh, dispatcher, layout.sequence_parallel});
-    trainer::AdamW reference_opt(named(*reference), optimizer_config());
+    trainer::Optimizer reference_opt(named(*reference), optimizer_config());
 
     std::vector<at::Tensor> dense, experts, grads_of, partial;
     std::vector<bool> over_tp, is_expert;
@@ -155,12 +155,12 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
     }
     parallel::GradientSync sync(dense, experts, mesh, /*bucket_bytes=*/16 << 10);  // several buckets
     sync.enable_overlap(/*deferred=*/partial);
-    std::unique_ptr<trainer::AdamW> sharded_opt;
+    std::unique_ptr<trainer::Optimizer> sharded_opt;
     std::unique_ptr<trainer::Zero1> zero;
     if (zero1) {
       zero = std::make_unique<trainer::Zero1>(named(*sharded), over_tp, is_expert, mesh, optimizer_config());
     } else {
-      sharded_opt = std::make_unique<trainer::AdamW>(named(*sharded), optimizer_config());
+      sharded_opt = std::make_unique<trainer::Optimizer>(named(*sharded), optimizer_config());
     }
     // Each rank holds its share: E / ep experts, each F / tp wide.
     ASSERT_EQ(sharded->moe_layers()[0]->w13.sizes(), (at::IntArrayRef{8 / layout.shape.ep, 32, 2 * 16 / layout.shape.tp}));

@@ -29,6 +29,13 @@ TEST(Plan, MemoryAndCommunicationByHand) {
   // ZeRO-1: dense state over dp = 8, expert state over expert-dp = dp / ep = 1.
   EXPECT_DOUBLE_EQ(p.memory.master, 4 * (dense / 8 + experts / 8));
   EXPECT_DOUBLE_EQ(p.memory.optimizer, 8 * (dense / 8 + experts / 8));
+  // Muon: one FP32 moment for the matrices, AdamW's two for the embedding, head, norms and router.
+  Config muon = mixtral;
+  muon.optimizer.name = "muon";
+  const double adamw = static_cast<double>(counts.embedding + counts.head + counts.norms + counts.router);
+  const Plan pm = make_plan(muon, h100, layout(1, 1, 8, 8, 1, 4, true), 1e12, Assumptions());
+  EXPECT_DOUBLE_EQ(pm.memory.optimizer, 4 * (dense / 8 + experts / 8) + 4 * adamw / 8);
+  EXPECT_DOUBLE_EQ(pm.memory.master, p.memory.master);
   // All-to-all: 32 MoE layers x 4 exchanges (dispatch, combine; forward, backward) x 4 micro-batches
   // x 4096 tokens x top-2 x 4096 hidden x 2 bytes x 7/8 leaving the GPU.
   EXPECT_DOUBLE_EQ(p.comm.ep_bytes, 32.0 * 4 * 4 * 4096 * 2 * 4096 * 2 * 7 / 8);

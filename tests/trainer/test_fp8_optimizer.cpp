@@ -27,7 +27,7 @@ std::vector<NamedParameter> params(int64_t n) {
 }
 
 TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
-  const auto bytes = [](const OptimizerConfig& o) { return AdamW(params(512), o).bytes_per_parameter(); };
+  const auto bytes = [](const OptimizerConfig& o) { return Optimizer(params(512), o).bytes_per_parameter(); };
   EXPECT_NEAR(bytes(recipe("fp32", "fp32", "fp32", "fp32")).training_state(), 16.0, 1e-9);
   EXPECT_NEAR(bytes(recipe("fp32", "fp32", "bf16", "bf16")).training_state(), 12.0, 1e-9);
   // MS-AMP O2: FP16 master, FP8 gradients, FP8 first moment, FP16 second moment; the
@@ -44,7 +44,7 @@ TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
 TEST(Fp8Optimizer, FirstStepMatchesClosedFormUpToStorageRounding) {
   // After one step m_hat = g and v_hat = g^2: p -= lr * sign(g) + lr * wd * p.
   auto ps = params(256);
-  AdamW adam(ps, recipe("fp16", "fp32", "fp8", "fp16"));
+  Optimizer adam(ps, recipe("fp16", "fp32", "fp8", "fp16"));
   const at::Tensor p0 = ps[0].tensor.detach().clone();  // already rounded to the FP16 master
   ps[0].tensor.mutable_grad() = at::randn({256, 128});
   ps[1].tensor.mutable_grad() = at::randn({128});
@@ -62,7 +62,7 @@ TEST(Fp8Optimizer, Fp8GradientsAreRoundedBeforeTheUpdate) {
   ps[0].tensor.mutable_grad() = at::randn({64, 128}) * 1e-3;
   ps[1].tensor.mutable_grad() = at::randn({128});
   const at::Tensor before = ps[0].tensor.grad().clone();
-  AdamW adam(ps, recipe("fp32", "fp8", "fp32", "fp32"));
+  Optimizer adam(ps, recipe("fp32", "fp8", "fp32", "fp32"));
   adam.quantize_gradients();
   const at::Tensor after = ps[0].tensor.grad();
   EXPECT_FALSE(at::equal(before, after));
@@ -72,14 +72,14 @@ TEST(Fp8Optimizer, Fp8GradientsAreRoundedBeforeTheUpdate) {
 TEST(Fp8Optimizer, StateRestoresExactly) {
   const OptimizerConfig o = recipe("fp16", "fp8", "fp8", "fp8");
   auto ps = params(128);
-  AdamW a(ps, o);
+  Optimizer a(ps, o);
   for (int step = 0; step < 3; ++step) {
     ps[0].tensor.mutable_grad() = at::randn({128, 128});
     ps[1].tensor.mutable_grad() = at::randn({128});
     a.step(1e-3);
   }
   auto qs = params(128);
-  AdamW b(qs, o);
+  Optimizer b(qs, o);
   b.load_state(a.state(), "ckpt");
   EXPECT_EQ(b.steps_taken(), 3);
   const TensorMap sa = a.state(), sb = b.state();
@@ -87,7 +87,7 @@ TEST(Fp8Optimizer, StateRestoresExactly) {
   for (const auto& [name, tensor] : sa) EXPECT_TRUE(at::equal(tensor, sb.at(name))) << name;
   TensorMap broken = sa;
   broken.erase("exp_avg.layers.0.moe.w13.scales");
-  AdamW c(params(128), o);
+  Optimizer c(params(128), o);
   EXPECT_THROW(c.load_state(broken, "ckpt"), std::runtime_error);
 }
 

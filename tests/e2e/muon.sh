@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# optimizer.name: muon in moe-train. Distributed Muon against one process from
+# the same seed (20 steps' losses within 1e-4): dp2 + ep2 (each rank
+# orthogonalizes its own experts' matrices), dp2 with ZeRO-1 (each matrix whole
+# on its owner), dp2 + ep2 with ZeRO-1, pp2 (each stage its own), and dp2 + ep2
+# with BF16 momentum against one process with it. Resume from a step-5
+# checkpoint is bit-identical with BF16 momentum; Muon state written under
+# dp2 + ep2 resumes under one process like continuing under dp2 + ep2 (1e-5).
+# Refused in one line: tp2 (its matrices are split), and resuming an AdamW
+# checkpoint with Muon.
+source "$(dirname "$0")/common.sh"
+ERROR_PREFIX="moe-train: error"
+MUON=(--set optimizer.name=muon --set optimizer.adamw_lr=0.003 --set optimizer.lr=0.01)
+ARGS=(--set training.steps=20 --set training.checkpoint_interval=0 "${MUON[@]}")
+run() { local dir="$1"; shift; rm -rf "$dir"; mpirun --bind-to none "$@" > "$dir.log" 2>&1 || { cat "$dir.log"; fail "run $dir failed"; }; }
+W="$WORK_DIR/muon"; mkdir -p "$W"
+run "$W/single" -np 1 "$TRAIN" $(micro_args "$W/single") "${ARGS[@]}" --set training.grad_accum_steps=2
+run "$W/single_bf16" -np 1 "$TRAIN" $(micro_args "$W/single_bf16") "${ARGS[@]}" --set training.grad_accum_steps=2 --set optimizer.exp_avg_dtype=bf16
+run "$W/ep2" -np 2 "$TRAIN" $(micro_args "$W/ep2") "${ARGS[@]}" --set parallel.ep=2
+run "$W/zero1" -np 2 "$TRAIN" $(micro_args "$W/zero1") "${ARGS[@]}" --set parallel.zero1=true
+run "$W/ep2zero1" -np 2 "$TRAIN" $(micro_args "$W/ep2zero1") "${ARGS[@]}" --set parallel.ep=2 --set parallel.zero1=true
+run "$W/pp2" -np 2 "$TRAIN" $(micro_args "$W/pp2") "${ARGS[@]}" --set parallel.pp=2 --set training.grad_accum_steps=2
+run "$W/ep2_bf16" -np 2 "$TRAIN" $(micro_args "$W/ep2_bf16") "${ARGS[@]}" --set parallel.ep=2 --set optimizer.exp_avg_dtype=bf16
+grep -q "optimizer muon" "$W/single.log" || fail "the run does not say it uses Muon"
+python3 - "$W" <<'PY'
+import json, sys
+load = lambda name: [json.loads(l) for l in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
+for ref_name, names in (("single", ["ep2", "zero1", "ep2zero1", "pp2"]), ("single_bf16", ["ep2_bf16"])):
+    ref = load(ref_name)
+    for name in names:
+        other = load(name)
+        assert len(other) == len(ref) == 20, (name, len(other))
+        worst = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(ref, other))
+        print(f"ok: muon {name:<9} 20 losses within {worst:.1e} of one process")
+        assert worst <= 1e-4, (name, worst)
+first, last = load("single")[0]["loss"], load("single")[-1]["loss"]
+assert last < first - 1.0, (first, last)
+print(f"ok: muon trains: loss {first:.4f} -> {last:.4f} in 20 steps")
+PY
+
+# Resume: stopped at step 5 and resumed, bit-identical to the uninterrupted run (BF16 momentum).
+RESUME=(--set training.steps=10 --set training.checkpoint_interval=5 --set optimizer.exp_avg_dtype=bf16 "${MUON[@]}")
+rm -rf "$W/full" "$W/cut"
+"$TRAIN" $(micro_args "$W/full") "${RESUME[@]}" > "$W/full.log" 2>&1 || { cat "$W/full.log"; fail "uninterrupted run failed"; }
+"$TRAIN" $(micro_args "$W/cut") "${RESUME[@]}" --stop-at 5 > "$W/cut.log" 2>&1 || { cat "$W/cut.log"; fail "run stopped at 5 failed"; }
+"$TRAIN" $(micro_args "$W/cut") "${RESUME[@]}" --resume > "$W/cut2.log" 2>&1 || { cat "$W/cut2.log"; fail "resume failed"; }
+[ "$(losses "$W/full/metrics.jsonl")" = "$(losses "$W/cut/metrics.jsonl")" ] || fail "Muon resume is not bit-identical"
+echo "ok: muon resumed at step 5 bit-identical (BF16 momentum)"
+
+# Reshard: Muon state written under dp2 + ep2, resumed under one process, against continuing under dp2 + ep2.
+RS=(--set training.steps=10 --set training.checkpoint_interval=0 --set training.eval_interval=0 "${MUON[@]}")
+rm -rf "$W/rs_a" "$W/rs_b"
+mpirun --bind-to none -np 2 "$TRAIN" $(micro_args "$W/rs_a") "${RS[@]}" --set parallel.ep=2 --stop-at 5 > "$W/rs_a.log" 2>&1 ||
+  { cat "$W/rs_a.log"; fail "dp2+ep2 run stopped at 5 failed"; }
+cp -r "$W/rs_a" "$W/rs_b"
+mpirun --bind-to none -np 2 "$TRAIN" $(micro_args "$W/rs_a") "${RS[@]}" --set parallel.ep=2 --resume > "$W/rs_a2.log" 2>&1 ||
+  { cat "$W/rs_a2.log"; fail "resuming under dp2+ep2 failed"; }
+"$TRAIN" $(micro_args "$W/rs_b") "${RS[@]}" --set training.grad_accum_steps=2 --set training.micro_batch_size=8 --resume > "$W/rs_b2.log" 2>&1 ||
+  { cat "$W/rs_b2.log"; fail "resuming dp2+ep2's Muon state under one process failed"; }
+grep -q "optimizer state resharded: written under" "$W/rs_b2.log" || fail "the layout change is not printed"
+python3 - "$W/rs_a/metrics.jsonl" "$W/rs_b/metrics.jsonl" <<'PY'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])][5:]; b = [json.loads(l) for l in open(sys.argv[2])][5:]
+assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(6, 11)), ([r["step"] for r in a], [r["step"] for r in b])
+worst = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b))
+assert worst <= 1e-5, worst
+print(f"ok: muon state dp2+ep2 -> one process: steps 6-10 within {worst:.1e} of continuing under dp2+ep2")
+PY
+
+# Refused in one line.
+expect_error() {  # expected text, command...
+  local want=$1; shift
+  local out; out=$("$@" 2>&1) && fail "accepted: $*"
+  [ "$(grep -c "^$ERROR_PREFIX" <<< "$out")" = 1 ] || { echo "$out"; fail "not one line: $*"; }
+  grep -q "$want" <<< "$out" || { echo "$out"; fail "wrong error for: $*"; }
+  echo "ok: refused: $(grep "^$ERROR_PREFIX" <<< "$out")"
+}
+expect_error "optimizer.name: muon orthogonalizes whole matrices" \
+  mpirun --bind-to none -np 2 "$TRAIN" $(micro_args "$W/tp2") "${ARGS[@]}" --set parallel.tp=2
+rm -rf "$W/adamw"
+"$TRAIN" $(micro_args "$W/adamw") --set training.steps=10 --set training.checkpoint_interval=5 --stop-at 5 > "$W/adamw.log" 2>&1 ||
+  { cat "$W/adamw.log"; fail "AdamW run failed"; }
+expect_error "was written by AdamW; this run's optimizer.name is muon" \
+  "$TRAIN" $(micro_args "$W/adamw") --set training.steps=10 --set training.checkpoint_interval=5 "${MUON[@]}" --resume
