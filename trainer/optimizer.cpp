@@ -46,9 +46,10 @@ moe::WeightMatrices muon_matrices(const std::string& name, at::IntArrayRef shape
   return config.muon() ? moe::weight_matrices(name, shape, model) : moe::WeightMatrices{};
 }
 
-at::Tensor newton_schulz(const at::Tensor& G, int64_t steps) {
+at::Tensor newton_schulz(const at::Tensor& G, int64_t steps, at::ScalarType dtype) {
   constexpr double a = 3.4445, b = -4.7750, c = 2.0315;
-  at::Tensor X = G / (G.square().sum({-2, -1}, /*keepdim=*/true).sqrt() + 1e-7);
+  const at::Tensor g = G.to(at::kFloat);
+  at::Tensor X = (g / (g.square().sum({-2, -1}, /*keepdim=*/true).sqrt() + 1e-7)).to(dtype);
   const bool tall = X.size(-2) > X.size(-1);
   if (tall) X = X.transpose(-2, -1);  // A = X X^T on the smaller side
   X = X.contiguous();
@@ -57,6 +58,7 @@ at::Tensor newton_schulz(const at::Tensor& G, int64_t steps) {
     const at::Tensor B = at::baddbmm(A, A, A, /*beta=*/b, /*alpha=*/c);
     X = at::baddbmm(X, B, X, /*beta=*/a, /*alpha=*/1.0);
   }
+  X = X.to(at::kFloat);
   return tall ? X.transpose(-2, -1) : X;
 }
 
@@ -134,7 +136,7 @@ at::Tensor Optimizer::muon_update(const at::Tensor& u, size_t i) const {
     const double rows = static_cast<double>(piece.size(1)), cols = static_cast<double>(piece.size(2));
     const double fan_out = experts ? cols : rows, fan_in = experts ? rows : cols;
     const double scale = config_.muon_scale == "rms" ? 0.2 * std::sqrt(std::max(rows, cols)) : std::sqrt(std::max(1.0, fan_out / fan_in));
-    out.narrow(dim, begin, size).copy_(newton_schulz(piece, config_.muon_ns_steps).mul_(scale));
+    out.narrow(dim, begin, size).copy_(newton_schulz(piece, config_.muon_ns_steps, matrix_dtype_).mul_(scale));
     begin += size;
   }
   return experts ? out : out.squeeze(0);

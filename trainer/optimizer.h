@@ -53,7 +53,9 @@ moe::WeightMatrices muon_matrices(const std::string& name, at::IntArrayRef shape
 // G / ||G||_F, with (a, b, c) = (3.4445, -4.7750, 2.0315): singular values are
 // pushed into about [0.7, 1.2] (not exactly 1: the coefficients trade accuracy
 // for speed), directions kept.
-at::Tensor newton_schulz(const at::Tensor& G, int64_t steps);
+// dtype: the iteration's GEMMs (FP32, or BF16 as the reference implementations
+// run it); the input is normalized in FP32 and the result returned in FP32.
+at::Tensor newton_schulz(const at::Tensor& G, int64_t steps, at::ScalarType dtype = at::kFloat);
 
 // The training state's optimizer: AdamW, or under optimizer.name: muon Muon for
 // the hidden matrices (muon_matrices) beside AdamW for the rest. Master
@@ -72,6 +74,8 @@ at::Tensor newton_schulz(const at::Tensor& G, int64_t steps);
 class Optimizer {
  public:
   Optimizer(std::vector<NamedParameter> parameters, const OptimizerConfig& config, const moe::ModelConfig* model = nullptr);
+  // The dtype of Muon's Newton-Schulz GEMMs (FP32 until set; the trainer sets the run's GEMM dtype).
+  void set_matrix_dtype(at::ScalarType dtype) { matrix_dtype_ = dtype; }
   // Rounds the gradients to grad_dtype, as if they had been stored in it. Call before clipping.
   void quantize_gradients();
   // One update with learning rate lr from the parameters' current .grad().
@@ -99,6 +103,7 @@ class Optimizer {
   std::vector<fp8::LowPrecisionTensor> exp_avg_, exp_avg_sq_, master_;  // master_ empty when FP32
   std::vector<moe::WeightMatrices> muon_;  // matrix: Muon updates it
   std::vector<size_t> muon_members_;
+  at::ScalarType matrix_dtype_ = at::kFloat;
   std::vector<Group> groups_;
   OptimizerConfig config_;
   fp8::StorageDtype grad_dtype_;

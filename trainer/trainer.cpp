@@ -138,6 +138,9 @@ void Trainer::Impl::choose_precision_once() {
   if (kept) choice.message = "precision auto -> " + state.precision + " (kept from the checkpoint; " + choice.message + ")";
   dtype = choice.dtype;
   state.precision = choice.name;
+  // Muon's Newton-Schulz GEMMs take the run's GEMM dtype: BF16 only where it measured faster.
+  if (optimizer) optimizer->set_matrix_dtype(dtype);
+  if (zero1) zero1->set_matrix_dtype(dtype);
   log(choice.message);
   peak_gflops_per_rank =
       injected ? (dtype == at::kBFloat16 ? rates.bf16_gflops : rates.fp32_gflops) : measure_peak_gflops(dtype, 0.6, device);

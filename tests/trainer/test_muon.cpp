@@ -70,6 +70,11 @@ TEST(Muon, NewtonSchulzKeepsTheDirectionsAndFlattensTheSpectrum) {
       const at::Tensor off = in_basis - at::diag_embed(at::diagonal(in_basis, 0, 1, 2));
       EXPECT_LE(off.abs().max().item<double>(), 1e-3);
       if (!spread) EXPECT_LE((O - polar).norm().item<double>() / polar.norm().item<double>(), 0.35);
+      // In BF16, as the run's GEMMs may be: the same result to BF16's precision.
+      const at::Tensor O16 = newton_schulz(G, 5, at::kBFloat16);
+      EXPECT_EQ(O16.scalar_type(), at::kFloat);
+      EXPECT_FALSE(at::equal(O16, O));  // the GEMMs did run in BF16
+      EXPECT_LE((O16 - O).norm().item<double>() / O.norm().item<double>(), 0.03);
     }
   }
 }
