@@ -92,6 +92,7 @@ void visit(V& v, OptimizerConfig& c) {
   v.field("warmup_steps", c.warmup_steps);
   v.field("wsd_decay_fraction", c.wsd_decay_fraction);
   v.field("main_params_dtype", c.main_params_dtype);
+  v.field("stochastic_rounding", c.stochastic_rounding);
   v.field("exp_avg_dtype", c.exp_avg_dtype);
   v.field("exp_avg_sq_dtype", c.exp_avg_sq_dtype);
   v.field("grad_dtype", c.grad_dtype);
@@ -399,6 +400,9 @@ std::string OptimizerConfig::validate() const {
   }
   if (!one_of(grad_dtype, {"fp32", "bf16", "fp8"})) return "grad_dtype: must be fp32, bf16 or fp8, got '" + grad_dtype + "'";
   if (state_block_size < 1) return "state_block_size: must be >= 1";
+  if (stochastic_rounding && main_params_dtype != "bf16") {
+    return "stochastic_rounding: rounds BF16 master weights; main_params_dtype is '" + main_params_dtype + "'";
+  }
   if (name != "adamw" && name != "muon") return "name: must be adamw or muon, got '" + name + "'";
   if (!(adamw_lr >= 0)) return "adamw_lr: must be >= 0 (0: lr)";
   if (!(muon_momentum >= 0 && muon_momentum < 1)) return "muon_momentum: must be in [0, 1)";

@@ -49,6 +49,7 @@ struct OptimizerConfig {
   double wsd_decay_fraction = 0.2;   // wsd: last fraction of steps decays linearly to min_lr
   // Storage precision of the training state (fp8/low_precision_tensor.h).
   std::string main_params_dtype = "fp32";  // fp32 | bf16 | fp16 (the master weights)
+  bool stochastic_rounding = false;        // BF16 master weights rounded stochastically (seeded by step and parameter)
   std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8
   std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
   std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8

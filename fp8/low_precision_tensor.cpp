@@ -67,6 +67,26 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
   }
 }
 
+at::Tensor LowPrecisionTensor::stochastic_round_bf16(const at::Tensor& value, uint32_t seed) {
+  const at::Tensor v = value.to(at::kFloat).contiguous();
+  // 16 random bits per element: a 32-bit integer hash of (index + seed), in
+  // int64 arithmetic that never overflows (products below 2^59).
+  constexpr int64_t kMask = 0xFFFFFFFFLL, kMul = 0x45d9f3b;
+  at::Tensor x = at::arange(v.numel(), v.options().dtype(at::kLong)).add_(static_cast<int64_t>(seed)).bitwise_and_(kMask);
+  for (int round = 0; round < 2; ++round) x = x.bitwise_xor(x.bitwise_right_shift(16)).mul_(kMul).bitwise_and_(kMask);
+  const at::Tensor noise = x.bitwise_xor(x.bitwise_right_shift(16)).bitwise_and_(0xFFFF);
+  // Adding the noise below BF16's last bit, then truncating, rounds the magnitude
+  // up with probability (its dropped bits) / 2^16; the sign bit is untouched.
+  const at::Tensor bits = v.view(at::kInt).reshape({-1}).to(at::kLong);
+  const at::Tensor rounded = bits.add(noise).bitwise_and_(~int64_t{0xFFFF}).to(at::kInt).view(at::kFloat);
+  return rounded.view(v.sizes()).to(at::kBFloat16);  // exact: the low 16 bits are zero
+}
+
+void LowPrecisionTensor::store_stochastic(const at::Tensor& value, uint32_t seed) {
+  if (dtype_ != StorageDtype::kBf16) throw std::logic_error("stochastic rounding stores BF16 only");
+  data_ = stochastic_round_bf16(value, seed);
+}
+
 at::Tensor LowPrecisionTensor::load() const {
   switch (dtype_) {
     case StorageDtype::kFp32: return data_;

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <map>
 #include <string>
 
@@ -27,10 +28,17 @@ class LowPrecisionTensor {
                      c10::Device device = c10::kCPU);
 
   void store(const at::Tensor& value);  // any float tensor of the shape
+  // BF16 only: stochastic rounding (each value rounds up with the probability of
+  // its distance from the lower neighbour, so small updates survive on average),
+  // the noise a hash of seed and the element's index: the same seed stores the
+  // same bits (reproducible, bit-exact on resume), with no state to keep.
+  void store_stochastic(const at::Tensor& value, uint32_t seed);
   at::Tensor load() const;              // fp32, the shape
   int64_t bytes() const;                // storage including scales
   StorageDtype dtype() const { return dtype_; }
 
+  // value rounded stochastically to BF16 (returned in BF16), as store_stochastic does.
+  static at::Tensor stochastic_round_bf16(const at::Tensor& value, uint32_t seed);
   // value as it reads back after a store in dtype (for gradients kept in a narrow dtype).
   static at::Tensor round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size = 128);
 

@@ -98,6 +98,19 @@ Optimizer::Optimizer(std::vector<NamedParameter> parameters, const OptimizerConf
   }
 }
 
+// Rounded to nearest, or stochastically with a seed of the step and the
+// parameter's name: the same bits whenever the same step is replayed.
+void Optimizer::store_master(size_t i, const at::Tensor& value) {
+  if (!config_.stochastic_rounding) {
+    master_[i].store(value);
+    return;
+  }
+  uint32_t seed = 2166136261u;  // FNV-1a of the name
+  for (const char ch : params_[i].name) seed = (seed ^ static_cast<unsigned char>(ch)) * 16777619u;
+  seed ^= static_cast<uint32_t>(steps_taken_ + 1) * 0x9E3779B1u;
+  master_[i].store_stochastic(value, seed);
+}
+
 void Optimizer::quantize_gradients() {
   if (grad_dtype_ == fp8::StorageDtype::kFp32) return;
   at::NoGradGuard no_grad;
@@ -159,7 +172,7 @@ void Optimizer::step_muon(double lr) {
     master.add_(update, -lr);
     if (exp_avg_[i].dtype() != fp8::StorageDtype::kFp32) exp_avg_[i].store(momentum);
     if (!master_.empty()) {
-      master_[i].store(master);
+      store_master(i, master);
       param.copy_(master_[i].load());
     }
   }
@@ -203,7 +216,7 @@ void Optimizer::step_stored(double lr, double bias_correction1, double bias_corr
       exp_avg_[i].store(m);
       exp_avg_sq_[i].store(v);
       if (!master_.empty()) {
-        master_[i].store(master);
+        store_master(i, master);
         param.copy_(master_[i].load());
       }
     }

@@ -96,6 +96,7 @@ class Optimizer {
   void step_fused(double lr);
   void step_stored(double lr, double bias_correction1, double bias_correction2);
   void step_muon(double lr);
+  void store_master(size_t i, const at::Tensor& value);
   at::Tensor muon_update(const at::Tensor& u, size_t i) const;
 
   std::vector<NamedParameter> params_;

@@ -62,6 +62,8 @@ TEST(Config, RangesAreValidated) {
             "run.yaml: parallel.expert_dispatcher: must be alltoall or allgather, got 'ring'");
   EXPECT_EQ(error_of("parallel:\n  ep_overlap: true\n  expert_dispatcher: allgather\n"),
             "run.yaml: parallel.ep_overlap: overlaps the all-to-all dispatcher's exchanges; expert_dispatcher is 'allgather'");
+  EXPECT_EQ(error_of("optimizer:\n  stochastic_rounding: true\n"),
+            "run.yaml: optimizer.stochastic_rounding: rounds BF16 master weights; main_params_dtype is 'fp32'");
   EXPECT_EQ(error_of("optimizer:\n  name: sgd\n"), "run.yaml: optimizer.name: must be adamw or muon, got 'sgd'");
   EXPECT_EQ(error_of("optimizer:\n  name: muon\n  muon_scale: spectral\n"),
             "run.yaml: optimizer.muon_scale: must be rms or shape, got 'spectral'");

@@ -4,7 +4,8 @@
 # orthogonalizes its own experts' matrices), dp2 with ZeRO-1 (each matrix whole
 # on its owner), dp2 + ep2 with ZeRO-1, pp2 (each stage its own), and dp2 + ep2
 # with BF16 momentum against one process with it. Resume from a step-5
-# checkpoint is bit-identical with BF16 momentum; Muon state written under
+# checkpoint is bit-identical with BF16 momentum and stochastically rounded BF16
+# master weights (and for AdamW with such weights); Muon state written under
 # dp2 + ep2 resumes under one process like continuing under dp2 + ep2 (1e-5).
 # Refused in one line: tp2 (its matrices are split), and resuming an AdamW
 # checkpoint with Muon.
@@ -38,14 +39,27 @@ assert last < first - 1.0, (first, last)
 print(f"ok: muon trains: loss {first:.4f} -> {last:.4f} in 20 steps")
 PY
 
-# Resume: stopped at step 5 and resumed, bit-identical to the uninterrupted run (BF16 momentum).
-RESUME=(--set training.steps=10 --set training.checkpoint_interval=5 --set optimizer.exp_avg_dtype=bf16 "${MUON[@]}")
-rm -rf "$W/full" "$W/cut"
-"$TRAIN" $(micro_args "$W/full") "${RESUME[@]}" > "$W/full.log" 2>&1 || { cat "$W/full.log"; fail "uninterrupted run failed"; }
-"$TRAIN" $(micro_args "$W/cut") "${RESUME[@]}" --stop-at 5 > "$W/cut.log" 2>&1 || { cat "$W/cut.log"; fail "run stopped at 5 failed"; }
-"$TRAIN" $(micro_args "$W/cut") "${RESUME[@]}" --resume > "$W/cut2.log" 2>&1 || { cat "$W/cut2.log"; fail "resume failed"; }
-[ "$(losses "$W/full/metrics.jsonl")" = "$(losses "$W/cut/metrics.jsonl")" ] || fail "Muon resume is not bit-identical"
-echo "ok: muon resumed at step 5 bit-identical (BF16 momentum)"
+# Resume: stopped at step 5 and resumed, bit-identical to the uninterrupted run:
+# Muon with BF16 momentum and BF16 master weights rounded stochastically, and
+# AdamW with the same master weights.
+resume_check() {  # tag, extra flags...
+  local tag=$1; shift
+  local args=(--set training.steps=10 --set training.checkpoint_interval=5 "$@")
+  rm -rf "$W/full_$tag" "$W/cut_$tag"
+  "$TRAIN" $(micro_args "$W/full_$tag") "${args[@]}" > "$W/full_$tag.log" 2>&1 || { cat "$W/full_$tag.log"; fail "$tag: uninterrupted run failed"; }
+  "$TRAIN" $(micro_args "$W/cut_$tag") "${args[@]}" --stop-at 5 > "$W/cut_$tag.log" 2>&1 || { cat "$W/cut_$tag.log"; fail "$tag: run stopped at 5 failed"; }
+  "$TRAIN" $(micro_args "$W/cut_$tag") "${args[@]}" --resume > "$W/cut2_$tag.log" 2>&1 || { cat "$W/cut2_$tag.log"; fail "$tag: resume failed"; }
+  [ "$(losses "$W/full_$tag/metrics.jsonl")" = "$(losses "$W/cut_$tag/metrics.jsonl")" ] || fail "$tag: resume is not bit-identical"
+  echo "ok: $tag resumed at step 5 bit-identical"
+}
+SR=(--set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true)
+resume_check muon_bf16_sr "${MUON[@]}" --set optimizer.exp_avg_dtype=bf16 "${SR[@]}"
+resume_check adamw_bf16_sr "${SR[@]}"
+# Stochastic rounding changes what a BF16 master keeps: the runs differ from round-to-nearest.
+rm -rf "$W/rn"
+"$TRAIN" $(micro_args "$W/rn") --set training.steps=10 --set training.checkpoint_interval=0 --set optimizer.main_params_dtype=bf16 > "$W/rn.log" 2>&1 ||
+  { cat "$W/rn.log"; fail "round-to-nearest run failed"; }
+[ "$(losses "$W/rn/metrics.jsonl")" != "$(losses "$W/full_adamw_bf16_sr/metrics.jsonl")" ] || fail "stochastic rounding changed nothing"
 
 # Reshard: Muon state written under dp2 + ep2, resumed under one process, against continuing under dp2 + ep2.
 RS=(--set training.steps=10 --set training.checkpoint_interval=0 --set training.eval_interval=0 "${MUON[@]}")

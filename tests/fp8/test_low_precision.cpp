@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
+
 #include "fp8/low_precision_tensor.h"
 
 namespace {
@@ -51,6 +53,37 @@ TEST(LowPrecisionTensor, PartsRestoreExactly) {
   LowPrecisionTensor c(value.sizes(), StorageDtype::kFp8);
   EXPECT_THROW(c.restore({{"data", at::zeros({3})}}, "x"), std::runtime_error);
   EXPECT_THROW(parse_storage_dtype("fp4"), std::invalid_argument);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(LowPrecisionTensor, StochasticRoundingIsUnbiasedAndSeeded) {
+  // 1 + 2^-10 lies an eighth of the way from BF16's 1 to its next value 1 + 2^-7:
+  // it rounds up with probability 1/8, so the mean of many roundings is the value.
+  const double value = 1.0 + std::ldexp(1.0, -10), lo = 1.0, hi = 1.0 + std::ldexp(1.0, -7);
+  const at::Tensor v = at::full({200000}, value, at::kFloat);
+  const at::Tensor r = fmoe::fp8::LowPrecisionTensor::stochastic_round_bf16(v, 17).to(at::kDouble);
+  EXPECT_TRUE(at::logical_or(r == lo, r == hi).all().item<bool>());
+  EXPECT_NEAR(r.mean().item<double>(), value, 2e-5);               // round to nearest gives 1.0: biased by 2^-10
+  EXPECT_NEAR((r == hi).to(at::kDouble).mean().item<double>(), 0.125, 0.005);
+  // Negative values alike (the magnitude rounds), and exact BF16 values stay.
+  const at::Tensor n = fmoe::fp8::LowPrecisionTensor::stochastic_round_bf16(-v, 17).to(at::kDouble);
+  EXPECT_TRUE(at::equal(n, -r));
+  const at::Tensor exact = at::tensor({0.5f, -3.0f, 0.0f, 1.0f + 1.0f / 128});
+  EXPECT_TRUE(at::equal(fmoe::fp8::LowPrecisionTensor::stochastic_round_bf16(exact, 5).to(at::kFloat), exact));
+  // The same seed, the same bits; another seed, other bits.
+  EXPECT_TRUE(at::equal(fmoe::fp8::LowPrecisionTensor::stochastic_round_bf16(v, 17), r.to(at::kBFloat16)));
+  EXPECT_FALSE(at::equal(fmoe::fp8::LowPrecisionTensor::stochastic_round_bf16(v, 18), r.to(at::kBFloat16)));
+  // Small updates accumulate: 1000 additions of 2^-12 to a BF16 weight of 1.
+  at::Tensor nearest = at::ones({4096}, at::kBFloat16), stochastic = nearest.clone();
+  for (uint32_t step = 0; step < 1000; ++step) {
+    nearest = (nearest.to(at::kFloat) + std::ldexp(1.0, -12)).to(at::kBFloat16);
+    stochastic = fmoe::fp8::LowPrecisionTensor::stochastic_round_bf16(stochastic.to(at::kFloat) + std::ldexp(1.0, -12), step);
+  }
+  EXPECT_EQ(nearest.to(at::kFloat).mean().item<double>(), 1.0);  // every addition lost
+  EXPECT_NEAR(stochastic.to(at::kFloat).mean().item<double>(), 1.0 + 1000 * std::ldexp(1.0, -12), 0.01);
 }
 
 }  // namespace
