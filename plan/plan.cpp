@@ -269,6 +269,33 @@ Layout layout_from_config(const Config& config, int64_t gpus) {
   return l;
 }
 
+NewtonSchulzFlops newton_schulz_flops(const moe::ModelConfig& m, int64_t steps) {
+  const auto one = [&](double rows, double cols) {
+    const double a = std::min(rows, cols), b = std::max(rows, cols);
+    return static_cast<double>(steps) * (4 * a * a * b + 2 * a * a * a);
+  };
+  const double d = static_cast<double>(m.hidden_size), h = static_cast<double>(m.num_heads);
+  double attention = 0;
+  if (m.is_mla()) {
+    const double qk = static_cast<double>(m.qk_head_dim()), rq = static_cast<double>(m.q_lora_rank);
+    const double rkv = static_cast<double>(m.kv_lora_rank);
+    attention = (m.q_lora_rank > 0 ? one(rq, d) + one(h * qk, rq) : one(h * qk, d)) +
+                one(rkv + static_cast<double>(m.qk_rope_head_dim), d) +
+                one(h * static_cast<double>(m.qk_nope_head_dim + m.v_head_dim), rkv) + one(d, h * static_cast<double>(m.v_head_dim));
+  } else {
+    const double hd = static_cast<double>(m.head_dim), kv = static_cast<double>(m.num_kv_heads) * hd;
+    attention = one(h * hd, d) + 2 * one(kv, d) + one(d, h * hd);  // q, k, v apart; wo
+  }
+  const auto ffn = [&](double width) { return width > 0 ? 2 * one(d, width) + one(width, d) : 0.0; };  // gate, up; down
+  const double fm = static_cast<double>(m.moe_ffn_hidden_size);
+  const double moe_layers = static_cast<double>(m.num_moe_layers() + m.mtp_depth);  // MTP modules hold an MoE layer each
+  NewtonSchulzFlops f;
+  f.dense = static_cast<double>(m.num_layers + m.mtp_depth) * attention + static_cast<double>(m.first_k_dense) * ffn(static_cast<double>(m.ffn_hidden_size)) +
+            moe_layers * ffn(static_cast<double>(m.num_shared_experts) * fm) + static_cast<double>(m.mtp_depth) * one(d, 2 * d);
+  f.experts = moe_layers * static_cast<double>(m.num_experts) * ffn(fm);
+  return f;
+}
+
 // One function of ~150 lines on purpose: the plan is one pass of arithmetic
 // (memory, communication, step time, cost) whose parts share a dozen
 // intermediate quantities; split, each piece would take most of them as arguments.
@@ -425,9 +452,17 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   if (layout.recompute == "selective") p.compute_seconds *= 1.03;
   // Every stage waits for the costliest one.
   p.compute_seconds *= p.stage_imbalance;
+  if (o.muon()) {
+    // Each rank orthogonalizes what it updates: its stage's dense matrices (all of
+    // them, or its ZeRO-1 share) and its experts (their share over the expert-data-parallel group).
+    const NewtonSchulzFlops ns = newton_schulz_flops(m, o.muon_ns_steps);
+    const double pp = static_cast<double>(layout.pp);
+    p.newton_schulz_flops = ns.dense / pp / zero_dense + ns.experts / (static_cast<double>(layout.ep) * pp) / zero_expert;
+    p.newton_schulz_seconds = p.newton_schulz_flops / (rank_peak * a.gemm_efficiency);
+  }
   const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
                          p.comm.dp_seconds * (1 - a.dp_overlap);
-  p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + exposed;
+  p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + p.newton_schulz_seconds + exposed;
   p.comm_seconds = p.comm.tp_seconds + p.comm.ep_seconds + p.comm.pp_seconds + p.comm.dp_seconds;
   p.comm_exposed_seconds = exposed;
   p.mfu = p.flops_per_token * p.tokens_per_step / (p.step_seconds * gpus * rank_peak);
@@ -512,6 +547,10 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   comm("dp reduce-scatter/all-gather", p.comm.dp_bytes, p.comm.dp_seconds);
   out << "time\n";
   row("compute per step", seconds(p.compute_seconds));
+  if (p.newton_schulz_flops > 0) {
+    row("Muon's Newton-Schulz", seconds(p.newton_schulz_seconds) + " (" + std::to_string(static_cast<int64_t>(p.newton_schulz_flops / 1e9)) +
+                                    " GFLOP per rank per step)");
+  }
   std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.bubble_fraction);
   const std::string bubble = p.pipeline_schedule.empty() ? "pipeline bubble" : "pipeline bubble (" + p.pipeline_schedule + ", simulated)";
   row(bubble.c_str(), line);
@@ -560,7 +599,7 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"stage_layout", p.stage_layout},
       {"stage_imbalance", p.stage_imbalance},
       {"peak_in_flight", p.peak_in_flight},
-      {"compute_seconds", p.compute_seconds},
+      {"compute_seconds", p.compute_seconds}, {"newton_schulz_seconds", p.newton_schulz_seconds},
       {"step_seconds", p.step_seconds},
       {"comm_total_seconds", p.comm_seconds},
       {"comm_exposed_seconds", p.comm_exposed_seconds},

@@ -62,6 +62,14 @@ struct Assumptions {
   double memory_headroom = 0.92;      // usable fraction of HBM (allocator, workspaces, fragmentation)
 };
 
+// The Newton-Schulz FLOPs of one Muon step over the model's matrices (dense
+// and shared, and routed experts apart): per m x n matrix (m <= n) and
+// iteration, X X^T, A A and B X: 4 m^2 n + 2 m^3.
+struct NewtonSchulzFlops {
+  double dense = 0, experts = 0;
+};
+NewtonSchulzFlops newton_schulz_flops(const moe::ModelConfig& model, int64_t steps);
+
 // Sets one assumption from "key=value" (moe-plan --assume): gemm_efficiency and
 // memory_headroom in (0, 1], the overlaps in [0, 1], moe_imbalance >= 1.
 // Throws ConfigError naming the key for an unknown key or a value out of range.
@@ -92,6 +100,8 @@ struct Plan {
   double bubble_fraction = 0;     // pipeline idle time over compute time, simulated (parallel/pipeline_sim.h)
   int64_t peak_in_flight = 0;     // most micro-batch stages whose activations the busiest rank holds
   double compute_seconds = 0;
+  // optimizer.name: muon: the Newton-Schulz FLOPs this rank runs per step, and their time (on the step).
+  double newton_schulz_flops = 0, newton_schulz_seconds = 0;
   double step_seconds = 0;
   double comm_seconds = 0, comm_exposed_seconds = 0;  // all communication, and what the assumed overlaps leave on the step
   double mfu = 0;                // against the peak of the run's GEMM precision

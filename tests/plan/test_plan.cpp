@@ -2,6 +2,8 @@
 // DeepSeek's cluster, and the search. Runs with the source tree as cwd.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "moe/model_config.h"
 #include "config/config.h"
 #include "plan/plan.h"
@@ -54,6 +56,28 @@ TEST(Plan, MemoryAndCommunicationByHand) {
   EXPECT_GT(piped.comm.pp_bytes, 0);
   EXPECT_THROW(make_plan(mixtral, h100, layout(3, 1, 1, 1, 1, 1, false), 1e12, Assumptions()), ConfigError);
   EXPECT_THROW(make_plan(mixtral, h100, layout(1, 1, 3, 6, 1, 1, false), 1e12, Assumptions()), ConfigError);
+}
+
+TEST(Plan, MuonsNewtonSchulzFlopsByHand) {
+  Config tiny = load_config("configs/tiny.yaml");
+  // 4 layers (1 dense), D 256, 4 heads of 64 over 2 KV heads, FFN 1024, 16 experts and 1 shared of 256; 5 iterations.
+  const NewtonSchulzFlops f = newton_schulz_flops(tiny.model, 5);
+  const double square = 5 * 6 * std::pow(256.0, 3);                                   // 256 x 256: 5 (4 + 2) 256^3
+  const double kv = 5 * (4 * 128.0 * 128 * 256 + 2 * std::pow(128.0, 3));               // 128 x 256
+  const double wide = 5 * (4 * 256.0 * 256 * 1024 + 2 * std::pow(256.0, 3));            // 256 x 1024
+  EXPECT_DOUBLE_EQ(f.experts, 3 * 16 * 3 * square);
+  EXPECT_DOUBLE_EQ(f.dense, 4 * (2 * square + 2 * kv) + 3 * wide + 3 * 3 * square);
+  // On the step: none under AdamW; under Muon, dp2 + ep2 without ZeRO-1: every dense matrix, half the experts.
+  const ClusterSpec cpu = load_cluster("cpu-local");
+  const Plan adamw = make_plan(tiny, cpu, layout(1, 1, 2, 2, 4, 1, false), 1e9, Assumptions());
+  tiny.optimizer.name = "muon";
+  const Plan muon = make_plan(tiny, cpu, layout(1, 1, 2, 2, 4, 1, false), 1e9, Assumptions());
+  EXPECT_EQ(adamw.newton_schulz_flops, 0);
+  EXPECT_DOUBLE_EQ(muon.newton_schulz_flops, f.dense + f.experts / 2);
+  EXPECT_DOUBLE_EQ(muon.step_seconds, adamw.step_seconds + muon.newton_schulz_seconds);
+  // ZeRO-1 spreads the dense matrices over dp (the experts' edp group is 1 here).
+  const Plan zero = make_plan(tiny, cpu, layout(1, 1, 2, 2, 4, 1, true), 1e9, Assumptions());
+  EXPECT_DOUBLE_EQ(zero.newton_schulz_flops, f.dense / 2 + f.experts / 2);
 }
 
 TEST(Plan, DeepSeekV3OnDeepSeeksClusterFitsAndPricesTheRun) {
