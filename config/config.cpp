@@ -102,6 +102,7 @@ void visit(V& v, OptimizerConfig& c) {
   v.field("muon_nesterov", c.muon_nesterov);
   v.field("muon_ns_steps", c.muon_ns_steps);
   v.field("muon_scale", c.muon_scale);
+  v.field("qk_clip_threshold", c.qk_clip_threshold);
 }
 
 template <class V>
@@ -407,6 +408,7 @@ std::string OptimizerConfig::validate() const {
   if (!(adamw_lr >= 0)) return "adamw_lr: must be >= 0 (0: lr)";
   if (!(muon_momentum >= 0 && muon_momentum < 1)) return "muon_momentum: must be in [0, 1)";
   if (muon_ns_steps < 1 || muon_ns_steps > 20) return "muon_ns_steps: must be in [1, 20], got " + std::to_string(muon_ns_steps);
+  if (!(qk_clip_threshold >= 0)) return "qk_clip_threshold: must be >= 0 (0: off)";
   if (muon_scale != "rms" && muon_scale != "shape") return "muon_scale: must be rms or shape, got '" + muon_scale + "'";
   return "";
 }

@@ -62,6 +62,10 @@ struct OptimizerConfig {
   // rms: update x 0.2 sqrt(max(rows, cols)), so its RMS matches AdamW's (Moonshot);
   // shape: update x sqrt(max(1, fan_out / fan_in)) (the original Muon)
   std::string muon_scale = "rms";
+  // QK-clip (MuonClip), either optimizer: after each update, an attention head
+  // whose largest logit of the step exceeded this has its query and key weights
+  // scaled by threshold / logit. 0: off (no logits recorded).
+  double qk_clip_threshold = 0;
   bool muon() const { return name == "muon"; }
   std::string validate() const;
 };

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 #include "moe/dispatch.h"
 #include "moe/expert_parallel.h"
@@ -81,6 +82,20 @@ RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
 
 at::Tensor RMSNorm::forward(const at::Tensor& x, at::ScalarType out_dtype) { return rms_norm(x, weight, eps_, out_dtype); }
 
+void QkClipState::add(const at::Tensor& q_BHTd, const at::Tensor& k_BHTd, double scale) {
+  if (!record || !at::GradMode::is_enabled()) return;
+  at::NoGradGuard no_grad;
+  const int64_t t = q_BHTd.size(2);
+  const at::Tensor future = at::ones({t, t}, q_BHTd.options().dtype(at::kBool)).triu(1);
+  at::Tensor heads = at::full({q_BHTd.size(1)}, -std::numeric_limits<float>::infinity(), q_BHTd.options().dtype(at::kFloat));
+  // One sequence at a time: [H, T, T] logits, not [B, H, T, T].
+  for (int64_t b = 0; b < q_BHTd.size(0); ++b) {
+    const at::Tensor logits = at::matmul(q_BHTd[b].to(at::kFloat), k_BHTd[b].to(at::kFloat).transpose(-1, -2)).mul_(scale);
+    heads = at::maximum(heads, logits.masked_fill_(future, -std::numeric_limits<float>::infinity()).amax({-1, -2}));
+  }
+  max_logit = max_logit.defined() ? at::maximum(max_logit, heads) : heads;
+}
+
 Attention::Attention(const ModelConfig& c) : num_heads_(c.num_heads), num_kv_heads_(c.num_kv_heads), head_dim_(c.head_dim) {
   const double out_std = c.init_std / std::sqrt(2.0 * static_cast<double>(c.num_layers));
   wqkv = register_parameter("wqkv", at::empty({(c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size}).normal_(0, c.init_std));
@@ -98,6 +113,10 @@ at::Tensor Attention::forward(const at::Tensor& h_in, const ForwardContext& ctx)
   if (bqkv.defined()) qkv_flat = qkv_flat + bqkv.to(qkv_flat.scalar_type());
   const at::Tensor qkv = qkv_flat.view({b, t, heads + 2 * kv_heads, head_dim_});
   const RotatedQkv r = split_qkv_rope(qkv, heads, kv_heads, ctx.rope_cos_TH, ctx.rope_sin_TH);
+  if (qk_clip.record) {
+    const at::Tensor k = r.k_BTKd.repeat_interleave(heads / kv_heads, 2);  // query head h reads key head h / (H / Hkv)
+    qk_clip.add(r.q_BTHd.transpose(1, 2), k.transpose(1, 2), 1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  }
   const at::Tensor context = at::scaled_dot_product_attention(
       r.q_BTHd.transpose(1, 2), r.k_BTKd.transpose(1, 2), r.v_BTKd.transpose(1, 2), /*attn_mask=*/{}, /*dropout_p=*/0.0,
       /*is_causal=*/true, /*scale=*/std::nullopt, /*enable_gqa=*/kv_heads != heads);
@@ -138,9 +157,33 @@ at::Tensor MLAttention::forward(const at::Tensor& h_in, const ForwardContext& ct
   const at::Tensor query = at::cat({q.narrow(-1, 0, nope_), apply_rope(q.narrow(-1, nope_, rope_), ctx.rope_cos_TH, ctx.rope_sin_TH)}, -1);
   const at::Tensor key = at::cat({kv.narrow(-1, 0, nope_), k_rope.expand({b, t, heads, rope_})}, -1);
   const at::Tensor value = kv.narrow(-1, nope_, v_dim_);
+  qk_clip.add(query.transpose(1, 2), key.transpose(1, 2), scale_);
   const at::Tensor context = at::scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                                               /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale_);
   return exit_tp(project(context.transpose(1, 2).reshape({b * t, heads * v_dim_}), wo, ctx), *ctx.parallel);
+}
+
+void Attention::clip_heads(const at::Tensor& gamma) {
+  at::NoGradGuard no_grad;
+  const int64_t heads = wo.size(1) / head_dim_, kv_heads = (wqkv.size(0) / head_dim_ - heads) / 2, group = heads / kv_heads;
+  const at::Tensor g = gamma.to(at::kFloat).to(wqkv.device());
+  const at::Tensor key = g.view({kv_heads, group}).amin(1).sqrt();                         // [Hkv]
+  const at::Tensor query = g / key.repeat_interleave(group);                               // [H]
+  const at::Tensor rows = at::cat({query, key, at::ones({kv_heads}, g.options())}).repeat_interleave(head_dim_);  // q | k | v
+  wqkv.mul_(rows.unsqueeze(1).to(wqkv.scalar_type()));
+  if (bqkv.defined()) bqkv.mul_(rows.to(bqkv.scalar_type()));
+}
+
+void MLAttention::clip_heads(const at::Tensor& gamma) {
+  at::NoGradGuard no_grad;
+  const int64_t heads = wo.size(1) / v_dim_;
+  const at::Tensor g = gamma.to(at::kFloat).to(wo.device()).view({heads, 1});
+  // Query rows per head: [nope | rope]; key-value rows per head: [nope | v].
+  const at::Tensor q_rows = at::cat({g.sqrt().expand({heads, nope_}), g.expand({heads, rope_})}, 1).reshape({-1});
+  const at::Tensor kv_rows = at::cat({g.sqrt().expand({heads, nope_}), at::ones({heads, v_dim_}, g.options())}, 1).reshape({-1});
+  at::Tensor& wq_rows = wq.defined() ? wq : wq_b;
+  wq_rows.mul_(q_rows.unsqueeze(1).to(wq_rows.scalar_type()));
+  wkv_b.mul_(kv_rows.unsqueeze(1).to(wkv_b.scalar_type()));
 }
 
 DenseFFN::DenseFFN(int64_t hidden, int64_t ffn_hidden) {

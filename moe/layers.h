@@ -72,6 +72,16 @@ class RMSNorm : public torch::nn::Module {
   double eps_;
 };
 
+// QK-clip (MuonClip) bookkeeping of one attention: with record on, every
+// forward under autograd (training, not validation) keeps each head's largest
+// pre-softmax logit over the causal positions, the max over the step's
+// micro-batches (FP32 [local heads]; undefined until recorded).
+struct QkClipState {
+  bool record = false;
+  at::Tensor max_logit;
+  void add(const at::Tensor& q_BHTd, const at::Tensor& k_BHTd, double scale);
+};
+
 class Attention : public torch::nn::Module {
  public:
   explicit Attention(const ModelConfig& config);
@@ -80,6 +90,12 @@ class Attention : public torch::nn::Module {
   at::Tensor wqkv;  // [(H + 2 * Hkv) * head_dim, D]
   at::Tensor bqkv;  // [(H + 2 * Hkv) * head_dim] with model.attention_bias (Qwen2), else undefined
   at::Tensor wo;    // [D, H * head_dim]
+  QkClipState qk_clip;
+  // Scales the query and key rows (and biases) so that head h's logits are
+  // multiplied by gamma[h] (FP32 [local heads], <= 1): a key head shared by a
+  // group of query heads takes sqrt of the group's smallest gamma, each query
+  // head the rest of its own.
+  void clip_heads(const at::Tensor& gamma);
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
@@ -103,6 +119,11 @@ class MLAttention : public torch::nn::Module {
   at::Tensor wkv_b;   // [H * (nope + v), kv_lora_rank]
   at::Tensor wo;      // [D, H * v]
   std::shared_ptr<RMSNorm> q_a_norm, kv_a_norm;
+  QkClipState qk_clip;
+  // MuonClip's rule for MLA: head h's non-rotary query and key rows scale by
+  // sqrt(gamma[h]), its rotary query rows by gamma[h]; the rotary key, shared
+  // by every head, is left alone. Its logits are multiplied by gamma[h].
+  void clip_heads(const at::Tensor& gamma);
 
  private:
   int64_t num_heads_, nope_, rope_, v_dim_, kv_rank_;

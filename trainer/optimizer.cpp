@@ -111,6 +111,17 @@ void Optimizer::store_master(size_t i, const at::Tensor& value) {
   master_[i].store_stochastic(value, seed);
 }
 
+void Optimizer::refresh_master(const at::Tensor& param) {
+  if (master_.empty()) return;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!params_[i].tensor.is_same(param)) continue;
+    at::NoGradGuard no_grad;
+    master_[i].store(param.detach());
+    params_[i].tensor.copy_(master_[i].load());
+    return;
+  }
+}
+
 void Optimizer::quantize_gradients() {
   if (grad_dtype_ == fp8::StorageDtype::kFp32) return;
   at::NoGradGuard no_grad;

@@ -74,6 +74,10 @@ at::Tensor newton_schulz(const at::Tensor& G, int64_t steps, at::ScalarType dtyp
 class Optimizer {
  public:
   Optimizer(std::vector<NamedParameter> parameters, const OptimizerConfig& config, const moe::ModelConfig* model = nullptr);
+  // After a parameter was changed in place (QK-clip), its master copy follows
+  // (and the working copy becomes what the master stores); a no-op without one
+  // or for a parameter this optimizer does not update.
+  void refresh_master(const at::Tensor& param);
   // The dtype of Muon's Newton-Schulz GEMMs (FP32 until set; the trainer sets the run's GEMM dtype).
   void set_matrix_dtype(at::ScalarType dtype) { matrix_dtype_ = dtype; }
   // Rounds the gradients to grad_dtype, as if they had been stored in it. Call before clipping.

@@ -302,6 +302,7 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   out.optimizer_seconds = seconds_since(optimizer_start) - (communication_seconds() - optimizer_comm_start);
   model->zero_grad(/*set_to_none=*/true);
   const std::vector<at::Tensor> loads = update_expert_biases();
+  const at::Tensor logits = clip_attention_logits();
 
   sum_over_pipeline(losses);  // each stage's share
   sum_over_ranks(losses);
@@ -310,7 +311,9 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   loop.readback.add(losses);
   loop.readback.add(grad_norm);
   for (const auto& load : loads) loop.readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean()}));
-  out.scalars = StepScalars::unpack(loop.readback.read(), static_cast<size_t>(config.model.mtp_depth), loads.size());
+  if (logits.defined()) loop.readback.add(logits);
+  out.scalars = StepScalars::unpack(loop.readback.read(), static_cast<size_t>(config.model.mtp_depth), loads.size(),
+                                    logits.defined() ? static_cast<size_t>(logits.numel() - 1) : 0);
   state.step = step + 1;
   state.tokens_seen += figures.tokens_per_step;
   out.step_seconds = device.is_cpu() ? seconds_since(out.start) : loop.timer.seconds();
@@ -321,6 +324,49 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   loop.timed_tokens += figures.tokens_per_step;
   if (!length_known()) loop.timed_steps.push_back(out.step_seconds);
   return out;
+}
+
+// QK-clip, after the update: each of this rank's attention layers' largest
+// logit per head over the step's training forwards, the max over the
+// data-parallel replicas (so all clip alike); a head above
+// optimizer.qk_clip_threshold has its query and key weights scaled so that its
+// logits shrink by threshold / logit (moe::Attention::clip_heads), and the
+// master copies follow. Returns the layers' maxima and the count of clipped
+// heads (FP64 on the device, for the step's one readback), or undefined when off.
+at::Tensor Trainer::Impl::clip_attention_logits() {
+  const double threshold = config.optimizer.qk_clip_threshold;
+  if (threshold <= 0) return {};
+  std::vector<std::shared_ptr<moe::TransformerLayer>> layers;
+  for (const auto& layer : model->layers) layers.push_back(layer);
+  for (const auto& module : model->mtp) layers.push_back(module->block);
+  const auto state = [](moe::TransformerLayer& l) -> moe::QkClipState& { return l.attention ? l.attention->qk_clip : l.mla->qk_clip; };
+  std::vector<std::shared_ptr<moe::TransformerLayer>> recorded;  // this rank's (its stages')
+  std::vector<at::Tensor> maxima;
+  for (const auto& layer : layers) {
+    if (!state(*layer).max_logit.defined()) continue;
+    recorded.push_back(layer);
+    maxima.push_back(state(*layer).max_logit);
+  }
+  if (recorded.empty()) return {};
+  at::Tensor all = at::cat(maxima);
+  if (mesh->dp().size() > 1) mesh->dp().all_reduce(all, {parallel::ReduceOp::kMax})->wait();
+  const at::Tensor gamma = (threshold / all).clamp_max(1.0);
+  std::vector<at::Tensor> per_layer;
+  int64_t offset = 0;
+  for (const auto& layer : recorded) {
+    const int64_t heads = state(*layer).max_logit.numel();
+    per_layer.push_back(all.narrow(0, offset, heads).max());
+    if (layer->attention) layer->attention->clip_heads(gamma.narrow(0, offset, heads));
+    if (layer->mla) layer->mla->clip_heads(gamma.narrow(0, offset, heads));
+    for (const at::Tensor& p : (layer->attention ? layer->attention->parameters() : layer->mla->parameters())) {
+      if (zero1) zero1->refresh_master(p);
+      if (optimizer) optimizer->refresh_master(p);
+    }
+    state(*layer).max_logit = at::Tensor();
+    offset += heads;
+  }
+  per_layer.push_back((all > threshold).sum().to(at::kFloat));
+  return at::stack(per_layer).to(at::kDouble);
 }
 
 // Reduces the gradients, clips them and updates the weights; returns the
@@ -433,6 +479,10 @@ void Trainer::Impl::report(const StepOutcome& out, const RunFigures& figures, Lo
                                     {"exp_avg", bytes.exp_avg}, {"exp_avg_sq", bytes.exp_avg_sq}};
   line["expert_load_max"] = s.load_max;
   line["expert_load_mean"] = s.load_mean;
+  if (!s.max_logits.empty()) {
+    line["max_attention_logit"] = s.max_logits;  // this rank's attention layers, before the clip
+    line["qk_clipped_heads"] = s.clipped_heads;
+  }
   metrics->write(line.dump());
 
   const double tokens_per_second = loop.timed_tokens / loop.train_seconds;

@@ -285,6 +285,7 @@ struct Trainer::Impl {
   StepOutcome train_step(int64_t step, const RunFigures& figures, LoopState& loop);
   at::Tensor optimizer_step(int64_t step, double lr);
   std::vector<at::Tensor> update_expert_biases();
+  at::Tensor clip_attention_logits();
   double validate_if_due(StepOutcome& outcome, bool forced);
   void report(const StepOutcome& outcome, const RunFigures& figures, LoopState& loop, bool deciding, bool last);
   StopVotes agree_to_stop(const LoopState& loop);

@@ -30,6 +30,7 @@ class Zero1 {
   // Gradient rounding to grad_dtype (owned gradients).
   void quantize_gradients() { optimizer_->quantize_gradients(); }
   void set_matrix_dtype(at::ScalarType dtype) { optimizer_->set_matrix_dtype(dtype); }
+  void refresh_master(const at::Tensor& param) { optimizer_->refresh_master(param); }
   // Clips the owned gradients by the global norm (every shard counted once); returns that norm.
   at::Tensor clip_grad_norm(double max_norm);
   // The optimizer on the owned parameters (whole tensors, so Muon's matrices are

@@ -7,6 +7,7 @@
 # checkpoint is bit-identical with BF16 momentum and stochastically rounded BF16
 # master weights (and for AdamW with such weights); Muon state written under
 # dp2 + ep2 resumes under one process like continuing under dp2 + ep2 (1e-5).
+# QK-clip (optimizer.qk_clip_threshold) under dp2 + ep2 against one process.
 # Refused in one line: tp2 (its matrices are split), and resuming an AdamW
 # checkpoint with Muon.
 source "$(dirname "$0")/common.sh"
@@ -22,11 +23,16 @@ run "$W/zero1" -np 2 "$TRAIN" $(micro_args "$W/zero1") "${ARGS[@]}" --set parall
 run "$W/ep2zero1" -np 2 "$TRAIN" $(micro_args "$W/ep2zero1") "${ARGS[@]}" --set parallel.ep=2 --set parallel.zero1=true
 run "$W/pp2" -np 2 "$TRAIN" $(micro_args "$W/pp2") "${ARGS[@]}" --set parallel.pp=2 --set training.grad_accum_steps=2
 run "$W/ep2_bf16" -np 2 "$TRAIN" $(micro_args "$W/ep2_bf16") "${ARGS[@]}" --set parallel.ep=2 --set optimizer.exp_avg_dtype=bf16
+# QK-clip at a threshold the micro model's logits (about 0.13-0.2) pass: the largest logit is the max over the
+# data-parallel replicas, so dp2 + ep2 clips the same heads as one process.
+CLIP=(--set optimizer.qk_clip_threshold=0.15)
+run "$W/single_clip" -np 1 "$TRAIN" $(micro_args "$W/single_clip") "${ARGS[@]}" "${CLIP[@]}" --set training.grad_accum_steps=2
+run "$W/ep2_clip" -np 2 "$TRAIN" $(micro_args "$W/ep2_clip") "${ARGS[@]}" "${CLIP[@]}" --set parallel.ep=2
 grep -q "optimizer muon" "$W/single.log" || fail "the run does not say it uses Muon"
 python3 - "$W" <<'PY'
 import json, sys
 load = lambda name: [json.loads(l) for l in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
-for ref_name, names in (("single", ["ep2", "zero1", "ep2zero1", "pp2"]), ("single_bf16", ["ep2_bf16"])):
+for ref_name, names in (("single", ["ep2", "zero1", "ep2zero1", "pp2"]), ("single_bf16", ["ep2_bf16"]), ("single_clip", ["ep2_clip"])):
     ref = load(ref_name)
     for name in names:
         other = load(name)
@@ -34,6 +40,15 @@ for ref_name, names in (("single", ["ep2", "zero1", "ep2zero1", "pp2"]), ("singl
         worst = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(ref, other))
         print(f"ok: muon {name:<9} 20 losses within {worst:.1e} of one process")
         assert worst <= 1e-4, (name, worst)
+# QK-clip: every line reports each layer's largest logit and the heads clipped;
+# heads were clipped, and the clipped run differs from the unclipped one.
+clip, plain = load("single_clip"), load("single")
+assert all(len(r["max_attention_logit"]) == 3 for r in clip), clip[0]
+clipped = sum(r["qk_clipped_heads"] for r in clip)
+assert clipped > 0 and [r["loss"] for r in clip] != [r["loss"] for r in plain], clipped
+assert [r["qk_clipped_heads"] for r in clip] == [r["qk_clipped_heads"] for r in load("ep2_clip")]
+assert "max_attention_logit" not in plain[0]
+print(f"ok: qk-clip: {clipped:.0f} head clips over 20 steps, the same under dp2+ep2")
 first, last = load("single")[0]["loss"], load("single")[-1]["loss"]
 assert last < first - 1.0, (first, last)
 print(f"ok: muon trains: loss {first:.4f} -> {last:.4f} in 20 steps")
