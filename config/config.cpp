@@ -491,9 +491,6 @@ std::string Config::validate() const {
       return std::string("parallel.pipeline_layout: ") + e.what();
     }
   }
-  if (optimizer.muon() && parallel.tp > 1) {
-    return "optimizer.name: muon orthogonalizes whole matrices, which parallel.tp > 1 splits (not supported yet: use tp 1)";
-  }
   if (training.seq_len > model.max_seq_len) {
     return "training.seq_len: " + std::to_string(training.seq_len) + " exceeds model.max_seq_len " + std::to_string(model.max_seq_len);
   }

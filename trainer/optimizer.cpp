@@ -63,7 +63,7 @@ at::Tensor newton_schulz(const at::Tensor& G, int64_t steps, at::ScalarType dtyp
 }
 
 Optimizer::Optimizer(std::vector<NamedParameter> parameters, const OptimizerConfig& config, const moe::ModelConfig* model)
-    : params_(std::move(parameters)), config_(config), grad_dtype_(fp8::parse_storage_dtype(config.grad_dtype)) {
+    : params_(std::move(parameters)), config_(config), grad_dtype_(fp8::parse_storage_dtype(config.grad_dtype)), model_(model) {
   const auto main_dtype = fp8::parse_storage_dtype(config.main_params_dtype);
   const auto m_dtype = fp8::parse_storage_dtype(config.exp_avg_dtype);
   const auto v_dtype = fp8::parse_storage_dtype(config.exp_avg_sq_dtype);
@@ -146,9 +146,32 @@ void Optimizer::step(double lr) {
   ++steps_taken_;
 }
 
-// The scaled orthogonalized update of parameter i from U (FP32, its shape).
-at::Tensor Optimizer::muon_update(const at::Tensor& u, size_t i) const {
-  const moe::WeightMatrices& m = muon_[i];
+void Optimizer::set_tensor_parallel(const parallel::Mesh& mesh, const std::map<std::string, parallel::ShardSpec>& specs) {
+  if (mesh.shape().tp == 1) return;
+  tp_spec_.assign(params_.size(), {});
+  std::vector<size_t> split;
+  for (size_t i : muon_members_) {
+    const auto it = specs.find(params_[i].name);
+    if (it == specs.end() || it->second.tp_dim < 0) continue;
+    tp_spec_[i].tp_dim = it->second.tp_dim;
+    tp_spec_[i].tp_blocks = it->second.tp_blocks;  // ep_dim stays -1: a rank's experts are whole on it
+    split.push_back(i);
+  }
+  if (split.empty()) return;
+  tp_mesh_ = &mesh;
+  // Largest first onto the tp rank with the least work so far (the same plan on every rank).
+  std::stable_sort(split.begin(), split.end(), [&](size_t a, size_t b) { return params_[a].tensor.numel() > params_[b].tensor.numel(); });
+  std::vector<int64_t> load(static_cast<size_t>(mesh.shape().tp), 0);
+  tp_owner_.assign(params_.size(), -1);
+  for (size_t i : split) {
+    const auto r = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    tp_owner_[i] = static_cast<int>(r);
+    load[r] += params_[i].tensor.numel();
+  }
+}
+
+// The scaled orthogonalized update of a parameter from U (FP32, its shape), split into matrices as m says.
+at::Tensor Optimizer::muon_update(const at::Tensor& u, const moe::WeightMatrices& m) const {
   const bool experts = m.in_major;  // [matrices, in, out]; 2-D weights are [out, in]
   const at::Tensor u3 = experts ? u : u.unsqueeze(0);
   at::Tensor out = at::empty_like(u3);
@@ -168,20 +191,48 @@ at::Tensor Optimizer::muon_update(const at::Tensor& u, size_t i) const {
 
 void Optimizer::step_muon(double lr) {
   const double mu = config_.muon_momentum;
+  // Momentum and the Nesterov input U of each matrix; the orthogonalized updates.
+  std::vector<at::Tensor> momenta(params_.size()), updates(params_.size());
+  std::vector<size_t> split;  // split over tp: gathered, orthogonalized by an owner, broadcast back
   for (size_t i : muon_members_) {
-    at::Tensor& param = params_[i].tensor;
-    const at::Tensor& grad = param.grad();
+    const at::Tensor& grad = params_[i].tensor.grad();
     if (!grad.defined()) continue;
     const at::Tensor g = grad.to(at::kFloat);
     // FP32 storage: load() is the stored momentum itself, updated in place.
     at::Tensor momentum = exp_avg_[i].dtype() == fp8::StorageDtype::kFp32 ? exp_avg_[i].load() : exp_avg_[i].load().clone();
     momentum.lerp_(g, 1.0 - mu);
     const at::Tensor u = config_.muon_nesterov ? g.lerp(momentum, mu) : momentum;
-    const at::Tensor update = muon_update(u, i);
+    momenta[i] = momentum;
+    if (tp_mesh_ && tp_owner_[i] >= 0) {
+      updates[i] = u;  // its shard of U, until the whole update comes back
+      split.push_back(i);
+    } else {
+      updates[i] = muon_update(u, muon_[i]);
+    }
+  }
+  if (!split.empty()) {
+    parallel::Communicator& tp = tp_mesh_->tp();
+    std::vector<at::Tensor> whole(params_.size());
+    for (size_t i : split) {
+      const at::Tensor full = parallel::gather_full(updates[i], tp_spec_[i], *tp_mesh_);
+      whole[i] = tp_owner_[i] == tp.rank() ? muon_update(full, moe::weight_matrices(params_[i].name, full.sizes(), model_))
+                                            : at::empty_like(full);
+    }
+    std::vector<std::unique_ptr<parallel::Work>> works;
+    for (size_t i : split) works.push_back(tp.broadcast(whole[i], {tp_owner_[i]}));
+    for (size_t k = 0; k < split.size(); ++k) {
+      works[k]->wait();
+      const size_t i = split[k];
+      updates[i] = parallel::local_shard(whole[i], tp_spec_[i], tp_mesh_->shape(), tp_mesh_->coords());
+    }
+  }
+  for (size_t i : muon_members_) {
+    if (!updates[i].defined()) continue;
+    at::Tensor& param = params_[i].tensor;
     at::Tensor master = master_.empty() ? param : master_[i].load().clone();
     if (config_.weight_decay > 0) master.mul_(1.0 - lr * config_.weight_decay);
-    master.add_(update, -lr);
-    if (exp_avg_[i].dtype() != fp8::StorageDtype::kFp32) exp_avg_[i].store(momentum);
+    master.add_(updates[i], -lr);
+    if (exp_avg_[i].dtype() != fp8::StorageDtype::kFp32) exp_avg_[i].store(momenta[i]);
     if (!master_.empty()) {
       store_master(i, master);
       param.copy_(master_[i].load());

@@ -5,11 +5,13 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
 #include "fp8/low_precision_tensor.h"
 #include "parallel/mesh.h"
+#include "parallel/tensor_parallel.h"
 #include "config/config.h"
 #include "moe/matrices.h"
 #include "moe/model_config.h"
@@ -74,6 +76,12 @@ at::Tensor newton_schulz(const at::Tensor& G, int64_t steps, at::ScalarType dtyp
 class Optimizer {
  public:
   Optimizer(std::vector<NamedParameter> parameters, const OptimizerConfig& config, const moe::ModelConfig* model = nullptr);
+  // Under tensor parallelism: Muon's matrices split over tp (specs by parameter
+  // name) are all-gathered whole for the iteration, each orthogonalized on one
+  // tp rank (owners dealt largest first, round-robin) and broadcast back; every
+  // rank keeps its shard. Collective over tp in step() (every tp rank updates the
+  // same parameters, in the same order).
+  void set_tensor_parallel(const parallel::Mesh& mesh, const std::map<std::string, parallel::ShardSpec>& specs);
   // After a parameter was changed in place (QK-clip), its master copy follows
   // (and the working copy becomes what the master stores); a no-op without one
   // or for a parameter this optimizer does not update.
@@ -101,7 +109,7 @@ class Optimizer {
   void step_stored(double lr, double bias_correction1, double bias_correction2);
   void step_muon(double lr);
   void store_master(size_t i, const at::Tensor& value);
-  at::Tensor muon_update(const at::Tensor& u, size_t i) const;
+  at::Tensor muon_update(const at::Tensor& u, const moe::WeightMatrices& m) const;
 
   std::vector<NamedParameter> params_;
   // exp_avg_ holds Muon's momentum for its matrices, whose exp_avg_sq_ entries are empty.
@@ -109,6 +117,10 @@ class Optimizer {
   std::vector<moe::WeightMatrices> muon_;  // matrix: Muon updates it
   std::vector<size_t> muon_members_;
   at::ScalarType matrix_dtype_ = at::kFloat;
+  const moe::ModelConfig* model_ = nullptr;
+  const parallel::Mesh* tp_mesh_ = nullptr;   // set when some Muon matrix is split over tp
+  std::vector<parallel::ShardSpec> tp_spec_;  // per parameter: its tp split alone (tp_dim -1: whole here)
+  std::vector<int> tp_owner_;                 // per parameter: the tp rank that orthogonalizes it
   std::vector<Group> groups_;
   OptimizerConfig config_;
   fp8::StorageDtype grad_dtype_;

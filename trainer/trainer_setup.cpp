@@ -158,6 +158,8 @@ void Trainer::Impl::build_model() {
     grad_sync->enable_overlap(/*deferred=*/tp_partial);
     optimizer = std::make_unique<Optimizer>(params, cfg.optimizer, &cfg.model);
   }
+  if (zero1) zero1->set_tensor_parallel(*mesh, model->shard_specs());
+  if (optimizer) optimizer->set_tensor_parallel(*mesh, model->shard_specs());
   // A rank keeps only its stages' weights (other stages' come back for checkpoints).
   stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
   // QK-clip: every attention records its heads' largest logits in training forwards.

@@ -31,6 +31,10 @@ class Zero1 {
   void quantize_gradients() { optimizer_->quantize_gradients(); }
   void set_matrix_dtype(at::ScalarType dtype) { optimizer_->set_matrix_dtype(dtype); }
   void refresh_master(const at::Tensor& param) { optimizer_->refresh_master(param); }
+  // A parameter's owner is the same dp rank on every tp rank (same shapes, same plan), so the tp group gathers together.
+  void set_tensor_parallel(const parallel::Mesh& mesh, const std::map<std::string, parallel::ShardSpec>& specs) {
+    optimizer_->set_tensor_parallel(mesh, specs);
+  }
   // Clips the owned gradients by the global norm (every shard counted once); returns that norm.
   at::Tensor clip_grad_norm(double max_norm);
   // The optimizer on the owned parameters (whole tensors, so Muon's matrices are

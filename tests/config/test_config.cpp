@@ -68,8 +68,6 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("optimizer:\n  name: muon\n  muon_scale: spectral\n"),
             "run.yaml: optimizer.muon_scale: must be rms or shape, got 'spectral'");
   EXPECT_EQ(error_of("optimizer:\n  muon_ns_steps: 0\n"), "run.yaml: optimizer.muon_ns_steps: must be in [1, 20], got 0");
-  EXPECT_EQ(error_of("optimizer:\n  name: muon\nparallel:\n  tp: 2\n"),
-            "run.yaml: optimizer.name: muon orthogonalizes whole matrices, which parallel.tp > 1 splits (not supported yet: use tp 1)");
 }
 
 TEST(Config, SyntaxErrorHasLocation) {
