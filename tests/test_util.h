@@ -46,4 +46,19 @@ inline moe::ModelConfig test_model(const TestModelShape& s) {
   return c;
 }
 
+// Multi-head latent attention of the given ranks (q_lora_rank 0: full-rank
+// queries) and per-head dims.
+struct TestMlaShape {
+  int64_t q_lora_rank, kv_lora_rank, nope, rope, v;
+};
+
+inline void use_mla(moe::ModelConfig& c, const TestMlaShape& s) {
+  c.attention = "mla";
+  c.q_lora_rank = s.q_lora_rank;
+  c.kv_lora_rank = s.kv_lora_rank;
+  c.qk_nope_head_dim = s.nope;
+  c.qk_rope_head_dim = s.rope;
+  c.v_head_dim = s.v;
+}
+
 }  // namespace fmoe::testing

@@ -20,14 +20,7 @@ ModelConfig small(const std::string& attention, int64_t kv_heads, bool bias) {
                                              .experts = 4, .top_k = 2, .moe_ffn = 8});
   c.num_groups = 1;
   c.attention_bias = bias;
-  if (attention == "mla") {
-    c.attention = "mla";
-    c.q_lora_rank = 6;
-    c.kv_lora_rank = 10;
-    c.qk_nope_head_dim = 6;
-    c.qk_rope_head_dim = 4;
-    c.v_head_dim = 5;
-  }
+  if (attention == "mla") fmoe::testing::use_mla(c, {.q_lora_rank = 6, .kv_lora_rank = 10, .nope = 6, .rope = 4, .v = 5});
   return c;
 }
 

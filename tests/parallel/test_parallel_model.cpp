@@ -29,12 +29,7 @@ moe::ModelConfig micro_config(bool mla = false, bool mtp = false, bool qwen = fa
   c.attention_bias = c.shared_expert_gate = qwen;  // Qwen2-MoE's QKV biases and gated shared expert
   c.mtp_depth = mtp ? 1 : 0;  // multi-token prediction (not under sequence parallelism)
   if (mla) {  // multi-head latent attention with a query latent and YaRN
-    c.attention = "mla";
-    c.q_lora_rank = 16;
-    c.kv_lora_rank = 12;
-    c.qk_nope_head_dim = 8;
-    c.qk_rope_head_dim = 4;
-    c.v_head_dim = 6;
+    fmoe::testing::use_mla(c, {.q_lora_rank = 16, .kv_lora_rank = 12, .nope = 8, .rope = 4, .v = 6});
     c.rope_scaling.type = "yarn";
     c.rope_scaling.factor = 4;
     c.rope_scaling.original_max_position_embeddings = 8;

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The optimizer study of docs/optimizer.md: one config trained four ways from the
+# same seed and data, at equal steps: AdamW with FP32 state (the reference),
+# AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
+# Muon with FP32 state, and Muon at its smallest state (BF16 master with
+# stochastic rounding, FP8 gradients, momentum and AdamW second moments).
+# Prints a markdown table (state bytes per parameter as the metrics report it,
+# final validation loss, gap to its FP32 self, tokens to reach AdamW FP32's final
+# validation loss, seconds per step) and draws the validation-loss curves with
+# moe-report into runs/optimizer_study/<config>/report/.
+#   scripts/optimizer_study.sh [CONFIG]   (default configs/tiny.yaml)
+#   STEPS (300), EVERY (validation interval, 25), PRECISION (fp32: the GEMMs of
+#   every run alike, on any CPU), MUON_LR (the matrices' peak lr; default three
+#   times the config's, the better of 1x and 3x on tiny), ONLY=<run name>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:-configs/tiny.yaml}
+NAME=$(basename "$CONFIG" .yaml)
+OUT=runs/optimizer_study/$NAME
+mkdir -p "$OUT"
+scripts/build.sh moe-train moe-data moe-report >/dev/null
+build/launch/moe-data prepare --config "$CONFIG" >/dev/null
+lr=$(python3 -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['optimizer']['lr'])" "$CONFIG" 2>/dev/null ||
+     sed -n 's/^  lr: *//p' "$CONFIG" | head -1)
+MUON_LR=${MUON_LR:-$(python3 -c "print(3 * $lr)")}
+COMMON=(--config "$CONFIG" --set training.steps="${STEPS:-300}" --set training.eval_interval="${EVERY:-25}"
+        --set training.checkpoint_interval=0 --set budget.max_minutes=0 --set training.precision="${PRECISION:-fp32}")
+SMALL=(--set optimizer.grad_dtype=fp8 --set optimizer.exp_avg_dtype=fp8 --set optimizer.exp_avg_sq_dtype=fp8)
+MUON=(--set optimizer.name=muon --set optimizer.lr="$MUON_LR" --set optimizer.min_lr="$(python3 -c "print($MUON_LR / 10)")" --set optimizer.adamw_lr="$lr")
+declare -A runs=(
+  [adamw_fp32]=""
+  [adamw_5_bytes]="--set optimizer.main_params_dtype=fp16 ${SMALL[*]}"
+  [muon_fp32]="${MUON[*]}"
+  [muon_small]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]}"
+)
+order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_small)
+for run in "${order[@]}"; do
+  [ -n "${ONLY:-}" ] && [ "$ONLY" != "$run" ] && continue
+  echo "== $NAME $run" >&2
+  rm -rf "${OUT:?}/$run"
+  # shellcheck disable=SC2086
+  build/launch/moe-train "${COMMON[@]}" --set training.run_dir="$OUT/$run" ${runs[$run]} > "$OUT.$run.log" 2>&1 ||
+    { tail -5 "$OUT.$run.log"; exit 1; }
+done
+dirs=(); for run in "${order[@]}"; do [ -f "$OUT/$run/metrics.jsonl" ] && dirs+=("$OUT/$run"); done
+build/launch/moe-report "${dirs[@]}" --out "$OUT/report" >/dev/null
+python3 - "$OUT" "${order[@]}" <<'PY'
+import json, os, sys
+out, names = sys.argv[1], sys.argv[2:]
+rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in names if os.path.exists(f"{out}/{n}/metrics.jsonl")}
+ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
+own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32"}
+print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
+print("|---|---|---|---|---|---|")
+for name, lines in rows.items():
+    last = lines[-1]
+    base = own.get(name)
+    gap = f"{100 * (last['val_loss'] - rows[base][-1]['val_loss']) / rows[base][-1]['val_loss']:+.2f}%" if base in rows else "—"
+    reach = next((l["tokens_seen"] for l in lines if "val_loss" in l and ref is not None and l["val_loss"] <= ref), None)
+    reach_text = "not reached" if reach is None else f"{reach / 1e6:.3f}M ({reach / lines[-1]['tokens_seen']:.2f}x)"
+    step = sum(l["step_seconds"] for l in lines[3:]) / max(1, len(lines[3:]))
+    print(f"| {name} | {last['state_bytes_per_param']:.2f} | {last['val_loss']:.4f} | {gap} | {reach_text} | {step:.3f} |")
+PY
