@@ -63,7 +63,8 @@ at::Tensor newton_schulz(const at::Tensor& G, int64_t steps, at::ScalarType dtyp
 }
 
 Optimizer::Optimizer(std::vector<NamedParameter> parameters, const OptimizerConfig& config, const moe::ModelConfig* model)
-    : params_(std::move(parameters)), config_(config), grad_dtype_(fp8::parse_storage_dtype(config.grad_dtype)), model_(model) {
+    : params_(std::move(parameters)), config_(config), grad_dtype_(fp8::parse_storage_dtype(config.grad_dtype)) {
+  model_ = model;
   const auto main_dtype = fp8::parse_storage_dtype(config.main_params_dtype);
   const auto m_dtype = fp8::parse_storage_dtype(config.exp_avg_dtype);
   const auto v_dtype = fp8::parse_storage_dtype(config.exp_avg_sq_dtype);
