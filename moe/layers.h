@@ -172,6 +172,8 @@ class TransformerLayer : public torch::nn::Module {
   std::shared_ptr<MLAttention> mla;
   std::shared_ptr<DenseFFN> dense;  // exactly one of dense / moe is set
   std::shared_ptr<MoELayer> moe;
+  // The attention's QK-clip bookkeeping (either kind).
+  QkClipState& qk_clip() { return attention ? attention->qk_clip : mla->qk_clip; }
 };
 
 }  // namespace fmoe::moe

@@ -254,6 +254,12 @@ at::Tensor MoEModel::logits(const at::Tensor& tokens_BT, at::ScalarType compute_
   return logits.to(at::kFloat).view({ctx.batch, ctx.seq_len, -1});
 }
 
+std::vector<std::shared_ptr<TransformerLayer>> MoEModel::transformer_layers() const {
+  std::vector<std::shared_ptr<TransformerLayer>> all = layers;
+  for (const auto& module : mtp) all.push_back(module->block);
+  return all;
+}
+
 std::vector<std::shared_ptr<MoELayer>> MoEModel::moe_layers() const {
   std::vector<std::shared_ptr<MoELayer>> result;
   for (const auto& layer : layers) {

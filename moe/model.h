@@ -105,6 +105,8 @@ class MoEModel : public torch::nn::Module {
   // How each parameter (by name) is sharded; routed-expert tensors are is_expert().
   const std::map<std::string, parallel::ShardSpec>& shard_specs() const { return specs_; }
   std::vector<std::shared_ptr<MoELayer>> moe_layers() const;
+  // Every transformer layer: the main ones, then each MTP module's.
+  std::vector<std::shared_ptr<TransformerLayer>> transformer_layers() const;
   // Applies the aux-loss-free bias update with the given per-layer loads
   // (already summed over data-parallel ranks) and clears step_load.
   void update_expert_biases(const std::vector<at::Tensor>& loads_E);

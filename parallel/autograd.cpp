@@ -233,9 +233,7 @@ at::Tensor reduce_scatter_dim(const at::Tensor& x, int64_t dim, Communicator& gr
 at::Tensor exchange_rows(const at::Tensor& x, const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits,
                          Communicator& group) {
   if (group.size() == 1) return x;
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape[0] = std::accumulate(output_splits.begin(), output_splits.end(), int64_t{0});
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = rows_buffer(x, output_splits);
   const at::Tensor in = x.contiguous();
   group.all_to_all(out, in, output_splits, input_splits, {})->wait();
   return out;

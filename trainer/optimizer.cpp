@@ -156,6 +156,10 @@ void Optimizer::set_tensor_parallel(const parallel::Mesh& mesh, const std::map<s
     if (it == specs.end() || it->second.tp_dim < 0) continue;
     tp_spec_[i].tp_dim = it->second.tp_dim;
     tp_spec_[i].tp_blocks = it->second.tp_blocks;  // ep_dim stays -1: a rank's experts are whole on it
+    // The iteration sees the gathered tensor: its matrices are the whole tensor's.
+    std::vector<int64_t> whole = params_[i].tensor.sizes().vec();
+    whole[static_cast<size_t>(it->second.tp_dim)] *= mesh.shape().tp;
+    muon_[i] = moe::weight_matrices(params_[i].name, whole, model_);
     split.push_back(i);
   }
   if (split.empty()) return;
@@ -216,8 +220,7 @@ void Optimizer::step_muon(double lr) {
     std::vector<at::Tensor> whole(params_.size());
     for (size_t i : split) {
       const at::Tensor full = parallel::gather_full(updates[i], tp_spec_[i], *tp_mesh_);
-      whole[i] = tp_owner_[i] == tp.rank() ? muon_update(full, moe::weight_matrices(params_[i].name, full.sizes(), model_))
-                                            : at::empty_like(full);
+      whole[i] = tp_owner_[i] == tp.rank() ? muon_update(full, muon_[i]) : at::empty_like(full);
     }
     std::vector<std::unique_ptr<parallel::Work>> works;
     for (size_t i : split) works.push_back(tp.broadcast(whole[i], {tp_owner_[i]}));

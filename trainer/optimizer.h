@@ -114,7 +114,7 @@ class Optimizer {
   std::vector<NamedParameter> params_;
   // exp_avg_ holds Muon's momentum for its matrices, whose exp_avg_sq_ entries are empty.
   std::vector<fp8::LowPrecisionTensor> exp_avg_, exp_avg_sq_, master_;  // master_ empty when FP32
-  std::vector<moe::WeightMatrices> muon_;  // matrix: Muon updates it
+  std::vector<moe::WeightMatrices> muon_;  // matrix: Muon updates it (split over tp: the gathered tensor's matrices)
   std::vector<size_t> muon_members_;
   at::ScalarType matrix_dtype_ = at::kFloat;
   const moe::ModelConfig* model_ = nullptr;

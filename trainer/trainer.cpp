@@ -336,16 +336,12 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
 at::Tensor Trainer::Impl::clip_attention_logits() {
   const double threshold = config.optimizer.qk_clip_threshold;
   if (threshold <= 0) return {};
-  std::vector<std::shared_ptr<moe::TransformerLayer>> layers;
-  for (const auto& layer : model->layers) layers.push_back(layer);
-  for (const auto& module : model->mtp) layers.push_back(module->block);
-  const auto state = [](moe::TransformerLayer& l) -> moe::QkClipState& { return l.attention ? l.attention->qk_clip : l.mla->qk_clip; };
   std::vector<std::shared_ptr<moe::TransformerLayer>> recorded;  // this rank's (its stages')
   std::vector<at::Tensor> maxima;
-  for (const auto& layer : layers) {
-    if (!state(*layer).max_logit.defined()) continue;
+  for (const auto& layer : model->transformer_layers()) {
+    if (!layer->qk_clip().max_logit.defined()) continue;
     recorded.push_back(layer);
-    maxima.push_back(state(*layer).max_logit);
+    maxima.push_back(layer->qk_clip().max_logit);
   }
   if (recorded.empty()) return {};
   at::Tensor all = at::cat(maxima);
@@ -354,7 +350,7 @@ at::Tensor Trainer::Impl::clip_attention_logits() {
   std::vector<at::Tensor> per_layer;
   int64_t offset = 0;
   for (const auto& layer : recorded) {
-    const int64_t heads = state(*layer).max_logit.numel();
+    const int64_t heads = layer->qk_clip().max_logit.numel();
     per_layer.push_back(all.narrow(0, offset, heads).max());
     if (layer->attention) layer->attention->clip_heads(gamma.narrow(0, offset, heads));
     if (layer->mla) layer->mla->clip_heads(gamma.narrow(0, offset, heads));
@@ -362,7 +358,7 @@ at::Tensor Trainer::Impl::clip_attention_logits() {
       if (zero1) zero1->refresh_master(p);
       if (optimizer) optimizer->refresh_master(p);
     }
-    state(*layer).max_logit = at::Tensor();
+    layer->qk_clip().max_logit = at::Tensor();
     offset += heads;
   }
   per_layer.push_back((all > threshold).sum().to(at::kFloat));

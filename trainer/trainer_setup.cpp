@@ -164,9 +164,7 @@ void Trainer::Impl::build_model() {
   stages->release_foreign(*model, static_cast<int>(mesh->coords().pp));
   // QK-clip: every attention records its heads' largest logits in training forwards.
   if (cfg.optimizer.qk_clip_threshold > 0) {
-    std::vector<std::shared_ptr<moe::TransformerLayer>> layers = model->layers;
-    for (const auto& module : model->mtp) layers.push_back(module->block);
-    for (const auto& layer : layers) (layer->attention ? layer->attention->qk_clip : layer->mla->qk_clip).record = true;
+    for (const auto& layer : model->transformer_layers()) layer->qk_clip().record = true;
   }
   std::string pipeline_message;
   step_runtime = std::make_unique<StepRuntime>(stages->make_runtime(*model, cfg, *mesh, device, &pipeline_message));

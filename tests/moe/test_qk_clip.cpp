@@ -24,10 +24,8 @@ ModelConfig small(const std::string& attention, int64_t kv_heads, bool bias) {
   return c;
 }
 
-QkClipState& state_of(TransformerLayer& layer) { return layer.attention ? layer.attention->qk_clip : layer.mla->qk_clip; }
-
 at::Tensor record(MoEModel& model, const at::Tensor& tokens) {
-  QkClipState& s = state_of(*model.layers[0]);
+  QkClipState& s = model.layers[0]->qk_clip();
   s.max_logit = at::Tensor();
   s.record = true;
   model.forward(tokens, at::kFloat);
@@ -49,7 +47,7 @@ TEST(QkClip, ClippedHeadsLogitsShrinkByExactlyGamma) {
     // Validation (no autograd) records nothing.
     {
       at::NoGradGuard no_grad;
-      QkClipState& s = state_of(*model.layers[0]);
+      QkClipState& s = model.layers[0]->qk_clip();
       s.max_logit = at::Tensor();
       model.forward(tokens, at::kFloat);
       EXPECT_FALSE(s.max_logit.defined()) << attention;
