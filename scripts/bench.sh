@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks on this machine: its ISA and both GEMM peaks; the tiny config's step
-# breakdown, tokens/s and MFU at the precision training.precision: auto picks (and
+# breakdown, top ops by self time, tokens/s and MFU at the precision training.precision: auto picks (and
 # at the other one), against the plain-PyTorch version of the same model on the
 # same threads, eager and torch.compile'd; MPI collective bandwidth at 2 and 4
 # ranks; the step-time breakdown of the tiny config under expert and tensor
@@ -19,6 +19,12 @@ auto_log=$(build/tests/bench/bench_step --config configs/tiny.yaml --steps "${ST
 echo "$auto_log"
 chosen=$(echo "$auto_log" | sed -n 's/^precision auto -> \([a-z0-9]*\).*/\1/p')
 other=$([ "$chosen" = fp32 ] && echo bf16 || echo fp32)
+echo "-- where the step goes at $chosen: top ops by self time over ${PROFILE_STEPS:-3} profiled steps (LibTorch profiler, tests/bench/profile_summary.py)"
+trace=$(mktemp --suffix=.json)
+FMOE_PROFILE="$trace" build/tests/bench/bench_step --config configs/tiny.yaml --steps "${PROFILE_STEPS:-3}" --set training.micro_batch_size=16 \
+  --set training.precision="$chosen" >/dev/null
+python3 tests/bench/profile_summary.py "$trace" --steps "${PROFILE_STEPS:-3}" --top "${PROFILE_TOP:-15}"
+rm -f "$trace"
 echo "-- the other precision ($other), for comparison"
 build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.micro_batch_size=16 --set training.precision="$other"
 echo "== plain PyTorch, same model and threads, at the chosen precision ($chosen), eager then torch.compile"
