@@ -11,6 +11,7 @@
 #include <string>
 
 #include "fp8/fp8_gemm.h"
+#include "moe/cpu_kernels.h"
 #include "moe/weight_grad.h"
 
 namespace fmoe::moe {
@@ -40,20 +41,44 @@ void zero_empty_groups(at::Tensor& per_group, const std::vector<int64_t>& rows_p
   }
 }
 
-// h = [gate | up] of a SwiGLU, and what its backward reuses.
-struct SwiGLUActivations {
-  at::Tensor gate, up, silu;
-  SwiGLUActivations(const at::Tensor& h, int64_t ffn) : gate(h.narrow(1, 0, ffn)), up(h.narrow(1, ffn, ffn)), silu(at::silu(gate)) {}
-  at::Tensor output() const { return silu * up; }
-  // [d gate | d up] = [silu'(gate) * (da * up) | da * silu(gate)], written into one buffer.
-  at::Tensor backward(const at::Tensor& da) const {
-    at::Tensor dh = at::empty({da.size(0), 2 * da.size(1)}, da.options());
-    at::Tensor dgate = dh.narrow(1, 0, da.size(1)), dup = dh.narrow(1, da.size(1), da.size(1));
-    at::silu_backward_out(dgate, da * up, gate);
-    at::mul_out(dup, da, silu);
-    return dh;
+// h = [gate | up] of a SwiGLU ([rows, 2F]) and the element-wise work on it. CPU
+// tensors go through the fused kernels of moe/cpu_kernels.h (one pass over the
+// rows, FP32 arithmetic, one rounding per output); other devices through ATen.
+bool fused_swiglu(const at::Tensor& h) {
+  return h.is_cpu() && fused_cpu_kernels_enabled() && h.is_contiguous() && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16);
+}
+
+// a = silu(gate) * up.
+at::Tensor swiglu_output(const at::Tensor& h, int64_t ffn) {
+  if (fused_swiglu(h)) {
+    at::Tensor a = at::empty({h.size(0), ffn}, h.options());
+    cpu_kernels().swiglu_forward(h.data_ptr(), a.data_ptr(), h.size(0), ffn, h.scalar_type() == at::kBFloat16);
+    return a;
   }
+  return at::silu(h.narrow(1, 0, ffn)) * h.narrow(1, ffn, ffn);
+}
+
+// [d gate | d up] = [silu'(gate) * (da * up) | da * silu(gate)] in one buffer, and
+// a = silu(gate) * up again (what the w2 weight gradient reads), from the same pass.
+struct SwiGLUGrads {
+  at::Tensor dh, a;
 };
+SwiGLUGrads swiglu_backward(const at::Tensor& h, const at::Tensor& da_in) {
+  const int64_t ffn = da_in.size(1);
+  const at::Tensor da = da_in.contiguous();
+  at::Tensor dh = at::empty({da.size(0), 2 * ffn}, da.options());
+  if (fused_swiglu(h) && da.scalar_type() == h.scalar_type()) {
+    at::Tensor a = at::empty({h.size(0), ffn}, h.options());
+    cpu_kernels().swiglu_backward(h.data_ptr(), da.data_ptr(), dh.data_ptr(), a.data_ptr(), h.size(0), ffn,
+                                  h.scalar_type() == at::kBFloat16);
+    return {dh, a};
+  }
+  const at::Tensor gate = h.narrow(1, 0, ffn), up = h.narrow(1, ffn, ffn), silu = at::silu(gate);
+  at::Tensor dgate = dh.narrow(1, 0, ffn), dup = dh.narrow(1, ffn, ffn);
+  at::silu_backward_out(dgate, da * up, gate);
+  at::mul_out(dup, da, silu);
+  return {dh, silu * up};
+}
 
 // A node's gradients: the input's now; the weights' (w13, w2) now too, or, inside
 // a DeferWeightGrads scope, queued (moe/weight_grad.h). `unused` undefined
@@ -94,7 +119,7 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(h.narrow(0, offset, rows), xq.narrow(0, offset, rows), w13q[g]);
     });
-    const at::Tensor aq = op.rows(SwiGLUActivations(h, ffn).output());
+    const at::Tensor aq = op.rows(swiglu_output(h, ffn));
     at::Tensor y = at::empty({x.size(0), w2.size(2)}, buffer);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(y.narrow(0, offset, rows), aq.narrow(0, offset, rows), w2q[g]);
@@ -113,20 +138,19 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     const at::Tensor dy = grad_outputs[0].to(h.scalar_type()).contiguous();
     const int64_t ffn = w2q.size(1);
 
-    const SwiGLUActivations act(h, ffn);
     const at::Tensor dy_rows = op.rows(dy);
     at::Tensor da = at::empty({x.size(0), ffn}, h.options());
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(da.narrow(0, offset, rows), dy_rows.narrow(0, offset, rows), w2q[g].t());
     });
-    const at::Tensor dh = act.backward(da);
+    const SwiGLUGrads swiglu_grads = swiglu_backward(h, da);
+    const at::Tensor &dh = swiglu_grads.dh, &a = swiglu_grads.a;
     const at::Tensor dh_rows = op.rows(dh);
     at::Tensor dx = at::empty({x.size(0), x.size(1)}, h.options());
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       mm_into(dx.narrow(0, offset, rows), dh_rows.narrow(0, offset, rows), w13q[g].t());
     });
-    const auto weight_grads = [x, h, dy, dh, rows_per_group, op, ffn, w13_shape = w13q.sizes().vec(), w2_shape = w2q.sizes().vec()] {
-      const at::Tensor a = SwiGLUActivations(h, ffn).output();
+    const auto weight_grads = [x, h, a, dy, dh, rows_per_group, op, w13_shape = w13q.sizes().vec(), w2_shape = w2q.sizes().vec()] {
       const at::Tensor xh = x.to(h.scalar_type());
       // Every expert's weight gradient is written whole by its GEMM; only those of experts without rows stay zero.
       at::Tensor dw2 = at::empty(w2_shape, h.options()), dw13 = at::empty(w13_shape, h.options());
@@ -163,7 +187,7 @@ class GroupedSwiGLUGroupedMm : public torch::autograd::Function<GroupedSwiGLUGro
                             const at::Tensor& ends) {
     const int64_t ffn = w2.size(1);
     const at::Tensor h = at::_grouped_mm(x, w13, ends);
-    const at::Tensor a = SwiGLUActivations(h, ffn).output();
+    const at::Tensor a = swiglu_output(h, ffn);
     ctx->save_for_backward({x, w13, w2, h, ends});
     return at::_grouped_mm(a, w2, ends);
   }
@@ -172,13 +196,12 @@ class GroupedSwiGLUGroupedMm : public torch::autograd::Function<GroupedSwiGLUGro
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w13 = saved[1], &w2 = saved[2], &h = saved[3], &ends = saved[4];
     const at::Tensor dy = grad_outputs[0].to(h.scalar_type()).contiguous();
-    const int64_t ffn = w2.size(1);
-    const SwiGLUActivations act(h, ffn);
     const at::Tensor da = at::_grouped_mm(dy, w2.transpose(1, 2), ends);
-    const at::Tensor dh = act.backward(da);
+    const SwiGLUGrads swiglu_grads = swiglu_backward(h, da);
+    const at::Tensor &dh = swiglu_grads.dh, &a = swiglu_grads.a;
     const at::Tensor dx = at::_grouped_mm(dh, w13.transpose(1, 2), ends);
-    const auto weight_grads = [x, h, dy, dh, ends, ffn] {
-      return std::vector<at::Tensor>{grouped_weight_grad(x, dh, ends), grouped_weight_grad(SwiGLUActivations(h, ffn).output(), dy, ends)};
+    const auto weight_grads = [x, a, dy, dh, ends] {
+      return std::vector<at::Tensor>{grouped_weight_grad(x, dh, ends), grouped_weight_grad(a, dy, ends)};
     };
     return with_weight_grads(dx, w13, w2, weight_grads, 1);
   }
@@ -198,7 +221,7 @@ class GroupedSwiGLUFp8Gemms : public torch::autograd::Function<GroupedSwiGLUFp8G
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       h.narrow(0, offset, rows).copy_(fp8::fp8_mm(x.narrow(0, offset, rows), w13[g].t(), /*b_blocks=*/true));
     });
-    const at::Tensor a = SwiGLUActivations(h, ffn).output();
+    const at::Tensor a = swiglu_output(h, ffn);
     at::Tensor y = at::empty({x.size(0), w2.size(2)}, fp32);
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       y.narrow(0, offset, rows).copy_(fp8::fp8_mm(a.narrow(0, offset, rows), w2[g].t(), /*b_blocks=*/true));
@@ -214,18 +237,17 @@ class GroupedSwiGLUFp8Gemms : public torch::autograd::Function<GroupedSwiGLUFp8G
     const std::vector<int64_t> rows_per_group = ctx->saved_data["rows"].toIntVector();
     const at::Tensor dy = grad_outputs[0].to(at::kFloat).contiguous();
     const int64_t ffn = w2.size(1);
-    const SwiGLUActivations act(h, ffn);
     at::Tensor da = at::empty({x.size(0), ffn}, h.options());
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       da.narrow(0, offset, rows).copy_(fp8::fp8_mm(dy.narrow(0, offset, rows), w2[g], /*b_blocks=*/true));
     });
-    const at::Tensor dh = act.backward(da);
+    const SwiGLUGrads swiglu_grads = swiglu_backward(h, da);
+    const at::Tensor &dh = swiglu_grads.dh, &a = swiglu_grads.a;
     at::Tensor dx = at::empty({x.size(0), x.size(1)}, h.options());
     for_each_group(rows_per_group, [&](int64_t g, int64_t offset, int64_t rows) {
       dx.narrow(0, offset, rows).copy_(fp8::fp8_mm(dh.narrow(0, offset, rows), w13[g], /*b_blocks=*/true));
     });
-    const auto weight_grads = [x, h, dy, dh, rows_per_group, ffn, w13_shape = w13.sizes().vec(), w2_shape = w2.sizes().vec()] {
-      const at::Tensor a = SwiGLUActivations(h, ffn).output();
+    const auto weight_grads = [x, h, a, dy, dh, rows_per_group, w13_shape = w13.sizes().vec(), w2_shape = w2.sizes().vec()] {
       at::Tensor dw2 = at::empty(w2_shape, h.options()), dw13 = at::empty(w13_shape, h.options());
       zero_empty_groups(dw2, rows_per_group);
       zero_empty_groups(dw13, rows_per_group);

@@ -82,6 +82,10 @@ RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
 
 at::Tensor RMSNorm::forward(const at::Tensor& x, at::ScalarType out_dtype) { return rms_norm(x, weight, eps_, out_dtype); }
 
+std::pair<at::Tensor, at::Tensor> RMSNorm::forward_residual(const at::Tensor& x, const at::Tensor& delta, at::ScalarType out_dtype) {
+  return add_rms_norm(x, delta, weight, eps_, out_dtype);
+}
+
 void QkClipState::add(const at::Tensor& q_BHTd, const at::Tensor& k_BHTd, double scale) {
   if (!record || !at::GradMode::is_enabled()) return;
   at::NoGradGuard no_grad;
@@ -328,8 +332,8 @@ TransformerLayer::TransformerLayer(const ModelConfig& c, int64_t layer_index) {
 
 at::Tensor TransformerLayer::forward(const at::Tensor& x, ForwardContext& ctx) {
   const at::Tensor normed = attention_norm->forward(x, ctx.compute_dtype);
-  at::Tensor y = x + (mla ? mla->forward(normed, ctx) : attention->forward(normed, ctx)).to(at::kFloat);
-  const at::Tensor h = ffn_norm->forward(y, ctx.compute_dtype);
+  const at::Tensor attn = mla ? mla->forward(normed, ctx) : attention->forward(normed, ctx);
+  const auto [y, h] = ffn_norm->forward_residual(x, attn, ctx.compute_dtype);
   return y + (moe ? moe->forward(h, ctx) : dense->forward(h, ctx).to(at::kFloat));
 }
 

@@ -5,6 +5,7 @@
 
 #include <torch/nn/module.h>
 
+#include <utility>
 #include <vector>
 
 #include "moe/model_config.h"
@@ -66,6 +67,8 @@ class RMSNorm : public torch::nn::Module {
   RMSNorm(int64_t dim, double eps);
   // fp32 in, compute dtype out.
   at::Tensor forward(const at::Tensor& x_ND, at::ScalarType out_dtype);
+  // {s, norm(s)} for s = x + delta (the residual add before the norm, in the same pass).
+  std::pair<at::Tensor, at::Tensor> forward_residual(const at::Tensor& x_ND, const at::Tensor& delta_ND, at::ScalarType out_dtype);
   at::Tensor weight;
 
  private:

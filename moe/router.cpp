@@ -6,6 +6,8 @@
 
 #include <limits>
 
+#include "moe/cpu_kernels.h"
+
 namespace fmoe::moe {
 
 RouterOptions RouterOptions::from(const ModelConfig& c) {
@@ -31,12 +33,20 @@ at::Tensor group_limited_mask(const at::Tensor& selection_TE, const RouterOption
 Routing route(const at::Tensor& logits_TE, const at::Tensor& expert_bias_E, const RouterOptions& options) {
   Routing routing;
   routing.scores_TE = options.score_function == ScoreFunction::kSigmoid ? logits_TE.sigmoid() : logits_TE.softmax(-1);
-  at::Tensor selection = routing.scores_TE.detach() + expert_bias_E;
-  if (options.group_top_k < options.num_groups) {
-    selection = selection.masked_fill(group_limited_mask(selection, options).logical_not(),
-                                      -std::numeric_limits<float>::infinity());
+  const at::Tensor scores = routing.scores_TE.detach();
+  if (scores.is_cpu() && fused_cpu_kernels_enabled() && scores.scalar_type() == at::kFloat && expert_bias_E.scalar_type() == at::kFloat && scores.dim() == 2) {
+    // One pass per token: bias, group scores, the best groups and the top-k (moe/cpu_kernels.h).
+    const at::Tensor s = scores.contiguous(), bias = expert_bias_E.contiguous();
+    routing.experts_TK = at::empty({s.size(0), options.top_k}, s.options().dtype(at::kLong));
+    cpu_kernels().route_select(s.data_ptr<float>(), bias.data_ptr<float>(), s.size(0), s.size(1), options.num_groups, options.group_top_k,
+                               options.top_k, options.score_function == ScoreFunction::kSigmoid, routing.experts_TK.data_ptr<int64_t>());
+  } else {
+    at::Tensor selection = scores + expert_bias_E;
+    if (options.group_top_k < options.num_groups) {
+      selection = selection.masked_fill(group_limited_mask(selection, options).logical_not(), -std::numeric_limits<float>::infinity());
+    }
+    routing.experts_TK = std::get<1>(selection.topk(options.top_k, -1));
   }
-  routing.experts_TK = std::get<1>(selection.topk(options.top_k, -1));
   at::Tensor probs = routing.scores_TE.gather(1, routing.experts_TK);
   if (options.norm_topk_prob) probs = probs / (probs.sum(-1, true) + 1e-20);
   routing.probs_TK = options.route_scale == 1.0 ? probs : probs * options.route_scale;

@@ -14,11 +14,27 @@ scripts/build.sh bench_step bench_collectives moe-data moe-train >/dev/null
 build/launch/moe-data prepare --config configs/tiny.yaml >/dev/null
 isa=$(grep -o -w 'avx512_bf16\|amx_bf16\|avx512f\|avx2' /proc/cpuinfo | sort -u | xargs)
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), ISA: $isa"
+step() { build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.micro_batch_size=16 "$@"; }
+tokens() { sed -n 's/^tokens\/s \([0-9]*\).*/\1/p; s/.* \([0-9]*\) tokens\/s.*/\1/p' | head -1; }
 echo "== FrugalMoE C++ step, configs/tiny.yaml at seq 256 x batch 16 (the plain-PyTorch batch); the first line is precision auto's choice"
-auto_log=$(build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.micro_batch_size=16 --set training.precision=auto)
+auto_log=$(step --set training.precision=auto)
 echo "$auto_log"
 chosen=$(echo "$auto_log" | sed -n 's/^precision auto -> \([a-z0-9]*\).*/\1/p')
 other=$([ "$chosen" = fp32 ] && echo bf16 || echo fp32)
+flag=$([ "$chosen" = bf16 ] && echo --bf16 || true)
+echo "== against plain PyTorch, same model and threads, at $chosen: three back-to-back pairs (C++ step, eager, torch.compile), tokens/s"
+ratios=()
+for pair in 1 2 3; do
+  cpp=$(step --set training.precision="$chosen" | tokens)
+  eager_log=$(python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" $flag)
+  compiled_log=$(python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" $flag --compile)
+  eager=$(echo "$eager_log" | tokens); compiled=$(echo "$compiled_log" | tokens)
+  [ -n "$eager$compiled" ] || { echo "$eager_log"; echo "$compiled_log"; }
+  ratio=$(python3 -c "print('%.2f' % ($cpp / max(${eager:-0}, ${compiled:-0}, 1e-9)))")
+  ratios+=("$ratio")
+  echo "pair $pair: C++ $cpp | eager ${eager:-failed} | compile ${compiled:-failed} | C++ / faster peer ${ratio}x"
+done
+echo "median C++ / faster peer: $(printf '%s\n' "${ratios[@]}" | sort -n | sed -n 2p)x (goal: 1.5x)"
 echo "-- where the step goes at $chosen: top ops by self time over ${PROFILE_STEPS:-3} profiled steps (LibTorch profiler, tests/bench/profile_summary.py)"
 trace=$(mktemp --suffix=.json)
 FMOE_PROFILE="$trace" build/tests/bench/bench_step --config configs/tiny.yaml --steps "${PROFILE_STEPS:-3}" --set training.micro_batch_size=16 \
@@ -26,11 +42,9 @@ FMOE_PROFILE="$trace" build/tests/bench/bench_step --config configs/tiny.yaml --
 python3 tests/bench/profile_summary.py "$trace" --steps "${PROFILE_STEPS:-3}" --top "${PROFILE_TOP:-15}"
 rm -f "$trace"
 echo "-- the other precision ($other), for comparison"
-build/tests/bench/bench_step --config configs/tiny.yaml --steps "${STEPS:-10}" --set training.micro_batch_size=16 --set training.precision="$other"
-echo "== plain PyTorch, same model and threads, at the chosen precision ($chosen), eager then torch.compile"
-flag=$([ "$chosen" = bf16 ] && echo --bf16 || true)
-python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" $flag
-python3 tests/bench/pytorch_baseline.py --steps "${STEPS:-10}" $flag --compile
+step --set training.precision="$other"
+echo "-- FP8 emulated on CPU (precision.fp8: true: E4M3 operands with block scales, FP32 GEMMs)"
+step --set precision.fp8=true
 [ -z "${SKIP_PARALLEL:-}" ] || exit 0
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 echo "== MPI collectives (bus bandwidth as nccl-tests defines it)"
