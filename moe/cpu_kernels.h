@@ -1,11 +1,13 @@
 // Fused CPU kernels for the step's element-wise work outside the GEMMs: SwiGLU,
-// RMSNorm (with the residual add before it) and the routing selection. Each is
+// RMSNorm (with the residual add before it), the routing selection and the
+// cross entropy of the head's logits (log-sum-exp and its gradient). Each is
 // one pass over the rows, vectorised with ATen's at::vec and parallel over rows
 // with at::parallel_for. moe/cpu_kernels_isa.cpp is compiled once per
 // instruction set (DEFAULT, AVX2, AVX512), like ATen's own kernels, and
 // cpu_kernels() picks the table for the CPU at run time (at::get_cpu_capability(),
 // which ATEN_CPU_CAPABILITY overrides). Raw pointers, contiguous rows; the
-// callers (grouped_swiglu.cpp, rms_norm.cpp, router.cpp) check shapes and dtypes.
+// callers (grouped_swiglu.cpp, rms_norm.cpp, router.cpp, cross_entropy.cpp) check
+// shapes and dtypes.
 // Results do not depend on the number of threads: rows are independent, and
 // the weight gradient of RMSNorm sums fixed blocks of rows in a fixed order.
 #pragma once
@@ -34,6 +36,13 @@ struct CpuKernels {
   // top2_groups is false) stay; the top_k experts by selection, best first (ties: lower index).
   void (*route_select)(const float* scores, const float* bias, int64_t tokens, int64_t experts, int64_t groups, int64_t group_top_k,
                        int64_t top_k, bool top2_groups, int64_t* experts_out);
+  // Per row of logits [rows, vocab] (BF16 or FP32): lse = log(sum(exp(logits))) and the
+  // target's logit, in FP32.
+  void (*cross_entropy_forward)(const void* logits, bool bf16, const int64_t* targets, int64_t rows, int64_t vocab, float* lse,
+                                float* target_logit);
+  // grad = (exp(logits - lse) - onehot(target)) * scale, in the logits' dtype.
+  void (*cross_entropy_backward)(const void* logits, bool bf16, const int64_t* targets, const float* lse, float scale, void* grad,
+                                 int64_t rows, int64_t vocab);
 };
 
 // The table for this CPU (chosen once).

@@ -266,6 +266,75 @@ void route_select(const float* scores, const float* bias, int64_t tokens, int64_
   });
 }
 
+template <class T>
+void cross_entropy_forward(const T* logits, const int64_t* targets, int64_t rows, int64_t vocab, float* lse, float* target_logit) {
+  at::parallel_for(0, rows, row_grain(2 * vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* x = logits + row * vocab;
+      Vec m0(-std::numeric_limits<float>::infinity()), m1 = m0;
+      for (int64_t j = 0; j < vocab; j += kBlock) {
+        const int64_t n = std::min(kBlock, vocab - j);
+        Vec a0, a1;
+        load(x + j, n, a0, a1);
+        if (n < kBlock) {  // the zero-filled tail must not raise the maximum
+          const Vec lanes = Vec::arange(0.0f, 1.0f);
+          const Vec count(static_cast<float>(n));
+          a0 = Vec::blendv(m0, a0, lanes < count);
+          a1 = Vec::blendv(m1, a1, (lanes + Vec(static_cast<float>(kLanes))) < count);
+        }
+        m0 = at::vec::maximum(m0, a0);
+        m1 = at::vec::maximum(m1, a1);
+      }
+      const float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
+      const Vec mv(m);
+      Vec s(0.0f);
+      for (int64_t j = 0; j < vocab; j += kBlock) {
+        const int64_t n = std::min(kBlock, vocab - j);
+        Vec a0, a1;
+        load(x + j, n, a0, a1);
+        Vec e0 = (a0 - mv).exp(), e1 = (a1 - mv).exp();
+        if (n < kBlock) {
+          const Vec lanes = Vec::arange(0.0f, 1.0f);
+          const Vec count(static_cast<float>(n));
+          e0 = Vec::blendv(Vec(0.0f), e0, lanes < count);
+          e1 = Vec::blendv(Vec(0.0f), e1, (lanes + Vec(static_cast<float>(kLanes))) < count);
+        }
+        s = s + e0 + e1;
+      }
+      lse[row] = m + std::log(horizontal_sum(s));
+      target_logit[row] = static_cast<float>(x[targets[row]]);
+    }
+  });
+}
+
+template <class T>
+void cross_entropy_backward(const T* logits, const int64_t* targets, const float* lse, float scale, T* grad, int64_t rows, int64_t vocab) {
+  at::parallel_for(0, rows, row_grain(2 * vocab), [&](int64_t begin, int64_t end) {
+    const Vec sv(scale);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* x = logits + row * vocab;
+      T* g = grad + row * vocab;
+      const Vec l(lse[row]);
+      const int64_t target = targets[row];
+      for (int64_t j = 0; j < vocab; j += kBlock) {
+        const int64_t n = std::min(kBlock, vocab - j);
+        Vec a0, a1;
+        load(x + j, n, a0, a1);
+        Vec p0 = (a0 - l).exp(), p1 = (a1 - l).exp();
+        if (target >= j && target < j + n) {  // the one-hot term, in the block that holds it
+          alignas(64) float block[kBlock];
+          p0.store(block);
+          p1.store(block + kLanes);
+          block[target - j] -= 1.0f;
+          p0 = Vec::loadu(block);
+          p1 = Vec::loadu(block + kLanes);
+        }
+        store(g + j, n, p0 * sv, p1 * sv);
+      }
+    }
+  });
+}
+
 // The table's entries: dtype flags to the typed kernels.
 void swiglu_forward_entry(const void* h, void* a, int64_t rows, int64_t ffn, bool bf16) {
   if (bf16) {
@@ -282,6 +351,24 @@ void swiglu_backward_entry(const void* h, const void* da, void* dh, void* a, int
   } else {
     swiglu_backward(static_cast<const float*>(h), static_cast<const float*>(da), static_cast<float*>(dh), static_cast<float*>(a), rows,
                     ffn);
+  }
+}
+
+void cross_entropy_forward_entry(const void* logits, bool bf16, const int64_t* targets, int64_t rows, int64_t vocab, float* lse,
+                                 float* target_logit) {
+  if (bf16) {
+    cross_entropy_forward(static_cast<const c10::BFloat16*>(logits), targets, rows, vocab, lse, target_logit);
+  } else {
+    cross_entropy_forward(static_cast<const float*>(logits), targets, rows, vocab, lse, target_logit);
+  }
+}
+
+void cross_entropy_backward_entry(const void* logits, bool bf16, const int64_t* targets, const float* lse, float scale, void* grad,
+                                  int64_t rows, int64_t vocab) {
+  if (bf16) {
+    cross_entropy_backward(static_cast<const c10::BFloat16*>(logits), targets, lse, scale, static_cast<c10::BFloat16*>(grad), rows, vocab);
+  } else {
+    cross_entropy_backward(static_cast<const float*>(logits), targets, lse, scale, static_cast<float*>(grad), rows, vocab);
   }
 }
 
@@ -327,7 +414,9 @@ const CpuKernels& FMOE_KERNELS_NAME(kernels_, CPU_CAPABILITY)() {
                                 CPU_CAPABILITY::swiglu_backward_entry,
                                 CPU_CAPABILITY::rms_norm_forward_entry,
                                 CPU_CAPABILITY::rms_norm_backward_entry,
-                                CPU_CAPABILITY::route_select};
+                                CPU_CAPABILITY::route_select,
+                                CPU_CAPABILITY::cross_entropy_forward_entry,
+                                CPU_CAPABILITY::cross_entropy_backward_entry};
   return table;
 }
 

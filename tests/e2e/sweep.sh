@@ -31,8 +31,8 @@ $set_lines
 $rest
 YAML
 }
-sweep_file lr_aux "  training.steps: 120
-  training.eval_interval: 60" "parallel_ranks: 2
+sweep_file lr_aux "  training.steps: 400
+  training.eval_interval: 200" "parallel_ranks: 2
 axes:
   optimizer.lr: {log_uniform: [1.0e-3, 2.0e-2]}
   model.aux_loss_coeff: {grid: [0.0, 0.01]}
@@ -81,7 +81,7 @@ import csv, glob, json, os, sys
 root = sys.argv[1]
 for t in sorted(glob.glob(root + "/trial_*")):
     steps = [json.loads(l)["step"] for l in open(t + "/metrics.jsonl")]
-    assert steps == list(range(1, 121)), (t, steps)
+    assert steps == list(range(1, 401)), (t, steps)
 rows = list(csv.DictReader(open(root + "/summary.csv")))
 assert len(rows) == 8 and all(r["state"] == "done" for r in rows), rows
 best = [float(r["best_val_loss"]) for r in rows]
@@ -94,7 +94,7 @@ for png in ("loss.png", "val_loss.png", "val_vs_axis0.png", "val_vs_axis1.png"):
     data = open(os.path.join(root, png), "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
 PY
-echo "ok: the rerun skipped $(echo $finished | wc -w) finished trials and resumed the rest; 8 trials with steps 1-120 once each; summary sorted by best validation loss; 4 PNG charts"
+echo "ok: the rerun skipped $(echo $finished | wc -w) finished trials and resumed the rest; 8 trials with steps 1-400 once each; summary sorted by best validation loss; 4 PNG charts"
 
 # Successive halving over 12800 tokens (50 steps of 256 tokens): 8 trials to step 4, the best 4 to 8, the best 2 to 16.
 sweep_file asha "  training.steps: 16" "axes:

@@ -2,16 +2,18 @@
 // compositions they replace: every instruction-set variant this CPU can run,
 // FP32 within 1e-6 relative, BF16 within a few of its own roundings; the
 // autograd nodes built on them (SwiGLU experts, RMSNorm with the residual add,
-// the router's selection) forward and backward.
+// the router's selection, the cross entropy) forward and backward.
 #include <gtest/gtest.h>
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "moe/cpu_kernels.h"
+#include "moe/cross_entropy.h"
 #include "moe/grouped_swiglu.h"
 #include "moe/rms_norm.h"
 #include "moe/router.h"
@@ -146,6 +148,54 @@ TEST(CpuKernels, RouteSelectBreaksTiesTowardsTheLowerExpert) {
   at::Tensor got = at::empty({2, 2}, at::kLong);
   cpu_kernels().route_select(scores.data_ptr<float>(), bias.data_ptr<float>(), 2, 8, 4, 1, 2, true, got.data_ptr<int64_t>());
   EXPECT_TRUE(at::equal(got, at::tensor({0, 1, 0, 1}, at::kLong).view({2, 2})));
+}
+
+TEST(CpuKernels, CrossEntropyMatchesLogSumExpAndSoftmax) {
+  torch::manual_seed(14);
+  // 37 and 1000: a tail shorter than one block; 8192: the default vocabulary, whole blocks.
+  for (const int64_t vocab : {37, 1000, 8192}) {
+    for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+      const int64_t rows = 23;
+      // Large logits: the maximum must be subtracted before exp.
+      const at::Tensor logits = (at::randn({rows, vocab}) * 4 + 60).to(dtype);
+      at::Tensor targets = at::randint(vocab, {rows}, at::kLong);
+      targets[0] = 0;
+      targets[1] = vocab - 1;  // the one-hot term in the first and in the last (tail) block
+      const at::Tensor ld = logits.to(at::kDouble);
+      const at::Tensor lse_ref = at::logsumexp(ld, {1});
+      const at::Tensor target_ref = ld.gather(1, targets.unsqueeze(1)).squeeze(1);
+      const double scale = 0.37;
+      for (const CpuKernels* k : runnable_tables()) {
+        const std::string what = std::string(k->isa) + " vocab " + std::to_string(vocab) + " " + c10::toString(dtype);
+        at::Tensor lse = at::empty({rows}), target_logit = at::empty({rows}), grad = at::empty_like(logits);
+        k->cross_entropy_forward(logits.data_ptr(), dtype == at::kBFloat16, targets.data_ptr<int64_t>(), rows, vocab, lse.data_ptr<float>(),
+                                 target_logit.data_ptr<float>());
+        // The forward is computed in FP32 from the exact inputs in both dtypes.
+        expect_close(lse, lse_ref, 1e-6, what + " lse");
+        EXPECT_TRUE(at::equal(target_logit, target_ref.to(at::kFloat))) << what << " target logit";
+        k->cross_entropy_backward(logits.data_ptr(), dtype == at::kBFloat16, targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                                  static_cast<float>(scale), grad.data_ptr(), rows, vocab);
+        // The reference gradient from the same stored (FP32) lse, as the unfused
+        // path uses it; its scale is the one-hot term.
+        const at::Tensor lse_d = lse.to(at::kDouble).unsqueeze(1);
+        const at::Tensor grad_ref = (at::exp(ld - lse_d) - at::one_hot(targets, vocab).to(at::kDouble)) * scale;
+        const double rtol = dtype == at::kFloat ? 1e-6 : 1e-2;
+        const double error = (grad.to(at::kDouble) - grad_ref).abs().max().item<double>();
+        EXPECT_LE(error, rtol * scale) << what << " grad: max error " << error;
+        // Each row sums to zero up to the FP32 rounding of lse (a relative 2^-24 of
+        // |lse| shifts every exp by that factor) and the gradient's own rounding.
+        const double row_sum_bound = scale * (lse.abs().max().item<double>() * std::ldexp(1.0, -23) + (dtype == at::kFloat ? 1e-6 : 2e-2));
+        EXPECT_LE(grad.to(at::kDouble).sum(1).abs().max().item<double>(), row_sum_bound) << what;
+      }
+    }
+  }
+}
+
+TEST(CpuKernels, CrossEntropyRejectsATargetOutsideTheVocabulary) {
+  const at::Tensor logits = at::randn({4, 10});
+  const at::Tensor targets = at::tensor({1, 2, 10, 3}, at::kLong);
+  EXPECT_THROW(chunked_cross_entropy(logits, targets), c10::Error);
+  EXPECT_THROW(chunked_cross_entropy(logits, at::tensor({1, -1, 0, 3}, at::kLong)), c10::Error);
 }
 
 TEST(CpuKernels, AddRmsNormNodeMatchesTheAutogradComposition) {
