@@ -8,7 +8,7 @@
 namespace fmoe::common {
 namespace {
 
-constexpr std::array<TestHookInfo, 13> kTestHooks{{
+constexpr std::array<TestHookInfo, 15> kTestHooks{{
     {"FMOE_CALIBRATION", "step=S,eval=E: replaces the measured step and validation seconds of a budget-sized schedule "
                          "(and its clock), so that the step count is reproducible; the schedule line says injected"},
     {"FMOE_GEMM_GFLOPS", "bf16=R,fp32=R: replaces the measured GEMM rates that precision auto chooses by and MFU is "
@@ -24,6 +24,8 @@ constexpr std::array<TestHookInfo, 13> kTestHooks{{
     {"FMOE_TEST_MPI_PROGRESS", "1: the multi-rank GoogleTest binaries run with the MPI progress thread driving every request"},
     {"FMOE_GROUPED_MM", "on|off: forces the grouped-GEMM expert path on (any device, checked against the loop) or off"},
     {"FMOE_PROFILE", "trace.json: bench_step records its timed steps with LibTorch's profiler there"},
+    {"FMOE_FUSED_CPU_KERNELS", "0: CPU tensors take the unfused ATen compositions instead of the fused kernels (moe/cpu_kernels.h)"},
+    {"FMOE_CPU_ALLOCATOR_CACHE_MB", "MiB: the caching CPU allocator's limit (default 4096); 0 keeps LibTorch's own allocator"},
 }};
 
 std::string text_of(const char* name) {
@@ -74,6 +76,12 @@ TestHooks read_test_hooks() {
     throw std::runtime_error("FMOE_GROUPED_MM: expected on or off, got '" + hooks.grouped_mm + "'");
   }
   hooks.profile = text_of("FMOE_PROFILE");
+  if (const std::string fused = text_of("FMOE_FUSED_CPU_KERNELS"); !fused.empty()) {
+    if (fused != "0" && fused != "1") throw std::runtime_error("FMOE_FUSED_CPU_KERNELS: expected 0 or 1, got '" + fused + "'");
+    hooks.fused_cpu_kernels = fused == "1";
+  }
+  hooks.cpu_allocator_cache_mb = number_of("FMOE_CPU_ALLOCATOR_CACHE_MB", 4096);
+  if (hooks.cpu_allocator_cache_mb < 0) throw std::runtime_error("FMOE_CPU_ALLOCATOR_CACHE_MB: expected MiB >= 0, got a negative number");
   return hooks;
 }
 

@@ -38,6 +38,9 @@ struct TestHooks {
   bool p2p_issue_order = false;    // FMOE_P2P_ISSUE_ORDER=1: MPI point-to-point messages match in issue order (NCCL's rule)
   std::string grouped_mm;          // FMOE_GROUPED_MM=on|off: force the grouped-GEMM expert path on or off
   std::string profile;             // FMOE_PROFILE=trace.json: bench_step records its timed steps there
+  // Speed switches, for measuring one path against the other.
+  bool fused_cpu_kernels = true;          // FMOE_FUSED_CPU_KERNELS=0: CPU tensors take the unfused ATen compositions
+  int64_t cpu_allocator_cache_mb = 4096;  // FMOE_CPU_ALLOCATOR_CACHE_MB: the caching CPU allocator's limit; 0: not installed
 };
 
 // From the environment as it is now (every call reads it again).

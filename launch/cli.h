@@ -17,7 +17,10 @@ struct Args {
 
 // Keeps freed memory in the process: the training step allocates and frees the
 // same large activations every step, and returning them to the kernel costs a
-// page fault per 4 KiB on the next step.
+// page fault per 4 KiB on the next step. Blocks of 1 MiB and more go through
+// the caching CPU allocator (parallel/cpu_allocator.h), the rest through malloc
+// with its trimming off. A malformed test hook (docs/test-hooks.md) exits 2 with
+// one line naming it.
 void configure_allocator();
 
 // The one-line message of an error: LibTorch's errors without their backtrace.

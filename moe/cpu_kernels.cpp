@@ -2,7 +2,8 @@
 
 #include <ATen/Version.h>
 
-#include <cstdlib>
+#include "common/test_hooks.h"
+
 #include <string>
 
 namespace fmoe::moe {
@@ -20,10 +21,7 @@ const CpuKernels& cpu_kernels() {
 }
 
 bool fused_cpu_kernels_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("FMOE_FUSED_CPU_KERNELS");
-    return value == nullptr || std::string(value) != "0";
-  }();
+  static const bool enabled = common::test_hooks().fused_cpu_kernels;
   return enabled;
 }
 

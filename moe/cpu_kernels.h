@@ -48,9 +48,9 @@ struct CpuKernels {
 // The table for this CPU (chosen once).
 const CpuKernels& cpu_kernels();
 
-// Whether the callers use the fused kernels on CPU tensors: yes unless the
-// environment sets FMOE_FUSED_CPU_KERNELS=0 (read once), which sends them to the
-// unfused ATen compositions instead, for measuring one against the other.
+// Whether the callers use the fused kernels on CPU tensors: yes unless the test
+// hook FMOE_FUSED_CPU_KERNELS=0 sends them to the unfused ATen compositions
+// instead, for measuring one against the other (docs/test-hooks.md).
 bool fused_cpu_kernels_enabled();
 
 namespace cpu_isa {

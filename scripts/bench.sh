@@ -2,7 +2,9 @@
 # Benchmarks on this machine: its ISA and both GEMM peaks; the tiny config's step
 # breakdown, top ops by self time, tokens/s and MFU at the precision training.precision: auto picks (and
 # at the other one), against the plain-PyTorch version of the same model on the
-# same threads, eager and torch.compile'd; MPI collective bandwidth at 2 and 4
+# same threads, eager and torch.compile'd (three back-to-back pairs and their
+# median); the step without the fused CPU kernels and the caching allocator, and
+# its top ops; the FP8-emulated step; MPI collective bandwidth at 2 and 4
 # ranks; the step-time breakdown of the tiny config under expert and tensor
 # parallelism at 2 and 4 ranks; moe-plan's step time against the measured one;
 # the MPI progress thread off and on; the expert exchanges overlapped off and on.
@@ -39,6 +41,17 @@ echo "-- where the step goes at $chosen: top ops by self time over ${PROFILE_STE
 trace=$(mktemp --suffix=.json)
 FMOE_PROFILE="$trace" build/tests/bench/bench_step --config configs/tiny.yaml --steps "${PROFILE_STEPS:-3}" --set training.micro_batch_size=16 \
   --set training.precision="$chosen" >/dev/null
+python3 tests/bench/profile_summary.py "$trace" --steps "${PROFILE_STEPS:-3}" --top "${PROFILE_TOP:-15}"
+rm -f "$trace"
+echo "-- without the fused CPU kernels and the caching allocator (FMOE_FUSED_CPU_KERNELS=0 FMOE_CPU_ALLOCATOR_CACHE_MB=0), back to back with them"
+for pair in 1 2; do
+  off=$(FMOE_FUSED_CPU_KERNELS=0 FMOE_CPU_ALLOCATOR_CACHE_MB=0 step --set training.precision="$chosen" | tokens)
+  on=$(step --set training.precision="$chosen" | tokens)
+  echo "pair $pair: unfused $off | fused $on tokens/s ($(python3 -c "print('%.2f' % ($on / $off))")x)"
+done
+echo "-- the unfused step's top ops by self time"
+FMOE_FUSED_CPU_KERNELS=0 FMOE_CPU_ALLOCATOR_CACHE_MB=0 FMOE_PROFILE="$trace" build/tests/bench/bench_step --config configs/tiny.yaml \
+  --steps "${PROFILE_STEPS:-3}" --set training.micro_batch_size=16 --set training.precision="$chosen" >/dev/null
 python3 tests/bench/profile_summary.py "$trace" --steps "${PROFILE_STEPS:-3}" --top "${PROFILE_TOP:-15}"
 rm -f "$trace"
 echo "-- the other precision ($other), for comparison"
