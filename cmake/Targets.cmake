@@ -23,3 +23,28 @@ function(fmoe_setup_target target)
     target_precompile_headers(${target} REUSE_FROM fmoe_pch)
   endif()
 endfunction()
+
+# A source of CPU kernels compiled once per instruction set (DEFAULT, AVX2,
+# AVX512), like ATen's own kernels: each copy sees CPU_CAPABILITY=<set> and
+# CPU_CAPABILITY_<set>, so at::vec::Vectorized<float> is 8 or 16 lanes of AVX2 /
+# AVX-512 or the portable loop, and its functions land in namespace
+# CPU_CAPABILITY. The copies cannot share the torch precompiled header (built
+# without those flags). Sets <out_var> to the object files, for a library's sources;
+# the library picks the copy at run time (at::get_cpu_capability()).
+function(fmoe_add_isa_objects out_var name source)
+  set(_flags_DEFAULT "")
+  set(_flags_AVX2 -mavx2 -mfma -mf16c)
+  set(_flags_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma)
+  set(_objects)
+  foreach(_isa DEFAULT AVX2 AVX512)
+    add_library(${name}_${_isa} OBJECT ${source})
+    target_link_libraries(${name}_${_isa} PRIVATE fmoe_torch_cpu)
+    target_include_directories(${name}_${_isa} PRIVATE ${PROJECT_SOURCE_DIR})
+    target_compile_definitions(${name}_${_isa} PRIVATE CPU_CAPABILITY=${_isa} CPU_CAPABILITY_${_isa})
+    # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 intrinsics (_mm512_cvtepu16_epi32) as ATen inlines them.
+    target_compile_options(${name}_${_isa} PRIVATE ${FMOE_WARNINGS} -Wno-maybe-uninitialized ${_flags_${_isa}})
+    set_target_properties(${name}_${_isa} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+    list(APPEND _objects $<TARGET_OBJECTS:${name}_${_isa}>)
+  endforeach()
+  set(${out_var} ${_objects} PARENT_SCOPE)
+endfunction()

@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include "common/test_hooks.h"
+#include "fp8/fake_quant_cpu.h"
+
 #include <stdexcept>
 
 namespace fmoe::fp8 {
@@ -87,6 +90,16 @@ at::Tensor dequantize_blocks(const BlockQuantized& q) {
 }
 
 at::Tensor fake_quantize(const at::Tensor& x, const BlockQuantOptions& o) {
+  // CPU tensors: one fused kernel, bit for bit the composition below.
+  if (x.is_cpu() && x.dim() >= 1 && o.format == Format::kE4M3 && !o.power_of_two_scales && o.block_rows >= 1 && o.block_cols >= 1 &&
+      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && common::test_hooks().fused_cpu_kernels) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor y = at::empty(x.sizes(), xf.options());
+    const int64_t rows = x.dim() == 1 ? 1 : x.size(-2), cols = x.size(-1);
+    const int64_t batch = rows * cols == 0 ? 0 : x.numel() / (rows * cols);
+    if (batch > 0) fake_quant_kernel().e4m3(xf.data_ptr<float>(), y.data_ptr<float>(), batch, rows, cols, o.block_rows, o.block_cols);
+    return y;
+  }
   const Blocked b = to_blocks(x, o);
   const at::Tensor blocks = block_view(b.padded, o);
   const at::Tensor scale = scales_for(blocks, o).unsqueeze(2).unsqueeze(4);

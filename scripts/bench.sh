@@ -56,8 +56,9 @@ python3 tests/bench/profile_summary.py "$trace" --steps "${PROFILE_STEPS:-3}" --
 rm -f "$trace"
 echo "-- the other precision ($other), for comparison"
 step --set training.precision="$other"
-echo "-- FP8 emulated on CPU (precision.fp8: true: E4M3 operands with block scales, FP32 GEMMs)"
+echo "-- FP8 emulated on CPU (precision.fp8: true: E4M3 operands with block scales, FP32 GEMMs), with the fused kernels, then without"
 step --set precision.fp8=true
+FMOE_FUSED_CPU_KERNELS=0 step --set precision.fp8=true | tail -1
 [ -z "${SKIP_PARALLEL:-}" ] || exit 0
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 echo "== MPI collectives (bus bandwidth as nccl-tests defines it)"

@@ -3,9 +3,13 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
 
 #include "fp8/block_quant.h"
 #include "fp8/codec.h"
+#include "fp8/fake_quant_cpu.h"
 #include "fp8/fp8_gemm.h"
 
 namespace {
@@ -110,3 +114,79 @@ TEST(BlockQuant, OutlierOnlyAffectsItsOwnBlockAndPowerOfTwoScales) {
 }
 
 }  // namespace
+
+namespace fused {
+
+using namespace fmoe::fp8;
+
+// The instruction-set copies of the fused kernel this CPU can run.
+std::vector<const FakeQuantKernel*> runnable_kernels() {
+  std::vector<const FakeQuantKernel*> kernels{&fake_quant_isa::kernel_DEFAULT()};
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernels.push_back(&fake_quant_isa::kernel_AVX2());
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq")) {
+    kernels.push_back(&fake_quant_isa::kernel_AVX512());
+  }
+#endif
+  return kernels;
+}
+
+// Bit for bit, NaN for NaN.
+void expect_same_bits(const at::Tensor& got, const at::Tensor& expected, const std::string& what) {
+  ASSERT_EQ(got.sizes(), expected.sizes()) << what;
+  const at::Tensor g = got.contiguous().view(at::kInt), e = expected.contiguous().view(at::kInt);
+  const at::Tensor differ = (g != e) & ~(got.isnan() & expected.isnan()).view(g.sizes());
+  const int64_t n = differ.sum().item<int64_t>();
+  if (n > 0) {
+    const int64_t i = differ.flatten().nonzero()[0].item<int64_t>();
+    ADD_FAILURE() << what << ": " << n << " values differ, first at " << i << ": " << got.flatten()[i].item<float>() << " against "
+                  << expected.flatten()[i].item<float>() << " (input block-scaled to E4M3)";
+  }
+}
+
+TEST(FusedFakeQuantize, EveryInstructionSetMatchesTheCompositionBitForBit) {
+  torch::manual_seed(21);
+  // Magnitudes over 2^-30 .. 2^16 per row, so blocks mix normal and subnormal E4M3 values.
+  at::Tensor x = at::randn({3, 200, 300}) * at::exp2(at::randint(-30, 16, {3, 200, 1}).to(at::kFloat));
+  // Exact ties between E4M3 neighbours once scaled: a block whose max is 448 keeps scale 1,
+  // and 1 + 2^-4 (halfway between 1 and 1.125) rounds to even (1), 1 + 3 * 2^-4 to 1.25.
+  x[0][0].narrow(0, 0, 128).fill_(1.0f + 1.0f / 16);
+  x[0][0][1] = 448.0f;
+  x[0][0][2] = 1.0f + 3.0f / 16;
+  x[0][0][3] = std::ldexp(1.0f, -7) * 3 / 2 + std::ldexp(1.0f, -10);  // a tie between two subnormals
+  x[1][5].zero_();                                                      // an all-zero row: scale 1
+  x[2][7][9] = std::numeric_limits<float>::quiet_NaN();
+  x[2][9][130] = std::numeric_limits<float>::infinity();
+  x[2][11][260] = -0.0f;
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 128}, {128, 128}, {128, 1}, {1, 7}, {3, 5}}) {
+    BlockQuantOptions o;
+    o.block_rows = rows;
+    o.block_cols = cols;
+    const at::Tensor expected = dequantize_blocks(quantize_blocks(x, o));  // the ATen composition
+    for (const FakeQuantKernel* k : runnable_kernels()) {
+      at::Tensor y = at::empty_like(x);
+      k->e4m3(x.data_ptr<float>(), y.data_ptr<float>(), 3, 200, 300, rows, cols);
+      expect_same_bits(y, expected, std::string(k->isa) + " tiles " + std::to_string(rows) + "x" + std::to_string(cols));
+    }
+  }
+  EXPECT_EQ(fake_quantize(x, BlockQuantOptions{})[0][0][0].item<float>(), 1.0f);  // the tie went to even
+  EXPECT_EQ(fake_quantize(x, BlockQuantOptions{})[0][0][2].item<float>(), 1.25f);
+}
+
+TEST(FusedFakeQuantize, OtherShapesAndDtypesMatchTheComposition) {
+  torch::manual_seed(22);
+  BlockQuantOptions o;
+  for (const at::Tensor& x : {at::randn({1000}), at::randn({2, 3, 40, 260}), at::randn({64, 256}).to(at::kBFloat16)}) {
+    const at::Tensor got = fake_quantize(x, o);
+    EXPECT_EQ(got.scalar_type(), at::kFloat);
+    expect_same_bits(got, dequantize_blocks(quantize_blocks(x, o)), "shape " + std::to_string(x.dim()) + "-D " + c10::toString(x.scalar_type()));
+  }
+  // Empty (the composition cannot reshape it): empty out.
+  EXPECT_EQ(fake_quantize(at::randn({0, 128}), o).sizes(), at::IntArrayRef({0, 128}));
+  // Not contiguous: a transposed view.
+  const at::Tensor t = at::randn({256, 96}).t();
+  expect_same_bits(fake_quantize(t, o), dequantize_blocks(quantize_blocks(t, o)), "transposed");
+}
+
+}  // namespace fused
