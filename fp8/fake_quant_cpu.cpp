@@ -2,17 +2,14 @@
 
 #include <ATen/Version.h>
 
-#include <string>
+#include "common/cpu_isa.h"
+
 
 namespace fmoe::fp8 {
 
 const FakeQuantKernel& fake_quant_kernel() {
-  static const FakeQuantKernel& kernel = []() -> const FakeQuantKernel& {
-    const std::string isa = at::get_cpu_capability();
-    if (isa.rfind("AVX512", 0) == 0) return fake_quant_isa::kernel_AVX512();
-    if (isa.rfind("AVX2", 0) == 0) return fake_quant_isa::kernel_AVX2();
-    return fake_quant_isa::kernel_DEFAULT();
-  }();
+  static const FakeQuantKernel& kernel = common::for_cpu_capability(at::get_cpu_capability(), fake_quant_isa::kernel_DEFAULT(),
+                                                                    fake_quant_isa::kernel_AVX2(), fake_quant_isa::kernel_AVX512());
   return kernel;
 }
 

@@ -2,6 +2,7 @@
 
 #include <ATen/Version.h>
 
+#include "common/cpu_isa.h"
 #include "common/test_hooks.h"
 
 #include <string>
@@ -9,14 +10,8 @@
 namespace fmoe::moe {
 
 const CpuKernels& cpu_kernels() {
-  // ATen's own choice for this CPU (ATEN_CPU_CAPABILITY lowers it), so our
-  // kernels and LibTorch's run the same instruction set.
-  static const CpuKernels& table = [] () -> const CpuKernels& {
-    const std::string isa = at::get_cpu_capability();
-    if (isa.rfind("AVX512", 0) == 0) return cpu_isa::kernels_AVX512();
-    if (isa.rfind("AVX2", 0) == 0) return cpu_isa::kernels_AVX2();
-    return cpu_isa::kernels_DEFAULT();
-  }();
+  static const CpuKernels& table = common::for_cpu_capability(at::get_cpu_capability(), cpu_isa::kernels_DEFAULT(), cpu_isa::kernels_AVX2(),
+                                                              cpu_isa::kernels_AVX512());
   return table;
 }
 

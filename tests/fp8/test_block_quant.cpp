@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "fp8/block_quant.h"
 #include "fp8/codec.h"
 #include "fp8/fake_quant_cpu.h"
@@ -121,14 +122,10 @@ using namespace fmoe::fp8;
 
 // The instruction-set copies of the fused kernel this CPU can run.
 std::vector<const FakeQuantKernel*> runnable_kernels() {
-  std::vector<const FakeQuantKernel*> kernels{&fake_quant_isa::kernel_DEFAULT()};
-#if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernels.push_back(&fake_quant_isa::kernel_AVX2());
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq")) {
-    kernels.push_back(&fake_quant_isa::kernel_AVX512());
+  std::vector<const FakeQuantKernel*> kernels;
+  for (const FakeQuantKernel* k : {&fake_quant_isa::kernel_DEFAULT(), &fake_quant_isa::kernel_AVX2(), &fake_quant_isa::kernel_AVX512()}) {
+    if (fmoe::common::cpu_runs_isa(k->isa)) kernels.push_back(k);
   }
-#endif
   return kernels;
 }
 

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "moe/cpu_kernels.h"
 #include "moe/cross_entropy.h"
 #include "moe/grouped_swiglu.h"
@@ -24,14 +25,10 @@ using namespace fmoe::moe;
 
 // The tables this CPU can execute (DEFAULT always).
 std::vector<const CpuKernels*> runnable_tables() {
-  std::vector<const CpuKernels*> tables{&cpu_isa::kernels_DEFAULT()};
-#if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) tables.push_back(&cpu_isa::kernels_AVX2());
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq")) {
-    tables.push_back(&cpu_isa::kernels_AVX512());
+  std::vector<const CpuKernels*> tables;
+  for (const CpuKernels* t : {&cpu_isa::kernels_DEFAULT(), &cpu_isa::kernels_AVX2(), &cpu_isa::kernels_AVX512()}) {
+    if (fmoe::common::cpu_runs_isa(t->isa)) tables.push_back(t);
   }
-#endif
   return tables;
 }
 
