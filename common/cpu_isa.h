@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string_view>
+#include <vector>
 
 namespace fmoe::common {
 
@@ -28,6 +29,16 @@ inline bool cpu_runs_isa(std::string_view isa) {
   }
 #endif
   return false;
+}
+
+// The copies of a kernel table (with an `isa` name) that this CPU can execute.
+template <class T>
+std::vector<const T*> runnable_copies(const T& default_copy, const T& avx2_copy, const T& avx512_copy) {
+  std::vector<const T*> copies;
+  for (const T* copy : {&default_copy, &avx2_copy, &avx512_copy}) {
+    if (cpu_runs_isa(copy->isa)) copies.push_back(copy);
+  }
+  return copies;
 }
 
 }  // namespace fmoe::common

@@ -15,9 +15,6 @@ const CpuKernels& cpu_kernels() {
   return table;
 }
 
-bool fused_cpu_kernels_enabled() {
-  static const bool enabled = common::test_hooks().fused_cpu_kernels;
-  return enabled;
-}
+bool fused_cpu_kernels_enabled() { return common::test_hooks().fused_cpu_kernels; }
 
 }  // namespace fmoe::moe

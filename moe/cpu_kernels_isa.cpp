@@ -266,6 +266,15 @@ void route_select(const float* scores, const float* bias, int64_t tokens, int64_
   });
 }
 
+// In a block of n < kBlock elements held as (a0, a1), the lanes from n on
+// become fill0 / fill1's.
+inline void keep_first(int64_t n, Vec& a0, Vec& a1, const Vec& fill0, const Vec& fill1) {
+  const Vec lanes = Vec::arange(0.0f, 1.0f);
+  const Vec count(static_cast<float>(n));
+  a0 = Vec::blendv(fill0, a0, lanes < count);
+  a1 = Vec::blendv(fill1, a1, (lanes + Vec(static_cast<float>(kLanes))) < count);
+}
+
 template <class T>
 void cross_entropy_forward(const T* logits, const int64_t* targets, int64_t rows, int64_t vocab, float* lse, float* target_logit) {
   at::parallel_for(0, rows, row_grain(2 * vocab), [&](int64_t begin, int64_t end) {
@@ -276,12 +285,7 @@ void cross_entropy_forward(const T* logits, const int64_t* targets, int64_t rows
         const int64_t n = std::min(kBlock, vocab - j);
         Vec a0, a1;
         load(x + j, n, a0, a1);
-        if (n < kBlock) {  // the zero-filled tail must not raise the maximum
-          const Vec lanes = Vec::arange(0.0f, 1.0f);
-          const Vec count(static_cast<float>(n));
-          a0 = Vec::blendv(m0, a0, lanes < count);
-          a1 = Vec::blendv(m1, a1, (lanes + Vec(static_cast<float>(kLanes))) < count);
-        }
+        if (n < kBlock) keep_first(n, a0, a1, m0, m1);  // the zero-filled tail must not raise the maximum
         m0 = at::vec::maximum(m0, a0);
         m1 = at::vec::maximum(m1, a1);
       }
@@ -293,12 +297,7 @@ void cross_entropy_forward(const T* logits, const int64_t* targets, int64_t rows
         Vec a0, a1;
         load(x + j, n, a0, a1);
         Vec e0 = (a0 - mv).exp(), e1 = (a1 - mv).exp();
-        if (n < kBlock) {
-          const Vec lanes = Vec::arange(0.0f, 1.0f);
-          const Vec count(static_cast<float>(n));
-          e0 = Vec::blendv(Vec(0.0f), e0, lanes < count);
-          e1 = Vec::blendv(Vec(0.0f), e1, (lanes + Vec(static_cast<float>(kLanes))) < count);
-        }
+        if (n < kBlock) keep_first(n, e0, e1, Vec(0.0f), Vec(0.0f));
         s = s + e0 + e1;
       }
       lse[row] = m + std::log(horizontal_sum(s));

@@ -23,7 +23,7 @@ class ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets, int64_t chunk) {
     const int64_t rows = logits.size(0);
-    at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat));
+    at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat)), target_logits;
     if (use_fused(logits, targets)) {
       // The kernel reads the target's logit by address: a target outside the
       // vocabulary must fail here, as gather would.
@@ -32,19 +32,17 @@ class ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy
         TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < logits.size(1), "cross entropy: a target is outside [0, ",
                     logits.size(1), ")");
       }
-      at::Tensor target_logits = at::empty({rows}, lse.options());
+      target_logits = at::empty({rows}, lse.options());
       cpu_kernels().cross_entropy_forward(logits.data_ptr(), logits.scalar_type() == at::kBFloat16, targets.data_ptr<int64_t>(), rows,
                                           logits.size(1), lse.data_ptr<float>(), target_logits.data_ptr<float>());
-      ctx->save_for_backward({logits, targets, lse});
-      ctx->saved_data["chunk"] = chunk;
-      return (lse - target_logits).mean();
+    } else {
+      for (int64_t start = 0; start < rows; start += chunk) {
+        const int64_t n = std::min(chunk, rows - start);
+        at::Tensor out = lse.narrow(0, start, n);
+        at::logsumexp_out(out, logits.narrow(0, start, n).to(at::kFloat), {1}, false);
+      }
+      target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(at::kFloat);
     }
-    for (int64_t start = 0; start < rows; start += chunk) {
-      const int64_t n = std::min(chunk, rows - start);
-      at::Tensor out = lse.narrow(0, start, n);
-      at::logsumexp_out(out, logits.narrow(0, start, n).to(at::kFloat), {1}, false);
-    }
-    const at::Tensor target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(at::kFloat);
     ctx->save_for_backward({logits, targets, lse});
     ctx->saved_data["chunk"] = chunk;
     return (lse - target_logits).mean();

@@ -26,10 +26,10 @@ struct NormForward {
   at::Tensor s, y, r;
 };
 NormForward norm_forward(const at::Tensor& x, const at::Tensor* delta, const at::Tensor& weight, double eps, at::ScalarType out_dtype) {
-  const int64_t dim = x.size(-1);
-  std::vector<int64_t> r_shape = x.sizes().vec();
-  r_shape.back() = 1;
   if (fused_norm(x, weight, out_dtype) && (!delta || (delta->is_contiguous() && (delta->scalar_type() == at::kFloat || is_bf16(*delta))))) {
+    const int64_t dim = x.size(-1);
+    std::vector<int64_t> r_shape = x.sizes().vec();
+    r_shape.back() = 1;
     NormForward out;
     out.s = delta ? at::empty_like(x) : x;
     out.y = at::empty(x.sizes(), x.options().dtype(out_dtype));

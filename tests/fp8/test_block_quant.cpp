@@ -122,11 +122,7 @@ using namespace fmoe::fp8;
 
 // The instruction-set copies of the fused kernel this CPU can run.
 std::vector<const FakeQuantKernel*> runnable_kernels() {
-  std::vector<const FakeQuantKernel*> kernels;
-  for (const FakeQuantKernel* k : {&fake_quant_isa::kernel_DEFAULT(), &fake_quant_isa::kernel_AVX2(), &fake_quant_isa::kernel_AVX512()}) {
-    if (fmoe::common::cpu_runs_isa(k->isa)) kernels.push_back(k);
-  }
-  return kernels;
+  return fmoe::common::runnable_copies(fake_quant_isa::kernel_DEFAULT(), fake_quant_isa::kernel_AVX2(), fake_quant_isa::kernel_AVX512());
 }
 
 // Bit for bit, NaN for NaN.

@@ -25,11 +25,7 @@ using namespace fmoe::moe;
 
 // The tables this CPU can execute (DEFAULT always).
 std::vector<const CpuKernels*> runnable_tables() {
-  std::vector<const CpuKernels*> tables;
-  for (const CpuKernels* t : {&cpu_isa::kernels_DEFAULT(), &cpu_isa::kernels_AVX2(), &cpu_isa::kernels_AVX512()}) {
-    if (fmoe::common::cpu_runs_isa(t->isa)) tables.push_back(t);
-  }
-  return tables;
+  return fmoe::common::runnable_copies(cpu_isa::kernels_DEFAULT(), cpu_isa::kernels_AVX2(), cpu_isa::kernels_AVX512());
 }
 
 // max |got - ref| <= rtol * max |ref|: relative to the tensor's scale, so that an
