@@ -20,7 +20,7 @@ constexpr std::array<TestHookInfo, 15> kTestHooks{{
     {"FMOE_DUMP_GRADIENTS", "dir: each rank writes its reduced first-step gradients to dir/gradients_rank<r>.safetensors"},
     {"FMOE_HOST_STAGING", "1: a CPU run's collectives go through the host-staging layer that carries CUDA tensors over MPI"},
     {"FMOE_TEST_HOST_STAGING", "1: the multi-rank GoogleTest binaries' collectives go through the host-staging layer"},
-    {"FMOE_P2P_ISSUE_ORDER", "1: MPI sends and receives between two ranks match in issue order, whatever their tags (NCCL's rule)"},
+    {"FMOE_P2P_ISSUE_ORDER", "1: NCCL's point-to-point rules under MPI: messages between two ranks match in issue order, whatever their tags, a send completes once its receive is posted, and the pipeline sends and receives in groups"},
     {"FMOE_TEST_MPI_PROGRESS", "1: the multi-rank GoogleTest binaries run with the MPI progress thread driving every request"},
     {"FMOE_GROUPED_MM", "on|off: forces the grouped-GEMM expert path on (any device, checked against the loop) or off"},
     {"FMOE_PROFILE", "trace.json: bench_step records its timed steps with LibTorch's profiler there"},

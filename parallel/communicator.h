@@ -63,6 +63,32 @@ struct SendRecvOptions {
   std::chrono::milliseconds timeout = kDefaultTimeout;
 };
 
+// One send or receive of a group (Communicator::send_recv).
+struct P2POp {
+  bool send = true;
+  at::Tensor tensor;  // what is sent, or where it is received (contiguous)
+  int peer = 0;
+  int tag = 0;        // as SendRecvOptions::tag
+};
+
+// Done when every Work of a group is.
+class GroupWork : public Work {
+ public:
+  explicit GroupWork(std::vector<std::unique_ptr<Work>> works) : works_(std::move(works)) {}
+  bool is_completed() override {
+    for (auto& w : works_) {
+      if (!w->is_completed()) return false;
+    }
+    return true;
+  }
+  void wait() override {
+    for (auto& w : works_) w->wait();
+  }
+
+ private:
+  std::vector<std::unique_ptr<Work>> works_;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -85,6 +111,18 @@ class Communicator {
                                            const std::vector<int64_t>& input_splits, const AllToAllOptions& options) = 0;
   virtual std::unique_ptr<Work> send(const at::Tensor& tensor, int dst, const SendRecvOptions& options) = 0;
   virtual std::unique_ptr<Work> recv(at::Tensor& tensor, int src, const SendRecvOptions& options) = 0;
+  // Sends and receives that progress together, as one group: one Work, done
+  // when all are. NCCL issues them between ncclGroupStart and ncclGroupEnd (ops
+  // on its stream otherwise run one after another, and a send completes only
+  // once its receive is posted); this default issues each through send and recv.
+  virtual std::unique_ptr<Work> send_recv(const std::vector<P2POp>& ops, std::chrono::milliseconds timeout = kDefaultTimeout) {
+    std::vector<std::unique_ptr<Work>> works;
+    for (const P2POp& op : ops) {
+      at::Tensor tensor = op.tensor;
+      works.push_back(op.send ? send(tensor, op.peer, {op.tag, timeout}) : recv(tensor, op.peer, {op.tag, timeout}));
+    }
+    return std::make_unique<GroupWork>(std::move(works));
+  }
   virtual void barrier() = 0;
   // Collective over this group: ranks passing the same color form a new group,
   // ordered by key; a negative color returns nullptr.

@@ -189,6 +189,14 @@ class RoutedCommunicator : public Communicator {
     o.timeout = resolve(options.timeout);
     return pick(tensor).recv(tensor, src, o);
   }
+  std::unique_ptr<Work> send_recv(const std::vector<P2POp>& ops, std::chrono::milliseconds timeout) override {
+    if (ops.empty()) return std::make_unique<CompletedWork>();
+    Communicator& backend = pick(ops.front().tensor);
+    for (const P2POp& op : ops) {
+      if (&pick(op.tensor) != &backend) throw std::invalid_argument("route_by_device: a send/receive group mixes CPU and CUDA tensors");
+    }
+    return backend.send_recv(ops, resolve(timeout));
+  }
   void barrier() override {
     host_->set_default_timeout(default_timeout_);
     host_->barrier();

@@ -375,6 +375,206 @@ std::string validate(const PipelineSchedule& s) {
   return "";
 }
 
+namespace {
+
+bool is_receive(PipeOp op) { return op == PipeOp::kRecvForward || op == PipeOp::kRecvBackward; }
+bool is_send(PipeOp op) { return op == PipeOp::kSendForward || op == PipeOp::kSendBackward; }
+
+// The peer rank of a send or receive action.
+int peer_of(const PipelineSchedule& s, const PipeAction& a) {
+  const bool forward = a.op == PipeOp::kSendForward || a.op == PipeOp::kRecvBackward;
+  return s.stage_rank.at(static_cast<size_t>(forward ? a.stage + 1 : a.stage - 1));
+}
+
+// The message a send or receive carries: (sending stage, micro-batch, backward).
+std::tuple<int, int, int> message_of(const PipeAction& a) {
+  switch (a.op) {
+    case PipeOp::kSendForward: return {a.stage, a.micro, 0};
+    case PipeOp::kRecvForward: return {a.stage - 1, a.micro, 0};
+    case PipeOp::kSendBackward: return {a.stage, a.micro, 1};
+    default: return {a.stage + 1, a.micro, 1};
+  }
+}
+
+// For `rank`, per peer: the place of each message in the order that peer sends them to `rank`.
+std::map<std::tuple<int, int, int>, size_t> send_places(const PipelineSchedule& s, int rank, int peer) {
+  std::map<std::tuple<int, int, int>, size_t> place;
+  for (const PipeAction& a : s.ranks.at(static_cast<size_t>(peer))) {
+    if (is_send(a.op) && peer_of(s, a) == rank) place.emplace(message_of(a), place.size());
+  }
+  return place;
+}
+
+}  // namespace
+
+namespace {
+
+// One rank's groups as its runs stand, with the receives brought along.
+std::vector<P2PGroup> run_groups(const PipelineSchedule& s, int rank) {
+  const std::vector<PipeAction>& acts = s.ranks.at(static_cast<size_t>(rank));
+  // Per peer: this rank's receives from it, in the order the peer sends.
+  std::map<int, std::vector<std::pair<size_t, size_t>>> from;  // peer -> (place, action index)
+  std::map<int, std::map<std::tuple<int, int, int>, size_t>> places;
+  for (size_t i = 0; i < acts.size(); ++i) {
+    if (!is_receive(acts[i].op)) continue;
+    const int peer = peer_of(s, acts[i]);
+    if (!places.count(peer)) places[peer] = send_places(s, rank, peer);
+    const auto it = places[peer].find(message_of(acts[i]));
+    if (it == places[peer].end()) throw std::invalid_argument("p2p_groups: " + acts[i].text() + " on rank " + std::to_string(rank) + " has no matching send");
+    from[peer].emplace_back(it->second, i);
+  }
+  std::map<size_t, std::pair<int, size_t>> order;  // receive index -> (peer, its place among the receives from that peer)
+  for (auto& [peer, list] : from) {
+    std::sort(list.begin(), list.end());
+    for (size_t k = 0; k < list.size(); ++k) order[list[k].second] = {peer, k};
+  }
+  std::map<int, size_t> next;  // per peer: how many of its messages are in groups already
+  std::vector<P2PGroup> groups;
+  std::vector<bool> placed(acts.size(), false);
+  for (size_t i = 0; i < acts.size();) {
+    if (acts[i].is_compute()) {
+      ++i;
+      continue;
+    }
+    P2PGroup group;
+    group.at = i;
+    std::vector<size_t> sends;
+    for (; i < acts.size() && !acts[i].is_compute(); ++i) {
+      if (placed[i]) continue;
+      if (is_send(acts[i].op)) {
+        sends.push_back(i);
+        continue;
+      }
+      const auto [peer, k] = order.at(i);
+      for (size_t& n = next[peer]; n <= k; ++n) {
+        const size_t r = from[peer][n].second;
+        group.actions.push_back(r);
+        placed[r] = true;
+      }
+    }
+    if (group.actions.empty() && sends.empty()) continue;
+    group.actions.insert(group.actions.end(), sends.begin(), sends.end());
+    groups.push_back(std::move(group));
+  }
+  return groups;
+}
+
+// Runs every rank's groups: each rank stands in one group until the
+// counterparts of all its operations are posted (their rank stands in or past
+// their group), then moves on. Returns where each rank stands at the end
+// (groups.size() when done) and, per rank, the sends of its standing group
+// whose receives are not posted.
+struct GroupRun {
+  std::vector<size_t> at;
+  std::vector<std::vector<size_t>> unmatched_sends;
+};
+
+GroupRun run_to_the_end(const PipelineSchedule& s, const std::vector<std::vector<P2PGroup>>& groups) {
+  const int pp = s.pp;
+  // Per (sender, receiver) pair: the k-th message's send group and receive group.
+  std::map<std::tuple<int, int, size_t>, size_t> send_group, recv_group;
+  for (int r = 0; r < pp; ++r) {
+    const std::vector<PipeAction>& acts = s.ranks[static_cast<size_t>(r)];
+    std::map<int, size_t> sent;
+    std::map<int, std::map<std::tuple<int, int, int>, size_t>> places;
+    for (size_t g = 0; g < groups[static_cast<size_t>(r)].size(); ++g) {
+      for (const size_t i : groups[static_cast<size_t>(r)][g].actions) {
+        const int peer = peer_of(s, acts[i]);
+        if (is_send(acts[i].op)) {
+          send_group[{r, peer, sent[peer]++}] = g;
+        } else {
+          if (!places.count(peer)) places[peer] = send_places(s, r, peer);
+          recv_group[{peer, r, places[peer].at(message_of(acts[i]))}] = g;
+        }
+      }
+    }
+  }
+  GroupRun run;
+  run.at.assign(static_cast<size_t>(pp), 0);
+  run.unmatched_sends.assign(static_cast<size_t>(pp), {});
+  std::vector<std::map<int, size_t>> sent_before(static_cast<size_t>(pp)), received_before(static_cast<size_t>(pp));
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (int r = 0; r < pp; ++r) {
+      const size_t g = run.at[static_cast<size_t>(r)];
+      if (g == groups[static_cast<size_t>(r)].size()) continue;
+      const std::vector<PipeAction>& acts = s.ranks[static_cast<size_t>(r)];
+      std::map<int, size_t> sent = sent_before[static_cast<size_t>(r)], received = received_before[static_cast<size_t>(r)];
+      std::vector<size_t> unmatched;
+      bool ready = true;
+      for (const size_t i : groups[static_cast<size_t>(r)][g].actions) {
+        const int peer = peer_of(s, acts[i]);
+        const bool send = is_send(acts[i].op);
+        const size_t other = send ? recv_group.at({r, peer, sent[peer]++}) : send_group.at({peer, r, received[peer]++});
+        if (run.at[static_cast<size_t>(peer)] >= other) continue;
+        ready = false;
+        if (send) unmatched.push_back(i);
+      }
+      run.unmatched_sends[static_cast<size_t>(r)] = unmatched;
+      if (!ready) continue;
+      sent_before[static_cast<size_t>(r)] = std::move(sent);
+      received_before[static_cast<size_t>(r)] = std::move(received);
+      ++run.at[static_cast<size_t>(r)];
+      moved = true;
+    }
+  }
+  return run;
+}
+
+}  // namespace
+
+std::vector<std::vector<P2PGroup>> p2p_groups(const PipelineSchedule& s, bool delay_sends) {
+  if (!s.lowered) throw std::invalid_argument("p2p_groups: the schedule is not lowered");
+  std::vector<std::vector<P2PGroup>> groups(static_cast<size_t>(s.pp));
+  for (int r = 0; r < s.pp; ++r) groups[static_cast<size_t>(r)] = run_groups(s, r);
+  if (!delay_sends) return groups;
+  // Each round moves at least one send one group later, so the rounds are bounded.
+  for (;;) {
+    const GroupRun run = run_to_the_end(s, groups);
+    int rank = -1;
+    for (int r = 0; r < s.pp && rank < 0; ++r) {
+      const size_t g = run.at[static_cast<size_t>(r)];
+      if (g + 1 < groups[static_cast<size_t>(r)].size() && !run.unmatched_sends[static_cast<size_t>(r)].empty()) rank = r;
+    }
+    if (rank < 0) {
+      if (const std::string stuck = check_p2p_groups(s, groups); !stuck.empty()) throw std::invalid_argument(stuck);
+      return groups;
+    }
+    std::vector<P2PGroup>& mine = groups[static_cast<size_t>(rank)];
+    const size_t g = run.at[static_cast<size_t>(rank)];
+    const std::vector<PipeAction>& acts = s.ranks[static_cast<size_t>(rank)];
+    // The unmatched sends move on, and with them every later send of the group to the same peer (issue order).
+    std::set<int> peers;
+    for (const size_t i : run.unmatched_sends[static_cast<size_t>(rank)]) peers.insert(peer_of(s, acts[i]));
+    const size_t first = run.unmatched_sends[static_cast<size_t>(rank)].front();
+    std::vector<size_t> stay, move;
+    for (const size_t i : mine[g].actions) {
+      (is_send(acts[i].op) && i >= first && peers.count(peer_of(s, acts[i])) ? move : stay).push_back(i);
+    }
+    mine[g].actions = stay;
+    std::vector<size_t>& next = mine[g + 1].actions;
+    next.insert(next.end(), move.begin(), move.end());
+    // Receives first (their order stands), then the sends in action order.
+    std::stable_partition(next.begin(), next.end(), [&](size_t i) { return is_receive(acts[i].op); });
+    const auto sends = std::find_if(next.begin(), next.end(), [&](size_t i) { return is_send(acts[i].op); });
+    std::sort(sends, next.end());
+    if (mine[g].actions.empty()) mine.erase(mine.begin() + static_cast<std::ptrdiff_t>(g));
+  }
+}
+
+std::string check_p2p_groups(const PipelineSchedule& s, const std::vector<std::vector<P2PGroup>>& groups) {
+  const GroupRun run = run_to_the_end(s, groups);
+  std::string stuck;
+  for (int r = 0; r < s.pp; ++r) {
+    const size_t g = run.at[static_cast<size_t>(r)];
+    if (g == groups[static_cast<size_t>(r)].size()) continue;
+    std::string names;
+    for (const size_t i : groups[static_cast<size_t>(r)][g].actions) names += (names.empty() ? "" : " ") + s.ranks[static_cast<size_t>(r)][i].text();
+    stuck += (stuck.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r) + " waits in [" + names + "]";
+  }
+  return stuck.empty() ? "" : "grouped point-to-point deadlocks: " + stuck;
+}
+
 std::vector<bool> last_gradient_actions(const PipelineSchedule& schedule, int rank) {
   const std::vector<PipeAction>& actions = schedule.ranks.at(static_cast<size_t>(rank));
   std::vector<bool> last(actions.size(), false);

@@ -91,6 +91,35 @@ PipelineSchedule lower(const PipelineSchedule& schedule);
 // one matching receive on the next (or previous) stage's rank.
 std::string validate(const PipelineSchedule& schedule);
 
+// Point-to-point in groups, as NCCL runs it: messages between two ranks match
+// in the order they are issued (not by tag), the operations of a communicator
+// run one after another on one stream, and a send completes only once its
+// receive is posted. So a rank issues its sends and receives in groups that
+// progress together, and waits for each group whole before it goes on. A group
+// starts as a run of send/receive actions between two compute actions (the
+// sends of what the compute before made, the receives of what the compute after
+// needs) and goes out where the run begins. Each receive from a peer brings
+// along, into its group, the receives of every message that peer sends earlier
+// and this rank has not yet received. Where the groups would wait on each other
+// in a cycle (interleaved schedules), a send whose receive is not yet posted
+// moves to the rank's next group, with the later sends to the same peer, until
+// none does. In a group the receives come first, in their senders' order, then
+// the sends, in action order.
+struct P2PGroup {
+  size_t at = 0;                // the action index where the group goes out (its run's first)
+  std::vector<size_t> actions;  // indices of the sends and receives it carries
+};
+
+// Every rank's groups of a lowered schedule; without delay_sends, the runs as
+// they stand (with the receives brought along). Throws std::invalid_argument
+// naming the ranks' waiting groups when no moving of sends ends the waits.
+std::vector<std::vector<P2PGroup>> p2p_groups(const PipelineSchedule& lowered, bool delay_sends = true);
+
+// Empty when every rank's groups run to the end with each group completing only
+// when its peers have posted every matching operation; else one line naming,
+// for each rank, the group it waits in.
+std::string check_p2p_groups(const PipelineSchedule& lowered, const std::vector<std::vector<P2PGroup>>& groups);
+
 // For each action of `rank`'s list: whether the gradients it produces are the
 // last contributions of the step to its stage's parameters, so that their
 // data-parallel reductions may start during it. A whole backward (B) gives every

@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 
+#include "parallel/mpi/mpi_communicator.h"
 #include "parallel/pipeline_schedule.h"
 
 namespace fmoe::trainer {
@@ -81,14 +82,6 @@ StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& con
   const parallel::MeshShape& shape = mesh.shape();
   const int micro = static_cast<int>(tc.grad_accum_steps);
   if (pp_ == 1) return StepRuntime(model, parallel::make_schedule("1f1b", 1, 1, micro));
-  // The runtime's messages pair up in issue order, as NCCL matches them, but the
-  // NCCL communicator runs its operations in turn on one stream: a receive posted
-  // ahead would hold back the sends queued behind it on both ranks until the
-  // sends and receives of one schedule point go out as one group.
-  if (mesh.pp().backend_name().find("nccl") != std::string::npos) {
-    throw ConfigError("parallel.pp: pipelining over NCCL is not supported yet (its sends and receives are not yet issued "
-                      "as groups); set parallel.backend: mpi");
-  }
   const int v = static_cast<int>(config.parallel.virtual_pp);
   const std::string name = schedule_name(config);
   PipelineContext context;
@@ -98,10 +91,13 @@ StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& con
   context.hidden_rows = tc.micro_batch_size * tc.seq_len / context.rows_divisor;
   context.hidden_dim = config.model.hidden_size;
   context.device = device;
+  // NCCL's point-to-point rules (and MPI made to follow them in tests): sends and receives in groups.
+  context.grouped_p2p = mesh.pp().backend_name().find("nccl") != std::string::npos || parallel::mpi_issue_order_matching();
   try {
     StepRuntime runtime(model, parallel::make_schedule(name, static_cast<int>(shape.pp), v, micro), context);
     *message = "pipeline: " + name + " over " + std::to_string(shape.pp) + " ranks x " + std::to_string(v) + " chunk" +
-               (v > 1 ? "s" : "") + ", " + std::to_string(micro) + " micro-batches per step; stages " + split_.describe();
+               (v > 1 ? "s" : "") + ", " + std::to_string(micro) + " micro-batches per step; stages " + split_.describe() +
+               (context.grouped_p2p ? "; sends and receives in groups" : "");
     return runtime;
   } catch (const std::invalid_argument& e) {
     const std::string what = e.what();

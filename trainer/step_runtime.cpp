@@ -33,6 +33,11 @@ StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedu
   if (schedule_.pp > 1 && !schedule_.lowered) schedule_ = parallel::lower(schedule_);
   if (const std::string error = parallel::validate(schedule_); !error.empty()) throw std::invalid_argument("step schedule: " + error);
   if (schedule_.pp == 1) return;
+  if (pipeline_.grouped_p2p) {
+    groups_ = parallel::p2p_groups(schedule_)[static_cast<size_t>(pipeline_.pp->rank())];
+    for (size_t g = 0; g < groups_.size(); ++g) group_at_[groups_[g].at] = g;
+    return;
+  }
   // Where each receive is posted: when the compute action before it starts.
   const std::vector<parallel::PipeAction>& actions = schedule_.ranks[static_cast<size_t>(pipeline_.pp->rank())];
   post_at_.resize(actions.size());
@@ -155,7 +160,10 @@ std::vector<at::Tensor> StepRuntime::forward_only(const std::vector<at::Tensor>&
         local = out.hidden;
       } else {
         const at::Tensor hidden = out.hidden.contiguous();
-        sends.emplace_back(pp.send(hidden, rank_of(s + 1), {s * count + i}), hidden);
+        std::unique_ptr<parallel::Work> work = pp.send(hidden, rank_of(s + 1), {s * count + i});
+        // Over NCCL the next receive would queue behind this send anyway.
+        if (pipeline_.grouped_p2p) work->wait();
+        sends.emplace_back(std::move(work), hidden);
       }
     }
   }
@@ -248,9 +256,49 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
     for (size_t& next = next_from[peer]; next <= recv_place_[index]; ++next) post_one(recv_order_[peer][next]);
   };
 
+  // Grouped point-to-point: the group that goes out at this action, sent and received together and waited for whole.
+  const auto run_group = [&](size_t index) {
+    const auto found = group_at_.find(index);
+    if (found == group_at_.end()) return;
+    std::vector<parallel::P2POp> ops;
+    std::vector<std::pair<std::pair<int, int>, at::Tensor>> arriving;
+    for (const size_t i : groups_[found->second].actions) {
+      const parallel::PipeAction& c = actions[i];
+      const auto key = std::make_pair(c.stage, c.micro);
+      switch (c.op) {
+        case parallel::PipeOp::kRecvForward:
+          arriving.emplace_back(key, buffer());
+          ops.push_back({false, arriving.back().second, rank_of(c.stage - 1), tag(c.stage - 1, c.micro, 0)});
+          break;
+        case parallel::PipeOp::kRecvBackward:
+          arriving.emplace_back(key, buffer());
+          ops.push_back({false, arriving.back().second, rank_of(c.stage + 1), tag(c.stage + 1, c.micro, 1)});
+          break;
+        case parallel::PipeOp::kSendForward:
+          ops.push_back({true, in_flight.at(key).output.hidden.detach().contiguous(), rank_of(c.stage + 1), tag(c.stage, c.micro, 0)});
+          break;
+        case parallel::PipeOp::kSendBackward:
+          ops.push_back({true, in_flight.at(key).input.grad().contiguous(), rank_of(c.stage - 1), tag(c.stage, c.micro, 1)});
+          in_flight.erase(key);
+          break;
+        default:
+          throw std::logic_error("step runtime: " + c.text() + " in a point-to-point group");
+      }
+    }
+    pp.send_recv(ops)->wait();
+    for (auto& [key, tensor] : arriving) received[key] = tensor;
+  };
+
   for (size_t index = 0; index < actions.size(); ++index) {
-    for (size_t r : post_at_[index]) post(r);
     const parallel::PipeAction& a = actions[index];
+    if (pipeline_.grouped_p2p) {
+      if (!a.is_compute()) {
+        run_group(index);
+        continue;
+      }
+    } else {
+      for (size_t r : post_at_[index]) post(r);
+    }
     const auto key = std::make_pair(a.stage, a.micro);
     const bool gradient = a.op == parallel::PipeOp::kBackward || a.op == parallel::PipeOp::kInputGrad || a.op == parallel::PipeOp::kWeightGrad;
     if (gradient && hooks.before_backward) hooks.before_backward(final_gradients[index]);

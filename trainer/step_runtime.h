@@ -6,13 +6,15 @@
 // by a non-blocking send (or, when this rank holds the next stage too, is handed
 // over in memory), its gradient comes back the same way; receives are posted
 // when the compute action before them starts and waited for where the schedule
-// puts them. A stage's MoE aux and z losses are
+// puts them, or (over NCCL) the sends and receives between two computes go out
+// as one group. A stage's MoE aux and z losses are
 // backpropagated on that stage beside the gradient of its output.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 
 #include "moe/model.h"
@@ -51,6 +53,11 @@ struct PipelineContext {
   int64_t hidden_rows = 0, hidden_dim = 0;    // what crosses between stages: FP32 [rows, dim]
   int64_t rows_divisor = 1;                   // tokens per row of what crosses: tp under sequence parallelism, else 1
   c10::Device device{c10::kCPU};
+  // Sends and receives go out in groups (parallel::p2p_groups), each waited for
+  // whole: NCCL's rules (one stream per communicator, sends that complete once
+  // received, messages matched in issue order). Otherwise receives are posted
+  // ahead and sends left in flight, as MPI allows.
+  bool grouped_p2p = false;
 };
 
 class StepRuntime {
@@ -81,6 +88,9 @@ class StepRuntime {
   std::vector<int> recv_peer_;
   std::vector<size_t> recv_place_;
   std::vector<std::vector<size_t>> recv_order_;
+  // Grouped point-to-point: this rank's groups, and per action index where one goes out, its group.
+  std::vector<parallel::P2PGroup> groups_;
+  std::map<size_t, size_t> group_at_;
 };
 
 }  // namespace fmoe::trainer

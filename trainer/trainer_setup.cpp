@@ -87,9 +87,10 @@ void Trainer::Impl::setup_mesh() {
       log("communication: MPI through host buffers (FMOE_HOST_STAGING=1)");
     }
     if (options.hooks.p2p_issue_order) {
-      // Tests: NCCL's matching rule on MPI, for the pipeline runtime's messages.
+      // Tests: NCCL's point-to-point rules on MPI, for the pipeline runtime's messages.
       parallel::set_mpi_issue_order_matching(true);
-      log("point-to-point: messages match in issue order, not by tag (FMOE_P2P_ISSUE_ORDER=1)");
+      log("point-to-point: messages match in issue order, not by tag, and a send completes once received; the pipeline "
+          "sends and receives in groups, as over NCCL (FMOE_P2P_ISSUE_ORDER=1)");
     }
     mesh.emplace(world, shape);
     log_placement();

@@ -377,7 +377,12 @@ class MpiCommunicator : public Communicator {
     check_cpu_contiguous(tensor, "send");
     check_peer(dst, "send");
     MPI_Request request;
-    MPI_Isend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, issue_order_matching() ? 0 : options.tag, comm_, &request);
+    // Under NCCL's rules a send completes only once its receive is posted: a synchronous-mode send.
+    if (issue_order_matching()) {
+      MPI_Issend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, 0, comm_, &request);
+    } else {
+      MPI_Isend(tensor.data_ptr(), mpi_count(tensor.numel(), "send"), mpi_type(tensor), dst, options.tag, comm_, &request);
+    }
     return std::make_unique<MpiWork>(request, rank_, "send to rank " + std::to_string(dst), resolve(options.timeout), [tensor] {}, wait_seconds_);
   }
 
@@ -450,6 +455,7 @@ std::unique_ptr<Communicator> make_mpi_world_communicator() { return std::make_u
 bool set_mpi_progress_thread(bool on) { return ProgressThread::instance().set(on); }
 
 void set_mpi_issue_order_matching(bool on) { issue_order_matching() = on; }
+bool mpi_issue_order_matching() { return issue_order_matching(); }
 
 bool mpi_progress_thread() { return ProgressThread::instance().on(); }
 

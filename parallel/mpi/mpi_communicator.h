@@ -38,9 +38,12 @@ std::unique_ptr<Communicator> make_mpi_world_communicator();
 bool set_mpi_progress_thread(bool on);
 bool mpi_progress_thread();
 
-// Sends and receives between two ranks match in the order they are issued,
-// whatever their tags: NCCL's rule, so that code meant for NCCL (the pipeline
-// runtime) is tested under it on CPU ranks. For tests (FMOE_P2P_ISSUE_ORDER=1).
+// NCCL's point-to-point rules on CPU ranks, so that code meant for NCCL (the
+// pipeline runtime) is tested under them: sends and receives between two ranks
+// match in the order they are issued, whatever their tags, and a send completes
+// only once its receive is posted (synchronous-mode sends). For tests
+// (FMOE_P2P_ISSUE_ORDER=1).
 void set_mpi_issue_order_matching(bool on);
+bool mpi_issue_order_matching();
 
 }  // namespace fmoe::parallel

@@ -180,6 +180,28 @@ class NcclCommunicator : public Communicator {
       return ncclRecv(tensor.data_ptr(), tensor.numel(), nccl_type(tensor), src, comm_, stream_);
     });
   }
+  std::unique_ptr<Work> send_recv(const std::vector<P2POp>& ops, std::chrono::milliseconds timeout) override {
+    std::vector<at::Tensor> tensors;
+    for (const P2POp& op : ops) {
+      check_cuda_tensor(op.tensor, op.send ? "send" : "recv");
+      if (op.peer < 0 || op.peer >= size_ || op.peer == rank_) {
+        throw std::invalid_argument("nccl backend: send/recv peer " + std::to_string(op.peer) + " is not another rank of a group of " + std::to_string(size_));
+      }
+      tensors.push_back(op.tensor);
+    }
+    if (ops.empty()) return std::make_unique<CompletedWork>();
+    return launch("send/recv group of " + std::to_string(ops.size()), timeout, std::move(tensors), [&] {
+      ncclGroupStart();
+      for (const P2POp& op : ops) {
+        if (op.send) {
+          ncclSend(op.tensor.data_ptr(), op.tensor.numel(), nccl_type(op.tensor), op.peer, comm_, stream_);
+        } else {
+          ncclRecv(op.tensor.data_ptr(), op.tensor.numel(), nccl_type(op.tensor), op.peer, comm_, stream_);
+        }
+      }
+      return ncclGroupEnd();
+    });
+  }
   void barrier() override {
     float* one = nullptr;
     check_cuda(cudaMalloc(&one, sizeof(float)), rank_, "cudaMalloc");

@@ -14,8 +14,10 @@
 # pipeline; validation runs through the pipeline (a one-process checkpoint
 # validates alike at pp4); a DualPipeV without two chunks per rank is refused.
 # Under ZB-H1 and DualPipeV with dp2 the gradient buckets launch during each
-# stage's last backward actions. Each layout runs again with point-to-point messages matched in issue order
-# only (NCCL's rule; FMOE_P2P_ISSUE_ORDER=1): bit-identical losses.
+# stage's last backward actions. Each layout runs again under NCCL's
+# point-to-point rules (FMOE_P2P_ISSUE_ORDER=1: messages matched in issue order
+# only, sends that complete once received, the pipeline's sends and receives in
+# groups, as moe-train runs them over NCCL): bit-identical losses.
 source "$(dirname "$0")/common.sh"
 STEPS=(--set training.steps=20 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
        --set training.grad_accum_steps=4 --set training.micro_batch_size=2)
@@ -40,18 +42,19 @@ assert all(r["pipeline_wait_seconds"] >= 0 for r in b)
 print("ok: %-28s first loss within %.1e, 20 within %.1e, validation within %.1e of one process" % (sys.argv[3], first, worst, val))
 PY
   grep -h "^pipeline:" "$dir.log" | head -1
-  # The same run with point-to-point messages matched in issue order only, as
-  # NCCL matches them: every receive must be posted in its sender's order.
+  # The same run under NCCL's point-to-point rules: every receive posted in its
+  # sender's order, and the groups of sends and receives never waiting on each other in a cycle.
   local ordered="$dir.issue_order"; rm -rf "$ordered"
   FMOE_P2P_ISSUE_ORDER=1 mpirun -x FMOE_P2P_ISSUE_ORDER -np "$ranks" "$TRAIN" $(micro_args "$ordered") "${STEPS[@]}" "$@" > "$ordered.log" 2>&1 ||
     { cat "$ordered.log"; fail "$name failed with messages matched in issue order"; }
   grep -q "messages match in issue order" "$ordered.log" || fail "$name: FMOE_P2P_ISSUE_ORDER=1 did not take"
+  grep -q "^pipeline: .*; sends and receives in groups" "$ordered.log" || fail "$name: the pipeline did not send and receive in groups"
   python3 - "$dir/metrics.jsonl" "$ordered/metrics.jsonl" "$name" <<'PY' || fail "$name differs when messages match in issue order"
 import json, sys
 a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
 b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
 assert a == b, next((i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else (len(a), len(b))
-print("ok: %-28s bit-identical with messages matched in issue order" % sys.argv[3])
+print("ok: %-28s bit-identical under NCCL's point-to-point rules (grouped)" % sys.argv[3])
 PY
 }
 check pp2 2 --set parallel.pp=2

@@ -155,6 +155,47 @@ TEST(Collectives, SendRecvAroundARing) {
   }
 }
 
+// One group sends to both neighbours and receives from both, with tags and
+// with messages matched in issue order only (NCCL's rule): at two ranks both
+// neighbours are one rank, so its two messages pair up by their order.
+TEST(Collectives, SendRecvGroupBothWaysAroundARing) {
+  const int r = world().rank(), n = world().size();
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  for (const bool issue_order : {false, true}) {
+    set_mpi_issue_order_matching(issue_order);
+    for (at::ScalarType dtype : kDtypes) {
+      const at::Tensor forward = ramp(5, r, dtype), backward = ramp(3, 10 * r, dtype);
+      at::Tensor from_prev = at::empty_like(forward), from_next = at::empty_like(backward);
+      std::vector<P2POp> ops{{true, forward, next, 1}, {true, backward, prev, 2}, {false, from_prev, prev, 1}, {false, from_next, next, 2}};
+      world().send_recv(ops, kTimeout)->wait();
+      EXPECT_TRUE(at::equal(from_prev, ramp(5, prev, dtype))) << issue_order;
+      EXPECT_TRUE(at::equal(from_next, ramp(3, 10 * next, dtype))) << issue_order;
+    }
+  }
+  set_mpi_issue_order_matching(false);
+  EXPECT_TRUE(world().send_recv({}, kTimeout)->is_completed());
+}
+
+// Under NCCL's rules a send completes only once its receive is posted, however
+// small (MPI would send eagerly): rank 1 posts it only after rank 0 has looked.
+TEST(Collectives, IssueOrderSendsCompleteOnlyOnceReceived) {
+  set_mpi_issue_order_matching(true);
+  const at::Tensor one = at::ones({1});
+  at::Tensor into = at::zeros({1});
+  if (world().rank() == 0) {
+    auto work = world().send(one, 1, {0, kTimeout});
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_FALSE(work->is_completed());
+    world().barrier();
+    work->wait();
+  } else {
+    world().barrier();
+    if (world().rank() == 1) world().recv(into, 0, {0, kTimeout})->wait();
+  }
+  set_mpi_issue_order_matching(false);
+  if (world().rank() == 1) EXPECT_EQ(into.item<float>(), 1.0f);
+}
+
 TEST(Collectives, UnsupportedDtypeIsRefusedByName) {
   at::Tensor t = at::zeros({2}, at::kHalf);
   fmoe::testing::expect_error_mentions([&] { world().all_reduce(t, {ReduceOp::kSum, kTimeout}); }, "mpi backend: unsupported dtype Half");

@@ -87,6 +87,23 @@ TEST_F(Nccl, GatherScatterBroadcastAndAllToAll) {
 // (counts exchange, then rows, forward and backward) over NCCL with every
 // expert's rows, then the gradient all-reduce; against the same experts run
 // without communication. At one rank (gpu_check.sh) the exchange is with itself.
+// A pipeline's sends and receives as one NCCL group: each rank sends to both
+// neighbours and receives from both (at two ranks, one peer, two messages each
+// way paired by issue order), where one at a time on the stream would hang.
+TEST_F(Nccl, SendRecvGroupBothWaysAroundARing) {
+  const int r = nccl_->rank(), n = nccl_->size();
+  if (n < 2) {
+    if (r == 0) std::printf("SKIPPED: a send/receive group needs two ranks (one GPU each)\n");
+    GTEST_SKIP();
+  }
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  const at::Tensor forward = on_gpu(at::full({1 << 16}, static_cast<float>(r))), backward = on_gpu(at::full({3}, static_cast<float>(10 * r)));
+  at::Tensor from_prev = at::empty_like(forward), from_next = at::empty_like(backward);
+  nccl_->send_recv({{true, forward, next}, {true, backward, prev}, {false, from_prev, prev}, {false, from_next, next}})->wait();
+  EXPECT_TRUE(at::all(from_prev.cpu() == static_cast<float>(prev)).item<bool>());
+  EXPECT_TRUE(at::all(from_next.cpu() == static_cast<float>(10 * next)).item<bool>());
+}
+
 TEST_F(Nccl, ExpertAllToAllAndGradientAllReduceOfARealStep) {
   const int64_t n = nccl_->size();
   const at::Device cuda(at::kCUDA, 0);

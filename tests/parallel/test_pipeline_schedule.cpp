@@ -60,6 +60,7 @@ TEST(PipelineSchedule, EveryGeneratorOverTheGridIsValidAndMeetsItsFormula) {
           ASSERT_EQ(validate(s), "") << where;
           const PipelineSchedule lowered = lower(s);
           ASSERT_EQ(validate(lowered), "") << where << " lowered";
+          ASSERT_EQ(check_p2p_groups(lowered, p2p_groups(lowered)), "") << where;  // runs over NCCL
           for (const PipelineSchedule* schedule : {static_cast<const PipelineSchedule*>(&s), &lowered}) {
             const PipeSimResult r = simulate(*schedule, unit_costs(v));
             ASSERT_EQ(r.deadlock, "") << where;
@@ -123,6 +124,67 @@ TEST(PipelineSchedule, OneFOneBHandComputedAndItsLowering) {
   const PipelineSchedule l = lower(s);
   EXPECT_EQ(l.csv(0), "index,action\n0,0F0\n1,0SF0\n2,0F1\n3,0SF1\n4,0RB0\n5,0B0\n6,0F2\n7,0SF2\n8,0RB1\n9,0B1\n10,0RB2\n11,0B2\n");
   EXPECT_EQ(l.csv(1), "index,action\n0,1RF0\n1,1F0\n2,1B0\n3,1SB0\n4,1RF1\n5,1F1\n6,1B1\n7,1SB1\n8,1RF2\n9,1F2\n10,1B2\n11,1SB2\n");
+}
+
+// "at:actions | at:actions" for one rank's groups.
+std::string groups_text(const PipelineSchedule& s, const std::vector<std::vector<P2PGroup>>& groups, int rank) {
+  std::string text;
+  for (const P2PGroup& g : groups[static_cast<size_t>(rank)]) {
+    text += (text.empty() ? "" : " | ") + std::to_string(g.at) + ":";
+    for (size_t k = 0; k < g.actions.size(); ++k) text += (k ? " " : "") + s.ranks[static_cast<size_t>(rank)][g.actions[k]].text();
+  }
+  return text;
+}
+
+// Grouped point-to-point (NCCL): each run of sends and receives between two
+// computes goes out as one group, receives first; Megatron's
+// send-forward-receive-backward pairs fall out of 1F1B's lowering.
+TEST(PipelineSchedule, PointToPointGroupsOfOneFOneB) {
+  const PipelineSchedule l = lower(make_schedule("1f1b", 2, 1, 3));
+  const std::vector<std::vector<P2PGroup>> all = p2p_groups(l);
+  EXPECT_EQ(groups_text(l, all, 0), "1:0SF0 | 3:0RB0 0SF1 | 7:0RB1 0SF2 | 10:0RB2");
+  EXPECT_EQ(groups_text(l, all, 1), "0:1RF0 | 3:1RF1 1SB0 | 7:1RF2 1SB1 | 11:1SB2");
+  EXPECT_EQ(check_p2p_groups(l, all), "");
+  EXPECT_THROW(p2p_groups(make_schedule("1f1b", 2, 1, 3)), std::invalid_argument);
+}
+
+// A receive from a peer brings along the receives of what that peer sends
+// before it, so that messages match in issue order.
+TEST(PipelineSchedule, PointToPointGroupsReceiveInTheSendersOrder) {
+  PipelineSchedule s;
+  s.name = "custom", s.pp = 2, s.v = 1, s.micro_batches = 2, s.stage_rank = {0, 1}, s.lowered = true;
+  const auto list = [](std::initializer_list<const char*> texts) {
+    std::vector<PipeAction> out;
+    for (const char* t : texts) out.push_back(*parse_action(t));
+    return out;
+  };
+  s.ranks = {list({"0F0", "0SF0", "0F1", "0SF1", "0RB1", "0B1", "0RB0", "0B0"}),
+             list({"1RF0", "1F0", "1B0", "1SB0", "1RF1", "1F1", "1B1", "1SB1"})};
+  ASSERT_EQ(validate(s), "");
+  EXPECT_EQ(groups_text(s, p2p_groups(s), 0), "1:0SF0 | 3:0RB0 0RB1 0SF1");
+  EXPECT_EQ(check_p2p_groups(s, p2p_groups(s)), "");
+}
+
+// Sends that complete only once received, on one stream: rank 0 sends F1, then
+// computes F2, then waits for B0; rank 1 sends B0 before it takes F1. Its runs as
+// groups would hang (non-blocking MPI sends would not), and the check says
+// where; moving rank 0's sends F1 and then F2 one group on ends the wait.
+TEST(PipelineSchedule, PointToPointGroupsNameADeadlock) {
+  PipelineSchedule s;
+  s.name = "custom", s.pp = 2, s.v = 1, s.micro_batches = 3, s.stage_rank = {0, 1}, s.lowered = true, s.split_backward = true;
+  const auto list = [](std::initializer_list<const char*> texts) {
+    std::vector<PipeAction> out;
+    for (const char* t : texts) out.push_back(*parse_action(t));
+    return out;
+  };
+  s.ranks = {list({"0F0", "0SF0", "0F1", "0SF1", "0F2", "0SF2", "0RB0", "0B0", "0RB1", "0B1", "0RB2", "0B2"}),
+             list({"1RF0", "1F0", "1I0", "1SB0", "1W0", "1RF1", "1F1", "1I1", "1SB1", "1W1", "1RF2", "1F2", "1I2", "1SB2", "1W2"})};
+  ASSERT_EQ(validate(s), "");
+  EXPECT_EQ(check_p2p_groups(s, p2p_groups(s, /*delay_sends=*/false)), "grouped point-to-point deadlocks: rank 0 waits in [0SF1]; rank 1 waits in [1SB0]");
+  const std::vector<std::vector<P2PGroup>> moved = p2p_groups(s);
+  EXPECT_EQ(groups_text(s, moved, 0), "1:0SF0 | 5:0RB0 0SF1 | 8:0RB1 0SF2 | 10:0RB2");
+  EXPECT_EQ(groups_text(s, moved, 1), "0:1RF0 | 3:1SB0 | 5:1RF1 | 8:1SB1 | 10:1RF2 | 13:1SB2");
+  EXPECT_EQ(check_p2p_groups(s, moved), "");
 }
 
 std::string read_file(const std::string& path) {
