@@ -149,6 +149,7 @@ void visit(V& v, ParallelConfig& c) {
   v.field("bucket_mb", c.bucket_mb);
   v.field("mpi_progress_thread", c.mpi_progress_thread);
   v.field("ep_overlap", c.ep_overlap);
+  v.field("fb_overlap", c.fb_overlap);
   v.field("backend", c.backend);
   v.field("pipeline_schedule", c.pipeline_schedule);
   v.field("pipeline_layout", c.pipeline_layout);
@@ -447,6 +448,9 @@ std::string ParallelConfig::validate() const {
   }
   if (ep_overlap && expert_dispatcher != "alltoall") {
     return "ep_overlap: overlaps the all-to-all dispatcher's exchanges; expert_dispatcher is '" + expert_dispatcher + "'";
+  }
+  if (fb_overlap && pipeline_schedule != "dualpipev") {
+    return "fb_overlap: overlaps DualPipeV's F&B pairs; pipeline_schedule is '" + pipeline_schedule + "'";
   }
   if (!(timeout_s > 0)) return "timeout_s: must be > 0";
   if (!(bucket_mb > 0)) return "bucket_mb: must be > 0";

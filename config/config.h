@@ -134,6 +134,11 @@ struct ParallelConfig {
   // (moe/expert_parallel.h). Off by default: on CPU ranks MPI advances the exchanges
   // only inside MPI calls, i.e. with mpi_progress_thread (docs/benchmarks.md).
   bool ep_overlap = false;
+  // DualPipeV's overlapped F&B pairs run at once: the forward on a second thread
+  // of the rank with its own tp and ep groups (parallel::Mesh::with_second_lane),
+  // the backward on the first, so each one's communication waits while the other
+  // computes. Needs pipeline_schedule: dualpipev. Off: the pair's halves in turn.
+  bool fb_overlap = false;
   // For CUDA tensors: nccl, or mpi through page-locked host buffers (ranks may then
   // share a GPU); auto: nccl when every rank of a node has a GPU of its own. CPU tensors use MPI.
   std::string backend = "auto";

@@ -43,7 +43,76 @@ class SelfCommunicator : public Communicator {
   static std::unique_ptr<Work> done() { return std::make_unique<CompletedWork>(); }
 };
 
+thread_local int comm_lane = 0;
+
+class LanedCommunicator : public Communicator {
+ public:
+  LanedCommunicator(std::shared_ptr<Communicator> lane0, std::shared_ptr<Communicator> lane1) : lanes_{std::move(lane0), std::move(lane1)} {
+    if (lanes_[0]->size() != lanes_[1]->size() || lanes_[0]->rank() != lanes_[1]->rank()) {
+      throw std::invalid_argument("laned communicator: the two lanes' groups differ");
+    }
+    default_timeout_ = lanes_[0]->default_timeout();
+  }
+  int rank() const override { return lanes_[0]->rank(); }
+  int size() const override { return lanes_[0]->size(); }
+  std::string backend_name() const override { return lanes_[0]->backend_name(); }
+  double wait_seconds() const override { return lanes_[0]->wait_seconds() + lanes_[1]->wait_seconds(); }
+  std::unique_ptr<Work> all_reduce(at::Tensor& tensor, const AllReduceOptions& options) override { return lane().all_reduce(tensor, options); }
+  std::unique_ptr<Work> broadcast(at::Tensor& tensor, const BroadcastOptions& options) override { return lane().broadcast(tensor, options); }
+  std::unique_ptr<Work> all_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& options) override {
+    return lane().all_gather(output, input, options);
+  }
+  std::unique_ptr<Work> reduce_scatter(at::Tensor& output, const at::Tensor& input, const ReduceScatterOptions& options) override {
+    return lane().reduce_scatter(output, input, options);
+  }
+  std::unique_ptr<Work> all_to_all(at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                                   const std::vector<int64_t>& input_splits, const AllToAllOptions& options) override {
+    return lane().all_to_all(output, input, output_splits, input_splits, options);
+  }
+  std::unique_ptr<Work> send(const at::Tensor& tensor, int dst, const SendRecvOptions& options) override { return lane().send(tensor, dst, options); }
+  std::unique_ptr<Work> recv(at::Tensor& tensor, int src, const SendRecvOptions& options) override { return lane().recv(tensor, src, options); }
+  std::unique_ptr<Work> send_recv(const std::vector<P2POp>& ops, std::chrono::milliseconds timeout) override {
+    return lane().send_recv(ops, timeout);
+  }
+  void barrier() override { lane().barrier(); }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    // Collective over both lanes, in this order on every rank.
+    std::shared_ptr<Communicator> a = lanes_[0]->split(color, key);
+    std::shared_ptr<Communicator> b = lanes_[1]->split(color, key);
+    if (!a || !b) return nullptr;
+    return std::make_unique<LanedCommunicator>(std::move(a), std::move(b));
+  }
+
+ private:
+  // Each lane keeps the timeout its group had when the lanes were made.
+  Communicator& lane() const { return *lanes_[comm_lane == 1 ? 1 : 0]; }
+  std::shared_ptr<Communicator> lanes_[2];
+};
+
 }  // namespace
+
+int current_comm_lane() { return comm_lane; }
+CommLane::CommLane(int lane) : previous_(comm_lane) { comm_lane = lane; }
+CommLane::~CommLane() { comm_lane = previous_; }
+
+std::unique_ptr<Communicator> make_laned_communicator(std::shared_ptr<Communicator> lane0, std::shared_ptr<Communicator> lane1) {
+  return std::make_unique<LanedCommunicator>(std::move(lane0), std::move(lane1));
+}
+
+Mesh Mesh::with_second_lane() const {
+  // A duplicate of every group: the world split again, and the mesh's groups of it.
+  const Mesh second(std::shared_ptr<Communicator>(world_->split(0, world_->rank())), shape_);
+  Mesh m;
+  m.shape_ = shape_;
+  m.coords_ = coords_;
+  m.world_ = make_laned_communicator(world_, second.world_);
+  m.tp_ = make_laned_communicator(tp_, second.tp_);
+  m.dp_ = make_laned_communicator(dp_, second.dp_);
+  m.pp_ = make_laned_communicator(pp_, second.pp_);
+  m.ep_ = make_laned_communicator(ep_, second.ep_);
+  m.edp_ = make_laned_communicator(edp_, second.edp_);
+  return m;
+}
 
 std::string MeshShape::validate(int64_t world_size) const {
   for (const auto& [name, degree] : {std::pair{"dp", dp}, {"pp", pp}, {"tp", tp}, {"ep", ep}}) {

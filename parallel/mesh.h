@@ -49,12 +49,36 @@ class Mesh {
   Communicator& ep() const { return *ep_; }
   Communicator& edp() const { return *edp_; }
 
+  // The same mesh with a second lane: collective over world. Every group of the
+  // result routes each operation by the calling thread's lane (CommLane): lane 0
+  // to this mesh's groups, lane 1 to a duplicate of each, so two threads of a
+  // rank (DualPipeV's overlapped forward and backward) communicate at once,
+  // each in an order every rank of a group shares.
+  Mesh with_second_lane() const;
+
  private:
   Mesh() = default;
   MeshShape shape_;
   MeshCoords coords_;
   std::shared_ptr<Communicator> world_, tp_, dp_, pp_, ep_, edp_;
 };
+
+// The lane of the calling thread's communication (0 unless a CommLane says
+// otherwise): what laned groups (Mesh::with_second_lane) route by.
+int current_comm_lane();
+class CommLane {
+ public:
+  explicit CommLane(int lane);
+  ~CommLane();
+  CommLane(const CommLane&) = delete;
+  CommLane& operator=(const CommLane&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Each op to lanes[current_comm_lane()]; both span the same ranks.
+std::unique_ptr<Communicator> make_laned_communicator(std::shared_ptr<Communicator> lane0, std::shared_ptr<Communicator> lane1);
 
 // A group of one: collectives copy or leave their input, send/recv throw.
 std::unique_ptr<Communicator> make_self_communicator();

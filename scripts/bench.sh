@@ -7,7 +7,8 @@
 # its top ops; the FP8-emulated step; MPI collective bandwidth at 2 and 4
 # ranks; the step-time breakdown of the tiny config under expert and tensor
 # parallelism at 2 and 4 ranks; moe-plan's step time against the measured one;
-# the MPI progress thread off and on; the expert exchanges overlapped off and on.
+# the MPI progress thread off and on; the expert exchanges overlapped off and on;
+# DualPipeV's F&B pairs overlapped off and on.
 # SKIP_PARALLEL=1 stops after the single-process part.
 # Needs the corpus (moe-data prepare) and a build. Results go to docs/benchmarks.md by hand.
 set -euo pipefail
@@ -138,21 +139,25 @@ overlap_pairs() {  # name, ranks, args...
       mpirun --oversubscribe --bind-to none -np "$ranks" build/launch/moe-train --config configs/tiny.yaml \
         --set training.steps="${BREAKDOWN_STEPS:-12}" --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0 \
         --set training.eval_sequences=16 --set training.run_dir="$dir/$overlap$pair" --set training.precision="$chosen" \
-        --set parallel.ep_overlap=$overlap "$@" > "$dir/$overlap$pair.log" 2>&1
+        --set "parallel.${OVERLAP_KEY:-ep_overlap}=$overlap" "$@" > "$dir/$overlap$pair.log" 2>&1
     done
   done
   python3 - "$dir" "$name" <<'PY'
 import json, statistics, sys
 def run(path):
     steps = [json.loads(l) for l in open(path + "/metrics.jsonl")][2:]
-    return (sum(s["step_seconds"] for s in steps) / len(steps), sum(s["expert_wait_seconds"] for s in steps) / len(steps))
+    # Rank 0's time with both halves of DualPipeV's F&B pairs running (fb_overlap), where reported.
+    both = sum(s["pipeline"]["overlapped_seconds"][0] for s in steps if "overlapped_seconds" in s.get("pipeline", {}))
+    return (sum(s["step_seconds"] for s in steps) / len(steps), sum(s.get("expert_wait_seconds", 0) for s in steps) / len(steps), both / len(steps))
 off = [run(f"{sys.argv[1]}/false{p}") for p in (1, 2, 3)]
 on = [run(f"{sys.argv[1]}/true{p}") for p in (1, 2, 3)]
 med = lambda runs, i: statistics.median(r[i] for r in runs)
 step_off, comm_off, step_on, comm_on = med(off, 0), med(off, 1), med(on, 0), med(on, 1)
-hidden = 1 - (step_on - (step_off - comm_off)) / comm_off
+hidden = 1 - (step_on - (step_off - comm_off)) / comm_off if comm_off > 0 else float("nan")
+waited = 1 - comm_on / comm_off if comm_off > 0 else float("nan")
+both = f"  halves at once {1e3 * med(on, 2):+.1f} ms" if med(on, 2) != 0 else ""
 print(f"{sys.argv[2]:<34} step off {step_off:.3f} s on {step_on:.3f} s ({100 * (step_on / step_off - 1):+.1f}%)  expert wait off {1e3 * comm_off:5.1f} ms"
-      f" on {1e3 * comm_on:5.1f} ms  hidden {100 * hidden:+.0f}%  waited {100 * (1 - comm_on / comm_off):+.0f}%")
+      f" on {1e3 * comm_on:5.1f} ms  hidden {100 * hidden:+.0f}%  waited {100 * waited:+.0f}%{both}")
 PY
   rm -rf "$dir"
 }
@@ -162,3 +167,8 @@ for thread in false true; do
     --set parallel.ep=2 --set training.micro_batch_size=2 --set training.grad_accum_steps=4 --set parallel.mpi_progress_thread=$thread
   overlap_pairs "dp4+ep4, progress thread $thread" 4 --set parallel.ep=4 --set training.micro_batch_size=4 --set parallel.mpi_progress_thread=$thread
 done
+
+echo "== DualPipeV's F&B pairs overlapped (parallel.fb_overlap) off and on, three interleaved pairs each, medians"
+DPV=(--set parallel.pp=2 --set parallel.pipeline_schedule=dualpipev --set parallel.virtual_pp=2 --set training.grad_accum_steps=4)
+OVERLAP_KEY=fb_overlap overlap_pairs "pp2 DualPipeV" 2 "${DPV[@]}" --set training.micro_batch_size=4
+OVERLAP_KEY=fb_overlap overlap_pairs "pp2 DualPipeV+dp2+ep2" 4 "${DPV[@]}" --set parallel.ep=2 --set training.micro_batch_size=2

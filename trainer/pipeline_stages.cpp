@@ -93,11 +93,12 @@ StepRuntime PipelineStages::make_runtime(moe::MoEModel& model, const Config& con
   context.device = device;
   // NCCL's point-to-point rules (and MPI made to follow them in tests): sends and receives in groups.
   context.grouped_p2p = mesh.pp().backend_name().find("nccl") != std::string::npos || parallel::mpi_issue_order_matching();
+  context.fb_overlap = config.parallel.fb_overlap;
   try {
     StepRuntime runtime(model, parallel::make_schedule(name, static_cast<int>(shape.pp), v, micro), context);
     *message = "pipeline: " + name + " over " + std::to_string(shape.pp) + " ranks x " + std::to_string(v) + " chunk" +
                (v > 1 ? "s" : "") + ", " + std::to_string(micro) + " micro-batches per step; stages " + split_.describe() +
-               (context.grouped_p2p ? "; sends and receives in groups" : "");
+               (context.grouped_p2p ? "; sends and receives in groups" : "") + (context.fb_overlap ? "; F&B pairs overlapped" : "");
     return runtime;
   } catch (const std::invalid_argument& e) {
     const std::string what = e.what();

@@ -3,9 +3,17 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <c10/core/DeviceGuard.h>
+
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <functional>
 #include <map>
+#include <mutex>
+#include <thread>
+#include <utility>
 #include <optional>
 #include <stdexcept>
 #include <tuple>
@@ -27,12 +35,77 @@ at::Tensor stage_losses(const moe::StageOutput& out, const at::Tensor& zero, int
 
 }  // namespace
 
+// One worker thread, on communication lane 1, with the device of the step: start()
+// hands it a job, wait() blocks until the job is done and rethrows what it threw.
+class OverlapThread {
+ public:
+  explicit OverlapThread(c10::Device device) : thread_([this, device] { loop(device); }) {}
+  ~OverlapThread() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    ready_.notify_all();
+    thread_.join();
+  }
+  void start(std::function<void()> job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = std::move(job);
+      done_ = false;
+      error_ = nullptr;
+    }
+    ready_.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ready_.wait(lock, [this] { return done_; });
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+ private:
+  void loop(c10::Device device) {
+    const parallel::CommLane lane(1);
+    std::optional<c10::DeviceGuard> on_device;
+    if (!device.is_cpu()) on_device.emplace(device);
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return stop_ || job_; });
+        if (stop_) return;
+        job = std::move(job_);
+        job_ = nullptr;
+      }
+      std::exception_ptr error;
+      try {
+        job();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        error_ = error;
+        done_ = true;
+      }
+      ready_.notify_all();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::function<void()> job_;
+  bool done_ = true, stop_ = false;
+  std::exception_ptr error_;
+  std::thread thread_;  // last: it starts once the rest is made
+};
+
 StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedule, PipelineContext pipeline)
     : model_(model), schedule_(std::move(schedule)), pipeline_(std::move(pipeline)) {
   if (schedule_.pp != 1 && !pipeline_.pp) throw std::invalid_argument("step runtime: a pipelined schedule needs the pipeline group");
   if (schedule_.pp > 1 && !schedule_.lowered) schedule_ = parallel::lower(schedule_);
   if (const std::string error = parallel::validate(schedule_); !error.empty()) throw std::invalid_argument("step schedule: " + error);
   if (schedule_.pp == 1) return;
+  if (pipeline_.fb_overlap) overlap_ = std::make_shared<OverlapThread>(pipeline_.device);
   if (pipeline_.grouped_p2p) {
     groups_ = parallel::p2p_groups(schedule_)[static_cast<size_t>(pipeline_.pp->rank())];
     for (size_t g = 0; g < groups_.size(); ++g) group_at_[groups_[g].at] = g;
@@ -321,9 +394,36 @@ StepTotals StepRuntime::run_pipelined(const StepHooks& hooks, at::ScalarType com
           f.input = received.at(key).requires_grad_();
           received.erase(key);
         }
-        const auto compute = std::chrono::steady_clock::now();
-        f.output = model_.forward_stage(pipeline_.stages[static_cast<size_t>(a.stage)], tokens, f.input, compute_dtype, fp8);
-        totals.forward_seconds += seconds_since(compute);
+        double forward_took = 0;
+        const auto forward = [&] {
+          const auto compute = std::chrono::steady_clock::now();
+          f.output = model_.forward_stage(pipeline_.stages[static_cast<size_t>(a.stage)], tokens, f.input, compute_dtype, fp8);
+          forward_took = seconds_since(compute);
+        };
+        if (a.overlapped && overlap_) {
+          // The pair at once: this forward on the second thread (its own
+          // communication lane; it touches nothing else of the step), the
+          // backward that follows it (validated: a whole B) here.
+          const parallel::PipeAction& b = actions[++index];
+          if (hooks.before_backward) hooks.before_backward(final_gradients[index]);
+          const double backward_before = totals.backward_seconds;
+          const auto pair = std::chrono::steady_clock::now();
+          overlap_->start(forward);
+          try {
+            backward({b.stage, b.micro}, /*split=*/false);
+          } catch (...) {
+            try {
+              overlap_->wait();
+            } catch (...) {  // the backward's error is the one to report
+            }
+            throw;
+          }
+          overlap_->wait();
+          totals.overlapped_seconds += forward_took + (totals.backward_seconds - backward_before) - seconds_since(pair);
+        } else {
+          forward();
+        }
+        totals.forward_seconds += forward_took;
         // The next stage on this rank too: its input without a message.
         if (a.stage + 1 < stages && rank_of(a.stage + 1) == rank) received[{a.stage + 1, a.micro}] = f.output.hidden.detach();
         in_flight[key] = std::move(f);

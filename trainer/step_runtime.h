@@ -44,6 +44,9 @@ struct StepTotals {
   // backward_seconds counts whole backwards and input-gradient halves, weight_seconds
   // the deferred weight-gradient halves of a split schedule.
   double forward_seconds = 0, backward_seconds = 0, weight_seconds = 0;
+  // With fb_overlap: how long the halves of the F&B pairs ran at once (the sum of
+  // each pair's forward and backward time less the pair's wall time).
+  double overlapped_seconds = 0;
 };
 
 // What a pipelined step needs beyond the model.
@@ -58,7 +61,14 @@ struct PipelineContext {
   // received, messages matched in issue order). Otherwise receives are posted
   // ahead and sends left in flight, as MPI allows.
   bool grouped_p2p = false;
+  // DualPipeV's overlapped F&B pairs at once: the forward on a second thread
+  // (communicating on lane 1 of a mesh made by with_second_lane), the backward on
+  // this one.
+  bool fb_overlap = false;
 };
+
+// A thread that runs one job at a time for the step (the overlapped forwards).
+class OverlapThread;
 
 class StepRuntime {
  public:
@@ -91,6 +101,7 @@ class StepRuntime {
   // Grouped point-to-point: this rank's groups, and per action index where one goes out, its group.
   std::vector<parallel::P2PGroup> groups_;
   std::map<size_t, size_t> group_at_;
+  std::shared_ptr<OverlapThread> overlap_;  // with fb_overlap
 };
 
 }  // namespace fmoe::trainer

@@ -64,19 +64,21 @@ double peak_rss_bytes() {
   return static_cast<double>(usage.ru_maxrss) * 1024.0;
 }
 
-// {"wait_seconds": [...], "forward_seconds": [...], "backward_seconds": [...], "weight_seconds": [...]},
-// one entry per pipeline rank (weight_seconds: the deferred weight gradients of split schedules).
+// {"wait_seconds": [...], "forward_seconds": [...], "backward_seconds": [...], "weight_seconds": [...],
+// "overlapped_seconds": [...]}, one entry per pipeline rank (weight_seconds: the deferred weight gradients
+// of split schedules; overlapped_seconds: how long DualPipeV's F&B pairs ran both halves at once).
 nlohmann::json pipeline_times_json(const at::Tensor& gathered) {
-  nlohmann::json wait = nlohmann::json::array(), forward = wait, backward = wait, weight = wait;
+  const char* names[] = {"wait_seconds", "forward_seconds", "backward_seconds", "weight_seconds", "overlapped_seconds"};
+  constexpr int64_t kFields = 5;
+  nlohmann::json out = nlohmann::json::object();
   const at::Tensor t = gathered.contiguous();
   const double* v = t.data_ptr<double>();
-  for (int64_t r = 0; r < t.numel() / 4; ++r) {
-    wait.push_back(v[4 * r]);
-    forward.push_back(v[4 * r + 1]);
-    backward.push_back(v[4 * r + 2]);
-    weight.push_back(v[4 * r + 3]);
+  for (int64_t f = 0; f < kFields; ++f) {
+    nlohmann::json values = nlohmann::json::array();
+    for (int64_t r = 0; r < t.numel() / kFields; ++r) values.push_back(v[kFields * r + f]);
+    out[names[f]] = values;
   }
-  return {{"wait_seconds", wait}, {"forward_seconds", forward}, {"backward_seconds", backward}, {"weight_seconds", weight}};
+  return out;
 }
 
 }  // namespace
@@ -289,6 +291,7 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   out.forward_seconds = totals.forward_seconds;
   out.backward_seconds = totals.backward_seconds;
   out.weight_seconds = totals.weight_seconds;
+  out.overlapped_seconds = totals.overlapped_seconds;
   out.pipeline_wait = mesh->pp().wait_seconds() - pipeline_wait_start;
   // ce, aux, z summed over micro-batches, on the device: read with the step's other scalars.
   at::Tensor losses = totals.losses;
@@ -426,11 +429,12 @@ double Trainer::Impl::validate_if_due(StepOutcome& outcome, bool forced) {
 // Rank 0's metrics line and progress line (the pipeline ranks' times are gathered by all).
 void Trainer::Impl::report(const StepOutcome& out, const RunFigures& figures, LoopState& loop, bool deciding, bool last) {
   const parallel::MeshShape& shape = mesh->shape();
-  // Each pipeline rank's blocked, forward, backward and weight-gradient time, gathered (host values) for rank 0's metrics.
+  // Each pipeline rank's blocked, forward, backward, weight-gradient and overlapped time, gathered (host values) for rank 0's metrics.
   at::Tensor pipeline_ranks;
   if (shape.pp > 1) {
-    const at::Tensor mine = at::tensor({out.pipeline_wait, out.forward_seconds, out.backward_seconds, out.weight_seconds}, at::kDouble);
-    pipeline_ranks = at::empty({shape.pp * 4}, at::kDouble);
+    const at::Tensor mine =
+        at::tensor({out.pipeline_wait, out.forward_seconds, out.backward_seconds, out.weight_seconds, out.overlapped_seconds}, at::kDouble);
+    pipeline_ranks = at::empty({shape.pp * 5}, at::kDouble);
     mesh->pp().all_gather(pipeline_ranks, mine, {})->wait();
   }
   if (rank != 0) return;

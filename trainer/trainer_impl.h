@@ -79,7 +79,7 @@ struct StepOutcome {
   double lr = 0;
   double step_seconds = 0, data_seconds = 0, comm_seconds = 0, optimizer_seconds = 0;
   double expert_wait = 0;  // blocked in the expert-parallel group's collectives (the dispatch exchanges)
-  double pipeline_wait = 0, forward_seconds = 0, backward_seconds = 0, weight_seconds = 0;
+  double pipeline_wait = 0, forward_seconds = 0, backward_seconds = 0, weight_seconds = 0, overlapped_seconds = 0;
   int64_t device_to_host_copies = 0;
   int64_t buckets_in_backward = -1;  // gradient buckets whose reduction started during backward (-1: no bucketed sync)
   double val_loss = -1;  // < 0 when not validated at this step

@@ -93,6 +93,15 @@ void Trainer::Impl::setup_mesh() {
           "sends and receives in groups, as over NCCL (FMOE_P2P_ISSUE_ORDER=1)");
     }
     mesh.emplace(world, shape);
+    if (cfg.parallel.fb_overlap && shape.pp > 1) {
+      // DualPipeV's overlapped forward talks on a lane of its own, beside the backward.
+      if (!parallel::mpi_thread_multiple()) {
+        throw ConfigError("parallel.fb_overlap: two threads of a rank communicate at once, and this MPI was not initialised "
+                          "with MPI_THREAD_MULTIPLE");
+      }
+      mesh.emplace(mesh->with_second_lane());
+      log("pipeline: each overlapped F&B pair runs its forward on a second thread with its own tp and ep groups (parallel.fb_overlap)");
+    }
     log_placement();
   } else {
     mesh.emplace(parallel::Mesh::single());

@@ -457,6 +457,13 @@ bool set_mpi_progress_thread(bool on) { return ProgressThread::instance().set(on
 void set_mpi_issue_order_matching(bool on) { issue_order_matching() = on; }
 bool mpi_issue_order_matching() { return issue_order_matching(); }
 
+bool mpi_thread_multiple() {
+  int level = MPI_THREAD_SINGLE, initialized = 0;
+  MPI_Initialized(&initialized);
+  if (initialized) MPI_Query_thread(&level);
+  return level == MPI_THREAD_MULTIPLE;
+}
+
 bool mpi_progress_thread() { return ProgressThread::instance().on(); }
 
 }  // namespace fmoe::parallel

@@ -37,6 +37,8 @@ std::unique_ptr<Communicator> make_mpi_world_communicator();
 // and stays off without it. Turn it off before MPI_Finalize (MpiRuntime does).
 bool set_mpi_progress_thread(bool on);
 bool mpi_progress_thread();
+// Whether MPI is initialised with MPI_THREAD_MULTIPLE: several threads of a rank may call it at once.
+bool mpi_thread_multiple();
 
 // NCCL's point-to-point rules on CPU ranks, so that code meant for NCCL (the
 // pipeline runtime) is tested under them: sends and receives between two ranks

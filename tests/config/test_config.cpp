@@ -62,6 +62,9 @@ TEST(Config, RangesAreValidated) {
             "run.yaml: parallel.expert_dispatcher: must be alltoall or allgather, got 'ring'");
   EXPECT_EQ(error_of("parallel:\n  ep_overlap: true\n  expert_dispatcher: allgather\n"),
             "run.yaml: parallel.ep_overlap: overlaps the all-to-all dispatcher's exchanges; expert_dispatcher is 'allgather'");
+  EXPECT_EQ(error_of("parallel:\n  pp: 2\n  fb_overlap: true\n"),
+            "run.yaml: parallel.fb_overlap: overlaps DualPipeV's F&B pairs; pipeline_schedule is 'auto'");
+  EXPECT_EQ(parse_config("parallel:\n  pp: 2\n  virtual_pp: 2\n  pipeline_schedule: dualpipev\n  fb_overlap: true\n", "run.yaml").parallel.fb_overlap, true);
   EXPECT_EQ(error_of("optimizer:\n  stochastic_rounding: true\n"),
             "run.yaml: optimizer.stochastic_rounding: rounds BF16 master weights; main_params_dtype is 'fp32'");
   EXPECT_EQ(error_of("optimizer:\n  name: sgd\n"), "run.yaml: optimizer.name: must be adamw or muon, got 'sgd'");

@@ -17,7 +17,9 @@
 # stage's last backward actions. Each layout runs again under NCCL's
 # point-to-point rules (FMOE_P2P_ISSUE_ORDER=1: messages matched in issue order
 # only, sends that complete once received, the pipeline's sends and receives in
-# groups, as moe-train runs them over NCCL): bit-identical losses.
+# groups, as moe-train runs them over NCCL): bit-identical losses. DualPipeV
+# with its F&B pairs overlapped (parallel.fb_overlap) at pp2, with dp2 + ep2 and
+# with tp2: bit-identical to the pairs' halves in turn; any other schedule refuses it.
 source "$(dirname "$0")/common.sh"
 STEPS=(--set training.steps=20 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
        --set training.grad_accum_steps=4 --set training.micro_batch_size=2)
@@ -76,6 +78,29 @@ check dualpipev_pp4 4 --set parallel.pp=4 "${DPV[@]}" --set training.grad_accum_
 check dualpipev_pp2_dp2_ep2 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=1
 check dualpipev_pp2_dp2_ep2_overlap 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.ep_overlap=true --set training.micro_batch_size=1 \
   --set parallel.bucket_mb=0.05
+# DualPipeV's F&B pairs overlapped (the forward on a second thread with its own
+# groups): bit-identical to the pairs' halves in turn.
+same_losses() {  # name, run dir, run dir
+  python3 - "$WORK_DIR/pp_$2/metrics.jsonl" "$WORK_DIR/pp_$3/metrics.jsonl" "$1" <<'PY' || fail "$1 differs from its run without it"
+import json, sys
+a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
+assert len(a) == len(b) == 20 and a == b, next(((i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y), (len(a), len(b)))
+# How long the pairs' halves ran at once (reported, not asserted: it is a timing).
+overlapped = [sum(json.loads(l)["pipeline"]["overlapped_seconds"][r] for l in open(sys.argv[2])) for r in (0, 1)]
+print("ok: %-28s bit-identical to its run without it (halves at once: %+.3f s, %+.3f s)" % (sys.argv[3], *overlapped))
+PY
+}
+FB=(--set parallel.fb_overlap=true)
+check dualpipev_pp2_fb 2 --set parallel.pp=2 "${DPV[@]}" "${FB[@]}"
+grep -q "F&B pairs overlapped" "$WORK_DIR/pp_dualpipev_pp2_fb.log" || fail "dualpipev_pp2_fb: the pairs did not overlap"
+same_losses "fb_overlap at pp2" dualpipev_pp2 dualpipev_pp2_fb
+check dualpipev_pp2_dp2_ep2_overlap_fb 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.ep_overlap=true --set training.micro_batch_size=1 \
+  --set parallel.bucket_mb=0.05 "${FB[@]}"
+same_losses "fb_overlap at pp2 dp2 ep2" dualpipev_pp2_dp2_ep2_overlap dualpipev_pp2_dp2_ep2_overlap_fb
+check dualpipev_pp2_tp2_sp 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.tp=2 --set parallel.sequence_parallel=true
+check dualpipev_pp2_tp2_sp_fb 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.tp=2 --set parallel.sequence_parallel=true "${FB[@]}"
+same_losses "fb_overlap at pp2 tp2" dualpipev_pp2_tp2_sp dualpipev_pp2_tp2_sp_fb
 check zbh1_pp2_dp2 4 --set parallel.pp=2 "${ZB[@]}" --set parallel.bucket_mb=0.05 --set training.micro_batch_size=1
 # Gradient buckets start reducing during each stage's last backward actions (its
 # last I for norms and the embedding, its last W for the rest): under ZB-H1 every
@@ -163,5 +188,7 @@ echo "ok: pp2 stopped at 3 and resumed is bit-identical"
 
 ERROR_PREFIX=moe-train: expect_error "parallel.pipeline_schedule: dualpipev runs two chunks per rank in a V (set virtual_pp: 2), got virtual_pp 1" \
   mpirun -np 2 "$TRAIN" $(micro_args "$WORK_DIR/pp_dpv") "${STEPS[@]}" --set parallel.pp=2 --set parallel.pipeline_schedule=dualpipev
+ERROR_PREFIX=moe-train: expect_error "parallel.fb_overlap: overlaps DualPipeV's F&B pairs; pipeline_schedule is 'auto'" \
+  mpirun -np 2 "$TRAIN" $(micro_args "$WORK_DIR/pp_fb") "${STEPS[@]}" --set parallel.pp=2 --set parallel.fb_overlap=true
 ERROR_PREFIX=moe-train: expect_error "parallel.pipeline_layout: pipeline layout 'E t | t L': places 2 of the 3 layers: layer 2 is missing" \
   mpirun -np 2 "$TRAIN" $(micro_args "$WORK_DIR/pp_bad") "${STEPS[@]}" --set parallel.pp=2 --set 'parallel.pipeline_layout=E t | t L'

@@ -196,6 +196,36 @@ TEST(Collectives, IssueOrderSendsCompleteOnlyOnceReceived) {
   if (world().rank() == 1) EXPECT_EQ(into.item<float>(), 1.0f);
 }
 
+// Two threads of every rank all-reduce at once on one laned group, each on its
+// own lane: rank-dependent pauses make the threads' calls interleave
+// differently on every rank, yet each lane's sums are its own.
+TEST(Collectives, TwoLanesCommunicateAtOnceFromTwoThreads) {
+  ASSERT_TRUE(mpi_thread_multiple()) << "MPI was initialised without MPI_THREAD_MULTIPLE";
+  const Mesh mesh = Mesh(std::shared_ptr<Communicator>(world().split(0, world().rank())), MeshShape{world().size(), 1, 1, 1}).with_second_lane();
+  const int64_t r = world().rank(), n = world().size();
+  const auto reduce = [&](int lane, float base, std::vector<float>& sums) {
+    const CommLane on(lane);
+    EXPECT_EQ(current_comm_lane(), lane);
+    for (int i = 0; i < 20; ++i) {
+      if ((i + r + lane) % 3 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      at::Tensor t = at::full({1000}, base * static_cast<float>(r + 1) + static_cast<float>(i));
+      mesh.dp().all_reduce(t, {ReduceOp::kSum, kTimeout})->wait();
+      sums.push_back(t[999].item<float>());
+    }
+  };
+  std::vector<float> first, second;
+  std::thread other([&] { reduce(1, 1000.0f, second); });
+  reduce(0, 1.0f, first);
+  other.join();
+  EXPECT_EQ(current_comm_lane(), 0);
+  ASSERT_EQ(first.size(), 20u);
+  ASSERT_EQ(second.size(), 20u);
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_EQ(first[static_cast<size_t>(i)], static_cast<float>(n * (n + 1) / 2 + n * i)) << i;
+    EXPECT_EQ(second[static_cast<size_t>(i)], static_cast<float>(1000 * n * (n + 1) / 2 + n * i)) << i;
+  }
+}
+
 TEST(Collectives, UnsupportedDtypeIsRefusedByName) {
   at::Tensor t = at::zeros({2}, at::kHalf);
   fmoe::testing::expect_error_mentions([&] { world().all_reduce(t, {ReduceOp::kSum, kTimeout}); }, "mpi backend: unsupported dtype Half");
