@@ -92,6 +92,7 @@ int main(int argc, char** argv) {
     }
     const double tokens = to_number(args.get("tokens", "1e12"), "tokens");
     plan::Assumptions assumptions;
+    for (const std::string& assume : cluster.assume) plan::set_assumption(assumptions, assume);  // the cluster's, then the command line's
     for (const std::string& assume : args.all("assume")) plan::set_assumption(assumptions, assume);
     plan::Layout layout = plan::layout_from_config(config, gpus);
     if (args.has("search")) {

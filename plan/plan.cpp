@@ -180,6 +180,20 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
         if (!(overhead >= 1)) throw ConfigError(where + key + ": must be >= 1");
       } else if (key == "gpus_per_node") {
         c.gpus_per_node = entry.second.as<int64_t>();
+      } else if (key == "assume") {
+        if (!entry.second.IsMap()) throw ConfigError(where + "assume: expected a map of assumption: value");
+        Assumptions check;
+        for (const auto& item : entry.second) {
+          const std::string setting = item.first.as<std::string>() + "=" + item.second.as<std::string>();
+          try {
+            set_assumption(check, setting);
+          } catch (const ConfigError& e) {
+            std::string why = e.what();
+            why = why.rfind("--assume ", 0) == 0 ? why.substr(9) : why;
+            throw ConfigError(where + "assume: " + why);
+          }
+          c.assume.push_back(setting);
+        }
       } else {
         const auto it = std::find_if(numbers.begin(), numbers.end(), [&](const auto& n) { return key == n.first; });
         if (it == numbers.end()) throw ConfigError(where + "unknown key '" + key + "'");
@@ -460,9 +474,11 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
     p.newton_schulz_flops = ns.dense / pp / zero_dense + ns.experts / (static_cast<double>(layout.ep) * pp) / zero_expert;
     p.newton_schulz_seconds = p.newton_schulz_flops / (rank_peak * a.gemm_efficiency);
   }
+  p.optimizer_bytes = 2.0 * (p.memory.master + p.memory.optimizer) + sharded * dtype_bytes(o.grad_dtype, block) + p.memory.weights;
+  p.optimizer_seconds = p.optimizer_bytes / (cluster.hbm_tb_per_s * 1e12 / sharing);
   const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
                          p.comm.dp_seconds * (1 - a.dp_overlap);
-  p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + p.newton_schulz_seconds + exposed;
+  p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + p.newton_schulz_seconds + p.optimizer_seconds + exposed;
   p.comm_seconds = p.comm.tp_seconds + p.comm.ep_seconds + p.comm.pp_seconds + p.comm.dp_seconds;
   p.comm_exposed_seconds = exposed;
   p.mfu = p.flops_per_token * p.tokens_per_step / (p.step_seconds * gpus * rank_peak);
@@ -547,6 +563,7 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   comm("dp reduce-scatter/all-gather", p.comm.dp_bytes, p.comm.dp_seconds);
   out << "time\n";
   row("compute per step", seconds(p.compute_seconds));
+  row("optimizer update", seconds(p.optimizer_seconds) + " (" + human_bytes(p.optimizer_bytes) + " through memory)");
   if (p.newton_schulz_flops > 0) {
     row("Muon's Newton-Schulz", seconds(p.newton_schulz_seconds) + " (" + std::to_string(static_cast<int64_t>(p.newton_schulz_flops / 1e9)) +
                                     " GFLOP per rank per step)");
@@ -600,6 +617,7 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"stage_imbalance", p.stage_imbalance},
       {"peak_in_flight", p.peak_in_flight},
       {"compute_seconds", p.compute_seconds}, {"newton_schulz_seconds", p.newton_schulz_seconds},
+      {"optimizer_seconds", p.optimizer_seconds}, {"optimizer_bytes", p.optimizer_bytes},
       {"step_seconds", p.step_seconds},
       {"comm_total_seconds", p.comm_seconds},
       {"comm_exposed_seconds", p.comm_exposed_seconds},

@@ -31,6 +31,10 @@ struct ClusterSpec {
   double runtime_gib = 0;           // per-process memory before the model: libraries, context, communicator
   double activation_overhead = 1;   // measured resident / counted activation bytes (allocator, kernel caches), BF16 runs
   double activation_overhead_fp32 = 0;  // the same for FP32 runs; 0: as activation_overhead
+  // The cluster's own defaults for the roofline's assumptions ("KEY=VALUE", as
+  // --assume takes them, which overrides them): e.g. how much communication its
+  // ranks hide. YAML: a map under `assume`.
+  std::vector<std::string> assume;
 };
 
 // Loads configs/clusters/<name>.yaml (or a path); unknown keys and bad values are ConfigErrors.
@@ -102,6 +106,10 @@ struct Plan {
   double compute_seconds = 0;
   // optimizer.name: muon: the Newton-Schulz FLOPs this rank runs per step, and their time (on the step).
   double newton_schulz_flops = 0, newton_schulz_seconds = 0;
+  // The optimizer's update: memory-bound, each byte of its state read and written
+  // once, the gradients read and the compute copy of the weights written, at the
+  // rank's share of its device's (node's, on a CPU) memory bandwidth.
+  double optimizer_bytes = 0, optimizer_seconds = 0;
   double step_seconds = 0;
   double comm_seconds = 0, comm_exposed_seconds = 0;  // all communication, and what the assumed overlaps leave on the step
   double mfu = 0;                // against the peak of the run's GEMM precision

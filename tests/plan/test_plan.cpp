@@ -2,6 +2,8 @@
 // DeepSeek's cluster, and the search. Runs with the source tree as cwd.
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include <cmath>
 
 #include "moe/model_config.h"
@@ -45,7 +47,12 @@ TEST(Plan, MemoryAndCommunicationByHand) {
   EXPECT_DOUBLE_EQ(p.bubble_fraction, 0);
   // What the assumed overlaps leave on the step: half the all-to-all, a tenth of the dp traffic.
   EXPECT_DOUBLE_EQ(p.comm_exposed_seconds, 0.5 * p.comm.ep_seconds + 0.1 * p.comm.dp_seconds);
-  EXPECT_DOUBLE_EQ(p.step_seconds, p.compute_seconds + p.comm_exposed_seconds);
+  // The update: state read and written (12 bytes a parameter of its ZeRO-1 share),
+  // FP32 gradients of the share read, the BF16 weights written, through HBM.
+  const double share = dense / 8 + experts / 8;
+  EXPECT_DOUBLE_EQ(p.optimizer_bytes, 2 * 12 * share + 4 * share + 2 * local);
+  EXPECT_DOUBLE_EQ(p.optimizer_seconds, p.optimizer_bytes / (h100.hbm_tb_per_s * 1e12));
+  EXPECT_DOUBLE_EQ(p.step_seconds, p.compute_seconds + p.optimizer_seconds + p.comm_exposed_seconds);
   EXPECT_DOUBLE_EQ(p.tokens_per_step, 4096.0 * 4 * 8);
   EXPECT_NEAR(p.gpu_hours, 1e12 / p.tokens_per_step * p.step_seconds * 8 / 3600, 1e-6);
   EXPECT_NEAR(p.usd, p.gpu_hours * 2.5, 1e-6);
@@ -74,7 +81,8 @@ TEST(Plan, MuonsNewtonSchulzFlopsByHand) {
   const Plan muon = make_plan(tiny, cpu, layout(1, 1, 2, 2, 4, 1, false), 1e9, Assumptions());
   EXPECT_EQ(adamw.newton_schulz_flops, 0);
   EXPECT_DOUBLE_EQ(muon.newton_schulz_flops, f.dense + f.experts / 2);
-  EXPECT_DOUBLE_EQ(muon.step_seconds, adamw.step_seconds + muon.newton_schulz_seconds);
+  EXPECT_DOUBLE_EQ(muon.step_seconds, adamw.step_seconds - adamw.optimizer_seconds + muon.optimizer_seconds + muon.newton_schulz_seconds);
+  EXPECT_LT(muon.optimizer_bytes, adamw.optimizer_bytes);  // one moment for the matrices instead of two
   // ZeRO-1 spreads the dense matrices over dp (the experts' edp group is 1 here).
   const Plan zero = make_plan(tiny, cpu, layout(1, 1, 2, 2, 4, 1, true), 1e9, Assumptions());
   EXPECT_DOUBLE_EQ(zero.newton_schulz_flops, f.dense / 2 + f.experts / 2);
@@ -125,6 +133,9 @@ TEST(Plan, CpuRanksShareTheirNodesCores) {
   EXPECT_NEAR(two.mfu * two.step_seconds, one.mfu * one.step_seconds, 1e-12);
   const double params = static_cast<double>(fmoe::moe::count_parameters(tiny.model).total);
   EXPECT_DOUBLE_EQ(two.memory.grads - one.memory.grads, 4 * params);
+  // Each of the two updates the whole replicated model at half the node's memory bandwidth.
+  EXPECT_DOUBLE_EQ(two.optimizer_bytes, one.optimizer_bytes);
+  EXPECT_DOUBLE_EQ(two.optimizer_seconds, 2 * one.optimizer_seconds);
   // A GPU is its own: the same two ranks on H100s halve the compute time.
   const ClusterSpec h100 = load_cluster("h100-sxm");
   EXPECT_DOUBLE_EQ(make_plan(tiny, h100, layout(1, 1, 1, 2, 8, 1, false), 1e9, Assumptions()).compute_seconds,
@@ -173,6 +184,18 @@ TEST(Plan, ClusterSpecsLoadAndRefuseBadFiles) {
     FAIL();
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("tpu-v9: no such cluster spec"), std::string::npos);
+  }
+  // A cluster's own assumptions: cpu-local's ranks hide no communication; GPU specs keep the defaults.
+  EXPECT_EQ(load_cluster("cpu-local").assume, (std::vector<std::string>{"dp_overlap=0", "ep_overlap=0"}));
+  EXPECT_TRUE(load_cluster("h800").assume.empty());
+  const std::string bad = ::testing::TempDir() + "bad_cluster.yaml";
+  std::ofstream(bad) << "name: x\npeak_bf16_tflops: 1\npeak_fp8_tflops: 1\nhbm_gib: 1\nhbm_tb_per_s: 1\nintra_node_gb_per_s: 1\n"
+                        "inter_node_gb_per_s: 1\nusd_per_gpu_hour: 1\nassume:\n  dp_overlap: 2\n";
+  try {
+    load_cluster(bad);
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(std::string(e.what()), bad + ":9: assume: dp_overlap: 2 is out of range ([0, 1])");
   }
 }
 
