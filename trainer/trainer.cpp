@@ -335,7 +335,8 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
 // optimizer.qk_clip_threshold has its query and key weights scaled so that its
 // logits shrink by threshold / logit (moe::Attention::clip_heads), and the
 // master copies follow. Returns the layers' maxima and the count of clipped
-// heads (FP64 on the device, for the step's one readback), or undefined when off.
+// heads, over the tensor-parallel group's heads (FP64 on the device, for the
+// step's one readback), or undefined when off.
 at::Tensor Trainer::Impl::clip_attention_logits() {
   const double threshold = config.optimizer.qk_clip_threshold;
   if (threshold <= 0) return {};
@@ -364,8 +365,14 @@ at::Tensor Trainer::Impl::clip_attention_logits() {
     layer->qk_clip().max_logit = at::Tensor();
     offset += heads;
   }
-  per_layer.push_back((all > threshold).sum().to(at::kFloat));
-  return at::stack(per_layer).to(at::kDouble);
+  at::Tensor layer_max = at::stack(per_layer);
+  at::Tensor clipped = (all > threshold).sum().to(at::kFloat).reshape({1});
+  if (mesh->tp().size() > 1) {
+    // Tensor parallelism splits the heads: the metrics give the layer's largest logit and the clipped heads over all of them.
+    mesh->tp().all_reduce(layer_max, {parallel::ReduceOp::kMax})->wait();
+    mesh->tp().all_reduce(clipped, {parallel::ReduceOp::kSum})->wait();
+  }
+  return at::cat({layer_max, clipped}).to(at::kDouble);
 }
 
 // Reduces the gradients, clips them and updates the weights; returns the

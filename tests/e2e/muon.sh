@@ -8,7 +8,8 @@
 # checkpoint is bit-identical with BF16 momentum and stochastically rounded BF16
 # master weights (and for AdamW with such weights); Muon state written under
 # dp2 + ep2 resumes under one process like continuing under dp2 + ep2 (1e-5).
-# QK-clip (optimizer.qk_clip_threshold) under dp2 + ep2 against one process.
+# QK-clip (optimizer.qk_clip_threshold) under dp2 + ep2, tp2 and dp2 x tp2 + ep2
+# with ZeRO-1 against one process: the same losses, heads clipped and largest logits.
 # Refused in one line: resuming an AdamW checkpoint with Muon.
 source "$(dirname "$0")/common.sh"
 ERROR_PREFIX="moe-train: error"
@@ -31,11 +32,14 @@ run "$W/ep2_bf16" -np 2 "$TRAIN" $(micro_args "$W/ep2_bf16") "${ARGS[@]}" --set 
 CLIP=(--set optimizer.qk_clip_threshold=0.15)
 run "$W/single_clip" -np 1 "$TRAIN" $(micro_args "$W/single_clip") "${ARGS[@]}" "${CLIP[@]}" --set training.grad_accum_steps=2
 run "$W/ep2_clip" -np 2 "$TRAIN" $(micro_args "$W/ep2_clip") "${ARGS[@]}" "${CLIP[@]}" --set parallel.ep=2
+# Under tensor parallelism each rank records and clips its own heads; the metrics reduce over tp.
+run "$W/tp2_clip" -np 2 "$TRAIN" $(micro_args "$W/tp2_clip") "${ARGS[@]}" "${CLIP[@]}" --set parallel.tp=2 --set training.grad_accum_steps=2
+run "$W/mixed_clip" -np 4 "$TRAIN" $(micro_args "$W/mixed_clip") "${ARGS[@]}" "${CLIP[@]}" --set parallel.tp=2 --set parallel.ep=2 --set parallel.zero1=true
 grep -q "optimizer muon" "$W/single.log" || fail "the run does not say it uses Muon"
 python3 - "$W" <<'PY'
 import json, sys
 load = lambda name: [json.loads(l) for l in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
-for ref_name, names in (("single", ["ep2", "zero1", "ep2zero1", "pp2", "tp2", "mixed"]), ("single_bf16", ["ep2_bf16"]), ("single_clip", ["ep2_clip"])):
+for ref_name, names in (("single", ["ep2", "zero1", "ep2zero1", "pp2", "tp2", "mixed"]), ("single_bf16", ["ep2_bf16"]), ("single_clip", ["ep2_clip", "tp2_clip", "mixed_clip"])):
     ref = load(ref_name)
     for name in names:
         other = load(name)
@@ -49,9 +53,12 @@ clip, plain = load("single_clip"), load("single")
 assert all(len(r["max_attention_logit"]) == 3 for r in clip), clip[0]
 clipped = sum(r["qk_clipped_heads"] for r in clip)
 assert clipped > 0 and [r["loss"] for r in clip] != [r["loss"] for r in plain], clipped
-assert [r["qk_clipped_heads"] for r in clip] == [r["qk_clipped_heads"] for r in load("ep2_clip")]
+for name in ("ep2_clip", "tp2_clip", "mixed_clip"):
+    assert [r["qk_clipped_heads"] for r in clip] == [r["qk_clipped_heads"] for r in load(name)], name
+    worst = max(abs(x - y) for a, b in zip(clip, load(name)) for x, y in zip(a["max_attention_logit"], b["max_attention_logit"]))
+    assert worst <= 1e-4, (name, worst)
 assert "max_attention_logit" not in plain[0]
-print(f"ok: qk-clip: {clipped:.0f} head clips over 20 steps, the same under dp2+ep2")
+print(f"ok: qk-clip: {clipped:.0f} head clips over 20 steps, the same heads and largest logits under dp2+ep2, tp2 and dp2 x tp2 + ep2")
 first, last = load("single")[0]["loss"], load("single")[-1]["loss"]
 assert last < first - 1.0, (first, last)
 print(f"ok: muon trains: loss {first:.4f} -> {last:.4f} in 20 steps")
