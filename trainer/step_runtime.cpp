@@ -12,11 +12,11 @@
 #include <functional>
 #include <map>
 #include <mutex>
-#include <thread>
-#include <utility>
 #include <optional>
 #include <stdexcept>
+#include <thread>
 #include <tuple>
+#include <utility>
 
 #include "common/timing.h"
 #include "moe/weight_grad.h"

@@ -6,7 +6,8 @@
 # dp4+ep4 -> dp2+ep2 (experts per rank doubling), dp2 x tp2 + ep2 -> dp4+ep4,
 # tp2 -> one process, dp2+ep2 with ZeRO-1 -> dp4+ep2 with ZeRO-1, dp4+ep2 with
 # ZeRO-1 -> one process; pipelines: pp2 (1F1B) -> one process, one process ->
-# pp2 x dp2 with ZeRO-1, pp2 under DualPipeV (two stages a rank) -> dp2+ep2,
+# pp2 x dp2 with ZeRO-1, pp2 under DualPipeV (two stages a rank) -> dp2+ep2 and
+# back with its F&B pairs overlapped (parallel.fb_overlap),
 # dp2+ep2 -> dp4+ep4 with the expert exchanges overlapped (parallel.ep_overlap). Low precision: FP8 moments with BF16 master weights
 # dp2+ep2 -> one process and BF16 moments dp2+ep2 -> dp4+ep4; the FP8 state
 # written again by `moe-train --reshard` under one process and under dp4+ep4 is
@@ -28,6 +29,7 @@ layout_args() {  # a layout name -> ranks and --set flags (8 sequences per step 
     pp2) echo "2 --set parallel.pp=2 --set training.grad_accum_steps=4 --set training.micro_batch_size=2" ;;
     pp2_dp2_zero1) echo "4 --set parallel.pp=2 --set parallel.zero1=true --set training.grad_accum_steps=4 --set training.micro_batch_size=1" ;;
     pp2_dualpipev) echo "2 --set parallel.pp=2 --set parallel.pipeline_schedule=dualpipev --set parallel.virtual_pp=2 --set training.grad_accum_steps=4 --set training.micro_batch_size=2" ;;
+    pp2_dualpipev_fb) echo "2 --set parallel.pp=2 --set parallel.pipeline_schedule=dualpipev --set parallel.virtual_pp=2 --set training.grad_accum_steps=4 --set training.micro_batch_size=2 --set parallel.fb_overlap=true" ;;
     dp2_ep2_zero1) echo "2 --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=4" ;;
     dp4_ep2_zero1) echo "4 --set parallel.ep=2 --set parallel.zero1=true --set training.micro_batch_size=2" ;;
   esac
@@ -66,6 +68,7 @@ reshard dp4_ep2_zero1 one
 reshard pp2 one
 reshard one pp2_dp2_zero1
 reshard pp2_dualpipev dp2_ep2
+reshard dp2_ep2 pp2_dualpipev_fb  # into DualPipeV with its F&B pairs overlapped
 reshard dp2_ep2 dp4_ep4 _overlap --set parallel.ep_overlap=true  # expert exchanges overlapped in both
 
 FP8=(--set optimizer.exp_avg_dtype=fp8 --set optimizer.exp_avg_sq_dtype=fp8 --set optimizer.main_params_dtype=bf16)
