@@ -100,7 +100,8 @@ void Trainer::Impl::setup_mesh() {
                           "with MPI_THREAD_MULTIPLE");
       }
       mesh.emplace(mesh->with_second_lane());
-      log("pipeline: each overlapped F&B pair runs its forward on a second thread with its own tp and ep groups (parallel.fb_overlap)");
+      log("communication: a second lane of every group, for the forwards of DualPipeV's overlapped F&B pairs on a second thread "
+          "(parallel.fb_overlap)");
     }
     log_placement();
   } else {

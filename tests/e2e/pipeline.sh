@@ -18,8 +18,8 @@
 # point-to-point rules (FMOE_P2P_ISSUE_ORDER=1: messages matched in issue order
 # only, sends that complete once received, the pipeline's sends and receives in
 # groups, as moe-train runs them over NCCL): bit-identical losses. DualPipeV
-# with its F&B pairs overlapped (parallel.fb_overlap) at pp2, with dp2 + ep2 and
-# with tp2: bit-identical to the pairs' halves in turn; any other schedule refuses it.
+# with its F&B pairs overlapped (parallel.fb_overlap) at pp2 and pp4, with dp2 +
+# ep2 and with tp2: bit-identical to the pairs' halves in turn; any other schedule refuses it.
 source "$(dirname "$0")/common.sh"
 STEPS=(--set training.steps=20 --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0
        --set training.grad_accum_steps=4 --set training.micro_batch_size=2)
@@ -79,7 +79,7 @@ check dualpipev_pp2_dp2_ep2 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=
 check dualpipev_pp2_dp2_ep2_overlap 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.ep_overlap=true --set training.micro_batch_size=1 \
   --set parallel.bucket_mb=0.05
 # DualPipeV's F&B pairs overlapped (the forward on a second thread with its own
-# groups): bit-identical to the pairs' halves in turn.
+# groups): bit-identical to the pairs' halves in turn, at pp2 and pp4.
 same_losses() {  # name, run dir, run dir
   python3 - "$WORK_DIR/pp_$2/metrics.jsonl" "$WORK_DIR/pp_$3/metrics.jsonl" "$1" <<'PY' || fail "$1 differs from its run without it"
 import json, sys
@@ -95,6 +95,8 @@ FB=(--set parallel.fb_overlap=true)
 check dualpipev_pp2_fb 2 --set parallel.pp=2 "${DPV[@]}" "${FB[@]}"
 grep -q "F&B pairs overlapped" "$WORK_DIR/pp_dualpipev_pp2_fb.log" || fail "dualpipev_pp2_fb: the pairs did not overlap"
 same_losses "fb_overlap at pp2" dualpipev_pp2 dualpipev_pp2_fb
+check dualpipev_pp4_fb 4 --set parallel.pp=4 "${DPV[@]}" --set training.grad_accum_steps=8 --set training.micro_batch_size=1 "${FB[@]}"
+same_losses "fb_overlap at pp4" dualpipev_pp4 dualpipev_pp4_fb
 check dualpipev_pp2_dp2_ep2_overlap_fb 4 --set parallel.pp=2 "${DPV[@]}" --set parallel.ep=2 --set parallel.ep_overlap=true --set training.micro_batch_size=1 \
   --set parallel.bucket_mb=0.05 "${FB[@]}"
 same_losses "fb_overlap at pp2 dp2 ep2" dualpipev_pp2_dp2_ep2_overlap dualpipev_pp2_dp2_ep2_overlap_fb
