@@ -396,39 +396,45 @@ std::tuple<int, int, int> message_of(const PipeAction& a) {
   }
 }
 
-// For `rank`, per peer: the place of each message in the order that peer sends them to `rank`.
-std::map<std::tuple<int, int, int>, size_t> send_places(const PipelineSchedule& s, int rank, int peer) {
-  std::map<std::tuple<int, int, int>, size_t> place;
-  for (const PipeAction& a : s.ranks.at(static_cast<size_t>(peer))) {
-    if (is_send(a.op) && peer_of(s, a) == rank) place.emplace(message_of(a), place.size());
-  }
-  return place;
-}
-
 }  // namespace
+
+std::vector<std::vector<size_t>> receives_by_sender(const PipelineSchedule& s, int rank) {
+  // Each peer's messages to `rank`, numbered in the order it sends them.
+  std::map<std::pair<int, std::tuple<int, int, int>>, size_t> place;  // (sender, message) -> its place
+  for (int peer = 0; peer < s.pp; ++peer) {
+    size_t sent = 0;
+    for (const PipeAction& a : s.ranks.at(static_cast<size_t>(peer))) {
+      if (is_send(a.op) && peer_of(s, a) == rank) place[{peer, message_of(a)}] = sent++;
+    }
+  }
+  std::vector<std::vector<std::pair<size_t, size_t>>> from(static_cast<size_t>(s.pp));  // per sender: (place, action index)
+  const std::vector<PipeAction>& acts = s.ranks.at(static_cast<size_t>(rank));
+  for (size_t i = 0; i < acts.size(); ++i) {
+    if (!is_receive(acts[i].op)) continue;
+    const int peer = peer_of(s, acts[i]);
+    const auto it = place.find({peer, message_of(acts[i])});
+    if (it == place.end()) throw std::invalid_argument(acts[i].text() + " on rank " + std::to_string(rank) + " has no matching send");
+    from[static_cast<size_t>(peer)].emplace_back(it->second, i);
+  }
+  std::vector<std::vector<size_t>> order(from.size());
+  for (size_t peer = 0; peer < from.size(); ++peer) {
+    std::sort(from[peer].begin(), from[peer].end());
+    for (const auto& [where, index] : from[peer]) order[peer].push_back(index);
+  }
+  return order;
+}
 
 namespace {
 
 // One rank's groups as its runs stand, with the receives brought along.
 std::vector<P2PGroup> run_groups(const PipelineSchedule& s, int rank) {
   const std::vector<PipeAction>& acts = s.ranks.at(static_cast<size_t>(rank));
-  // Per peer: this rank's receives from it, in the order the peer sends.
-  std::map<int, std::vector<std::pair<size_t, size_t>>> from;  // peer -> (place, action index)
-  std::map<int, std::map<std::tuple<int, int, int>, size_t>> places;
-  for (size_t i = 0; i < acts.size(); ++i) {
-    if (!is_receive(acts[i].op)) continue;
-    const int peer = peer_of(s, acts[i]);
-    if (!places.count(peer)) places[peer] = send_places(s, rank, peer);
-    const auto it = places[peer].find(message_of(acts[i]));
-    if (it == places[peer].end()) throw std::invalid_argument("p2p_groups: " + acts[i].text() + " on rank " + std::to_string(rank) + " has no matching send");
-    from[peer].emplace_back(it->second, i);
+  const std::vector<std::vector<size_t>> from = receives_by_sender(s, rank);
+  std::map<size_t, std::pair<int, size_t>> order;  // receive index -> (sender, its place among the sender's messages)
+  for (size_t peer = 0; peer < from.size(); ++peer) {
+    for (size_t k = 0; k < from[peer].size(); ++k) order[from[peer][k]] = {static_cast<int>(peer), k};
   }
-  std::map<size_t, std::pair<int, size_t>> order;  // receive index -> (peer, its place among the receives from that peer)
-  for (auto& [peer, list] : from) {
-    std::sort(list.begin(), list.end());
-    for (size_t k = 0; k < list.size(); ++k) order[list[k].second] = {peer, k};
-  }
-  std::map<int, size_t> next;  // per peer: how many of its messages are in groups already
+  std::vector<size_t> next(from.size(), 0);  // per sender: how many of its messages are in groups already
   std::vector<P2PGroup> groups;
   std::vector<bool> placed(acts.size(), false);
   for (size_t i = 0; i < acts.size();) {
@@ -446,8 +452,8 @@ std::vector<P2PGroup> run_groups(const PipelineSchedule& s, int rank) {
         continue;
       }
       const auto [peer, k] = order.at(i);
-      for (size_t& n = next[peer]; n <= k; ++n) {
-        const size_t r = from[peer][n].second;
+      for (size_t& n = next[static_cast<size_t>(peer)]; n <= k; ++n) {
+        const size_t r = from[static_cast<size_t>(peer)][n];
         group.actions.push_back(r);
         placed[r] = true;
       }
@@ -475,16 +481,18 @@ GroupRun run_to_the_end(const PipelineSchedule& s, const std::vector<std::vector
   std::map<std::tuple<int, int, size_t>, size_t> send_group, recv_group;
   for (int r = 0; r < pp; ++r) {
     const std::vector<PipeAction>& acts = s.ranks[static_cast<size_t>(r)];
+    std::map<size_t, size_t> place;  // receive index -> its place among its sender's messages
+    for (const std::vector<size_t>& from : receives_by_sender(s, r)) {
+      for (size_t k = 0; k < from.size(); ++k) place[from[k]] = k;
+    }
     std::map<int, size_t> sent;
-    std::map<int, std::map<std::tuple<int, int, int>, size_t>> places;
     for (size_t g = 0; g < groups[static_cast<size_t>(r)].size(); ++g) {
       for (const size_t i : groups[static_cast<size_t>(r)][g].actions) {
         const int peer = peer_of(s, acts[i]);
         if (is_send(acts[i].op)) {
           send_group[{r, peer, sent[peer]++}] = g;
         } else {
-          if (!places.count(peer)) places[peer] = send_places(s, r, peer);
-          recv_group[{peer, r, places[peer].at(message_of(acts[i]))}] = g;
+          recv_group[{peer, r, place.at(i)}] = g;
         }
       }
     }
@@ -521,6 +529,19 @@ GroupRun run_to_the_end(const PipelineSchedule& s, const std::vector<std::vector
   return run;
 }
 
+// Empty when every rank ran its groups to the end, else the waiting groups in one line.
+std::string stuck_groups(const PipelineSchedule& s, const std::vector<std::vector<P2PGroup>>& groups, const GroupRun& run) {
+  std::string stuck;
+  for (int r = 0; r < s.pp; ++r) {
+    const size_t g = run.at[static_cast<size_t>(r)];
+    if (g == groups[static_cast<size_t>(r)].size()) continue;
+    std::string names;
+    for (const size_t i : groups[static_cast<size_t>(r)][g].actions) names += (names.empty() ? "" : " ") + s.ranks[static_cast<size_t>(r)][i].text();
+    stuck += (stuck.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r) + " waits in [" + names + "]";
+  }
+  return stuck.empty() ? "" : "grouped point-to-point deadlocks: " + stuck;
+}
+
 }  // namespace
 
 std::vector<std::vector<P2PGroup>> p2p_groups(const PipelineSchedule& s, bool delay_sends) {
@@ -537,7 +558,7 @@ std::vector<std::vector<P2PGroup>> p2p_groups(const PipelineSchedule& s, bool de
       if (g + 1 < groups[static_cast<size_t>(r)].size() && !run.unmatched_sends[static_cast<size_t>(r)].empty()) rank = r;
     }
     if (rank < 0) {
-      if (const std::string stuck = check_p2p_groups(s, groups); !stuck.empty()) throw std::invalid_argument(stuck);
+      if (const std::string stuck = stuck_groups(s, groups, run); !stuck.empty()) throw std::invalid_argument(stuck);
       return groups;
     }
     std::vector<P2PGroup>& mine = groups[static_cast<size_t>(rank)];
@@ -563,16 +584,7 @@ std::vector<std::vector<P2PGroup>> p2p_groups(const PipelineSchedule& s, bool de
 }
 
 std::string check_p2p_groups(const PipelineSchedule& s, const std::vector<std::vector<P2PGroup>>& groups) {
-  const GroupRun run = run_to_the_end(s, groups);
-  std::string stuck;
-  for (int r = 0; r < s.pp; ++r) {
-    const size_t g = run.at[static_cast<size_t>(r)];
-    if (g == groups[static_cast<size_t>(r)].size()) continue;
-    std::string names;
-    for (const size_t i : groups[static_cast<size_t>(r)][g].actions) names += (names.empty() ? "" : " ") + s.ranks[static_cast<size_t>(r)][i].text();
-    stuck += (stuck.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r) + " waits in [" + names + "]";
-  }
-  return stuck.empty() ? "" : "grouped point-to-point deadlocks: " + stuck;
+  return stuck_groups(s, groups, run_to_the_end(s, groups));
 }
 
 std::vector<bool> last_gradient_actions(const PipelineSchedule& schedule, int rank) {

@@ -91,6 +91,12 @@ PipelineSchedule lower(const PipelineSchedule& schedule);
 // one matching receive on the next (or previous) stage's rank.
 std::string validate(const PipelineSchedule& schedule);
 
+// `rank`'s receives of a lowered schedule, per sending rank, as action indices
+// in the order that rank sends them (messages between two ranks match in issue
+// order under NCCL, so receives are posted in this order). Throws
+// std::invalid_argument for a receive that no send matches.
+std::vector<std::vector<size_t>> receives_by_sender(const PipelineSchedule& lowered, int rank);
+
 // Point-to-point in groups, as NCCL runs it: messages between two ranks match
 // in the order they are issued (not by tag), the operations of a communicator
 // run one after another on one stream, and a send completes only once its

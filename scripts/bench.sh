@@ -101,23 +101,23 @@ measured_step() {  # ranks, args...: the mean step of steps 3-12, as breakdown m
   python3 -c 'import json,sys; s=[json.loads(l) for l in open(sys.argv[1])][2:]; print(sum(r["step_seconds"] for r in s)/len(s))' "$dir/metrics.jsonl"
   rm -rf "$dir"
 }
-planned() {  # field, ranks, efficiency, args...
-  local field=$1 ranks=$2 efficiency=$3; shift 3
+planned() {  # ranks, efficiency, args...: "step compute exposed-communication all-communication" in seconds
+  local ranks=$1 efficiency=$2; shift 2
   build/launch/moe-plan --config configs/tiny.yaml --cluster "$cluster" --gpus "$ranks" --json --set training.precision="$chosen" \
-    --assume gemm_efficiency="$efficiency" "$@" | python3 -c "import json,sys; print(json.load(sys.stdin)['$field'])"
+    --assume gemm_efficiency="$efficiency" "$@" |
+    python3 -c "import json,sys; p = json.load(sys.stdin); print(*(p[k] for k in ('step_seconds', 'compute_seconds', 'comm_exposed_seconds', 'comm_total_seconds')))"
 }
-planned_step() { planned step_seconds "$@"; }
 single=(--set parallel.dp=1 --set training.micro_batch_size=16)
 one=$(measured_step 1 "${single[@]}")
 # The efficiency at which the planned compute fills what the single process's step leaves after its other terms (the optimizer).
-efficiency=$(python3 -c "c, s = $(planned compute_seconds 1 0.55 "${single[@]}"), $(planned_step 1 0.55 "${single[@]}"); print(0.55 * c / ($one - (s - c)))")
+read -r s c _ _ <<< "$(planned 1 0.55 "${single[@]}")"
+efficiency=$(python3 -c "print(0.55 * $c / ($one - ($s - $c)))")
 printf '%-14s %6s %10s %10s %8s %s\n' layout ranks measured planned error "communication on the step / all (planned)"
 for layout in "single 1 ${single[*]}" "dp2+ep2 2 --set parallel.ep=2 --set training.micro_batch_size=8" \
               "pp2 2 --set parallel.pp=2 --set training.micro_batch_size=4 --set training.grad_accum_steps=4" \
               "dp2xtp2+ep2 4 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=8"; do
   read -r name ranks args <<< "$layout"
-  m=$(measured_step "$ranks" $args); p=$(planned_step "$ranks" "$efficiency" $args)
-  exposed=$(planned comm_exposed_seconds "$ranks" "$efficiency" $args); all=$(planned comm_total_seconds "$ranks" "$efficiency" $args)
+  m=$(measured_step "$ranks" $args); read -r p _ exposed all <<< "$(planned "$ranks" "$efficiency" $args)"
   python3 -c "print('%-14s %6s %9.3fs %9.3fs %+7.1f%% %6.1f / %.1f ms' % ('$name', $ranks, $m, $p, 100 * ($p / $m - 1), 1e3 * $exposed, 1e3 * $all))"
 done
 echo "(gemm_efficiency calibrated to $efficiency)"

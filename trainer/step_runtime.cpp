@@ -15,7 +15,6 @@
 #include <optional>
 #include <stdexcept>
 #include <thread>
-#include <tuple>
 #include <utility>
 
 #include "common/timing.h"
@@ -123,35 +122,13 @@ StepRuntime::StepRuntime(moe::MoEModel& model, parallel::PipelineSchedule schedu
   // MPI under FMOE_P2P_ISSUE_ORDER) match a pair of ranks' messages in issue
   // order, not by tag. The schedule names every rank's sends, so each receive's
   // place in its sender's sequence is known here.
-  const int me = pipeline_.pp->rank();
-  const auto rank_of = [&](int stage) { return schedule_.stage_rank[static_cast<size_t>(stage)]; };
-  std::map<std::tuple<int, int, int, int>, int> place;  // (sender, backward, receiving stage, micro) -> its place among the sender's messages to me
-  for (int peer = 0; peer < schedule_.pp; ++peer) {
-    int sent = 0;
-    for (const parallel::PipeAction& a : schedule_.ranks[static_cast<size_t>(peer)]) {
-      if (a.op == parallel::PipeOp::kSendForward && rank_of(a.stage + 1) == me) place[{peer, 0, a.stage + 1, a.micro}] = sent++;
-      if (a.op == parallel::PipeOp::kSendBackward && rank_of(a.stage - 1) == me) place[{peer, 1, a.stage - 1, a.micro}] = sent++;
-    }
-  }
-  std::map<int, std::vector<std::pair<int, size_t>>> by_peer;  // sender -> (place, my receive's index)
+  recv_order_ = parallel::receives_by_sender(schedule_, pipeline_.pp->rank());
   recv_peer_.assign(actions.size(), -1);
   recv_place_.assign(actions.size(), 0);
-  for (size_t i = 0; i < actions.size(); ++i) {
-    const parallel::PipeAction& a = actions[i];
-    if (a.op != parallel::PipeOp::kRecvForward && a.op != parallel::PipeOp::kRecvBackward) continue;
-    const bool backward = a.op == parallel::PipeOp::kRecvBackward;
-    const int peer = rank_of(backward ? a.stage + 1 : a.stage - 1);
-    const auto it = place.find({peer, backward ? 1 : 0, a.stage, a.micro});
-    if (it == place.end()) throw std::invalid_argument("step schedule: " + a.text() + " on rank " + std::to_string(me) + " has no matching send");
-    by_peer[peer].emplace_back(it->second, i);
-    recv_peer_[i] = peer;
-  }
-  recv_order_.assign(static_cast<size_t>(schedule_.pp), {});
-  for (auto& [peer, receives] : by_peer) {
-    std::sort(receives.begin(), receives.end());
-    for (size_t k = 0; k < receives.size(); ++k) {
-      recv_order_[static_cast<size_t>(peer)].push_back(receives[k].second);
-      recv_place_[receives[k].second] = k;
+  for (size_t peer = 0; peer < recv_order_.size(); ++peer) {
+    for (size_t k = 0; k < recv_order_[peer].size(); ++k) {
+      recv_peer_[recv_order_[peer][k]] = static_cast<int>(peer);
+      recv_place_[recv_order_[peer][k]] = k;
     }
   }
 }
