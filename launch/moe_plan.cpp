@@ -2,14 +2,19 @@
 //
 //   moe-plan --config FILE --cluster NAME [--gpus G] [--tokens N] [--global-batch SEQS]
 //            [--mfu X] [--search [--top K]] [--json] [--schedule FILE.svg] [--set key.path=value]...
+//            [--measured RUN_DIR|metrics.jsonl [--skip N] [--tolerance X]]
 #include <cstdio>
 #include <exception>
+#include <optional>
 #include <fstream>
 #include <stdexcept>
 
 #include "launch/cli.h"
 #include "config/config.h"
 #include "parallel/pipeline_schedule.h"
+#include <nlohmann/json.hpp>
+
+#include "plan/measured.h"
 #include "plan/pipeline_sim.h"
 #include "plan/plan.h"
 
@@ -20,7 +25,7 @@ using namespace fmoe;
 constexpr const char* kUsage =
     "usage: moe-plan --config FILE --cluster NAME|FILE [--gpus G] [--tokens N] [--global-batch SEQUENCES]\n"
     "                [--mfu X] [--assume KEY=VALUE]... [--search [--top K]] [--json] [--schedule FILE.svg]\n"
-    "                [--set key.path=value]...\n"
+    "                [--set key.path=value]... [--measured RUN_DIR|metrics.jsonl [--skip N] [--tolerance X]]\n"
     "  The layout comes from the config's parallel section (dp = gpus / (tp x pp)) and\n"
     "  --gpus defaults to what it needs (tp x pp x dp, or tp x pp x ep where dp is 0);\n"
     "  training.micro_batch_size x grad_accum_steps; --global-batch sets the accumulation.\n"
@@ -28,7 +33,10 @@ constexpr const char* kUsage =
     "  every layout that fits by cost. --schedule FILE.svg prints the pipeline schedule\n"
     "  (parallel.pipeline_schedule) simulated on the plan's times and draws it in FILE.svg.\n"
     "  --assume replaces one of the printed assumptions: gemm_efficiency, ep_overlap,\n"
-    "  dp_overlap, tp_overlap, moe_imbalance, memory_headroom.\n";
+    "  dp_overlap, tp_overlap, moe_imbalance, memory_headroom. --measured sets the plan\n"
+    "  beside a run of the same config (moe-train's metrics.jsonl, its step lines after\n"
+    "  the first N = 2 averaged): compute, time blocked in communication, optimizer,\n"
+    "  data and step, planned and measured, and whether the step is within X = 0.15.\n";
 
 double to_number(const std::string& text, const std::string& option) {
   try {
@@ -134,11 +142,26 @@ int main(int argc, char** argv) {
       config.training.grad_accum_steps = layout.num_micro_batches;
     }
     const plan::Plan plan = plan::make_plan(config, cluster, layout, tokens, assumptions);
+    std::optional<plan::MeasuredStep> measured;
+    double tolerance = 0.15;
+    if (args.has("measured")) {
+      const std::string skip = args.get("skip", "2");
+      if (skip.empty() || skip.size() > 9 || skip.find_first_not_of("0123456789") != std::string::npos) {
+        throw config::ConfigError("--skip: expected a whole number >= 0, got '" + skip + "'");
+      }
+      measured = plan::read_measured_step(args.get("measured"), std::stoll(skip));
+      tolerance = to_number(args.get("tolerance", "0.15"), "tolerance");
+    } else if (args.has("skip") || args.has("tolerance")) {
+      throw config::ConfigError("--skip and --tolerance go with --measured");
+    }
     if (args.has("json")) {
-      std::printf("%s\n", plan::plan_json(plan, cluster, assumptions).c_str());
+      nlohmann::json j = nlohmann::json::parse(plan::plan_json(plan, cluster, assumptions));
+      if (measured) j["against_run"] = nlohmann::json::parse(plan::comparison_json(plan, *measured, tolerance));
+      std::printf("%s\n", j.dump(2).c_str());
       return 0;
     }
     std::fputs(plan::format_plan(plan, cluster, assumptions).c_str(), stdout);
+    if (measured) std::fputs(plan::format_comparison(plan, *measured, tolerance).c_str(), stdout);
     if (args.has("schedule")) show_schedule(plan, args.get("schedule"));
     if (args.has("mfu")) {
       const double mfu = to_number(args.get("mfu"), "mfu");

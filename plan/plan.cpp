@@ -102,6 +102,34 @@ double cpu_activation_bytes_per_token_layer(const moe::ModelConfig& m, bool moe_
   return bytes;
 }
 
+// The memory-bound element-wise work of one token through one layer, forward
+// and backward, in elements read plus written (times the element size for
+// bytes): `residual` is the work on the residual stream, which every tensor-
+// parallel rank repeats whole unless sequence parallelism splits it by tokens:
+// two RMSNorms (forward x -> y, backward x, dy -> dx: 5 d each), two residual
+// adds (6 d each), and in an MoE layer the router's scores and top-k (~4 E) and
+// the dispatch and combine copies of the top-k rows (gather and weighted sum
+// forward, scatter and weight gradients backward: ~8 k d). `sharded` is what
+// tensor parallelism divides: the SwiGLU activation on each expert copy's width
+// (forward reads gate and up, writes the product; backward reads three, writes
+// two: 8 f).
+struct ElementwiseElements {
+  double residual = 0, sharded = 0;
+};
+ElementwiseElements elementwise_elements_per_token_layer(const moe::ModelConfig& m, bool moe_layer) {
+  const double d = static_cast<double>(m.hidden_size);
+  ElementwiseElements e;
+  e.residual = 2 * 5 * d + 2 * 6 * d;
+  if (!moe_layer) {
+    e.sharded = 8.0 * static_cast<double>(m.ffn_hidden_size);
+    return e;
+  }
+  const double k = static_cast<double>(m.top_k), fm = static_cast<double>(m.moe_ffn_hidden_size);
+  e.residual += 4.0 * static_cast<double>(m.num_experts) + 8.0 * k * d;
+  e.sharded = 8.0 * (k + static_cast<double>(m.num_shared_experts)) * fm;
+  return e;
+}
+
 double link_gb_per_s(const ClusterSpec& c, int64_t span_gpus) {
   return span_gpus <= c.gpus_per_node ? c.intra_node_gb_per_s : c.inter_node_gb_per_s;
 }
@@ -122,11 +150,12 @@ void set_assumption(Assumptions& a, const std::string& key_value) {
   const std::string key = key_value.substr(0, eq);
   const std::vector<std::pair<const char*, double*>> fields = {
       {"gemm_efficiency", &a.gemm_efficiency}, {"ep_overlap", &a.ep_overlap},         {"dp_overlap", &a.dp_overlap},
-      {"tp_overlap", &a.tp_overlap},           {"moe_imbalance", &a.moe_imbalance}, {"memory_headroom", &a.memory_headroom}};
+      {"tp_overlap", &a.tp_overlap},           {"moe_imbalance", &a.moe_imbalance}, {"memory_headroom", &a.memory_headroom},
+      {"thread_efficiency", &a.thread_efficiency}};
   const auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return key == f.first; });
   if (eq == std::string::npos || it == fields.end()) {
     throw ConfigError("--assume " + key_value + ": expected KEY=VALUE with KEY one of gemm_efficiency, ep_overlap, dp_overlap, "
-                      "tp_overlap, moe_imbalance, memory_headroom");
+                      "tp_overlap, moe_imbalance, memory_headroom, thread_efficiency");
   }
   double value = 0;
   try {
@@ -136,7 +165,7 @@ void set_assumption(Assumptions& a, const std::string& key_value) {
   } catch (const std::exception&) {
     throw ConfigError("--assume " + key + ": '" + key_value.substr(eq + 1) + "' is not a number");
   }
-  const bool fraction = key == "gemm_efficiency" || key == "memory_headroom";
+  const bool fraction = key == "gemm_efficiency" || key == "memory_headroom" || key == "thread_efficiency";
   const bool ok = key == "moe_imbalance" ? value >= 1 : fraction ? value > 0 && value <= 1 : value >= 0 && value <= 1;
   if (!ok) {
     throw ConfigError("--assume " + key + ": " + key_value.substr(eq + 1) + " is out of range (" +
@@ -180,6 +209,13 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
         if (!(overhead >= 1)) throw ConfigError(where + key + ": must be >= 1");
       } else if (key == "gpus_per_node") {
         c.gpus_per_node = entry.second.as<int64_t>();
+      } else if (key == "cores_per_node") {
+        c.cores_per_node = entry.second.as<int64_t>();
+        if (c.cores_per_node < 1) throw ConfigError(where + "cores_per_node: must be >= 1");
+      } else if (key == "collective_latency_us" || key == "oversubscribed_latency_us") {
+        double& latency = key == "collective_latency_us" ? c.collective_latency_us : c.oversubscribed_latency_us;
+        latency = entry.second.as<double>();
+        if (!(latency >= 0)) throw ConfigError(where + key + ": must be >= 0");
       } else if (key == "assume") {
         if (!entry.second.IsMap()) throw ConfigError(where + "assume: expected a map of assumption: value");
         Assumptions check;
@@ -207,6 +243,9 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
     if (!(*value > 0)) throw ConfigError(path + ": " + key + ": must be > 0");
   }
   if (c.gpus_per_node < 1) throw ConfigError(path + ": gpus_per_node: must be >= 1");
+  if (c.device != "cpu" && (c.cores_per_node > 0 || c.oversubscribed_latency_us > 0)) {
+    throw ConfigError(path + ": cores_per_node and oversubscribed_latency_us describe CPU nodes (device: cpu)");
+  }
   if (c.name.empty()) c.name = std::filesystem::path(path).stem().string();
   return c;
 }
@@ -421,11 +460,21 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   // ---- communication per GPU per step
   const double d = static_cast<double>(m.hidden_size);
   const double micro = static_cast<double>(layout.num_micro_batches);
+  // A CPU node's peak is all its cores'; the ranks placed on it share them, so
+  // two ranks on one node each compute at half of it (a GPU is its own).
+  const bool cpu = cluster.device == "cpu";
+  const double sharing = cpu ? static_cast<double>(std::min(layout.gpus(), cluster.gpus_per_node)) : 1.0;
+  // Each blocking collective costs a latency beyond its bytes; on a CPU node with
+  // more ranks than cores, also the wait for a partner that is not running.
+  const bool oversubscribed = cpu && cluster.cores_per_node > 0 && sharing > static_cast<double>(cluster.cores_per_node);
+  const double latency = 1e-6 * (cluster.collective_latency_us + (oversubscribed ? cluster.oversubscribed_latency_us : 0.0));
   if (layout.tp > 1) {
     // Two all-reduces forward and two backward per layer; a ring moves 2 (n - 1) / n of the buffer.
     const double buffer = tokens_per_micro * d * 2.0;
-    p.comm.tp_bytes = 4.0 * layers_per_stage * micro * buffer * 2.0 * (layout.tp - 1) / layout.tp;
-    p.comm.tp_seconds = p.comm.tp_bytes / (link_gb_per_s(cluster, layout.tp) * 1e9);
+    const double calls = 4.0 * layers_per_stage * micro;
+    p.comm.tp_bytes = calls * buffer * 2.0 * (layout.tp - 1) / layout.tp;
+    p.comm.tp_seconds = p.comm.tp_bytes / (link_gb_per_s(cluster, layout.tp) * 1e9) + calls * latency;
+    p.collectives += calls;
   }
   if (layout.ep > 1 && m.num_moe_layers() > 0) {
     // Dispatch and combine, forward and backward; dispatch in FP8 when the GEMMs are.
@@ -433,8 +482,13 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
     const double dispatch = rows * d * (config.precision.fp8 ? 1.0 : 2.0), combine = rows * d * 2.0;
     const double moe_per_stage = std::ceil(static_cast<double>(m.num_moe_layers()) / static_cast<double>(layout.pp));
     p.comm.ep_bytes = 2.0 * moe_per_stage * micro * (dispatch + combine) * (layout.ep - 1) / layout.ep;
-    p.comm.ep_seconds = p.comm.ep_bytes / (link_gb_per_s(cluster, layout.tp * layout.ep) * 1e9);
+    // Per layer and micro-batch: the row counts, dispatch and combine forward,
+    // their gradients backward; each token chunk of parallel.ep_overlap its own.
+    const double calls = 5.0 * moe_per_stage * micro * (config.parallel.ep_overlap ? 2.0 : 1.0);
+    p.comm.ep_seconds = p.comm.ep_bytes / (link_gb_per_s(cluster, layout.tp * layout.ep) * 1e9) + calls * latency;
+    p.collectives += calls;
   }
+  p.latency_seconds = p.collectives * latency;
   if (layout.pp > 1) {
     p.comm.pp_bytes = 2.0 * micro * tokens_per_micro * d * 2.0 / static_cast<double>(layout.tp);
     p.comm.pp_seconds = p.comm.pp_bytes / (link_gb_per_s(cluster, layout.tp * layout.dp * layout.pp) * 1e9);
@@ -455,17 +509,38 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
   // ---- roofline
   const double peak = (config.precision.fp8 ? cluster.peak_fp8_tflops : cluster.peak_bf16_tflops) * 1e12;
   const double gpus = static_cast<double>(layout.gpus());
-  // A CPU node's peak is all its cores'; the ranks placed on it share them, so
-  // two ranks on one node each compute at half of it (a GPU is its own).
-  const double sharing = cluster.device == "cpu" ? static_cast<double>(std::min(layout.gpus(), cluster.gpus_per_node)) : 1.0;
   const double rank_peak = peak / sharing;
-  p.compute_seconds = p.flops_per_token * p.tokens_per_step / gpus / (rank_peak * a.gemm_efficiency);
+  const double rank_bandwidth = cluster.hbm_tb_per_s * 1e12 / sharing;
+  p.gemm_seconds = p.flops_per_token * p.tokens_per_step / gpus / (rank_peak * a.gemm_efficiency);
+  if (layout.ep > 1 && m.num_moe_layers() > 0) {
+    // Expert-parallel ranks wait for the one whose experts got the most tokens:
+    // the routed experts' GEMMs (gate, up, down; 3 passes of 2 FLOPs per
+    // multiply-add) run at moe_imbalance times the mean.
+    const double routed_per_token = 6.0 * static_cast<double>(m.num_moe_layers()) * static_cast<double>(m.top_k) * 3.0 * d *
+                                    static_cast<double>(m.moe_ffn_hidden_size);
+    p.gemm_seconds += (a.moe_imbalance - 1) * routed_per_token * p.tokens_per_step / gpus / (rank_peak * a.gemm_efficiency);
+  }
+  {
+    // Element-wise work at the rank's share of its memory bandwidth, over the
+    // rank's tokens (its data-parallel share) and its stage's share of the layers;
+    // the CPU implementation keeps it in FP32, a GPU's in BF16.
+    const double element = cpu ? 4.0 : 2.0;
+    const double tp = static_cast<double>(layout.tp), residual_split = config.parallel.sequence_parallel ? tp : 1.0;
+    const ElementwiseElements dense = elementwise_elements_per_token_layer(m, false), moe = elementwise_elements_per_token_layer(m, true);
+    const double dense_layers = static_cast<double>(m.num_layers - m.num_moe_layers()), moe_layers_n = static_cast<double>(m.num_moe_layers());
+    const double per_token = dense_layers * (dense.residual / residual_split + dense.sharded / tp) +
+                             moe_layers_n * (moe.residual / residual_split + moe.sharded / tp);
+    p.elementwise_bytes = element * per_token * p.tokens_per_step / static_cast<double>(layout.dp * layout.pp);
+    p.elementwise_seconds = p.elementwise_bytes / rank_bandwidth;
+  }
   // Full recompute runs each forward twice; selective recomputes cheap element-wise work and
-  // the MLA up-projections (a few percent).
-  if (layout.recompute == "full") p.compute_seconds *= 4.0 / 3.0;
-  if (layout.recompute == "selective") p.compute_seconds *= 1.03;
-  // Every stage waits for the costliest one.
-  p.compute_seconds *= p.stage_imbalance;
+  // the MLA up-projections (a few percent). Every stage waits for the costliest one.
+  double factor = (layout.recompute == "full" ? 4.0 / 3.0 : layout.recompute == "selective" ? 1.03 : 1.0) * p.stage_imbalance;
+  // A CPU rank of several threads computes at thread_efficiency of its cores.
+  if (cpu && cluster.cores_per_node > 0 && static_cast<double>(cluster.cores_per_node) / sharing >= 2) factor /= a.thread_efficiency;
+  p.gemm_seconds *= factor;
+  p.elementwise_seconds *= factor;
+  p.compute_seconds = p.gemm_seconds + p.elementwise_seconds;
   if (o.muon()) {
     // Each rank orthogonalizes what it updates: its stage's dense matrices (all of
     // them, or its ZeRO-1 share) and its experts (their share over the expert-data-parallel group).
@@ -475,7 +550,7 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
     p.newton_schulz_seconds = p.newton_schulz_flops / (rank_peak * a.gemm_efficiency);
   }
   p.optimizer_bytes = 2.0 * (p.memory.master + p.memory.optimizer) + sharded * dtype_bytes(o.grad_dtype, block) + p.memory.weights;
-  p.optimizer_seconds = p.optimizer_bytes / (cluster.hbm_tb_per_s * 1e12 / sharing);
+  p.optimizer_seconds = p.optimizer_bytes / rank_bandwidth;
   const double exposed = p.comm.tp_seconds * (1 - a.tp_overlap) + p.comm.ep_seconds * (1 - a.ep_overlap) +
                          p.comm.dp_seconds * (1 - a.dp_overlap);
   p.step_seconds = p.compute_seconds * (1 + p.bubble_fraction) + p.newton_schulz_seconds + p.optimizer_seconds + exposed;
@@ -562,7 +637,8 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   comm("pp send/recv", p.comm.pp_bytes, p.comm.pp_seconds);
   comm("dp reduce-scatter/all-gather", p.comm.dp_bytes, p.comm.dp_seconds);
   out << "time\n";
-  row("compute per step", seconds(p.compute_seconds));
+  row("compute per step", seconds(p.compute_seconds) + " (GEMMs " + seconds(p.gemm_seconds) + ", element-wise " +
+                               seconds(p.elementwise_seconds) + ": " + human_bytes(p.elementwise_bytes) + " through memory)");
   row("optimizer update", seconds(p.optimizer_seconds) + " (" + human_bytes(p.optimizer_bytes) + " through memory)");
   if (p.newton_schulz_flops > 0) {
     row("Muon's Newton-Schulz", seconds(p.newton_schulz_seconds) + " (" + std::to_string(static_cast<int64_t>(p.newton_schulz_flops / 1e9)) +
@@ -574,6 +650,11 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   std::snprintf(line, sizeof(line), "%s of %s (the rest hidden as assumed below)", seconds(p.comm_exposed_seconds).c_str(),
                 seconds(p.comm_seconds).c_str());
   row("communication on the step", line);
+  if (p.collectives > 0 && c.collective_latency_us + c.oversubscribed_latency_us > 0) {
+    std::snprintf(line, sizeof(line), "%.0f a step, %s of their communication time", p.collectives,
+                  seconds(p.latency_seconds).c_str());
+    row("blocking collectives (latency)", line);
+  }
   row("step", seconds(p.step_seconds));
   std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.mfu);
   row("MFU", line);
@@ -586,10 +667,15 @@ std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& 
   row("cost", line);
   std::snprintf(line, sizeof(line),
                 "assumes GEMMs at %.0f%% of peak; hidden behind compute: %.0f%% of ep, %.0f%% of dp, %.0f%% of tp traffic, all "
-                "pp traffic; %.0f%% of HBM usable; busiest expert at %.1fx the mean\n",
+                "pp traffic; %.0f%% of HBM usable; busiest expert at %.1fx the mean",
                 100 * a.gemm_efficiency, 100 * a.ep_overlap, 100 * a.dp_overlap, 100 * a.tp_overlap, 100 * a.memory_headroom,
                 a.moe_imbalance);
   out << line;
+  if (c.device == "cpu") {
+    std::snprintf(line, sizeof(line), "; a rank of several threads at %.0f%% of its cores", 100 * a.thread_efficiency);
+    out << line;
+  }
+  out << "\n";
   return out.str();
 }
 
@@ -616,7 +702,10 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"stage_layout", p.stage_layout},
       {"stage_imbalance", p.stage_imbalance},
       {"peak_in_flight", p.peak_in_flight},
-      {"compute_seconds", p.compute_seconds}, {"newton_schulz_seconds", p.newton_schulz_seconds},
+      {"compute_seconds", p.compute_seconds}, {"gemm_seconds", p.gemm_seconds},
+      {"elementwise_seconds", p.elementwise_seconds}, {"elementwise_bytes", p.elementwise_bytes},
+      {"collectives", p.collectives}, {"latency_seconds", p.latency_seconds},
+      {"newton_schulz_seconds", p.newton_schulz_seconds},
       {"optimizer_seconds", p.optimizer_seconds}, {"optimizer_bytes", p.optimizer_bytes},
       {"step_seconds", p.step_seconds},
       {"comm_total_seconds", p.comm_seconds},
@@ -626,7 +715,8 @@ std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a)
       {"gpu_hours", p.gpu_hours},
       {"usd", p.usd},
       {"assumptions", {{"gemm_efficiency", a.gemm_efficiency}, {"ep_overlap", a.ep_overlap}, {"dp_overlap", a.dp_overlap},
-                       {"tp_overlap", a.tp_overlap}, {"moe_imbalance", a.moe_imbalance}, {"memory_headroom", a.memory_headroom}}},
+                       {"tp_overlap", a.tp_overlap}, {"moe_imbalance", a.moe_imbalance}, {"memory_headroom", a.memory_headroom},
+                       {"thread_efficiency", a.thread_efficiency}}},
   };
   return j.dump(2);
 }

@@ -25,6 +25,14 @@ struct ClusterSpec {
   double inter_node_gb_per_s = 0;  // per GPU, one direction
   int64_t gpus_per_node = 8;
   double usd_per_gpu_hour = 0;
+  // The fixed cost of one blocking collective beyond its bytes (the alpha of an
+  // alpha-beta model): launch, synchronisation, the partners' skew. 0: not priced.
+  double collective_latency_us = 0;
+  // device: cpu. Cores per node (0: unknown), and what each blocking collective
+  // costs on top when the ranks on a node outnumber its cores (the wait for a
+  // partner the OS has descheduled; measured by bench_collectives).
+  int64_t cores_per_node = 0;
+  double oversubscribed_latency_us = 0;
   // "gpu", or "cpu": ranks are processes running this project's CPU implementation,
   // whose memory is modelled as that implementation holds it (see make_plan).
   std::string device = "gpu";
@@ -62,8 +70,12 @@ struct Assumptions {
   double ep_overlap = 0.5;            // fraction of expert all-to-all hidden behind compute
   double dp_overlap = 0.9;            // fraction of gradient reduce-scatter / all-gather hidden
   double tp_overlap = 0.0;            // tensor-parallel all-reduces sit on the critical path
-  double moe_imbalance = 1.2;         // headroom for the busiest expert's activations
+  double moe_imbalance = 1.2;         // the busiest expert rank's tokens over the mean: its activations, and under ep its expert GEMMs' time
   double memory_headroom = 0.92;      // usable fraction of HBM (allocator, workspaces, fragmentation)
+  // CPU ranks: the fraction of its cores' throughput a rank running several
+  // threads (cores_per_node / ranks on the node) gets, against one thread per
+  // core: the work too small to split over threads runs on one.
+  double thread_efficiency = 1.0;
 };
 
 // The Newton-Schulz FLOPs of one Muon step over the model's matrices (dense
@@ -103,7 +115,16 @@ struct Plan {
   double stage_imbalance = 1;     // the costliest stage over the mean: the pipeline runs at its pace
   double bubble_fraction = 0;     // pipeline idle time over compute time, simulated (parallel/pipeline_sim.h)
   int64_t peak_in_flight = 0;     // most micro-batch stages whose activations the busiest rank holds
+  // GEMMs at the assumed efficiency, and the memory-bound element-wise work
+  // (norms, residual adds, routing, dispatch copies, activations) at the rank's
+  // memory bandwidth: compute_seconds is their sum (times recompute and the
+  // stage imbalance). Tensor parallelism divides the element-wise work on
+  // sharded widths only; the residual stream's it repeats on every tp rank
+  // unless sequence parallelism splits it.
+  double gemm_seconds = 0, elementwise_seconds = 0, elementwise_bytes = 0;
   double compute_seconds = 0;
+  // Blocking tp and ep collectives per step on a rank, and their latency (part of comm.tp/ep_seconds).
+  double collectives = 0, latency_seconds = 0;
   // optimizer.name: muon: the Newton-Schulz FLOPs this rank runs per step, and their time (on the step).
   double newton_schulz_flops = 0, newton_schulz_seconds = 0;
   // The optimizer's update: memory-bound, each byte of its state read and written

@@ -27,3 +27,29 @@ print(f"{sys.argv[3]} rank(s): measured {measured:.2f} GiB, planned {planned:.2f
 assert abs(error) <= 0.15, error
 PY
 done
+# moe-plan --measured on the last run: the step it sets beside the plan is the
+# mean of the run's step lines after the skipped ones, term by term.
+"$PLAN" "${TINY[@]}" --set training.precision="$precision" --cluster "$ROOT/configs/clusters/cpu-local.yaml" --gpus 2 --json \
+  --measured "$run" --skip 1 > "$run.against.json" || fail "moe-plan --measured failed"
+python3 - "$run.against.json" "$run/metrics.jsonl" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1])); against = plan["against_run"]
+steps = [l for l in map(json.loads, open(sys.argv[2])) if "step_seconds" in l and "time" in l][1:]
+assert against["steps"] == len(steps) > 0, (against["steps"], len(steps))
+terms = {t["term"]: t for t in against["terms"]}
+mean = lambda f: sum(map(f, steps)) / len(steps)
+for term, f in [("step", lambda s: s["step_seconds"]), ("compute", lambda s: s["time"]["compute"]),
+                ("blocked in communication", lambda s: s["time"]["communication"]), ("optimizer", lambda s: s["time"]["optimizer"])]:
+    assert abs(terms[term]["measured"] - mean(f)) <= 1e-9 * max(1, mean(f)), (term, terms[term], mean(f))
+assert terms["step"]["planned"] == plan["step_seconds"]
+assert abs(terms["step"]["error"] - (plan["step_seconds"] / mean(lambda s: s["step_seconds"]) - 1)) < 1e-12
+assert against["within"] == (abs(terms["step"]["error"]) <= 0.15)
+print(f"--measured: {len(steps)} steps, step planned {plan['step_seconds']:.3f} s against {mean(lambda s: s['step_seconds']):.3f} s")
+PY
+"$PLAN" "${TINY[@]}" --cluster "$ROOT/configs/clusters/cpu-local.yaml" --gpus 2 --measured "$run" --skip x > "$run.err" 2>&1 && fail "--skip x accepted"
+grep -q "^moe-plan: error: --skip: expected a whole number >= 0, got 'x'$" "$run.err" || { cat "$run.err"; fail "unclear --skip error"; }
+"$PLAN" "${TINY[@]}" --cluster "$ROOT/configs/clusters/cpu-local.yaml" --gpus 2 --measured "$run/nothing" > "$run.err" 2>&1 && fail "a missing run accepted"
+grep -q "^moe-plan: error: $run/nothing: cannot read the run's metrics$" "$run.err" || { cat "$run.err"; fail "unclear missing-run error"; }
+"$PLAN" "${TINY[@]}" --cluster "$ROOT/configs/clusters/cpu-local.yaml" --gpus 2 --skip 1 > "$run.err" 2>&1 && fail "--skip without --measured accepted"
+grep -q "^moe-plan: error: --skip and --tolerance go with --measured$" "$run.err" || { cat "$run.err"; fail "unclear --skip error"; }
+echo "PASS"

@@ -8,6 +8,7 @@
 
 #include "moe/model_config.h"
 #include "config/config.h"
+#include "plan/measured.h"
 #include "plan/plan.h"
 
 namespace {
@@ -142,6 +143,37 @@ TEST(Plan, CpuRanksShareTheirNodesCores) {
                    make_plan(tiny, h100, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions()).compute_seconds / 2);
 }
 
+TEST(Plan, ACpuRankOfSeveralThreadsComputesAtTheThreadEfficiency) {
+  // cpu-local: 2 cores a node. One rank runs 2 threads (at thread_efficiency of
+  // two cores); two ranks run one thread each (unaffected).
+  Config tiny = load_config("configs/tiny.yaml");
+  tiny.training.precision = "fp32";
+  const ClusterSpec cpu = load_cluster("cpu-local");
+  Assumptions slow;
+  set_assumption(slow, "thread_efficiency=0.8");
+  const Plan one = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions());
+  const Plan one_slow = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, slow);
+  EXPECT_NEAR(one_slow.gemm_seconds, one.gemm_seconds / 0.8, 1e-12);
+  EXPECT_NEAR(one_slow.elementwise_seconds, one.elementwise_seconds / 0.8, 1e-12);
+  EXPECT_DOUBLE_EQ(make_plan(tiny, cpu, layout(1, 1, 1, 2, 8, 1, false), 1e9, slow).compute_seconds,
+                   make_plan(tiny, cpu, layout(1, 1, 1, 2, 8, 1, false), 1e9, Assumptions()).compute_seconds);
+  // A GPU has no threads to lose.
+  const ClusterSpec h100 = load_cluster("h100-sxm");
+  EXPECT_DOUBLE_EQ(make_plan(tiny, h100, layout(1, 1, 1, 1, 16, 1, false), 1e9, slow).compute_seconds,
+                   make_plan(tiny, h100, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions()).compute_seconds);
+}
+
+TEST(Plan, ExpertParallelRanksWaitForTheBusiestExpertRank) {
+  // tiny: 3 MoE layers, top-4 experts of width 256, d 256. Under ep the routed
+  // experts' GEMMs take moe_imbalance (1.2) times the mean; without ep, no wait.
+  const Config tiny = load_config("configs/tiny.yaml");
+  const ClusterSpec h100 = load_cluster("h100-sxm");
+  const Plan dp2 = make_plan(tiny, h100, layout(1, 1, 1, 2, 8, 1, false), 1e9, Assumptions());
+  const Plan ep2 = make_plan(tiny, h100, layout(1, 1, 2, 2, 8, 1, false), 1e9, Assumptions());
+  const double routed = 6.0 * 3 * 4 * 3 * 256 * 256;  // FLOPs per token
+  EXPECT_NEAR(ep2.gemm_seconds - dp2.gemm_seconds, 0.2 * routed * 16 * 256 / 2 / (h100.peak_bf16_tflops * 1e12 * 0.55), 1e-15);
+}
+
 TEST(Plan, AssumptionsSetByNameAndRange) {
   Assumptions a;
   set_assumption(a, "gemm_efficiency=0.25");
@@ -163,13 +195,80 @@ TEST(Plan, AssumptionsSetByNameAndRange) {
   refused("moe_imbalance=0.5", "out of range (>= 1)");
   refused("ep_overlap=half", "--assume ep_overlap: 'half' is not a number");
   refused("mfu=0.5", "--assume mfu=0.5: expected KEY=VALUE with KEY one of gemm_efficiency");
-  // Halving the efficiency doubles the compute time.
+  // Halving the efficiency doubles the GEMMs' time, not the element-wise work's.
   const Config tiny = load_config("configs/tiny.yaml");
   Assumptions half;
   set_assumption(half, "gemm_efficiency=0.275");
   const ClusterSpec cpu = load_cluster("cpu-local");
-  const double base = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions()).compute_seconds;
-  EXPECT_NEAR(make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, half).compute_seconds, 2 * base, 1e-12 * base);
+  const Plan base = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions());
+  const Plan slow = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, half);
+  EXPECT_NEAR(slow.gemm_seconds, 2 * base.gemm_seconds, 1e-12 * base.gemm_seconds);
+  EXPECT_DOUBLE_EQ(slow.elementwise_seconds, base.elementwise_seconds);
+  EXPECT_DOUBLE_EQ(slow.compute_seconds, slow.gemm_seconds + slow.elementwise_seconds);
+}
+
+TEST(Plan, ElementwiseWorkByHandAndWhatTensorParallelismDivides) {
+  // tiny: d 256, 4 layers (1 dense of width 1024, 3 MoE: 16 experts, top-4 of
+  // width 256, one shared). Per token per layer, elements read and written:
+  // residual stream 2 norms x 5 d + 2 adds x 6 d (+ MoE: 4 E router, 8 k d
+  // dispatch and combine); sharded: 8 x the SwiGLU widths.
+  Config tiny = load_config("configs/tiny.yaml");
+  tiny.training.precision = "fp32";
+  const ClusterSpec cpu = load_cluster("cpu-local");
+  const double d = 256, residual_dense = 22 * d, residual_moe = 22 * d + 4 * 16 + 8 * 4 * d;
+  const double sharded_dense = 8 * 1024, sharded_moe = 8 * (4 + 1) * 256.0;
+  const double tokens = 16 * 256;
+  const Plan one = make_plan(tiny, cpu, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions());
+  const double whole = residual_dense + sharded_dense + 3 * (residual_moe + sharded_moe);
+  EXPECT_DOUBLE_EQ(one.elementwise_bytes, 4 * tokens * whole);  // FP32 on a CPU rank
+  EXPECT_DOUBLE_EQ(one.elementwise_seconds, one.elementwise_bytes / (cpu.hbm_tb_per_s * 1e12));
+  // tp 2 halves the sharded widths' work only; each rank has half the node's bandwidth.
+  const Plan tp2 = make_plan(tiny, cpu, layout(2, 1, 1, 1, 16, 1, false), 1e9, Assumptions());
+  const double per_rank = residual_dense + sharded_dense / 2 + 3 * (residual_moe + sharded_moe / 2);
+  EXPECT_DOUBLE_EQ(tp2.elementwise_bytes, 4 * tokens * per_rank);
+  EXPECT_DOUBLE_EQ(tp2.elementwise_seconds, tp2.elementwise_bytes / (cpu.hbm_tb_per_s * 1e12 / 2));
+  EXPECT_DOUBLE_EQ(tp2.gemm_seconds, one.gemm_seconds);  // half the FLOPs at half the peak
+  // Sequence parallelism splits the residual stream's work by tokens as well.
+  tiny.parallel.sequence_parallel = true;
+  const Plan sp = make_plan(tiny, cpu, layout(2, 1, 1, 1, 16, 1, false), 1e9, Assumptions());
+  EXPECT_DOUBLE_EQ(sp.elementwise_bytes, one.elementwise_bytes / 2);
+  // A GPU keeps it in BF16 at its HBM's bandwidth.
+  const ClusterSpec h100 = load_cluster("h100-sxm");
+  tiny.parallel.sequence_parallel = false;
+  const Plan gpu = make_plan(tiny, h100, layout(1, 1, 1, 1, 16, 1, false), 1e9, Assumptions());
+  EXPECT_DOUBLE_EQ(gpu.elementwise_bytes, 2 * tokens * whole);
+  EXPECT_DOUBLE_EQ(gpu.elementwise_seconds, gpu.elementwise_bytes / (h100.hbm_tb_per_s * 1e12));
+}
+
+TEST(Plan, EachBlockingCollectiveCostsItsLatencyAndMoreOnAnOversubscribedNode) {
+  Config tiny = load_config("configs/tiny.yaml");
+  tiny.training.precision = "fp32";
+  ClusterSpec cpu = load_cluster("cpu-local");
+  cpu.gpus_per_node = 8;  // one node holding every rank
+  cpu.collective_latency_us = 0;
+  cpu.oversubscribed_latency_us = 0;
+  const Layout l = layout(2, 1, 2, 2, 8, 1, false);  // dp2 x tp2 + ep2: 4 ranks
+  Assumptions none;  // cpu-local's own: no communication hidden
+  for (const std::string& setting : cpu.assume) set_assumption(none, setting);
+  const Plan free = make_plan(tiny, cpu, l, 1e9, none);
+  EXPECT_DOUBLE_EQ(free.latency_seconds, 0);
+  // tp: 4 all-reduces a layer and micro-batch (4 layers); ep: 5 exchanges a MoE layer (3).
+  EXPECT_DOUBLE_EQ(free.collectives, 4.0 * 4 + 5.0 * 3);
+  cpu.collective_latency_us = 100;
+  cpu.oversubscribed_latency_us = 3000;
+  cpu.cores_per_node = 4;  // four ranks on four cores: not oversubscribed
+  const Plan fits = make_plan(tiny, cpu, l, 1e9, none);
+  EXPECT_NEAR(fits.latency_seconds, 31 * 100e-6, 1e-15);
+  EXPECT_NEAR(fits.comm.tp_seconds - free.comm.tp_seconds, 16 * 100e-6, 1e-15);
+  EXPECT_NEAR(fits.comm.ep_seconds - free.comm.ep_seconds, 15 * 100e-6, 1e-15);
+  EXPECT_NEAR(fits.step_seconds - free.step_seconds, 31 * 100e-6, 1e-12);  // cpu-local hides none of it
+  cpu.cores_per_node = 2;  // four ranks on two cores
+  const Plan over = make_plan(tiny, cpu, l, 1e9, none);
+  EXPECT_NEAR(over.latency_seconds, 31 * 3100e-6, 1e-12);
+  EXPECT_NEAR(over.step_seconds - free.step_seconds, 31 * 3100e-6, 1e-12);
+  // Two token chunks under parallel.ep_overlap: each exchange twice.
+  tiny.parallel.ep_overlap = true;
+  EXPECT_DOUBLE_EQ(make_plan(tiny, cpu, l, 1e9, none).collectives, 4.0 * 4 + 2 * 5.0 * 3);
 }
 
 TEST(Plan, ClusterSpecsLoadAndRefuseBadFiles) {
@@ -186,7 +285,11 @@ TEST(Plan, ClusterSpecsLoadAndRefuseBadFiles) {
     EXPECT_NE(std::string(e.what()).find("tpu-v9: no such cluster spec"), std::string::npos);
   }
   // A cluster's own assumptions: cpu-local's ranks hide no communication; GPU specs keep the defaults.
-  EXPECT_EQ(load_cluster("cpu-local").assume, (std::vector<std::string>{"dp_overlap=0", "ep_overlap=0"}));
+  const std::vector<std::string> local_assume = load_cluster("cpu-local").assume;
+  ASSERT_EQ(local_assume.size(), 3u);
+  EXPECT_EQ(local_assume[0], "dp_overlap=0");
+  EXPECT_EQ(local_assume[1], "ep_overlap=0");
+  EXPECT_EQ(local_assume[2].rfind("thread_efficiency=", 0), 0u) << local_assume[2];
   EXPECT_TRUE(load_cluster("h800").assume.empty());
   const std::string bad = ::testing::TempDir() + "bad_cluster.yaml";
   std::ofstream(bad) << "name: x\npeak_bf16_tflops: 1\npeak_fp8_tflops: 1\nhbm_gib: 1\nhbm_tb_per_s: 1\nintra_node_gb_per_s: 1\n"
@@ -197,6 +300,23 @@ TEST(Plan, ClusterSpecsLoadAndRefuseBadFiles) {
   } catch (const ConfigError& e) {
     EXPECT_EQ(std::string(e.what()), bad + ":9: assume: dp_overlap: 2 is out of range ([0, 1])");
   }
+  const std::string base = "name: x\npeak_bf16_tflops: 1\npeak_fp8_tflops: 1\nhbm_gib: 1\nhbm_tb_per_s: 1\nintra_node_gb_per_s: 1\n"
+                           "inter_node_gb_per_s: 1\nusd_per_gpu_hour: 1\n";
+  const auto refused = [&](const std::string& extra, const std::string& why) {
+    std::ofstream(bad) << base << extra;
+    try {
+      load_cluster(bad);
+      ADD_FAILURE() << extra << " accepted";
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(std::string(e.what()), bad + why);
+    }
+  };
+  refused("collective_latency_us: -1\n", ":9: collective_latency_us: must be >= 0");
+  refused("device: cpu\ncores_per_node: 0\n", ":10: cores_per_node: must be >= 1");
+  refused("cores_per_node: 2\n", ": cores_per_node and oversubscribed_latency_us describe CPU nodes (device: cpu)");
+  const ClusterSpec local = load_cluster("cpu-local");
+  EXPECT_EQ(local.cores_per_node, 2);
+  EXPECT_GT(local.oversubscribed_latency_us, local.collective_latency_us);
 }
 
 }  // namespace
@@ -238,6 +358,98 @@ TEST(Plan, PipelineFiguresComeFromTheSimulatedScheduleAndTheStageSplit) {
   l.pipeline_layout.clear();
   l.virtual_pp = 2;
   EXPECT_THROW(make_plan(c, h800, l, 1e12, Assumptions()), ConfigError);
+}
+
+}  // namespace
+
+namespace {
+
+using namespace fmoe::plan;
+
+// A run's metrics with injected per-step times: what moe-plan --measured sets
+// beside the plan is exactly these numbers' means after the skipped steps.
+TEST(Plan, MeasuredStepAgainstThePlanOnInjectedTimes) {
+  const std::string path = ::testing::TempDir() + "injected_metrics.jsonl";
+  {
+    std::ofstream out(path);
+    out << R"({"schedule": "steps 4"})" << "\n";  // not a step line: ignored
+    // A warm-up step (skipped), then three steps: compute 0.3/0.5/0.4, communication 0.1/0.2/0.3,
+    // optimizer 0.05 each, data 0.01 each; two pipeline ranks.
+    const char* lines[] = {
+        R"({"step": 1, "step_seconds": 9.0, "time": {"compute": 8, "communication": 0.5, "optimizer": 0.4, "data": 0.1}, )"
+        R"("pipeline": {"wait_seconds": [9, 9], "forward_seconds": [1, 1], "backward_seconds": [1, 1], "weight_seconds": [0, 0], "overlapped_seconds": [0, 0]}})",
+        R"({"step": 2, "step_seconds": 0.46, "time": {"compute": 0.3, "communication": 0.1, "optimizer": 0.05, "data": 0.01}, )"
+        R"("pipeline": {"wait_seconds": [0.1, 0.05], "forward_seconds": [0.1, 0.1], "backward_seconds": [0.15, 0.2], "weight_seconds": [0.05, 0], "overlapped_seconds": [0, 0]}})",
+        R"({"step": 3, "step_seconds": 0.76, "time": {"compute": 0.5, "communication": 0.2, "optimizer": 0.05, "data": 0.01}, )"
+        R"("pipeline": {"wait_seconds": [0.1, 0.05], "forward_seconds": [0.1, 0.1], "backward_seconds": [0.15, 0.2], "weight_seconds": [0.05, 0], "overlapped_seconds": [0, 0]}})",
+        R"({"step": 4, "step_seconds": 0.76, "time": {"compute": 0.4, "communication": 0.3, "optimizer": 0.05, "data": 0.01}, )"
+        R"("pipeline": {"wait_seconds": [0.1, 0.05], "forward_seconds": [0.1, 0.1], "backward_seconds": [0.15, 0.2], "weight_seconds": [0.05, 0], "overlapped_seconds": [0, 0]}})",
+    };
+    for (const char* line : lines) out << line << "\n";
+    out << R"({"step": 4, "val_loss": 5.0})" << "\n";  // a validation line: ignored
+  }
+  const MeasuredStep m = read_measured_step(path, 1);
+  EXPECT_EQ(m.steps, 3);
+  EXPECT_NEAR(m.step, (0.46 + 0.76 + 0.76) / 3, 1e-15);
+  EXPECT_NEAR(m.compute, 0.4, 1e-15);
+  EXPECT_NEAR(m.communication, 0.2, 1e-15);
+  EXPECT_NEAR(m.optimizer, 0.05, 1e-15);
+  EXPECT_NEAR(m.data, 0.01, 1e-15);
+  ASSERT_EQ(m.pipeline_wait.size(), 2u);
+  EXPECT_NEAR(m.pipeline_wait[1], 0.05, 1e-15);
+  EXPECT_NEAR(m.pipeline_busy[0], 0.3, 1e-15);
+
+  // The plan: a pipelined layout of the tiny config on cpu-local.
+  Config tiny = fmoe::config::load_config("configs/tiny.yaml");
+  tiny.training.precision = "fp32";
+  ClusterSpec cpu = load_cluster("cpu-local");
+  Assumptions none;
+  for (const std::string& setting : cpu.assume) set_assumption(none, setting);
+  Layout l = layout(1, 2, 1, 1, 4, 4, false);
+  const Plan p = make_plan(tiny, cpu, l, 1e9, none);
+  const std::vector<TermComparison> terms = compare(p, m);
+  ASSERT_EQ(terms.size(), 6u);
+  EXPECT_EQ(terms[0].term, "compute");
+  EXPECT_DOUBLE_EQ(terms[0].planned, p.compute_seconds);
+  EXPECT_DOUBLE_EQ(terms[0].error(), p.compute_seconds / 0.4 - 1);
+  // The pipeline's idle time is spent blocked on its receives: it counts with the communication.
+  EXPECT_DOUBLE_EQ(terms[1].planned, p.comm_exposed_seconds + p.compute_seconds * p.bubble_fraction);
+  EXPECT_GT(p.bubble_fraction, 0);
+  EXPECT_DOUBLE_EQ(terms[2].planned, p.optimizer_seconds);
+  EXPECT_FALSE(terms[3].priced);
+  EXPECT_EQ(terms[4].term, "step");
+  EXPECT_DOUBLE_EQ(terms[4].planned, p.step_seconds);
+  EXPECT_NEAR(terms[5].measured, 0.15 / 0.6, 1e-15);  // blocked 0.1 + 0.05 over busy 0.3 + 0.3
+  EXPECT_DOUBLE_EQ(terms[5].planned, p.bubble_fraction);
+  // Within the tolerance or not, by the step's error.
+  const double error = p.step_seconds / m.step - 1;
+  const std::string table = format_comparison(p, m, std::abs(error) + 1e-9);
+  EXPECT_NE(table.find("mean of 3 steps"), std::string::npos) << table;
+  EXPECT_NE(table.find("within"), std::string::npos);
+  EXPECT_NE(table.find(": yes"), std::string::npos) << table;
+  EXPECT_NE(format_comparison(p, m, std::abs(error) / 2).find(": no"), std::string::npos);
+
+  // Bad input: each a ConfigError naming the file and line.
+  const auto refused = [&](const std::string& text, int64_t skip, const std::string& why) {
+    std::ofstream(path) << text;
+    try {
+      read_measured_step(path, skip);
+      ADD_FAILURE() << text << " accepted";
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(std::string(e.what()), path + why);
+    }
+  };
+  refused("{\"step_seconds\": 1, \"time\": {\"compute\": 1}}\n", 0,
+          ":1: a step line without numeric step_seconds and time.{compute, communication, optimizer, data}");
+  refused("{\"step_seconds\": 1,\n", 0, ":1: not a JSON line");
+  refused("{\"step_seconds\": 1, \"time\": {\"compute\": 1, \"communication\": 0, \"optimizer\": 0, \"data\": 0}}\n", 1,
+          ": 1 step lines, none left after skipping the first 1");
+  try {
+    read_measured_step(path + ".missing", 0);
+    ADD_FAILURE();
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(std::string(e.what()), path + ".missing: cannot read the run's metrics");
+  }
 }
 
 }  // namespace
