@@ -1,5 +1,6 @@
 #include "plan/measured.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,8 @@ MeasuredStep read_measured_step(const std::string& path, int64_t skip) {
   std::string text;
   int64_t line_number = 0, seen = 0;
   std::vector<double> wait, busy;
+  double imbalance = 0;
+  int64_t imbalance_steps = 0;
   while (std::getline(in, text)) {
     ++line_number;
     if (text.empty()) continue;
@@ -36,6 +39,15 @@ MeasuredStep read_measured_step(const std::string& path, int64_t skip) {
       m.communication += time.at("communication").get<double>();
       m.optimizer += time.at("optimizer").get<double>();
       m.data += time.at("data").get<double>();
+      if (line.contains("expert_rank_imbalance")) {
+        const auto& layers = line.at("expert_rank_imbalance");
+        const auto number = [](const nlohmann::json& v) { return v.is_number(); };
+        if (!layers.is_array() || layers.empty() || !std::all_of(layers.begin(), layers.end(), number)) throw ConfigError(where + "expert_rank_imbalance: expected one number per MoE layer");
+        double sum = 0;
+        for (const auto& v : layers) sum += v.get<double>();
+        imbalance += sum / static_cast<double>(layers.size());
+        ++imbalance_steps;
+      }
       if (line.contains("pipeline")) {
         const auto& p = line.at("pipeline");
         const auto& w = p.at("wait_seconds");
@@ -57,6 +69,7 @@ MeasuredStep read_measured_step(const std::string& path, int64_t skip) {
   }
   const double n = static_cast<double>(m.steps);
   for (double* v : {&m.step, &m.compute, &m.communication, &m.optimizer, &m.data}) *v /= n;
+  if (imbalance_steps > 0) m.expert_rank_imbalance = imbalance / static_cast<double>(imbalance_steps);
   for (size_t r = 0; r < wait.size(); ++r) {
     m.pipeline_wait.push_back(wait[r] / n);
     m.pipeline_busy.push_back(busy[r] / n);
@@ -76,6 +89,9 @@ std::vector<TermComparison> compare(const Plan& p, const MeasuredStep& m) {
     const double wait = std::accumulate(m.pipeline_wait.begin(), m.pipeline_wait.end(), 0.0);
     const double busy = std::accumulate(m.pipeline_busy.begin(), m.pipeline_busy.end(), 0.0);
     terms.push_back({"pipeline idle / busy", p.bubble_fraction, busy > 0 ? wait / busy : 0});
+  }
+  if (p.expert_rank_imbalance > 0 && m.expert_rank_imbalance > 0) {
+    terms.push_back({"busiest expert rank / mean", p.expert_rank_imbalance, m.expert_rank_imbalance});
   }
   return terms;
 }
@@ -101,6 +117,8 @@ std::string format_comparison(const Plan& p, const MeasuredStep& m, double toler
     const bool fraction = t.term == "pipeline idle / busy";
     if (!t.priced) {
       std::snprintf(line, sizeof(line), "  %-26s %12s %10.4g s %8s\n", t.term.c_str(), "-", t.measured, "");
+    } else if (t.term == "busiest expert rank / mean") {
+      std::snprintf(line, sizeof(line), "  %-26s %11.2fx %11.2fx %+7.1f%%\n", t.term.c_str(), t.planned, t.measured, 100 * t.error());
     } else if (fraction) {
       std::snprintf(line, sizeof(line), "  %-26s %11.1f%% %11.1f%% %+7.1f%%\n", t.term.c_str(), 100 * t.planned, 100 * t.measured,
                     100 * t.error());

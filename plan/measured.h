@@ -21,6 +21,9 @@ struct MeasuredStep {
   // blocked on the pipeline's sends and receives, and the time in forwards and
   // backwards (input- and weight-gradient halves included).
   std::vector<double> pipeline_wait, pipeline_busy;
+  // Expert-parallel runs (the lines' "expert_rank_imbalance"): the busiest expert
+  // rank's routed tokens over the mean rank's, averaged over MoE layers and steps; 0 when absent.
+  double expert_rank_imbalance = 0;
 };
 
 // Reads path (a metrics.jsonl, or a run directory holding one). Throws
@@ -41,7 +44,9 @@ struct TermComparison {
 // idle time, which the runtime spends waiting on the pipeline's receives),
 // the optimizer (its update and Muon's Newton-Schulz), data loading, and the
 // step. For a pipelined run, also the idle fraction: planned (simulated) and
-// measured (mean over pipeline ranks of blocked / busy time).
+// measured (mean over pipeline ranks of blocked / busy time); for an
+// expert-parallel one, the busiest expert rank's tokens over the mean rank's
+// (the planner's moe_imbalance against the run's routing).
 std::vector<TermComparison> compare(const Plan& plan, const MeasuredStep& measured);
 
 // The comparison as a table, and as JSON ("terms": [{term, planned, measured, error}], "within": tolerance test).

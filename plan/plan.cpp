@@ -518,6 +518,7 @@ Plan make_plan(const Config& config, const ClusterSpec& cluster, Layout layout, 
     // multiply-add) run at moe_imbalance times the mean.
     const double routed_per_token = 6.0 * static_cast<double>(m.num_moe_layers()) * static_cast<double>(m.top_k) * 3.0 * d *
                                     static_cast<double>(m.moe_ffn_hidden_size);
+    p.expert_rank_imbalance = a.moe_imbalance;
     p.gemm_seconds += (a.moe_imbalance - 1) * routed_per_token * p.tokens_per_step / gpus / (rank_peak * a.gemm_efficiency);
   }
   {

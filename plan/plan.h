@@ -123,6 +123,9 @@ struct Plan {
   // unless sequence parallelism splits it.
   double gemm_seconds = 0, elementwise_seconds = 0, elementwise_bytes = 0;
   double compute_seconds = 0;
+  // Under ep: the busiest expert rank's routed tokens over the mean rank's that
+  // the expert GEMMs are priced at (Assumptions::moe_imbalance); 0 without ep.
+  double expert_rank_imbalance = 0;
   // Blocking tp and ep collectives per step on a rank, and their latency (part of comm.tp/ep_seconds).
   double collectives = 0, latency_seconds = 0;
   // optimizer.name: muon: the Newton-Schulz FLOPs this rank runs per step, and their time (on the step).

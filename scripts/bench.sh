@@ -88,39 +88,70 @@ breakdown 2 "dp2+ep2" --set parallel.ep=2
 breakdown 2 "tp2" --set parallel.tp=2 --set training.micro_batch_size=16
 breakdown 4 "dp4+ep4" --set parallel.ep=4
 breakdown 4 "dp2xtp2+ep2" --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=8
-echo "== moe-plan's step time against the measured one (cpu-local, gemm_efficiency calibrated on the single process)"
-# This machine as one node holding every rank; the planner's efficiency is set so
-# that it reproduces the single process's measured step, then it predicts the rest.
+echo "== moe-plan's step time against the measured one (cpu-local, calibrated on dp2 and the single process)"
+# This machine as one node holding every rank; two figures are fitted to the dp2 run
+# and the single process (below), then the planner predicts the rest.
 cluster=$(mktemp --suffix=.yaml); sed 's/^gpus_per_node: .*/gpus_per_node: 8/' configs/clusters/cpu-local.yaml > "$cluster"
-measured_step() {  # ranks, args...: the mean step of steps 3-12, as breakdown measures it
-  local ranks=$1; shift
-  local dir; dir=$(mktemp -d)
+run_layout() {  # dir, ranks, args...: the tiny config trained into dir for the steps breakdown measures
+  local dir=$1 ranks=$2; shift 2
   mpirun --oversubscribe --bind-to none -np "$ranks" build/launch/moe-train --config configs/tiny.yaml \
     --set training.steps="${BREAKDOWN_STEPS:-12}" --set optimizer.warmup_steps=2 --set training.eval_interval=0 --set training.checkpoint_interval=0 \
     --set training.eval_sequences=16 --set training.run_dir="$dir" --set training.precision="$chosen" "$@" > "$dir/log" 2>&1
-  python3 -c 'import json,sys; s=[json.loads(l) for l in open(sys.argv[1])][2:]; print(sum(r["step_seconds"] for r in s)/len(s))' "$dir/metrics.jsonl"
-  rm -rf "$dir"
 }
-planned() {  # ranks, efficiency, args...: "step compute exposed-communication all-communication" in seconds
-  local ranks=$1 efficiency=$2; shift 2
+plan_against() {  # dir, ranks, efficiency, args...: moe-plan's JSON for the layout, set beside the run in dir (steps 3-12)
+  local dir=$1 ranks=$2 efficiency=$3; shift 3
   build/launch/moe-plan --config configs/tiny.yaml --cluster "$cluster" --gpus "$ranks" --json --set training.precision="$chosen" \
-    --assume gemm_efficiency="$efficiency" "$@" |
-    python3 -c "import json,sys; p = json.load(sys.stdin); print(*(p[k] for k in ('step_seconds', 'compute_seconds', 'comm_exposed_seconds', 'comm_total_seconds')))"
+    --assume gemm_efficiency="$efficiency" --measured "$dir" --skip 2 "$@"
 }
 single=(--set parallel.dp=1 --set training.micro_batch_size=16)
-one=$(measured_step 1 "${single[@]}")
-# The efficiency at which the planned compute fills what the single process's step leaves after its other terms (the optimizer).
-read -r s c _ _ <<< "$(planned 1 0.55 "${single[@]}")"
-efficiency=$(python3 -c "print(0.55 * $c / ($one - ($s - $c)))")
-printf '%-14s %6s %10s %10s %8s %s\n' layout ranks measured planned error "communication on the step / all (planned)"
-for layout in "single 1 ${single[*]}" "dp2+ep2 2 --set parallel.ep=2 --set training.micro_batch_size=8" \
-              "pp2 2 --set parallel.pp=2 --set training.micro_batch_size=4 --set training.grad_accum_steps=4" \
-              "dp2xtp2+ep2 4 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=8"; do
+layouts=("single 1 ${single[*]}" "dp2+ep2 2 --set parallel.ep=2 --set training.micro_batch_size=8"
+         "pp2 2 --set parallel.pp=2 --set training.micro_batch_size=4 --set training.grad_accum_steps=4"
+         "dp2xtp2+ep2 4 --set parallel.tp=2 --set parallel.ep=2 --set training.micro_batch_size=8")
+runs=$(mktemp -d)
+# The single process runs first and last (this machine's run-to-run drift), the others between.
+mkdir "$runs/single0"; run_layout "$runs/single0" 1 "${single[@]}"
+mkdir "$runs/dp2"; run_layout "$runs/dp2" 2 --set training.micro_batch_size=8
+for layout in "${layouts[@]}"; do read -r name ranks args <<< "$layout"; mkdir "$runs/$name"; run_layout "$runs/$name" "$ranks" $args; done
+# Two measured figures, from the two layouts without expert, tensor or pipeline parallelism: gemm_efficiency, at
+# which the planned GEMMs fill what the dp2 run's step (one thread a rank) leaves after the planner's other terms
+# (the element-wise work at the memory bandwidth, the optimizer, the gradients' all-reduce); thread_efficiency, at
+# which the single process's planned compute on two threads fills its measured step (the mean of its two runs).
+calibrate() {  # efficiency thread_efficiency ranks "args" runs...: planned GEMMs, compute and step, measured step (mean of the runs)
+  local efficiency=$1 threads=$2 ranks=$3 args=$4; shift 4
+  for d in "$@"; do plan_against "$runs/$d" "$ranks" "$efficiency" --assume thread_efficiency="$threads" $args; done | python3 -c '
+import json, sys
+plans = json.loads("[" + sys.stdin.read().replace("}\n{", "},\n{") + "]")
+step = sum(next(t for t in p["against_run"]["terms"] if t["term"] == "step")["measured"] for p in plans) / len(plans)
+print(plans[0]["gemm_seconds"], plans[0]["compute_seconds"], plans[0]["step_seconds"], step)'
+}
+read -r g _ s m <<< "$(calibrate 0.55 1 2 "--set training.micro_batch_size=8" dp2)"
+efficiency=$(python3 -c "print(0.55 * $g / ($m - ($s - $g)))")
+read -r _ c s m <<< "$(calibrate "$efficiency" 1 1 "${single[*]}" single0 single)"
+threads=$(python3 -c "print(min(1.0, $c / ($m - ($s - $c))))")
+printf '%-12s %5s %9s %9s %7s   %-13s %-13s %-13s %-13s %s\n' layout ranks measured planned error "compute" "blocked" "optimizer" \
+  "expert ranks" "(measured/planned s; busiest expert rank / mean; planned communication: latency / all, ms)"
+row() {  # name ranks: one row from moe-plan's JSON on stdin
+  python3 -c '
+import json, sys
+p = json.load(sys.stdin); t = {r["term"]: r for r in p["against_run"]["terms"]}
+pair = lambda k, f="%.3f/%.3f": f % (t[k]["measured"], t[k]["planned"]) if k in t else "-"
+print("%-12s %5s %8.3fs %8.3fs %+6.1f%%   %-13s %-13s %-13s %-13s %.1f / %.1f" % (sys.argv[1], sys.argv[2], t["step"]["measured"],
+      t["step"]["planned"], 100 * t["step"]["error"], pair("compute"), pair("blocked in communication"), pair("optimizer"),
+      pair("busiest expert rank / mean", "%.2f/%.2f"), 1e3 * p["latency_seconds"], 1e3 * p["comm_total_seconds"]))' "$@"
+}
+for layout in "single0 1 ${single[*]}" "dp2 2 --set training.micro_batch_size=8" "${layouts[@]}"; do
   read -r name ranks args <<< "$layout"
-  m=$(measured_step "$ranks" $args); read -r p _ exposed all <<< "$(planned "$ranks" "$efficiency" $args)"
-  python3 -c "print('%-14s %6s %9.3fs %9.3fs %+7.1f%% %6.1f / %.1f ms' % ('$name', $ranks, $m, $p, 100 * ($p / $m - 1), 1e3 * $exposed, 1e3 * $all))"
+  json=$(plan_against "$runs/$name" "$ranks" "$efficiency" --assume thread_efficiency="$threads" $args)
+  echo "$json" | row "$name" "$ranks"
+  # Under expert parallelism, the plan again at the busiest expert rank's load the run measured (moe_imbalance).
+  imbalance=$(echo "$json" | python3 -c 'import json,sys; t=[r for r in json.load(sys.stdin)["against_run"]["terms"] if r["term"].startswith("busiest")]; print(t[0]["measured"] if t else "")')
+  if [ -n "$imbalance" ]; then
+    plan_against "$runs/$name" "$ranks" "$efficiency" --assume thread_efficiency="$threads" --assume moe_imbalance="$imbalance" $args |
+      row " at its load" "$ranks"
+  fi
 done
-echo "(gemm_efficiency calibrated to $efficiency)"
+rm -rf "$runs"
+echo "(calibrated: gemm_efficiency $efficiency on dp2, thread_efficiency $threads on the single process)"
 rm -f "$cluster"
 
 echo "== the MPI progress thread off, then on (parallel.mpi_progress_thread): gradient buckets launched during backward"

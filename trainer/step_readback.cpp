@@ -6,7 +6,7 @@
 namespace fmoe::trainer {
 
 StepScalars StepScalars::unpack(const std::vector<double>& values, size_t mtp_depth, size_t moe_layers, size_t logit_layers) {
-  const size_t norm_at = 3 + mtp_depth, loads_at = norm_at + 1, logits_at = loads_at + 2 * moe_layers;
+  const size_t norm_at = 3 + mtp_depth, loads_at = norm_at + 1, logits_at = loads_at + 3 * moe_layers;
   const size_t expected = logits_at + (logit_layers > 0 ? logit_layers + 1 : 0);
   if (values.size() != expected) {
     throw std::logic_error("step readback: " + std::to_string(values.size()) + " values, expected " + std::to_string(expected));
@@ -18,8 +18,9 @@ StepScalars StepScalars::unpack(const std::vector<double>& values, size_t mtp_de
   s.mtp_losses.assign(values.begin() + 3, values.begin() + static_cast<long>(norm_at));
   s.grad_norm = values[norm_at];
   for (size_t i = 0; i < moe_layers; ++i) {
-    s.load_max.push_back(values[loads_at + 2 * i]);
-    s.load_mean.push_back(values[loads_at + 2 * i + 1]);
+    s.load_max.push_back(values[loads_at + 3 * i]);
+    s.load_mean.push_back(values[loads_at + 3 * i + 1]);
+    s.load_rank_imbalance.push_back(values[loads_at + 3 * i + 2]);
   }
   if (logit_layers > 0) {
     s.max_logits.assign(values.begin() + static_cast<long>(logits_at), values.begin() + static_cast<long>(logits_at + logit_layers));

@@ -313,7 +313,13 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   loop.timer.stop();
   loop.readback.add(losses);
   loop.readback.add(grad_norm);
-  for (const auto& load : loads) loop.readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean()}));
+  // Per MoE layer: the busiest expert's tokens, the mean expert's, and the busiest
+  // expert-parallel rank's (its contiguous block of experts) over the mean rank's.
+  const int64_t ep = mesh->shape().ep;
+  for (const auto& load : loads) {
+    const at::Tensor per_rank = load.to(at::kDouble).view({ep, -1}).sum(1);
+    loop.readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean(), per_rank.max() / per_rank.mean()}));
+  }
   if (logits.defined()) loop.readback.add(logits);
   out.scalars = StepScalars::unpack(loop.readback.read(), static_cast<size_t>(config.model.mtp_depth), loads.size(),
                                     logits.defined() ? static_cast<size_t>(logits.numel() - 1) : 0);
@@ -486,6 +492,8 @@ void Trainer::Impl::report(const StepOutcome& out, const RunFigures& figures, Lo
                                     {"exp_avg", bytes.exp_avg}, {"exp_avg_sq", bytes.exp_avg_sq}};
   line["expert_load_max"] = s.load_max;
   line["expert_load_mean"] = s.load_mean;
+  // What the planner's moe_imbalance assumes: the expert-parallel ranks wait for the busiest.
+  if (shape.ep > 1) line["expert_rank_imbalance"] = s.load_rank_imbalance;
   if (!s.max_logits.empty()) {
     line["max_attention_logit"] = s.max_logits;  // this rank's attention layers, before the clip
     line["qk_clipped_heads"] = s.clipped_heads;

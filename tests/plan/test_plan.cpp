@@ -429,6 +429,28 @@ TEST(Plan, MeasuredStepAgainstThePlanOnInjectedTimes) {
   EXPECT_NE(table.find(": yes"), std::string::npos) << table;
   EXPECT_NE(format_comparison(p, m, std::abs(error) / 2).find(": no"), std::string::npos);
 
+  // An expert-parallel run: its routing's busiest expert rank against the assumed moe_imbalance.
+  {
+    std::ofstream out(path);
+    out << R"({"step_seconds": 1.0, "time": {"compute": 0.8, "communication": 0.1, "optimizer": 0.05, "data": 0.05}, "expert_rank_imbalance": [1.5, 2.5]})"
+        << "\n"
+        << R"({"step_seconds": 1.0, "time": {"compute": 0.8, "communication": 0.1, "optimizer": 0.05, "data": 0.05}, "expert_rank_imbalance": [1.25, 1.75]})"
+        << "\n";
+  }
+  const MeasuredStep ep_run = read_measured_step(path, 0);
+  EXPECT_DOUBLE_EQ(ep_run.expert_rank_imbalance, 1.75);  // (2 + 1.5) / 2
+  const Plan ep_plan = make_plan(tiny, cpu, layout(1, 1, 2, 2, 8, 1, false), 1e9, none);
+  EXPECT_DOUBLE_EQ(ep_plan.expert_rank_imbalance, none.moe_imbalance);
+  const std::vector<TermComparison> ep_terms = compare(ep_plan, ep_run);
+  ASSERT_EQ(ep_terms.size(), 6u);
+  EXPECT_EQ(ep_terms[5].term, "busiest expert rank / mean");
+  EXPECT_DOUBLE_EQ(ep_terms[5].planned, 1.2);
+  EXPECT_DOUBLE_EQ(ep_terms[5].measured, 1.75);
+  EXPECT_NE(format_comparison(ep_plan, ep_run, 0.15).find("1.20x        1.75x"), std::string::npos) << format_comparison(ep_plan, ep_run, 0.15);
+  // Without expert parallelism the plan assumes no rank imbalance, and the term is left out.
+  EXPECT_EQ(p.expert_rank_imbalance, 0);
+  EXPECT_EQ(compare(p, ep_run).size(), 5u);
+
   // Bad input: each a ConfigError naming the file and line.
   const auto refused = [&](const std::string& text, int64_t skip, const std::string& why) {
     std::ofstream(path) << text;
@@ -442,6 +464,9 @@ TEST(Plan, MeasuredStepAgainstThePlanOnInjectedTimes) {
   refused("{\"step_seconds\": 1, \"time\": {\"compute\": 1}}\n", 0,
           ":1: a step line without numeric step_seconds and time.{compute, communication, optimizer, data}");
   refused("{\"step_seconds\": 1,\n", 0, ":1: not a JSON line");
+  refused("{\"step_seconds\": 1, \"time\": {\"compute\": 1, \"communication\": 0, \"optimizer\": 0, \"data\": 0}, "
+          "\"expert_rank_imbalance\": [1.5, \"x\"]}\n",
+          0, ":1: expert_rank_imbalance: expected one number per MoE layer");
   refused("{\"step_seconds\": 1, \"time\": {\"compute\": 1, \"communication\": 0, \"optimizer\": 0, \"data\": 0}}\n", 1,
           ": 1 step lines, none left after skipping the first 1");
   try {

@@ -71,4 +71,23 @@ TEST(StepReadback, OneCopyReturnsEverythingInOrder) {
   EXPECT_EQ(fmoe::trainer::StepReadback::copies(), before + 1);
 }
 
+// The step's scalars in the order the step adds them: losses (ce, aux, z, one per
+// MTP depth), the gradient norm, (max, mean, busiest rank over mean) per MoE
+// layer, then the attention layers' largest logits and the heads clipped.
+TEST(StepScalars, UnpackNamesEachValueAndRefusesAWrongCount) {
+  const std::vector<double> values = {2.0, 0.1, 0.01, 2.5, 0.75, 30, 8, 1.25, 40, 8, 1.5, 9.0, 11.0, 3};
+  const auto s = fmoe::trainer::StepScalars::unpack(values, /*mtp_depth=*/1, /*moe_layers=*/2, /*logit_layers=*/2);
+  EXPECT_EQ(s.loss, 2.0);
+  EXPECT_EQ(s.aux_loss, 0.1);
+  EXPECT_EQ(s.z_loss, 0.01);
+  EXPECT_EQ(s.mtp_losses, std::vector<double>{2.5});
+  EXPECT_EQ(s.grad_norm, 0.75);
+  EXPECT_EQ(s.load_max, (std::vector<double>{30, 40}));
+  EXPECT_EQ(s.load_mean, (std::vector<double>{8, 8}));
+  EXPECT_EQ(s.load_rank_imbalance, (std::vector<double>{1.25, 1.5}));
+  EXPECT_EQ(s.max_logits, (std::vector<double>{9.0, 11.0}));
+  EXPECT_EQ(s.clipped_heads, 3);
+  EXPECT_THROW(fmoe::trainer::StepScalars::unpack(values, 1, 3, 2), std::logic_error);
+}
+
 }  // namespace
