@@ -5,15 +5,14 @@
 //            [--measured RUN_DIR|metrics.jsonl [--skip N] [--tolerance X]]
 #include <cstdio>
 #include <exception>
-#include <optional>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
 
 #include "launch/cli.h"
 #include "config/config.h"
 #include "parallel/pipeline_schedule.h"
-#include <nlohmann/json.hpp>
-
 #include "plan/measured.h"
 #include "plan/pipeline_sim.h"
 #include "plan/plan.h"

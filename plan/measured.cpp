@@ -113,7 +113,8 @@ std::string format_comparison(const Plan& p, const MeasuredStep& m, double toler
   std::snprintf(line, sizeof(line), "against the run (%s, mean of %lld steps)\n  %-26s %12s %12s %8s\n", m.path.c_str(),
                 static_cast<long long>(m.steps), "term", "planned", "measured", "error");
   out << line;
-  for (const auto& t : compare(p, m)) {
+  const std::vector<TermComparison> terms = compare(p, m);
+  for (const auto& t : terms) {
     const bool fraction = t.term == "pipeline idle / busy";
     if (!t.priced) {
       std::snprintf(line, sizeof(line), "  %-26s %12s %10.4g s %8s\n", t.term.c_str(), "-", t.measured, "");
@@ -128,20 +129,21 @@ std::string format_comparison(const Plan& p, const MeasuredStep& m, double toler
     out << line;
   }
   std::snprintf(line, sizeof(line), "step within %.0f%% of the measured one: %s\n", 100 * tolerance,
-                within(compare(p, m), tolerance) ? "yes" : "no");
+                within(terms, tolerance) ? "yes" : "no");
   out << line;
   return out.str();
 }
 
 std::string comparison_json(const Plan& p, const MeasuredStep& m, double tolerance) {
-  nlohmann::json terms = nlohmann::json::array();
-  for (const auto& t : compare(p, m)) {
+  const std::vector<TermComparison> terms = compare(p, m);
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& t : terms) {
     nlohmann::json row = {{"term", t.term}, {"measured", t.measured}};
     if (t.priced) row["planned"] = t.planned, row["error"] = t.error();
-    terms.push_back(row);
+    rows.push_back(row);
   }
-  const nlohmann::json j = {{"metrics", m.path}, {"steps", m.steps}, {"terms", terms}, {"tolerance", tolerance},
-                            {"within", within(compare(p, m), tolerance)}};
+  const nlohmann::json j = {{"metrics", m.path}, {"steps", m.steps}, {"terms", rows}, {"tolerance", tolerance},
+                            {"within", within(terms, tolerance)}};
   return j.dump(2);
 }
 

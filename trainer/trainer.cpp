@@ -317,8 +317,8 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   // expert-parallel rank's (its contiguous block of experts) over the mean rank's.
   const int64_t ep = mesh->shape().ep;
   for (const auto& load : loads) {
-    const at::Tensor per_rank = load.to(at::kDouble).view({ep, -1}).sum(1);
-    loop.readback.add(at::stack({load.max().to(at::kDouble), load.to(at::kDouble).mean(), per_rank.max() / per_rank.mean()}));
+    const at::Tensor tokens = load.to(at::kDouble), per_rank = tokens.view({ep, -1}).sum(1);
+    loop.readback.add(at::stack({tokens.max(), tokens.mean(), per_rank.max() / per_rank.mean()}));
   }
   if (logits.defined()) loop.readback.add(logits);
   out.scalars = StepScalars::unpack(loop.readback.read(), static_cast<size_t>(config.model.mtp_depth), loads.size(),
