@@ -285,6 +285,21 @@ TEST(ExpertParallel, DispatchersAgreeWhenTokensAreDropped) {
   EXPECT_LT(relative_error(grads[1], grads[0]), 1e-6);
 }
 
+// Whether this CPU's GEMMs give each row the same bits whatever the number of
+// rows beside it (the blocking of some backends' kernels, AVX2 MKL's among them,
+// changes the order of the sums with the row count).
+bool gemm_rows_are_independent() {
+  at::manual_seed(11);
+  const at::Tensor x = at::randn({25, 32}), w = at::randn({32, 64});
+  const at::Tensor all = at::mm(x, w), all_t = at::mm(all, w.t());
+  for (int64_t rows = 1; rows < 25; ++rows) {
+    const at::Tensor part = x.narrow(0, 0, rows);
+    if (!at::equal(at::mm(part, w), all.narrow(0, 0, rows))) return false;
+    if (!at::equal(at::mm(all.narrow(0, 0, rows), w.t()), all_t.narrow(0, 0, rows))) return false;
+  }
+  return true;
+}
+
 TEST(ExpertParallel, OverlappedChunksComputeTheSameFunction) {
   // parallel.ep_overlap: the tokens go through the all-to-all dispatcher in two
   // chunks whose exchanges are in flight while the other chunk's experts compute.
@@ -318,9 +333,16 @@ TEST(ExpertParallel, OverlappedChunksComputeTheSameFunction) {
       weight_grads.push_back(at::cat({grads[1].flatten(), grads[2].flatten()}));
       bias_grads.push_back(grads[3]);
     }
-    EXPECT_TRUE(at::equal(outs[1], outs[0])) << "largest difference " << (outs[1] - outs[0]).abs().max().item<double>();
-    EXPECT_TRUE(at::equal(input_grads[1], input_grads[0])) << "relative " << relative_error(input_grads[1], input_grads[0]);
-    EXPECT_TRUE(at::equal(bias_grads[1], bias_grads[0])) << "router relative " << relative_error(bias_grads[1], bias_grads[0]);
+    if (gemm_rows_are_independent()) {
+      EXPECT_TRUE(at::equal(outs[1], outs[0])) << "largest difference " << (outs[1] - outs[0]).abs().max().item<double>();
+      EXPECT_TRUE(at::equal(input_grads[1], input_grads[0])) << "relative " << relative_error(input_grads[1], input_grads[0]);
+      EXPECT_TRUE(at::equal(bias_grads[1], bias_grads[0])) << "router relative " << relative_error(bias_grads[1], bias_grads[0]);
+    } else {
+      // The chunks' GEMMs round differently on this CPU: the same function within FP32 rounding.
+      EXPECT_LT(relative_error(outs[1], outs[0]), 1e-6);
+      EXPECT_LT(relative_error(input_grads[1], input_grads[0]), 1e-6);
+      EXPECT_LT(relative_error(bias_grads[1], bias_grads[0]), 1e-6);
+    }
     EXPECT_GT(weight_grads[0].abs().sum().item<double>(), 0);
     EXPECT_LT(relative_error(weight_grads[1], weight_grads[0]), 1e-6);
     parallel::set_mpi_progress_thread(was_on);
