@@ -38,7 +38,7 @@ echo "ok: budget stops, resumes and reproduces the losses"
 # calibration): tiny on the fixture corpus fixes its step count from its own
 # measured steps and ends inside the budget with the decay finished (shortened
 # on the way if the machine slows down: the schedule the checkpoint carries).
-unset FMOE_CALIBRATION
+unset FMOE_CALIBRATION FMOE_GEMM_GFLOPS
 d="$WORK_DIR/budget_real"; rm -rf "$d"
 t0=$(date +%s)
 "$TRAIN" --config "$(dirname "$0")/../../configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" --set "data.tokenizer=$CORPUS/tok.model" \

@@ -1,6 +1,12 @@
 # Shared helpers for the end-to-end tests. Sourced; expects BIN_DIR and WORK_DIR.
 set -euo pipefail
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+# GEMM rates injected rather than timed: each moe-train start would otherwise
+# spend about 1.5 s measuring BF16 and FP32 GEMMs (over half of a micro run),
+# and `precision: auto` picks FP32 on every machine alike. The tests that check
+# the measurement itself (memory_estimate, budget's real-timing run,
+# gpu_check_rehearsal) unset it; precision_budget injects its own.
+export FMOE_GEMM_GFLOPS="bf16=1,fp32=100"
 TRAIN="$BIN_DIR/moe-train"
 DATA="$BIN_DIR/moe-data"
 CORPUS="$WORK_DIR/corpus"

@@ -8,6 +8,7 @@
 # shows as TIMEOUT while the stages after it still run; --only runs a subset;
 # a failed preflight stops in seconds with one line per problem.
 source "$(dirname "$0")/common.sh"
+unset FMOE_GEMM_GFLOPS  # rehearsed as it runs on the GPU: GEMM rates measured
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CHECK=$ROOT/scripts/gpu_check.sh
 dir="$WORK_DIR/gpu_check"; rm -rf "$dir"; mkdir -p "$dir"

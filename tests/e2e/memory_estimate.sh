@@ -5,6 +5,7 @@
 # the precision the run chose (training.precision: auto: FP32 where BF16 GEMMs are
 # slow, BF16 where they are fast), which the plan is then given.
 source "$(dirname "$0")/common.sh"
+unset FMOE_GEMM_GFLOPS  # the precision these runs choose is the measured one
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 PLAN="$BIN_DIR/moe-plan"
 TINY=(--config "$ROOT/configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" --set "data.tokenizer=$CORPUS/tok.model"

@@ -5,6 +5,7 @@
 # once after its calibration steps, ends with the decay finished, and a run
 # stopped and resumed reproduces the uninterrupted one bit for bit.
 source "$(dirname "$0")/common.sh"
+unset FMOE_GEMM_GFLOPS  # each run below injects its own rates, or measures
 SHORT=(--set training.steps=2 --set optimizer.warmup_steps=1 --set training.eval_interval=0 --set training.checkpoint_interval=0)
 dir="$WORK_DIR/auto_avx2"; rm -rf "$dir"
 FMOE_GEMM_GFLOPS="bf16=1.3,fp32=121" "$TRAIN" $(micro_args "$dir") --set training.precision=auto "${SHORT[@]}" > "$dir.log" 2>&1 \
