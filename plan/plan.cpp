@@ -1,24 +1,20 @@
 #include "plan/plan.h"
 
-#include <map>
-#include <mutex>
-#include <tuple>
-
-#include "parallel/pipeline_schedule.h"
-#include "plan/pipeline_sim.h"
-
-#include <yaml-cpp/yaml.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
-#include <nlohmann/json.hpp>
-#include <sstream>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "moe/model_config.h"
 #include "moe/stage_split.h"
+#include "parallel/pipeline_schedule.h"
+#include "plan/pipeline_sim.h"
 
+// The planner's model: memory, FLOPs, communication and the step time of one layout.
 namespace fmoe::plan {
 
 using config::Config;
@@ -31,26 +27,6 @@ double dtype_bytes(const std::string& dtype, int64_t block) {
   if (dtype == "fp32") return 4;
   if (dtype == "fp8") return 1 + 4.0 / static_cast<double>(block);
   return 2;  // bf16, fp16
-}
-
-std::string human_bytes(double bytes) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "%.2f GiB", bytes / kGiB);
-  return text;
-}
-
-std::string human_count(double n) {
-  char text[32];
-  if (n >= 1e12) {
-    std::snprintf(text, sizeof(text), "%.2fT", n / 1e12);
-  } else if (n >= 1e9) {
-    std::snprintf(text, sizeof(text), "%.2fB", n / 1e9);
-  } else if (n >= 1e6) {
-    std::snprintf(text, sizeof(text), "%.2fM", n / 1e6);
-  } else {
-    std::snprintf(text, sizeof(text), "%.0f", n);
-  }
-  return text;
 }
 
 // Activation bytes one token leaves for backward in one layer, before
@@ -143,111 +119,6 @@ std::string Layout::describe() const {
                 static_cast<long long>(micro_batch_size), static_cast<long long>(num_micro_batches),
                 recompute == "none" ? "" : (" recompute=" + recompute).c_str());
   return text;
-}
-
-void set_assumption(Assumptions& a, const std::string& key_value) {
-  const size_t eq = key_value.find('=');
-  const std::string key = key_value.substr(0, eq);
-  const std::vector<std::pair<const char*, double*>> fields = {
-      {"gemm_efficiency", &a.gemm_efficiency}, {"ep_overlap", &a.ep_overlap},         {"dp_overlap", &a.dp_overlap},
-      {"tp_overlap", &a.tp_overlap},           {"moe_imbalance", &a.moe_imbalance}, {"memory_headroom", &a.memory_headroom},
-      {"thread_efficiency", &a.thread_efficiency}};
-  const auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return key == f.first; });
-  if (eq == std::string::npos || it == fields.end()) {
-    throw ConfigError("--assume " + key_value + ": expected KEY=VALUE with KEY one of gemm_efficiency, ep_overlap, dp_overlap, "
-                      "tp_overlap, moe_imbalance, memory_headroom, thread_efficiency");
-  }
-  double value = 0;
-  try {
-    size_t used = 0;
-    value = std::stod(key_value.substr(eq + 1), &used);
-    if (used != key_value.size() - eq - 1) throw std::invalid_argument("trailing text");
-  } catch (const std::exception&) {
-    throw ConfigError("--assume " + key + ": '" + key_value.substr(eq + 1) + "' is not a number");
-  }
-  const bool fraction = key == "gemm_efficiency" || key == "memory_headroom" || key == "thread_efficiency";
-  const bool ok = key == "moe_imbalance" ? value >= 1 : fraction ? value > 0 && value <= 1 : value >= 0 && value <= 1;
-  if (!ok) {
-    throw ConfigError("--assume " + key + ": " + key_value.substr(eq + 1) + " is out of range (" +
-                      (key == "moe_imbalance" ? ">= 1" : fraction ? "(0, 1]" : "[0, 1]") + ")");
-  }
-  *it->second = value;
-}
-
-ClusterSpec load_cluster(const std::string& name_or_path) {
-  std::string path = name_or_path;
-  if (!std::filesystem::exists(path)) path = "configs/clusters/" + name_or_path + ".yaml";
-  if (!std::filesystem::exists(path)) {
-    throw ConfigError(name_or_path + ": no such cluster spec (configs/clusters/ holds h800, h100-sxm, h200, a100-80gb, cpu-local)");
-  }
-  YAML::Node node;
-  try {
-    node = YAML::LoadFile(path);
-  } catch (const YAML::Exception& e) {
-    throw ConfigError(path + ":" + std::to_string(e.mark.line + 1) + ": YAML syntax error: " + e.msg);
-  }
-  ClusterSpec c;
-  const std::vector<std::pair<const char*, double*>> numbers = {
-      {"peak_bf16_tflops", &c.peak_bf16_tflops}, {"peak_fp8_tflops", &c.peak_fp8_tflops}, {"hbm_gib", &c.hbm_gib},
-      {"hbm_tb_per_s", &c.hbm_tb_per_s},         {"intra_node_gb_per_s", &c.intra_node_gb_per_s},
-      {"inter_node_gb_per_s", &c.inter_node_gb_per_s}, {"usd_per_gpu_hour", &c.usd_per_gpu_hour}};
-  for (const auto& entry : node) {
-    const std::string key = entry.first.as<std::string>();
-    const auto where = path + ":" + std::to_string(entry.first.Mark().line + 1) + ": ";
-    try {
-      if (key == "name") {
-        c.name = entry.second.as<std::string>();
-      } else if (key == "device") {
-        c.device = entry.second.as<std::string>();
-        if (c.device != "gpu" && c.device != "cpu") throw ConfigError(where + "device: must be gpu or cpu");
-      } else if (key == "runtime_gib") {
-        c.runtime_gib = entry.second.as<double>();
-        if (!(c.runtime_gib >= 0)) throw ConfigError(where + "runtime_gib: must be >= 0");
-      } else if (key == "activation_overhead" || key == "activation_overhead_fp32") {
-        double& overhead = key == "activation_overhead" ? c.activation_overhead : c.activation_overhead_fp32;
-        overhead = entry.second.as<double>();
-        if (!(overhead >= 1)) throw ConfigError(where + key + ": must be >= 1");
-      } else if (key == "gpus_per_node") {
-        c.gpus_per_node = entry.second.as<int64_t>();
-      } else if (key == "cores_per_node") {
-        c.cores_per_node = entry.second.as<int64_t>();
-        if (c.cores_per_node < 1) throw ConfigError(where + "cores_per_node: must be >= 1");
-      } else if (key == "collective_latency_us" || key == "oversubscribed_latency_us") {
-        double& latency = key == "collective_latency_us" ? c.collective_latency_us : c.oversubscribed_latency_us;
-        latency = entry.second.as<double>();
-        if (!(latency >= 0)) throw ConfigError(where + key + ": must be >= 0");
-      } else if (key == "assume") {
-        if (!entry.second.IsMap()) throw ConfigError(where + "assume: expected a map of assumption: value");
-        Assumptions check;
-        for (const auto& item : entry.second) {
-          const std::string setting = item.first.as<std::string>() + "=" + item.second.as<std::string>();
-          try {
-            set_assumption(check, setting);
-          } catch (const ConfigError& e) {
-            std::string why = e.what();
-            why = why.rfind("--assume ", 0) == 0 ? why.substr(9) : why;
-            throw ConfigError(where + "assume: " + why);
-          }
-          c.assume.push_back(setting);
-        }
-      } else {
-        const auto it = std::find_if(numbers.begin(), numbers.end(), [&](const auto& n) { return key == n.first; });
-        if (it == numbers.end()) throw ConfigError(where + "unknown key '" + key + "'");
-        *it->second = entry.second.as<double>();
-      }
-    } catch (const YAML::Exception&) {
-      throw ConfigError(where + key + ": expected a number");
-    }
-  }
-  for (const auto& [key, value] : numbers) {
-    if (!(*value > 0)) throw ConfigError(path + ": " + key + ": must be > 0");
-  }
-  if (c.gpus_per_node < 1) throw ConfigError(path + ": gpus_per_node: must be >= 1");
-  if (c.device != "cpu" && (c.cores_per_node > 0 || c.oversubscribed_latency_us > 0)) {
-    throw ConfigError(path + ": cores_per_node and oversubscribed_latency_us describe CPU nodes (device: cpu)");
-  }
-  if (c.name.empty()) c.name = std::filesystem::path(path).stem().string();
-  return c;
 }
 
 std::string resolved_schedule(const Layout& layout) {
@@ -591,135 +462,6 @@ std::vector<Plan> search_plans(const Config& config, const ClusterSpec& cluster,
   }
   std::sort(plans.begin(), plans.end(), [](const Plan& x, const Plan& y) { return x.usd < y.usd; });
   return plans;
-}
-
-std::string format_plan(const Plan& p, const ClusterSpec& c, const Assumptions& a) {
-  std::ostringstream out;
-  char line[256];
-  const auto row = [&](const char* label, const std::string& value) {
-    std::snprintf(line, sizeof(line), "  %-34s %s\n", label, value.c_str());
-    out << line;
-  };
-  const auto seconds = [](double s) {
-    char t[48];
-    std::snprintf(t, sizeof(t), "%.4g s", s);
-    return std::string(t);
-  };
-  out << "model\n";
-  row("parameters (total, with MTP)", human_count(p.params_total));
-  row("activated per token", human_count(p.params_activated));
-  std::snprintf(line, sizeof(line), "%.4g GFLOP", p.flops_per_token / 1e9);
-  row("training FLOPs per token", line);
-  out << "layout on " << p.layout.gpus() << " x " << c.name << "\n";
-  row("degrees", p.layout.describe());
-  std::snprintf(line, sizeof(line), "%s tokens", human_count(p.tokens_per_step).c_str());
-  row("global batch", line);
-  if (!p.stage_layout.empty()) {
-    std::snprintf(line, sizeof(line), " (costliest %.3gx the mean)", p.stage_imbalance);
-    row("stages", p.stage_layout + line);
-  }
-  out << "memory per GPU (busiest stage)\n";
-  row("weights (BF16)", human_bytes(p.memory.weights));
-  row("gradients", human_bytes(p.memory.grads));
-  row("master weights", human_bytes(p.memory.master));
-  row("optimizer states", human_bytes(p.memory.optimizer));
-  row("activations", human_bytes(p.memory.activations));
-  if (p.memory.comm_buffers > 0) row("communication buffers", human_bytes(p.memory.comm_buffers));
-  if (p.memory.runtime > 0) row("runtime (libraries, context)", human_bytes(p.memory.runtime));
-  std::snprintf(line, sizeof(line), "%s of %.1f GiB usable: %s", human_bytes(p.memory.total()).c_str(), c.hbm_gib * a.memory_headroom,
-                p.fits ? "fits" : "DOES NOT FIT");
-  row("total", line);
-  out << "communication per GPU per step\n";
-  const auto comm = [&](const char* label, double bytes, double secs) {
-    row(label, human_bytes(bytes) + " in " + seconds(secs));
-  };
-  comm("tp all-reduce", p.comm.tp_bytes, p.comm.tp_seconds);
-  comm("ep all-to-all", p.comm.ep_bytes, p.comm.ep_seconds);
-  comm("pp send/recv", p.comm.pp_bytes, p.comm.pp_seconds);
-  comm("dp reduce-scatter/all-gather", p.comm.dp_bytes, p.comm.dp_seconds);
-  out << "time\n";
-  row("compute per step", seconds(p.compute_seconds) + " (GEMMs " + seconds(p.gemm_seconds) + ", element-wise " +
-                               seconds(p.elementwise_seconds) + ": " + human_bytes(p.elementwise_bytes) + " through memory)");
-  row("optimizer update", seconds(p.optimizer_seconds) + " (" + human_bytes(p.optimizer_bytes) + " through memory)");
-  if (p.newton_schulz_flops > 0) {
-    row("Muon's Newton-Schulz", seconds(p.newton_schulz_seconds) + " (" + std::to_string(static_cast<int64_t>(p.newton_schulz_flops / 1e9)) +
-                                    " GFLOP per rank per step)");
-  }
-  std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.bubble_fraction);
-  const std::string bubble = p.pipeline_schedule.empty() ? "pipeline bubble" : "pipeline bubble (" + p.pipeline_schedule + ", simulated)";
-  row(bubble.c_str(), line);
-  std::snprintf(line, sizeof(line), "%s of %s (the rest hidden as assumed below)", seconds(p.comm_exposed_seconds).c_str(),
-                seconds(p.comm_seconds).c_str());
-  row("communication on the step", line);
-  if (p.collectives > 0 && c.collective_latency_us + c.oversubscribed_latency_us > 0) {
-    std::snprintf(line, sizeof(line), "%.0f a step, %s of their communication time", p.collectives,
-                  seconds(p.latency_seconds).c_str());
-    row("blocking collectives (latency)", line);
-  }
-  row("step", seconds(p.step_seconds));
-  std::snprintf(line, sizeof(line), "%.1f%%", 100 * p.mfu);
-  row("MFU", line);
-  out << "cost\n";
-  std::snprintf(line, sizeof(line), "%s tokens", human_count(p.tokens).c_str());
-  row("tokens", line);
-  std::snprintf(line, sizeof(line), "%.4g", p.gpu_hours);
-  row("GPU-hours", line);
-  std::snprintf(line, sizeof(line), "$%.4g at $%.2f per GPU-hour", p.usd, c.usd_per_gpu_hour);
-  row("cost", line);
-  std::snprintf(line, sizeof(line),
-                "assumes GEMMs at %.0f%% of peak; hidden behind compute: %.0f%% of ep, %.0f%% of dp, %.0f%% of tp traffic, all "
-                "pp traffic; %.0f%% of HBM usable; busiest expert at %.1fx the mean",
-                100 * a.gemm_efficiency, 100 * a.ep_overlap, 100 * a.dp_overlap, 100 * a.tp_overlap, 100 * a.memory_headroom,
-                a.moe_imbalance);
-  out << line;
-  if (c.device == "cpu") {
-    std::snprintf(line, sizeof(line), "; a rank of several threads at %.0f%% of its cores", 100 * a.thread_efficiency);
-    out << line;
-  }
-  out << "\n";
-  return out.str();
-}
-
-std::string plan_json(const Plan& p, const ClusterSpec& c, const Assumptions& a) {
-  const nlohmann::json j = {
-      {"cluster", c.name},
-      {"gpus", p.layout.gpus()},
-      {"layout", {{"tp", p.layout.tp}, {"pp", p.layout.pp}, {"ep", p.layout.ep}, {"dp", p.layout.dp},
-                  {"zero1", p.layout.zero1}, {"micro_batch_size", p.layout.micro_batch_size},
-                  {"num_micro_batches", p.layout.num_micro_batches}, {"virtual_pp", p.layout.virtual_pp},
-                  {"recompute", p.layout.recompute}}},
-      {"params_total", p.params_total},
-      {"params_activated", p.params_activated},
-      {"flops_per_token", p.flops_per_token},
-      {"tokens_per_step", p.tokens_per_step},
-      {"memory_bytes", {{"weights", p.memory.weights}, {"grads", p.memory.grads}, {"master", p.memory.master},
-                        {"optimizer", p.memory.optimizer}, {"activations", p.memory.activations}, {"comm_buffers", p.memory.comm_buffers},
-                        {"runtime", p.memory.runtime}, {"total", p.memory.total()}}},
-      {"fits", p.fits},
-      {"comm_bytes", {{"tp", p.comm.tp_bytes}, {"ep", p.comm.ep_bytes}, {"pp", p.comm.pp_bytes}, {"dp", p.comm.dp_bytes}}},
-      {"comm_seconds", {{"tp", p.comm.tp_seconds}, {"ep", p.comm.ep_seconds}, {"pp", p.comm.pp_seconds}, {"dp", p.comm.dp_seconds}}},
-      {"bubble_fraction", p.bubble_fraction},
-      {"pipeline_schedule", p.pipeline_schedule},
-      {"stage_layout", p.stage_layout},
-      {"stage_imbalance", p.stage_imbalance},
-      {"peak_in_flight", p.peak_in_flight},
-      {"compute_seconds", p.compute_seconds}, {"gemm_seconds", p.gemm_seconds},
-      {"elementwise_seconds", p.elementwise_seconds}, {"elementwise_bytes", p.elementwise_bytes},
-      {"collectives", p.collectives}, {"latency_seconds", p.latency_seconds},
-      {"newton_schulz_seconds", p.newton_schulz_seconds},
-      {"optimizer_seconds", p.optimizer_seconds}, {"optimizer_bytes", p.optimizer_bytes},
-      {"step_seconds", p.step_seconds},
-      {"comm_total_seconds", p.comm_seconds},
-      {"comm_exposed_seconds", p.comm_exposed_seconds},
-      {"mfu", p.mfu},
-      {"tokens", p.tokens},
-      {"gpu_hours", p.gpu_hours},
-      {"usd", p.usd},
-      {"assumptions", {{"gemm_efficiency", a.gemm_efficiency}, {"ep_overlap", a.ep_overlap}, {"dp_overlap", a.dp_overlap},
-                       {"tp_overlap", a.tp_overlap}, {"moe_imbalance", a.moe_imbalance}, {"memory_headroom", a.memory_headroom},
-                       {"thread_efficiency", a.thread_efficiency}}},
-  };
-  return j.dump(2);
 }
 
 }  // namespace fmoe::plan
