@@ -96,7 +96,9 @@ TEST(StageSplit, BalancedSplitIsTheBestContiguousOne) {
         for (const PipelineStage& s : split.stages) {
           worst = std::max(worst, s.cost);
           EXPECT_TRUE(s.num_layers > 0 || s.embedding || s.head) << "an empty stage with enough items";
-          if (s.num_layers > 0) EXPECT_EQ(s.first_layer, next);
+          if (s.num_layers > 0) {
+            EXPECT_EQ(s.first_layer, next);
+          }
           next = s.first_layer + s.num_layers;
           placed += s.num_layers;
         }

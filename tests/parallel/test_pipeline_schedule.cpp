@@ -130,8 +130,12 @@ TEST(PipelineSchedule, OneFOneBHandComputedAndItsLowering) {
 std::string groups_text(const PipelineSchedule& s, const std::vector<std::vector<P2PGroup>>& groups, int rank) {
   std::string text;
   for (const P2PGroup& g : groups[static_cast<size_t>(rank)]) {
-    text += (text.empty() ? "" : " | ") + std::to_string(g.at) + ":";
-    for (size_t k = 0; k < g.actions.size(); ++k) text += (k ? " " : "") + s.ranks[static_cast<size_t>(rank)][g.actions[k]].text();
+    if (!text.empty()) text += " | ";
+    text += std::to_string(g.at) + ":";
+    for (size_t k = 0; k < g.actions.size(); ++k) {
+      if (k > 0) text += ' ';
+      text += s.ranks[static_cast<size_t>(rank)][g.actions[k]].text();
+    }
   }
   return text;
 }
