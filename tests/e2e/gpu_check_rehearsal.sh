@@ -50,7 +50,17 @@ done
 secs=$(grep '^| mpi2 | ' "$table" | cut -d'|' -f4 | awk '{print $1}')
 [ "$secs" -le 32 ] || fail "the hung stage ran $secs s past its 20 s limit (+10 s for SIGKILL)"
 grep -q '^==== mpi2: TIMEOUT' "$dir/out/gpu_check_logs.txt" || fail "the hung stage's log tail is not in GPU_CHECK_OUT"
-grep -q 'goal MFU >= 45%: not met' "$table" || fail "the MFU goal is not computed"
+# The MFU goal judged from the measured MFU (on a CPU either way: the rehearsal's
+# peak is this CPU's measured GEMM rate).
+python3 - "$table" <<'PY' || { cat "$table"; fail "the MFU goal is not computed from the measured MFU"; }
+import re, sys
+row = next(l for l in open(sys.argv[1]) if l.startswith("| gpu1b_bf16 | "))
+m = re.search(r"MFU ([0-9.]+)%.*goal MFU >= 45%: (met|not met)", row)
+assert m, row
+mfu = float(m.group(1))  # printed to 0.1%: at 45.0 either verdict agrees with it
+assert abs(mfu - 45) <= 0.05 or (mfu >= 45) == (m.group(2) == "met"), row
+print("ok: MFU %s%%, goal >= 45%%: %s" % m.groups())
+PY
 grep -q 'over steps 1-10, .* over all 12' "$table" || { cat "$table"; fail "the tiny comparison does not give the first steps' and the whole run's gaps"; }
 for run in tiny_cpu tiny_gpu gpu1b_bf16 gpu1b_fp8; do
   [ "$(grep "^$run: " "$dir/out/gpu_check_losses.txt" | wc -w)" -ge 7 ] || fail "gpu_check_losses.txt has no losses of $run"
