@@ -1,1 +1,1 @@
-// Anchor translation unit for the shared torch precompiled header.
+// Anchor translation unit for a shared torch precompiled header.

@@ -1,6 +1,7 @@
 #include "parallel/tensor_parallel.h"
 
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include "parallel/autograd.h"
 
