@@ -15,7 +15,7 @@ constexpr std::array<TestHookInfo, 15> kTestHooks{{
                          "computed against; the precision line and the metrics say injected"},
     {"FMOE_STALL_RANK", "with FMOE_STALL_AT_STEP: that rank sleeps at that step, so its peers' collectives time out"},
     {"FMOE_STALL_AT_STEP", "the step at which FMOE_STALL_RANK stops taking part"},
-    {"FMOE_SLOW_STEPS", "S:seconds: every step from S on sleeps that long too (a machine that slows down mid-run)"},
+    {"FMOE_SLOW_STEPS", "S:seconds[:E]: every step from S on (to E, excluded) sleeps that long too (a machine that slows down mid-run)"},
     {"FMOE_CRASH_AFTER_CHECKPOINT_FILES", "n: the process exits (_Exit(9)) after n files of a checkpoint save"},
     {"FMOE_DUMP_GRADIENTS", "dir: each rank writes its reduced first-step gradients to dir/gradients_rank<r>.safetensors"},
     {"FMOE_HOST_STAGING", "1: a CPU run's collectives go through the host-staging layer that carries CUDA tensors over MPI"},
@@ -62,8 +62,11 @@ TestHooks read_test_hooks() {
     char* end = nullptr;
     hooks.slow_from_step = std::strtoll(slow.c_str(), &end, 10);
     if (*end == ':') hooks.slow_step_seconds = std::strtod(end + 1, &end);
-    if (*end != '\0' || hooks.slow_from_step < 0 || !(hooks.slow_step_seconds > 0)) {
-      throw std::runtime_error("FMOE_SLOW_STEPS: expected STEP:SECONDS (a step >= 0, seconds > 0), got '" + slow + "'");
+    if (*end == ':') hooks.slow_until_step = std::strtoll(end + 1, &end, 10);
+    if (*end != '\0' || hooks.slow_from_step < 0 || !(hooks.slow_step_seconds > 0) ||
+        (hooks.slow_until_step != -1 && hooks.slow_until_step <= hooks.slow_from_step)) {
+      throw std::runtime_error("FMOE_SLOW_STEPS: expected STEP:SECONDS[:END] (a step >= 0, seconds > 0, an end after the step), got '" +
+                               slow + "'");
     }
   }
   hooks.dump_gradients = text_of("FMOE_DUMP_GRADIENTS");

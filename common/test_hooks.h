@@ -27,8 +27,9 @@ struct TestHooks {
   // Faults and probes.
   int stall_rank = -1;                   // FMOE_STALL_RANK: this rank stops taking part ...
   int64_t stall_at_step = -1;            // FMOE_STALL_AT_STEP: ... at this step (it sleeps)
-  int64_t slow_from_step = -1;           // FMOE_SLOW_STEPS="S:seconds": every step from S on sleeps that long too
+  int64_t slow_from_step = -1;           // FMOE_SLOW_STEPS="S:seconds[:E]": every step from S (to E, excluded) sleeps that long too
   double slow_step_seconds = 0;
+  int64_t slow_until_step = -1;          // E; -1: to the end
   int crash_after_checkpoint_files = 0;  // FMOE_CRASH_AFTER_CHECKPOINT_FILES: _Exit(9) after this many files of a save; 0: never
   std::string dump_gradients;            // FMOE_DUMP_GRADIENTS: a folder for each rank's first-step reduced gradients
   // Paths forced for testing.

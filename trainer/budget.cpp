@@ -45,6 +45,15 @@ int64_t passes_left(int64_t done, int64_t total, int64_t interval) {
   return periodic + (interval > 0 && total % interval == 0 ? 0 : 1);
 }
 
+// Steps after decided_at_step that fit in `seconds` at in's step time, with the
+// validation passes they trigger and the final one.
+int64_t steps_that_fit(const ScheduleInputs& in, double seconds) {
+  const double left = seconds - in.eval_seconds;  // the final pass
+  const double per_step =
+      std::max(1e-9, in.step_seconds + (in.eval_interval > 0 ? in.eval_seconds / static_cast<double>(in.eval_interval) : 0.0));
+  return static_cast<int64_t>(std::floor(std::max(0.0, left) / per_step));
+}
+
 }  // namespace
 
 double projected_seconds(const ScheduleInputs& in, int64_t total_steps) {
@@ -55,11 +64,22 @@ double projected_seconds(const ScheduleInputs& in, int64_t total_steps) {
 
 int64_t shortened_schedule(const ScheduleInputs& in, int64_t total_steps) {
   if (in.limit_seconds <= 0 || projected_seconds(in, total_steps) <= in.limit_seconds) return total_steps;
-  const double left = kBudgetPlannedFraction * (in.limit_seconds - in.elapsed_seconds) - in.eval_seconds;  // the final pass
-  const double per_step =
-      std::max(1e-9, in.step_seconds + (in.eval_interval > 0 ? in.eval_seconds / static_cast<double>(in.eval_interval) : 0.0));
-  const auto more = static_cast<int64_t>(std::floor(std::max(0.0, left) / per_step));
-  return std::clamp(in.decided_at_step + more, std::min(in.decided_at_step + 1, total_steps), total_steps);
+  const double left = kBudgetPlannedFraction * (in.limit_seconds - in.elapsed_seconds);
+  return std::clamp(in.decided_at_step + steps_that_fit(in, left), std::min(in.decided_at_step + 1, total_steps), total_steps);
+}
+
+int64_t lengthened_schedule(const ScheduleInputs& in, int64_t total_steps) {
+  if (in.limit_seconds <= 0 || projected_seconds(in, total_steps) >= kBudgetGrowBelowFraction * in.limit_seconds) return total_steps;
+  // Up to the planned fraction of the whole budget (as when it was fixed): the
+  // slack left for drift stays a tenth of the limit, not of the time left.
+  int64_t grown = in.decided_at_step + steps_that_fit(in, kBudgetPlannedFraction * in.limit_seconds - in.elapsed_seconds);
+  if (in.token_limit_steps > 0) grown = std::min(grown, in.token_limit_steps);
+  return std::max(grown, total_steps);
+}
+
+int64_t resized_schedule(const ScheduleInputs& in, int64_t total_steps) {
+  const int64_t shorter = shortened_schedule(in, total_steps);
+  return shorter != total_steps ? shorter : lengthened_schedule(in, total_steps);
 }
 
 void agree_over_ranks(ScheduleInputs& in, parallel::Communicator& world) {

@@ -4,7 +4,9 @@
 // and the time of one validation pass. The decision is stored in the
 // checkpoint, so a resumed run follows the same schedule bit for bit. A fixed
 // schedule that the recent step time would carry past the whole limit is
-// shortened (shortened_schedule), and the new length is stored alike.
+// shortened (shortened_schedule); one that it would end well inside the limit
+// (the machine sped up again) is lengthened (lengthened_schedule); the new
+// length is stored alike.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +27,10 @@ using config::BudgetConfig;
 // absorbs checkpoint writes and step-time drift on a shared machine (the tiny
 // config's steps drifted 11% above their calibrated time over an 8-minute run).
 inline constexpr double kBudgetPlannedFraction = 0.90;
+// A fixed schedule projected to end below this fraction of the limit at the
+// recent step time is lengthened (the gap to the planned fraction keeps one
+// resize from triggering the next at a steady step time).
+inline constexpr double kBudgetGrowBelowFraction = 0.80;
 
 // The wall-clock seconds the budget allows the whole run (every rank counts as a
 // device for GPU-hours and dollars); 0 when no limit is in time or money.
@@ -56,6 +62,18 @@ double projected_seconds(const ScheduleInputs& in, int64_t total_steps);
 // the steps that fit in the planned fraction of the time left at the recent
 // step time, never longer than it was, never ending before the next step.
 int64_t shortened_schedule(const ScheduleInputs& in, int64_t total_steps);
+
+// A schedule whose projection ends below kBudgetGrowBelowFraction of the limit
+// (the steps got faster: a passing slowdown that shortened it is over, or the
+// calibration steps were slow) is lengthened: to the steps that fit, at the
+// recent step time, in the planned fraction of the whole limit less the time
+// spent (as size_schedule: a tenth of the limit stays free for drift), never
+// shorter than it was, never past the token limit.
+int64_t lengthened_schedule(const ScheduleInputs& in, int64_t total_steps);
+
+// shortened_schedule past the limit, lengthened_schedule below
+// kBudgetGrowBelowFraction of it, else total_steps.
+int64_t resized_schedule(const ScheduleInputs& in, int64_t total_steps);
 
 // Every rank must fix the same length, or the last steps' collectives would
 // hang: all take the slowest rank's step, validation and elapsed times.

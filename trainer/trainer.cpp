@@ -215,13 +215,16 @@ TrainResult Trainer::Impl::run() {
   }
 
   if (options.hooks.slow_from_step >= 0) {
-    char text[160];
-    std::snprintf(text, sizeof(text), "test hook: every step from %lld on sleeps %.3f s more (FMOE_SLOW_STEPS)",
-                  static_cast<long long>(options.hooks.slow_from_step), options.hooks.slow_step_seconds);
+    const int64_t until = options.hooks.slow_until_step;
+    char text[200];
+    std::snprintf(text, sizeof(text), "test hook: every step from %lld %s sleeps %.3f s more (FMOE_SLOW_STEPS)",
+                  static_cast<long long>(options.hooks.slow_from_step),
+                  until >= 0 ? ("to " + std::to_string(until - 1)).c_str() : "on", options.hooks.slow_step_seconds);
     log(text);
   }
   TrainResult result;
   LoopState loop(device);
+  if (config.budget.max_tokens > 0) loop.token_limit_steps = std::max<int64_t>(1, config.budget.max_tokens / figures.tokens_per_step);
   parallel::reset_peak_device_memory(device);
   for (int64_t step = state.step; step < total_steps(); ++step) {
     StepOutcome outcome = train_step(step, figures, loop);
@@ -258,7 +261,7 @@ TrainResult Trainer::Impl::run() {
       result.stopped_early = true;
       break;
     }
-    if (stop.overrun && !last) shorten_schedule(loop);
+    if (stop.resize && !last) resize_schedule(loop);
   }
   return finish(std::move(result));
 }
@@ -273,8 +276,8 @@ StepOutcome Trainer::Impl::train_step(int64_t step, const RunFigures& figures, L
   StepOutcome out;
   out.start = Clock::now();
   loop.timer.start();
-  // FMOE_SLOW_STEPS="S:seconds": every step from S on takes that much longer (a machine that slows down).
-  if (hooks.slow_from_step >= 0 && step >= hooks.slow_from_step) {
+  // FMOE_SLOW_STEPS="S:seconds[:E]": every step from S on (to E) takes that much longer (a machine that slows down).
+  if (hooks.slow_from_step >= 0 && step >= hooks.slow_from_step && (hooks.slow_until_step < 0 || step < hooks.slow_until_step)) {
     std::this_thread::sleep_for(std::chrono::duration<double>(hooks.slow_step_seconds));
   }
   const int64_t copies_before = StepReadback::copies();
@@ -530,11 +533,11 @@ StopVotes Trainer::Impl::agree_to_stop(const LoopState& loop) {
   at::Tensor flags = at::full({3}, 0L, at::kLong);
   flags[0] = requested ? 1L : 0L;
   flags[1] = votes.exhausted.empty() ? 0L : 1L;
-  flags[2] = schedule_overruns(loop) ? 1L : 0L;
+  flags[2] = schedule_off_course(loop) ? 1L : 0L;
   sum_over_world(flags);
   votes.requested = flags[0].item<int64_t>() > 0;
   votes.budget = flags[1].item<int64_t>() > 0;
-  votes.overrun = flags[2].item<int64_t>() > 0;
+  votes.resize = flags[2].item<int64_t>() > 0;
   return votes;
 }
 
@@ -548,33 +551,34 @@ ScheduleInputs Trainer::Impl::schedule_now(const LoopState& loop) const {
                                                     static_cast<double>(loop.recent_steps.size());
   in.eval_seconds = state.calibrated_eval_seconds;
   in.eval_interval = config.training.eval_interval;
+  in.token_limit_steps = loop.token_limit_steps;
   return in;
 }
 
-bool Trainer::Impl::schedule_overruns(const LoopState& loop) const {
+bool Trainer::Impl::schedule_off_course(const LoopState& loop) const {
   if (loop.recent_steps.size() < kRecentSteps) return false;  // a full window: one slow step is not a trend
-  const ScheduleInputs in = schedule_now(loop);
-  return in.limit_seconds > 0 && projected_seconds(in, total_steps()) > in.limit_seconds;
+  return resized_schedule(schedule_now(loop), total_steps()) != total_steps();
 }
 
-// Some rank projects the fixed schedule past its limit: every rank takes the
-// slowest rank's recent step time and elapsed time and shortens the schedule
-// alike (the learning-rate decay follows the new length); the new length goes
-// into the checkpoints, so a resumed run keeps it.
-void Trainer::Impl::shorten_schedule(LoopState& loop) {
+// Some rank projects the fixed schedule past its limit, or well inside it:
+// every rank takes the slowest rank's recent step time and elapsed time and
+// resizes the schedule alike (the learning-rate decay follows the new length);
+// the new length goes into the checkpoints, so a resumed run keeps it.
+void Trainer::Impl::resize_schedule(LoopState& loop) {
   ScheduleInputs in = schedule_now(loop);
   if (world_size > 1) agree_over_ranks(in, mesh->world());
   const int64_t before = total_steps();
-  const int64_t after = shortened_schedule(in, before);
+  const int64_t after = resized_schedule(in, before);
   loop.recent_steps.clear();  // the next decision waits for a fresh window
-  if (after >= before) return;
+  if (after == before) return;
   state.total_steps = after;
   char text[320];
   std::snprintf(text, sizeof(text),
-                "schedule: shortened to %lld steps at step %lld: steps take %.3f s now against %.3f s when the schedule was "
+                "schedule: %s to %lld steps at step %lld: steps take %.3f s now against %.3f s when the schedule was "
                 "fixed, and the %lld planned would end at %.1f s of a %.1f s budget",
-                static_cast<long long>(after), static_cast<long long>(state.step), in.step_seconds, state.calibrated_step_seconds,
-                static_cast<long long>(before), projected_seconds(in, before), in.limit_seconds);
+                after < before ? "shortened" : "lengthened", static_cast<long long>(after), static_cast<long long>(state.step),
+                in.step_seconds, state.calibrated_step_seconds, static_cast<long long>(before), projected_seconds(in, before),
+                in.limit_seconds);
   log(text);
 }
 

@@ -95,6 +95,7 @@ struct LoopState {
   int64_t timed_tokens = 0;
   std::vector<double> timed_steps;  // step times until a budget-sized schedule is fixed
   std::vector<double> recent_steps; // after it is fixed: the last kRecentSteps step times (drift watch)
+  int64_t token_limit_steps = 0;    // budget.max_tokens in steps (0: none): a lengthened schedule stops there
   common::Clock::time_point last_progress = common::Clock::now();  // a progress line at least every 10 s
   bool projection_warned = false;
   StepReadback readback;
@@ -105,7 +106,7 @@ struct LoopState {
 struct StopVotes {
   bool requested = false;  // a signal or --stop-at on some rank
   bool budget = false;     // a limit reached on some rank
-  bool overrun = false;    // a budget-sized schedule projected past its limit on some rank: shorten it
+  bool resize = false;     // a budget-sized schedule projected past its limit, or well inside it, on some rank: resize it
   std::string exhausted;   // this rank's description of the limit reached, or empty
   bool any() const { return requested || budget; }
 };
@@ -267,10 +268,11 @@ struct Trainer::Impl {
   }
   TrainResult evaluate_checkpoint();
   void fix_schedule(double step_seconds, double eval_seconds, int64_t tokens_per_step);
-  // The budget-sized schedule's inputs as they stand now (the recent step time); overrun: whether it outruns its limit.
+  // The budget-sized schedule's inputs as they stand now (the recent step time); off course: whether
+  // resized_schedule would change its length (past the limit, or well inside it).
   ScheduleInputs schedule_now(const LoopState& loop) const;
-  bool schedule_overruns(const LoopState& loop) const;
-  void shorten_schedule(LoopState& loop);
+  bool schedule_off_course(const LoopState& loop) const;
+  void resize_schedule(LoopState& loop);
 
   // The run (trainer.cpp) and its setup (trainer_setup.cpp), in the order run() calls them.
   TrainResult run();

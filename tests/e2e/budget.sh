@@ -37,7 +37,7 @@ echo "ok: budget stops, resumes and reproduces the losses"
 # A schedule sized by a 60-second budget with real timing (no injected
 # calibration): tiny on the fixture corpus fixes its step count from its own
 # measured steps and ends inside the budget with the decay finished (shortened
-# on the way if the machine slows down: the schedule the checkpoint carries).
+# or lengthened on the way if the machine's speed changes: the schedule the checkpoint carries).
 unset FMOE_CALIBRATION FMOE_GEMM_GFLOPS
 d="$WORK_DIR/budget_real"; rm -rf "$d"
 t0=$(date +%s)
@@ -53,35 +53,45 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 fixed = [r for r in rows if "schedule" in r][0]["schedule"]["total_steps"]
 latest = open(os.path.join(sys.argv[2], "latest")).read().strip()
 state = json.load(open(os.path.join(sys.argv[2], latest, "trainer_state.json")))
-total = state["schedule"]["total_steps"]                                # as fixed, or shortened after a slowdown
-assert total <= fixed and rows[-1]["step"] == total, (rows[-1]["step"], total, fixed)  # the schedule ran to its end
+total = state["schedule"]["total_steps"]                                # as fixed, or resized as the speed changed
+assert rows[-1]["step"] == total, (rows[-1]["step"], total, fixed)      # the schedule ran to its end
 assert rows[-1]["injected"] == [], rows[-1]["injected"]
 spent = rows[-1]["gpu_hours"] * 3600                                    # one rank: GPU-hours are the trainer's clock
 assert state["elapsed_seconds"] <= 60, state["elapsed_seconds"]      # steps, validation and the final checkpoint
 assert spent <= 60, spent
 print("ok: 60 s budget: %d steps%s, %.1f s of training by the trainer's clock, %s s for the whole command"
-      % (total, "" if total == fixed else " (fixed at %d, shortened)" % fixed, state["elapsed_seconds"], sys.argv[3]))
+      % (total, "" if total == fixed else " (fixed at %d, resized)" % fixed, state["elapsed_seconds"], sys.argv[3]))
 PY
 
-# The same with the machine slowing down after the schedule is fixed
-# (FMOE_SLOW_STEPS: every step from 25 on sleeps 0.3 s more; the schedule is
-# fixed at step 20): the projection passes the 45 s limit, the schedule is
-# shortened, and the run still ends inside it (45 s leave room for the slow
-# steps on a machine whose FP32 steps take 0.4 s).
+# The same with the machine slowed for a while after the schedule is fixed
+# (FMOE_SLOW_STEPS: steps 21-29 sleep 0.5 s more; the schedule is fixed at
+# step 20): the 10-step window projects past the 45 s limit and the schedule is
+# shortened; once the steps are fast again a window projects well inside the
+# limit and it is lengthened back; the run still ends inside the budget (45 s
+# leave room for the slow steps on a machine whose FP32 steps take 0.45 s).
 d="$WORK_DIR/budget_slowed"; rm -rf "$d"
-FMOE_SLOW_STEPS=25:0.3 "$TRAIN" --config "$(dirname "$0")/../../configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" \
+FMOE_SLOW_STEPS=21:0.5:30 "$TRAIN" --config "$(dirname "$0")/../../configs/tiny.yaml" --set "data.prefix=$CORPUS/gcide" \
   --set "data.tokenizer=$CORPUS/tok.model" --set "training.run_dir=$d" --set training.steps=0 --set budget.max_minutes=0.75 \
   --set training.eval_sequences=16 --set training.checkpoint_interval=0 --set training.threads=2 > "$d.log" 2>&1 ||
   { cat "$d.log"; fail "the slowed 45-second budget run failed"; }
-grep -q "^schedule: shortened to [0-9]* steps at step [0-9]*: steps take" "$d.log" || { cat "$d.log"; fail "the slowed run's schedule was not shortened"; }
-python3 - "$d/metrics.jsonl" "$d/checkpoints" <<'PY' || { cat "$d.log"; fail "the slowed run did not end inside its budget"; }
-import json, os, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+grep -q "^test hook: every step from 21 to 29 sleeps 0.500 s more" "$d.log" || { cat "$d.log"; fail "the slow-steps hook did not announce itself"; }
+python3 - "$d.log" "$d/metrics.jsonl" "$d/checkpoints" <<'PY' || { cat "$d.log"; fail "the slowed run's schedule was not resized as expected"; }
+import json, os, re, sys
+resized = [(m.group(1), int(m.group(2)), int(m.group(3))) for m in
+           re.finditer(r"^schedule: (shortened|lengthened) to (\d+) steps at step (\d+): steps take", open(sys.argv[1]).read(), re.M)]
+rows = [json.loads(l) for l in open(sys.argv[2])]
 fixed = [r for r in rows if "schedule" in r][0]["schedule"]["total_steps"]
-latest = open(os.path.join(sys.argv[2], "latest")).read().strip()
-state = json.load(open(os.path.join(sys.argv[2], latest, "trainer_state.json")))
+latest = open(os.path.join(sys.argv[3], "latest")).read().strip()
+state = json.load(open(os.path.join(sys.argv[3], latest, "trainer_state.json")))
 total = state["schedule"]["total_steps"]
-assert total < fixed and rows[-1]["step"] == total, (rows[-1]["step"], total, fixed)
+kinds = [k for k, _, _ in resized]
+assert "shortened" in kinds, resized                                    # the slow steps shortened it ...
+first_short = kinds.index("shortened")
+assert resized[first_short][1] < fixed and resized[first_short][2] <= 30, (resized, fixed)
+grown = [r for r in resized[first_short + 1:] if r[0] == "lengthened"]
+assert grown and grown[0][2] > 30 and grown[0][1] > resized[first_short][1], resized  # ... the fast ones after lengthened it
+assert resized[-1][1] == total and rows[-1]["step"] == total, (resized, rows[-1]["step"], total)
 assert state["elapsed_seconds"] <= 45, state["elapsed_seconds"]
-print("ok: 45 s budget slowed at step 25: fixed at %d steps, shortened to %d, %.1f s by the trainer's clock" % (fixed, total, state["elapsed_seconds"]))
+print("ok: 45 s budget slowed over steps 21-29: fixed at %d steps, then %s; ran %d steps in %.1f s by the trainer's clock"
+      % (fixed, ", ".join("%s to %d at step %d" % r for r in resized), total, state["elapsed_seconds"]))
 PY

@@ -122,7 +122,7 @@ TEST(Budget, AScheduleThatSlowsDownIsShortenedToFitItsLimit) {
   // 0.9 x (480 - 250) - 2 = 205 s at 1.22 s per step: 168 more steps.
   EXPECT_EQ(shortened_schedule(now, 421), 368);
   EXPECT_LE(projected_seconds(now, 368), now.limit_seconds);
-  // Within the limit it stays as it is, even past the planned fraction; it is never lengthened.
+  // Within the limit it stays as it is, even past the planned fraction; shortening never lengthens.
   now.step_seconds = 0.95;
   EXPECT_LE(projected_seconds(now, 421), 480);
   EXPECT_EQ(shortened_schedule(now, 421), 421);
@@ -134,6 +134,38 @@ TEST(Budget, AScheduleThatSlowsDownIsShortenedToFitItsLimit) {
   // Without a time limit nothing changes.
   now.limit_seconds = 0;
   EXPECT_EQ(shortened_schedule(now, 421), 421);
+}
+
+TEST(Budget, AShortenedScheduleWhoseStepsGetFasterIsLengthenedBack) {
+  // Shortened to 368 at step 200; now at step 260, 310 s spent, steps take 0.6 s again.
+  ScheduleInputs now = schedule_at(310, 260, 0.6);
+  // 108 steps x 0.6 s + the pass at 300 and the final one: 378.8 s, under 0.8 x 480 = 384 s.
+  EXPECT_DOUBLE_EQ(projected_seconds(now, 368), 310 + 108 * 0.6 + 2 * 2.0);
+  // 0.9 x 480 - 310 - 2 = 120 s (a tenth of the whole limit stays free) at 0.62 s per step: 193 more.
+  EXPECT_EQ(lengthened_schedule(now, 368), 453);
+  EXPECT_EQ(resized_schedule(now, 368), 453);
+  EXPECT_DOUBLE_EQ(projected_seconds(now, 453), 310 + 193 * 0.6 + 3 * 2.0);
+  // At a steady step time the lengthened schedule stays as it is (projected between 80% and 100% of the limit).
+  EXPECT_GE(projected_seconds(now, 453), kBudgetGrowBelowFraction * now.limit_seconds);
+  EXPECT_EQ(resized_schedule(now, 453), 453);
+  // A token limit caps it; it never makes a schedule shorter.
+  now.token_limit_steps = 400;
+  EXPECT_EQ(lengthened_schedule(now, 368), 400);
+  now.token_limit_steps = 300;
+  EXPECT_EQ(lengthened_schedule(now, 368), 368);
+  now.token_limit_steps = 0;
+  // Between 80% and 100% of the limit nothing changes: 310 + 108 x 0.8 + 4 = 400.4 s.
+  now.step_seconds = 0.8;
+  EXPECT_EQ(lengthened_schedule(now, 368), 368);
+  EXPECT_EQ(resized_schedule(now, 368), 368);
+  // Slower again past the limit: resized_schedule shortens (as shortened_schedule).
+  ScheduleInputs slow = schedule_at(250, 200, 1.2);
+  EXPECT_EQ(resized_schedule(slow, 421), 368);
+  EXPECT_EQ(lengthened_schedule(slow, 421), 421);
+  // Without a time limit nothing changes.
+  now.step_seconds = 0.6;
+  now.limit_seconds = 0;
+  EXPECT_EQ(resized_schedule(now, 368), 368);
 }
 
 TEST(Budget, InjectedCalibration) {
