@@ -39,6 +39,17 @@ target_include_directories(fmoe_torch_cpu SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS}
 target_link_libraries(fmoe_torch_cpu INTERFACE
   ${FMOE_TORCH_LIB_DIR}/libtorch_cpu.so ${FMOE_TORCH_LIB_DIR}/libc10.so)
 target_link_options(fmoe_torch_cpu INTERFACE "-Wl,-rpath,${FMOE_TORCH_LIB_DIR}")
+if(FMOE_CUDA)
+  # LibTorch's CUDA libraries for the binaries that make CUDA tensors themselves
+  # (the GPU tests and benchmarks), without the compile definitions of
+  # ${TORCH_LIBRARIES} (USE_DISTRIBUTED, USE_C10D_NCCL, ...), which would keep
+  # them off the torch precompiled headers. libtorch_cuda registers the CUDA
+  # kernels when loaded, so it is linked even where no symbol of it is used.
+  add_library(fmoe_torch_cuda INTERFACE)
+  target_link_libraries(fmoe_torch_cuda INTERFACE fmoe_torch_cpu
+    "-Wl,--no-as-needed,${FMOE_TORCH_LIB_DIR}/libtorch_cuda.so -Wl,--as-needed"
+    ${FMOE_TORCH_LIB_DIR}/libc10_cuda.so CUDA::cudart)
+endif()
 
 find_package(MPI REQUIRED COMPONENTS C)
 find_package(yaml-cpp REQUIRED)

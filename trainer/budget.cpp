@@ -113,6 +113,13 @@ double calibrated_step_seconds(const std::vector<double>& step_seconds) {
          static_cast<double>(step_seconds.size() - skip);
 }
 
+double recent_step_seconds(std::vector<double> step_seconds) {
+  const size_t n = step_seconds.size();
+  if (n == 0) return 0;
+  std::sort(step_seconds.begin(), step_seconds.end());
+  return n % 2 == 1 ? step_seconds[n / 2] : 0.5 * (step_seconds[n / 2 - 1] + step_seconds[n / 2]);
+}
+
 std::string budget_exhausted(const BudgetConfig& b, const BudgetSpend& spend, bool sized_by_budget) {
   char text[160] = "";
   if (sized_by_budget) return text;

@@ -86,6 +86,12 @@ std::string describe_schedule(const ScheduleInputs& in, int64_t total_steps, int
 // two of a process warm caches up and are left out when there are more.
 double calibrated_step_seconds(const std::vector<double>& step_seconds);
 
+// The step time a fixed schedule is projected at: the median of the recent
+// window (the mean of the middle two for an even count). A few outlying steps
+// (the machine busy for a second) are already in the time spent and do not
+// move it; a slowdown that lasts half the window does. 0 for an empty window.
+double recent_step_seconds(std::vector<double> step_seconds);
+
 // What a run has spent so far, against its limits.
 struct BudgetSpend {
   double elapsed_seconds = 0;

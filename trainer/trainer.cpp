@@ -13,7 +13,6 @@
 #include <filesystem>
 #include <limits>
 #include <map>
-#include <numeric>
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -546,9 +545,7 @@ ScheduleInputs Trainer::Impl::schedule_now(const LoopState& loop) const {
   in.limit_seconds = budget_seconds(config.budget, world_size);
   in.elapsed_seconds = state.elapsed_seconds;
   in.decided_at_step = state.step;
-  in.step_seconds = loop.recent_steps.empty() ? state.calibrated_step_seconds
-                                              : std::accumulate(loop.recent_steps.begin(), loop.recent_steps.end(), 0.0) /
-                                                    static_cast<double>(loop.recent_steps.size());
+  in.step_seconds = loop.recent_steps.empty() ? state.calibrated_step_seconds : recent_step_seconds(loop.recent_steps);
   in.eval_seconds = state.calibrated_eval_seconds;
   in.eval_interval = config.training.eval_interval;
   in.token_limit_steps = loop.token_limit_steps;

@@ -85,7 +85,7 @@ struct StepOutcome {
   double val_loss = -1;  // < 0 when not validated at this step
 };
 
-// A budget-sized schedule's drift watch averages this many recent step times.
+// A budget-sized schedule's drift watch takes the median of this many recent step times.
 inline constexpr size_t kRecentSteps = 10;
 
 // What the loop carries from step to step.

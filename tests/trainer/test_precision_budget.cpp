@@ -168,6 +168,16 @@ TEST(Budget, AShortenedScheduleWhoseStepsGetFasterIsLengthenedBack) {
   EXPECT_EQ(resized_schedule(now, 368), 368);
 }
 
+TEST(Budget, TheRecentStepTimeIsTheWindowsMedian) {
+  // One step of a busy second among ten: the median stays at the typical step.
+  EXPECT_DOUBLE_EQ(recent_step_seconds({0.38, 0.39, 0.94, 0.39, 0.38, 0.40, 0.39, 0.41, 0.38, 0.39}), 0.39);
+  // A slowdown over more than half the window moves it.
+  EXPECT_DOUBLE_EQ(recent_step_seconds({0.4, 0.4, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9}), 0.9);
+  EXPECT_DOUBLE_EQ(recent_step_seconds({0.3, 0.1, 0.2}), 0.2);
+  EXPECT_DOUBLE_EQ(recent_step_seconds({0.4, 0.2, 0.1, 0.3}), 0.25);
+  EXPECT_DOUBLE_EQ(recent_step_seconds({}), 0.0);
+}
+
 TEST(Budget, InjectedCalibration) {
   double step = 0, eval = 0;
   EXPECT_FALSE(injected_calibration("", step, eval));
