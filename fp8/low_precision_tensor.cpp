@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <stdexcept>
+#include <tuple>
+#include <utility>
 
 #include "fp8/block_quant.h"
 
@@ -18,6 +20,60 @@ BlockQuantOptions state_tiles(int64_t block) {
   return o;
 }
 
+// 16 uniform random bits per element of a tensor of n elements: a 32-bit
+// integer hash of (index + seed), in int64 arithmetic that never overflows
+// (products below 2^59). int64, on options' device.
+at::Tensor hash_bits16(int64_t n, uint32_t seed, const at::TensorOptions& options) {
+  constexpr int64_t kMask = 0xFFFFFFFFLL, kMul = 0x45d9f3b;
+  at::Tensor x = at::arange(n, options.dtype(at::kLong)).add_(static_cast<int64_t>(seed)).bitwise_and_(kMask);
+  for (int round = 0; round < 2; ++round) x = x.bitwise_xor(x.bitwise_right_shift(16)).mul_(kMul).bitwise_and_(kMask);
+  return x.bitwise_xor(x.bitwise_right_shift(16)).bitwise_and_(0xFFFF);
+}
+
+// E2M1: the magnitude of each 3-bit code (bit 3 is the sign).
+constexpr float kFp4Magnitudes[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+constexpr double kFp4Max = 6.0;
+
+at::Tensor fp4_magnitudes(c10::Device device) {
+  return at::from_blob(const_cast<float*>(kFp4Magnitudes), {8}, at::kFloat).to(device);
+}
+
+// flat (FP32, n elements) in 1 x block tiles -> {packed codes (uint8, ceil(n / 2)),
+// scales (FP32, one per tile: max-abs / 6)}. Each magnitude over its scale
+// rounds to a neighbouring E2M1 value: to nearest (ties to the even code), or
+// up with the probability of its distance from the lower one when noise
+// (uniform in [0, 1), one per element) is given.
+std::pair<at::Tensor, at::Tensor> encode_fp4(const at::Tensor& flat, int64_t block, const at::Tensor& noise) {
+  const int64_t n = flat.numel(), tiles = (n + block - 1) / block;
+  at::Tensor padded = flat;
+  if (tiles * block != n) padded = at::constant_pad_nd(flat, {0, tiles * block - n}, 0.0);
+  const at::Tensor amax = padded.view({tiles, block}).abs().amax(1);
+  const at::Tensor scales = at::where(amax > 0, amax / kFp4Max, at::ones_like(amax));
+  const at::Tensor a = (padded.view({tiles, block}).abs() / scales.unsqueeze(1)).clamp_max_(kFp4Max).reshape({-1}).narrow(0, 0, n);
+  const at::Tensor grid = fp4_magnitudes(flat.device());
+  const at::Tensor lo = at::bucketize(a, grid, /*out_int32=*/false, /*right=*/true).sub_(1);  // the largest magnitude <= a
+  const at::Tensor hi = (lo + 1).clamp_max_(7);
+  const at::Tensor below = grid.index_select(0, lo), step = grid.index_select(0, hi) - below;
+  const at::Tensor frac = at::where(step > 0, (a - below) / step.clamp_min(1e-30), at::zeros_like(a));
+  const at::Tensor up = noise.defined() ? noise < frac
+                                        : at::logical_or(frac > 0.5, at::logical_and(frac == 0.5, lo.remainder(2) == 1));
+  const at::Tensor magnitude = lo + up.to(at::kLong);
+  const at::Tensor sign = at::logical_and(flat < 0, magnitude > 0).to(at::kLong);  // zero is always +0
+  at::Tensor codes = magnitude.bitwise_or(sign.bitwise_left_shift(3));
+  if (n % 2 == 1) codes = at::constant_pad_nd(codes, {0, 1}, 0);
+  const at::Tensor pairs = codes.view({-1, 2});
+  const at::Tensor packed = pairs.select(1, 0).bitwise_or(pairs.select(1, 1).bitwise_left_shift(4)).to(at::kByte);
+  return {packed.contiguous(), scales.contiguous()};
+}
+
+at::Tensor decode_fp4(const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t block) {
+  const at::Tensor bytes = packed.to(at::kLong);
+  const at::Tensor codes = at::stack({bytes.bitwise_and(15), bytes.bitwise_right_shift(4)}, 1).reshape({-1}).narrow(0, 0, n);
+  const at::Tensor magnitude = fp4_magnitudes(packed.device()).index_select(0, codes.bitwise_and(7));
+  const at::Tensor value = at::where(codes.bitwise_right_shift(3) == 1, -magnitude, magnitude);
+  return value * scales.repeat_interleave(block).narrow(0, 0, n);
+}
+
 }  // namespace
 
 StorageDtype parse_storage_dtype(const std::string& name) {
@@ -25,7 +81,8 @@ StorageDtype parse_storage_dtype(const std::string& name) {
   if (name == "bf16") return StorageDtype::kBf16;
   if (name == "fp16") return StorageDtype::kFp16;
   if (name == "fp8") return StorageDtype::kFp8;
-  throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16 or fp8)");
+  if (name == "fp4") return StorageDtype::kFp4;
+  throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16, fp8 or fp4)");
 }
 
 std::string storage_dtype_name(StorageDtype dtype) {
@@ -34,6 +91,7 @@ std::string storage_dtype_name(StorageDtype dtype) {
     case StorageDtype::kBf16: return "bf16";
     case StorageDtype::kFp16: return "fp16";
     case StorageDtype::kFp8: return "fp8";
+    case StorageDtype::kFp4: return "fp4";
   }
   return "?";
 }
@@ -64,17 +122,13 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
       scales_ = q.scales;
       break;
     }
+    case StorageDtype::kFp4: std::tie(data_, scales_) = encode_fp4(v.reshape({-1}), block_size_, at::Tensor()); break;
   }
 }
 
 at::Tensor LowPrecisionTensor::stochastic_round_bf16(const at::Tensor& value, uint32_t seed) {
   const at::Tensor v = value.to(at::kFloat).contiguous();
-  // 16 random bits per element: a 32-bit integer hash of (index + seed), in
-  // int64 arithmetic that never overflows (products below 2^59).
-  constexpr int64_t kMask = 0xFFFFFFFFLL, kMul = 0x45d9f3b;
-  at::Tensor x = at::arange(v.numel(), v.options().dtype(at::kLong)).add_(static_cast<int64_t>(seed)).bitwise_and_(kMask);
-  for (int round = 0; round < 2; ++round) x = x.bitwise_xor(x.bitwise_right_shift(16)).mul_(kMul).bitwise_and_(kMask);
-  const at::Tensor noise = x.bitwise_xor(x.bitwise_right_shift(16)).bitwise_and_(0xFFFF);
+  const at::Tensor noise = hash_bits16(v.numel(), seed, v.options());
   // Adding the noise below BF16's last bit, then truncating, rounds the magnitude
   // up with probability (its dropped bits) / 2^16; the sign bit is untouched.
   const at::Tensor bits = v.view(at::kInt).reshape({-1}).to(at::kLong);
@@ -83,8 +137,15 @@ at::Tensor LowPrecisionTensor::stochastic_round_bf16(const at::Tensor& value, ui
 }
 
 void LowPrecisionTensor::store_stochastic(const at::Tensor& value, uint32_t seed) {
-  if (dtype_ != StorageDtype::kBf16) throw std::logic_error("stochastic rounding stores BF16 only");
-  data_ = stochastic_round_bf16(value, seed);
+  if (dtype_ == StorageDtype::kBf16) {
+    data_ = stochastic_round_bf16(value, seed);
+  } else if (dtype_ == StorageDtype::kFp4) {
+    const at::Tensor flat = value.to(at::kFloat).reshape({-1});
+    const at::Tensor noise = hash_bits16(flat.numel(), seed, flat.options()).to(at::kFloat).div_(65536.0);
+    std::tie(data_, scales_) = encode_fp4(flat, block_size_, noise);
+  } else {
+    throw std::logic_error("stochastic rounding stores BF16 and FP4 only");
+  }
 }
 
 at::Tensor LowPrecisionTensor::load() const {
@@ -97,16 +158,26 @@ at::Tensor LowPrecisionTensor::load() const {
       const at::Tensor v = dequantize_blocks(q).view(shape_);
       return sqrt_transform_ ? v.square() : v;
     }
+    case StorageDtype::kFp4: {
+      int64_t n = 1;
+      for (const int64_t d : shape_) n *= d;
+      return decode_fp4(data_, scales_, n, block_size_).view(shape_);
+    }
   }
   return {};
 }
 
-at::Tensor LowPrecisionTensor::round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size) {
+at::Tensor LowPrecisionTensor::round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size,
+                                          std::optional<uint32_t> seed) {
   LowPrecisionTensor stored;
   stored.shape_ = value.sizes().vec();
   stored.dtype_ = dtype;
   stored.block_size_ = block_size;
-  stored.store(value);
+  if (seed) {
+    stored.store_stochastic(value, *seed);
+  } else {
+    stored.store(value);
+  }
   return stored.load();
 }
 

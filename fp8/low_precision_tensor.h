@@ -3,20 +3,23 @@
 //   fp32 | bf16 | fp16 (with a per-tensor power-of-two scale that keeps the
 //   values inside FP16's normal range) | fp8 (E4M3 in 1 x block tiles of the
 //   flattened tensor, FP32 scale per tile; optionally square-root transformed,
-//   which halves the dynamic range of second moments).
+//   which halves the dynamic range of second moments) | fp4 (E2M1, two codes a
+//   byte, 1 x block tiles with an FP32 scale per tile = the tile's max-abs / 6,
+//   as MXFP4/NVFP4 hold values: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 
 namespace fmoe::fp8 {
 
-enum class StorageDtype { kFp32, kBf16, kFp16, kFp8 };
+enum class StorageDtype { kFp32, kBf16, kFp16, kFp8, kFp4 };
 
-// "fp32" | "bf16" | "fp16" | "fp8"; throws std::invalid_argument otherwise.
+// "fp32" | "bf16" | "fp16" | "fp8" | "fp4"; throws std::invalid_argument otherwise.
 StorageDtype parse_storage_dtype(const std::string& name);
 std::string storage_dtype_name(StorageDtype dtype);
 
@@ -28,10 +31,12 @@ class LowPrecisionTensor {
                      c10::Device device = c10::kCPU);
 
   void store(const at::Tensor& value);  // any float tensor of the shape
-  // BF16 only: stochastic rounding (each value rounds up with the probability of
-  // its distance from the lower neighbour, so small updates survive on average),
-  // the noise a hash of seed and the element's index: the same seed stores the
-  // same bits (reproducible, bit-exact on resume), with no state to keep.
+  // BF16 and FP4 only: stochastic rounding (each value rounds up with the
+  // probability of its distance from the lower neighbour, so small updates
+  // survive on average and the stored value is unbiased), the noise a hash of
+  // seed and the element's index: the same seed stores the same bits
+  // (reproducible, bit-exact on resume), with no state to keep. (FP4 rounds the
+  // value over its tile's scale.)
   void store_stochastic(const at::Tensor& value, uint32_t seed);
   at::Tensor load() const;              // fp32, the shape
   int64_t bytes() const;                // storage including scales
@@ -39,8 +44,10 @@ class LowPrecisionTensor {
 
   // value rounded stochastically to BF16 (returned in BF16), as store_stochastic does.
   static at::Tensor stochastic_round_bf16(const at::Tensor& value, uint32_t seed);
-  // value as it reads back after a store in dtype (for gradients kept in a narrow dtype).
-  static at::Tensor round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size = 128);
+  // value as it reads back after a store in dtype (for gradients kept in a narrow
+  // dtype); with a seed, after store_stochastic (BF16 and FP4).
+  static at::Tensor round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size = 128,
+                               std::optional<uint32_t> seed = std::nullopt);
 
   // The exact stored bytes (data and scales) for checkpoints, and their restore.
   std::map<std::string, at::Tensor> parts() const;
@@ -51,8 +58,8 @@ class LowPrecisionTensor {
   StorageDtype dtype_ = StorageDtype::kFp32;
   int64_t block_size_ = 128;
   bool sqrt_transform_ = false;
-  at::Tensor data_;    // fp32 / bf16 / fp16 values, or uint8 E4M3 codes
-  at::Tensor scales_;  // fp16: one power-of-two scale; fp8: one per tile
+  at::Tensor data_;    // fp32 / bf16 / fp16 values, uint8 E4M3 codes, or uint8 pairs of E2M1 codes (low nibble first)
+  at::Tensor scales_;  // fp16: one power-of-two scale; fp8, fp4: one per tile
 };
 
 }  // namespace fmoe::fp8

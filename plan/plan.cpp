@@ -26,6 +26,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 double dtype_bytes(const std::string& dtype, int64_t block) {
   if (dtype == "fp32") return 4;
   if (dtype == "fp8") return 1 + 4.0 / static_cast<double>(block);
+  if (dtype == "fp4") return 0.5 + 4.0 / static_cast<double>(block);
   return 2;  // bf16, fp16
 }
 

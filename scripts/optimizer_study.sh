@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The optimizer study of docs/optimizer.md: one config trained four ways from the
+# The optimizer study of docs/optimizer.md: one config trained five ways from the
 # same seed and data, at equal steps: AdamW with FP32 state (the reference),
 # AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
-# Muon with FP32 state, and Muon at its smallest state (BF16 master with
-# stochastic rounding, FP8 gradients, momentum and AdamW second moments).
+# Muon with FP32 state, Muon with BF16 master weights (stochastic rounding) and
+# FP8 gradients, momentum and AdamW second moments, and the same with FP4
+# gradients (stochastically rounded): under 4 bytes per parameter.
 # Prints a markdown table (state bytes per parameter as the metrics report it,
 # final validation loss, gap to its FP32 self, tokens to reach AdamW FP32's final
 # validation loss, seconds per step) and draws the validation-loss curves with
@@ -32,8 +33,9 @@ declare -A runs=(
   [adamw_5_bytes]="--set optimizer.main_params_dtype=fp16 ${SMALL[*]}"
   [muon_fp32]="${MUON[*]}"
   [muon_small]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]}"
+  [muon_fp4_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp4"
 )
-order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_small)
+order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_small muon_fp4_grads)
 for run in "${order[@]}"; do
   [ -n "${ONLY:-}" ] && [ "$ONLY" != "$run" ] && continue
   echo "== $NAME $run" >&2
@@ -49,7 +51,7 @@ import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
 rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in names if os.path.exists(f"{out}/{n}/metrics.jsonl")}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
-own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32"}
+own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32"}
 print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
 print("|---|---|---|---|---|---|")
 for name, lines in rows.items():

@@ -99,6 +99,15 @@ Optimizer::Optimizer(std::vector<NamedParameter> parameters, const OptimizerConf
   }
 }
 
+// The seed of a stochastic rounding of parameter i's master copy (salt 0) or
+// gradient at this step: a hash of the name and the step, so a replayed step
+// rounds to the same bits.
+uint32_t Optimizer::rounding_seed(size_t i, uint32_t salt) const {
+  uint32_t seed = 2166136261u;  // FNV-1a of the name
+  for (const char ch : params_[i].name) seed = (seed ^ static_cast<unsigned char>(ch)) * 16777619u;
+  return seed ^ static_cast<uint32_t>(steps_taken_ + 1) * 0x9E3779B1u ^ salt;
+}
+
 // Rounded to nearest, or stochastically with a seed of the step and the
 // parameter's name: the same bits whenever the same step is replayed.
 void Optimizer::store_master(size_t i, const at::Tensor& value) {
@@ -106,10 +115,7 @@ void Optimizer::store_master(size_t i, const at::Tensor& value) {
     master_[i].store(value);
     return;
   }
-  uint32_t seed = 2166136261u;  // FNV-1a of the name
-  for (const char ch : params_[i].name) seed = (seed ^ static_cast<unsigned char>(ch)) * 16777619u;
-  seed ^= static_cast<uint32_t>(steps_taken_ + 1) * 0x9E3779B1u;
-  master_[i].store_stochastic(value, seed);
+  master_[i].store_stochastic(value, rounding_seed(i, 0));
 }
 
 void Optimizer::refresh_master(const at::Tensor& param) {
@@ -126,10 +132,15 @@ void Optimizer::refresh_master(const at::Tensor& param) {
 void Optimizer::quantize_gradients() {
   if (grad_dtype_ == fp8::StorageDtype::kFp32) return;
   at::NoGradGuard no_grad;
-  for (auto& p : params_) {
-    at::Tensor grad = p.tensor.grad();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor grad = params_[i].tensor.grad();
     if (!grad.defined()) continue;
-    grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, grad_dtype_, config_.state_block_size));
+    // FP4's steps (a third to a half of a value) would swallow every small
+    // component under rounding to nearest: its gradients round stochastically,
+    // so each stored gradient is unbiased.
+    const std::optional<uint32_t> seed =
+        grad_dtype_ == fp8::StorageDtype::kFp4 ? std::optional<uint32_t>(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
+    grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, grad_dtype_, config_.state_block_size, seed));
   }
 }
 
@@ -305,6 +316,7 @@ StateBytes Optimizer::bytes_per_parameter() const {
   b.exp_avg_sq = v / numel;
   switch (grad_dtype_) {
     case fp8::StorageDtype::kFp8: b.grads = 1.0 + 4.0 / static_cast<double>(config_.state_block_size); break;
+    case fp8::StorageDtype::kFp4: b.grads = 0.5 + 4.0 / static_cast<double>(config_.state_block_size); break;
     case fp8::StorageDtype::kFp32: b.grads = 4; break;
     default: b.grads = 2; break;
   }

@@ -88,7 +88,8 @@ class Optimizer {
   void refresh_master(const at::Tensor& param);
   // The dtype of Muon's Newton-Schulz GEMMs (FP32 until set; the trainer sets the run's GEMM dtype).
   void set_matrix_dtype(at::ScalarType dtype) { matrix_dtype_ = dtype; }
-  // Rounds the gradients to grad_dtype, as if they had been stored in it. Call before clipping.
+  // Rounds the gradients to grad_dtype, as if they had been stored in it (FP4:
+  // stochastically, seeded by name and step). Call before clipping.
   void quantize_gradients();
   // One update with learning rate lr from the parameters' current .grad().
   void step(double lr);
@@ -109,6 +110,7 @@ class Optimizer {
   void step_stored(double lr, double bias_correction1, double bias_correction2);
   void step_muon(double lr);
   void store_master(size_t i, const at::Tensor& value);
+  uint32_t rounding_seed(size_t i, uint32_t salt) const;
   at::Tensor muon_update(const at::Tensor& u, const moe::WeightMatrices& m) const;
 
   std::vector<NamedParameter> params_;

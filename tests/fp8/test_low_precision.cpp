@@ -19,7 +19,8 @@ TEST(LowPrecisionTensor, RoundTripErrorAndBytesPerDtype) {
     double bytes_per_element;
   };
   for (const Case& c : {Case{StorageDtype::kFp32, 0.0, 4.0}, Case{StorageDtype::kBf16, 4e-3, 2.0},
-                        Case{StorageDtype::kFp16, 5e-4, 2.0}, Case{StorageDtype::kFp8, 0.06, 1.0 + 4.0 / 128}}) {
+                        Case{StorageDtype::kFp16, 5e-4, 2.0}, Case{StorageDtype::kFp8, 0.06, 1.0 + 4.0 / 128},
+                        Case{StorageDtype::kFp4, 0.12, 0.5 + 4.0 / 128}}) {
     LowPrecisionTensor t(value.sizes(), c.dtype);
     t.store(value);
     const at::Tensor back = t.load();
@@ -43,7 +44,7 @@ TEST(LowPrecisionTensor, SqrtTransformKeepsSmallSecondMoments) {
 
 TEST(LowPrecisionTensor, PartsRestoreExactly) {
   const at::Tensor value = at::randn({5, 300});
-  for (StorageDtype dtype : {StorageDtype::kFp32, StorageDtype::kBf16, StorageDtype::kFp16, StorageDtype::kFp8}) {
+  for (StorageDtype dtype : {StorageDtype::kFp32, StorageDtype::kBf16, StorageDtype::kFp16, StorageDtype::kFp8, StorageDtype::kFp4}) {
     LowPrecisionTensor a(value.sizes(), dtype);
     a.store(value);
     LowPrecisionTensor b(value.sizes(), dtype);
@@ -52,7 +53,8 @@ TEST(LowPrecisionTensor, PartsRestoreExactly) {
   }
   LowPrecisionTensor c(value.sizes(), StorageDtype::kFp8);
   EXPECT_THROW(c.restore({{"data", at::zeros({3})}}, "x"), std::runtime_error);
-  EXPECT_THROW(parse_storage_dtype("fp4"), std::invalid_argument);
+  EXPECT_EQ(parse_storage_dtype("fp4"), StorageDtype::kFp4);
+  EXPECT_THROW(parse_storage_dtype("fp6"), std::invalid_argument);
 }
 
 }  // namespace
@@ -84,6 +86,68 @@ TEST(LowPrecisionTensor, StochasticRoundingIsUnbiasedAndSeeded) {
   }
   EXPECT_EQ(nearest.to(at::kFloat).mean().item<double>(), 1.0);  // every addition lost
   EXPECT_NEAR(stochastic.to(at::kFloat).mean().item<double>(), 1.0 + 1000 * std::ldexp(1.0, -12), 0.01);
+}
+
+}  // namespace
+
+namespace {
+
+using fmoe::fp8::LowPrecisionTensor;
+using fmoe::fp8::StorageDtype;
+
+TEST(LowPrecisionTensor, Fp4IsE2M1InTilesPackedTwoCodesAByte) {
+  // One tile of 128 whose max-abs is 3: scale 0.5, so the grid is 0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3.
+  std::vector<float> v(128, 0.0f);
+  const float exact[] = {0.0f, 0.25f, -0.5f, 0.75f, 1.0f, -1.5f, 2.0f, 3.0f};
+  for (int i = 0; i < 8; ++i) v[i] = exact[i];
+  v[8] = 0.3f;     // 0.6 of a unit: nearest is 0.5 units (0.25)
+  v[9] = -0.35f;   // -0.7 units: nearest is -0.5 units (-0.25)... ties aside, 0.7 -> 0.5
+  v[10] = 1.25f;   // 2.5 units, the midpoint of 2 and 3: ties to the even code (2 units, code 4)
+  v[11] = 0.625f;  // 1.25 units, between 1 and 1.5 (codes 2 and 3): ties to code 2, 0.5
+  v[12] = 2.5f;    // 5 units, between 4 and 6 (codes 6 and 7): ties to code 6, 2.0
+  const at::Tensor value = at::tensor(v);
+  LowPrecisionTensor t(value.sizes(), StorageDtype::kFp4);
+  t.store(value);
+  const at::Tensor back = t.load();
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(back[i].item<float>(), exact[i]) << i;
+  EXPECT_EQ(back[8].item<float>(), 0.25f);
+  EXPECT_EQ(back[9].item<float>(), -0.25f);
+  EXPECT_EQ(back[10].item<float>(), 1.0f);
+  EXPECT_EQ(back[11].item<float>(), 0.5f);
+  EXPECT_EQ(back[12].item<float>(), 2.0f);
+  // 128 codes in 64 bytes, one FP32 scale; the codes of the first two values share byte 0:
+  // 0 (code 0) in the low nibble, 0.25 (code 1) in the high one.
+  const auto parts = t.parts();
+  EXPECT_EQ(parts.at("data").numel(), 64);
+  EXPECT_EQ(parts.at("data").scalar_type(), at::kByte);
+  EXPECT_EQ(parts.at("data")[0].item<uint8_t>(), 0x10);
+  EXPECT_EQ(parts.at("data")[1].item<uint8_t>(), (0x2 | 0x8) | (0x3 << 4));  // -0.5: sign bit 8 and code 2; 0.75: code 3
+  EXPECT_FLOAT_EQ(parts.at("scales")[0].item<float>(), 0.5f);
+  EXPECT_EQ(t.bytes(), 64 + 4);
+  // An odd count over several tiles keeps its shape and each tile's own scale.
+  const at::Tensor odd = at::cat({at::full({128}, 6.0f), at::tensor({-0.75f, -0.375f, 0.1875f})}).view({131});  // scale 0.125
+  EXPECT_TRUE(at::equal(LowPrecisionTensor::round_trip(odd, StorageDtype::kFp4), odd));
+}
+
+TEST(LowPrecisionTensor, Fp4StochasticRoundingIsUnbiasedAndSeeded) {
+  // In a tile whose max-abs is 6 (scale 1), 2.2 lies a fifth of the way from 2 to 3.
+  const int64_t n = 128 * 2000;
+  at::Tensor v = at::full({n}, 2.2f);
+  v.view({-1, 128}).select(1, 0).fill_(6.0f);
+  const at::Tensor r = LowPrecisionTensor::round_trip(v, StorageDtype::kFp4, 128, 11u).view({-1, 128}).narrow(1, 1, 127);
+  EXPECT_TRUE(at::logical_or(r == 2.0f, r == 3.0f).all().item<bool>());
+  EXPECT_NEAR((r == 3.0f).to(at::kDouble).mean().item<double>(), 0.2, 0.005);
+  EXPECT_NEAR(r.to(at::kDouble).mean().item<double>(), 2.2, 0.005);  // to nearest: always 2
+  EXPECT_TRUE(at::equal(LowPrecisionTensor::round_trip(v, StorageDtype::kFp4, 128, 11u), LowPrecisionTensor::round_trip(v, StorageDtype::kFp4, 128, 11u)));
+  EXPECT_FALSE(at::equal(LowPrecisionTensor::round_trip(v, StorageDtype::kFp4, 128, 12u), LowPrecisionTensor::round_trip(v, StorageDtype::kFp4, 128, 11u)));
+  // Negative values round their magnitude alike; values on the grid stay.
+  const at::Tensor neg = LowPrecisionTensor::round_trip(-v, StorageDtype::kFp4, 128, 11u).view({-1, 128}).narrow(1, 1, 127);
+  EXPECT_TRUE(at::equal(neg, -r));
+  const at::Tensor on_grid = at::tensor({6.0f, -4.0f, 3.0f, 1.5f, 0.5f, 0.0f});
+  EXPECT_TRUE(at::equal(LowPrecisionTensor::round_trip(on_grid, StorageDtype::kFp4, 128, 3u), on_grid));
+  // FP8 has no stochastic store.
+  LowPrecisionTensor fp8_state(v.sizes(), StorageDtype::kFp8);
+  EXPECT_THROW(fp8_state.store_stochastic(v, 1), std::logic_error);
 }
 
 }  // namespace

@@ -39,6 +39,8 @@ TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
   EXPECT_NEAR(c.exp_avg_sq, 2.0, 0.01);
   EXPECT_NEAR(c.training_state(), 6.0625, 0.01);
   EXPECT_NEAR(bytes(recipe("fp16", "fp8", "fp8", "fp8")).training_state(), 5.09, 0.01);
+  // FP4 gradients: two codes a byte plus a 4-byte scale per 128.
+  EXPECT_NEAR(bytes(recipe("bf16", "fp4", "fp8", "fp8")).grads, 0.5 + 4.0 / 128, 1e-9);
 }
 
 TEST(Fp8Optimizer, FirstStepMatchesClosedFormUpToStorageRounding) {
@@ -67,6 +69,37 @@ TEST(Fp8Optimizer, Fp8GradientsAreRoundedBeforeTheUpdate) {
   const at::Tensor after = ps[0].tensor.grad();
   EXPECT_FALSE(at::equal(before, after));
   EXPECT_LE(((after - before).norm() / before.norm()).item<double>(), 0.05);
+}
+
+TEST(Fp8Optimizer, Fp4GradientsRoundStochasticallyAndReproducibly) {
+  const auto rounded = [](int steps_before) {
+    auto ps = params(64);
+    Optimizer adam(ps, recipe("fp32", "fp4", "fp32", "fp32"));
+    for (int step = 0; step < steps_before; ++step) {
+      ps[0].tensor.mutable_grad() = at::zeros({64, 128});
+      ps[1].tensor.mutable_grad() = at::zeros({128});
+      adam.step(0.0);
+    }
+    torch::manual_seed(5);
+    ps[0].tensor.mutable_grad() = at::randn({64, 128}) * 1e-3;
+    ps[1].tensor.mutable_grad() = at::randn({128});
+    adam.quantize_gradients();
+    return ps[0].tensor.grad().clone();
+  };
+  torch::manual_seed(5);
+  const at::Tensor before = at::randn({64, 128}) * 1e-3;
+  const at::Tensor once = rounded(0);
+  // On E2M1's grid of its tile's scale (max-abs / 6): |g| / scale in {0, 0.5, 1, 1.5, 2, 3, 4, 6}.
+  const at::Tensor scale = before.view({-1, 128}).abs().amax(1, true) / 6.0;
+  const at::Tensor units = (once.view({-1, 128}).abs() / scale);
+  const at::Tensor grid = at::tensor({0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}, at::kFloat);
+  EXPECT_LT((units.unsqueeze(-1) - grid).abs().amin(-1).max().item<double>(), 1e-5);
+  // Within one step of the grid of the value, and unbiased: the rounding errors average out.
+  EXPECT_LE(((once - before).abs() / scale.expand({-1, 128}).reshape({64, 128})).max().item<double>(), 2.0 + 1e-5);
+  EXPECT_LT(std::abs((once - before).sum().item<double>()) / before.abs().sum().item<double>(), 0.02);
+  // Seeded by name and step: the same step rounds to the same bits, the next one to others.
+  EXPECT_TRUE(at::equal(rounded(0), once));
+  EXPECT_FALSE(at::equal(rounded(1), once));
 }
 
 TEST(Fp8Optimizer, StateRestoresExactly) {
