@@ -406,6 +406,9 @@ std::string OptimizerConfig::validate() const {
     return "stochastic_rounding: rounds BF16 master weights; main_params_dtype is '" + main_params_dtype + "'";
   }
   if (name != "adamw" && name != "muon") return "name: must be adamw or muon, got '" + name + "'";
+  if (grad_dtype == "fp4" && name != "muon") {
+    return "grad_dtype: fp4 is for Muon's matrices (name: muon); AdamW's second moment would take its rounding noise for signal";
+  }
   if (!(adamw_lr >= 0)) return "adamw_lr: must be >= 0 (0: lr)";
   if (!(muon_momentum >= 0 && muon_momentum < 1)) return "muon_momentum: must be in [0, 1)";
   if (muon_ns_steps < 1 || muon_ns_steps > 20) return "muon_ns_steps: must be in [1, 20], got " + std::to_string(muon_ns_steps);

@@ -52,7 +52,7 @@ struct OptimizerConfig {
   bool stochastic_rounding = false;        // BF16 master weights rounded stochastically (seeded by step and parameter)
   std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8
   std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
-  std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8 | fp4 (stochastically rounded)
+  std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8 | fp4 (Muon's matrices, stochastically rounded; the rest fp8)
   int64_t state_block_size = 128;          // FP8 state tiles
   // Muon (name: muon). Its momentum is stored like exp_avg (exp_avg_dtype).
   double adamw_lr = 0;               // peak learning rate of the AdamW-updated parameters; 0: lr

@@ -30,12 +30,25 @@ at::Tensor hash_bits16(int64_t n, uint32_t seed, const at::TensorOptions& option
   return x.bitwise_xor(x.bitwise_right_shift(16)).bitwise_and_(0xFFFF);
 }
 
-// E2M1: the magnitude of each 3-bit code (bit 3 is the sign).
-constexpr float kFp4Magnitudes[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
 constexpr double kFp4Max = 6.0;
 
-at::Tensor fp4_magnitudes(c10::Device device) {
-  return at::from_blob(const_cast<float*>(kFp4Magnitudes), {8}, at::kFloat).to(device);
+// E2M1's magnitude of each 3-bit code (bit 3 is the sign), as FP32 arithmetic
+// on the codes (no table to copy to the device): codes 0 and 1 are 0 and 0.5
+// (subnormal), code c >= 2 is 2^(c / 2 - 1) x (1 + (c mod 2) / 2): 1, 1.5, 2, 3, 4, 6.
+at::Tensor fp4_magnitude(const at::Tensor& code) {
+  const at::Tensor c = code.to(at::kFloat);
+  const at::Tensor normal = at::exp2(at::floor(c * 0.5) - 1.0) * (1.0 + 0.5 * c.remainder(2.0));
+  return at::where(c < 2.0, c * 0.5, normal);
+}
+
+// The largest code whose magnitude is at most a (a in [0, 6]).
+at::Tensor fp4_code_below(const at::Tensor& a) {
+  const at::Tensor e = at::floor(at::log2(a.clamp_min(1.0)));  // 0, 1, 2 from 1 on
+  const at::Tensor m = at::floor((a / at::exp2(e) - 1.0) * 2.0).clamp(0.0, 1.0);
+  at::Tensor code = at::where(a < 1.0, at::floor(a * 2.0), 2.0 + 2.0 * e + m).clamp(0.0, 7.0);
+  // log2 rounds up just below a power of two: one code lower where that overshot.
+  code = at::where(fp4_magnitude(code) > a, code - 1.0, code);
+  return code.to(at::kLong);
 }
 
 // flat (FP32, n elements) in 1 x block tiles -> {packed codes (uint8, ceil(n / 2)),
@@ -50,10 +63,9 @@ std::pair<at::Tensor, at::Tensor> encode_fp4(const at::Tensor& flat, int64_t blo
   const at::Tensor amax = padded.view({tiles, block}).abs().amax(1);
   const at::Tensor scales = at::where(amax > 0, amax / kFp4Max, at::ones_like(amax));
   const at::Tensor a = (padded.view({tiles, block}).abs() / scales.unsqueeze(1)).clamp_max_(kFp4Max).reshape({-1}).narrow(0, 0, n);
-  const at::Tensor grid = fp4_magnitudes(flat.device());
-  const at::Tensor lo = at::bucketize(a, grid, /*out_int32=*/false, /*right=*/true).sub_(1);  // the largest magnitude <= a
+  const at::Tensor lo = fp4_code_below(a);
   const at::Tensor hi = (lo + 1).clamp_max_(7);
-  const at::Tensor below = grid.index_select(0, lo), step = grid.index_select(0, hi) - below;
+  const at::Tensor below = fp4_magnitude(lo), step = fp4_magnitude(hi) - below;
   const at::Tensor frac = at::where(step > 0, (a - below) / step.clamp_min(1e-30), at::zeros_like(a));
   const at::Tensor up = noise.defined() ? noise < frac
                                         : at::logical_or(frac > 0.5, at::logical_and(frac == 0.5, lo.remainder(2) == 1));
@@ -69,7 +81,7 @@ std::pair<at::Tensor, at::Tensor> encode_fp4(const at::Tensor& flat, int64_t blo
 at::Tensor decode_fp4(const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t block) {
   const at::Tensor bytes = packed.to(at::kLong);
   const at::Tensor codes = at::stack({bytes.bitwise_and(15), bytes.bitwise_right_shift(4)}, 1).reshape({-1}).narrow(0, 0, n);
-  const at::Tensor magnitude = fp4_magnitudes(packed.device()).index_select(0, codes.bitwise_and(7));
+  const at::Tensor magnitude = fp4_magnitude(codes.bitwise_and(7));
   const at::Tensor value = at::where(codes.bitwise_right_shift(3) == 1, -magnitude, magnitude);
   return value * scales.repeat_interleave(block).narrow(0, 0, n);
 }

@@ -129,18 +129,23 @@ void Optimizer::refresh_master(const at::Tensor& param) {
   }
 }
 
+fp8::StorageDtype Optimizer::grad_dtype_of(size_t i) const {
+  return grad_dtype_ == fp8::StorageDtype::kFp4 && !muon_[i].matrix ? fp8::StorageDtype::kFp8 : grad_dtype_;
+}
+
 void Optimizer::quantize_gradients() {
   if (grad_dtype_ == fp8::StorageDtype::kFp32) return;
   at::NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor grad = params_[i].tensor.grad();
     if (!grad.defined()) continue;
+    const fp8::StorageDtype dtype = grad_dtype_of(i);
     // FP4's steps (a third to a half of a value) would swallow every small
     // component under rounding to nearest: its gradients round stochastically,
     // so each stored gradient is unbiased.
     const std::optional<uint32_t> seed =
-        grad_dtype_ == fp8::StorageDtype::kFp4 ? std::optional<uint32_t>(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
-    grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, grad_dtype_, config_.state_block_size, seed));
+        dtype == fp8::StorageDtype::kFp4 ? std::optional<uint32_t>(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
+    grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, dtype, config_.state_block_size, seed));
   }
 }
 
@@ -302,24 +307,27 @@ void Optimizer::step_stored(double lr, double bias_correction1, double bias_corr
 
 StateBytes Optimizer::bytes_per_parameter() const {
   StateBytes b;
-  double numel = 0, master = 0, m = 0, v = 0;
+  double numel = 0, master = 0, m = 0, v = 0, grads = 0;
+  const double scale_bytes = 4.0 / static_cast<double>(config_.state_block_size);
   for (size_t i = 0; i < params_.size(); ++i) {
-    numel += static_cast<double>(params_[i].tensor.numel());
+    const double n = static_cast<double>(params_[i].tensor.numel());
+    numel += n;
     if (!master_.empty()) master += static_cast<double>(master_[i].bytes());
     m += static_cast<double>(exp_avg_[i].bytes());
     if (!muon_[i].matrix) v += static_cast<double>(exp_avg_sq_[i].bytes());
+    switch (grad_dtype_of(i)) {
+      case fp8::StorageDtype::kFp4: grads += n * (0.5 + scale_bytes); break;
+      case fp8::StorageDtype::kFp8: grads += n * (1.0 + scale_bytes); break;
+      case fp8::StorageDtype::kFp32: grads += n * 4; break;
+      default: grads += n * 2; break;
+    }
   }
   if (numel == 0) return b;
   b.weights = 4;
   b.master = master / numel;
   b.exp_avg = m / numel;
   b.exp_avg_sq = v / numel;
-  switch (grad_dtype_) {
-    case fp8::StorageDtype::kFp8: b.grads = 1.0 + 4.0 / static_cast<double>(config_.state_block_size); break;
-    case fp8::StorageDtype::kFp4: b.grads = 0.5 + 4.0 / static_cast<double>(config_.state_block_size); break;
-    case fp8::StorageDtype::kFp32: b.grads = 4; break;
-    default: b.grads = 2; break;
-  }
+  b.grads = grads / numel;
   return b;
 }
 

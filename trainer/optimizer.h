@@ -89,7 +89,8 @@ class Optimizer {
   // The dtype of Muon's Newton-Schulz GEMMs (FP32 until set; the trainer sets the run's GEMM dtype).
   void set_matrix_dtype(at::ScalarType dtype) { matrix_dtype_ = dtype; }
   // Rounds the gradients to grad_dtype, as if they had been stored in it (FP4:
-  // stochastically, seeded by name and step). Call before clipping.
+  // Muon's matrices only, stochastically, seeded by name and step; the AdamW
+  // parameters' gradients in FP8). Call before clipping.
   void quantize_gradients();
   // One update with learning rate lr from the parameters' current .grad().
   void step(double lr);
@@ -111,6 +112,8 @@ class Optimizer {
   void step_muon(double lr);
   void store_master(size_t i, const at::Tensor& value);
   uint32_t rounding_seed(size_t i, uint32_t salt) const;
+  // Parameter i's gradient dtype: grad_dtype, except FP8 for the AdamW parameters under FP4.
+  fp8::StorageDtype grad_dtype_of(size_t i) const;
   at::Tensor muon_update(const at::Tensor& u, const moe::WeightMatrices& m) const;
 
   std::vector<NamedParameter> params_;

@@ -483,7 +483,7 @@ void Trainer::Impl::report(const StepOutcome& out, const RunFigures& figures, Lo
   if (deciding) {
     line["schedule"] = {{"total_steps", state.total_steps}, {"decided_at_step", state.step},
                         {"step_seconds", state.calibrated_step_seconds}, {"eval_seconds", state.calibrated_eval_seconds},
-                        {"limit_seconds", budget_seconds(config.budget, world_size)}};
+                        {"limit_seconds", budget_seconds(config.budget, world_size)}, {"elapsed_seconds", state.elapsed_seconds}};
   }
   if (config.budget.usd_per_gpu_hour > 0) line["usd"] = usd();
   if (out.val_loss >= 0) line["val_loss"] = out.val_loss;

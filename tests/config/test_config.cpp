@@ -68,8 +68,12 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("optimizer:\n  stochastic_rounding: true\n"),
             "run.yaml: optimizer.stochastic_rounding: rounds BF16 master weights; main_params_dtype is 'fp32'");
   EXPECT_EQ(error_of("optimizer:\n  name: sgd\n"), "run.yaml: optimizer.name: must be adamw or muon, got 'sgd'");
-  // FP4 is a gradient dtype only (an exponential moving average would pile up its rounding).
-  EXPECT_EQ(parse_config("optimizer:\n  grad_dtype: fp4\n", "run.yaml").optimizer.grad_dtype, "fp4");
+  // FP4 is a gradient dtype only (an exponential moving average would pile up its
+  // rounding), and for Muon's matrices only.
+  EXPECT_EQ(parse_config("optimizer:\n  name: muon\n  grad_dtype: fp4\n", "run.yaml").optimizer.grad_dtype, "fp4");
+  EXPECT_EQ(error_of("optimizer:\n  grad_dtype: fp4\n"),
+            "run.yaml: optimizer.grad_dtype: fp4 is for Muon's matrices (name: muon); AdamW's second moment would take its "
+            "rounding noise for signal");
   EXPECT_EQ(error_of("optimizer:\n  exp_avg_dtype: fp4\n"), "run.yaml: optimizer.exp_avg_dtype: must be fp32, bf16 or fp8, got 'fp4'");
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: int4\n"), "run.yaml: optimizer.grad_dtype: must be fp32, bf16, fp8 or fp4, got 'int4'");
   EXPECT_EQ(error_of("optimizer:\n  name: muon\n  muon_scale: spectral\n"),

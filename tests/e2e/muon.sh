@@ -6,7 +6,8 @@
 # dp2 x tp2 + ep2 with ZeRO-1 (split matrices gathered over tp), and dp2 + ep2
 # with BF16 momentum against one process with it. Resume from a step-5
 # checkpoint is bit-identical with BF16 momentum and stochastically rounded BF16
-# master weights (and for AdamW with such weights); Muon state written under
+# master weights (and for AdamW with such weights), and under 4 bytes a parameter
+# (FP4 gradients, FP8 momentum and moments); Muon state written under
 # dp2 + ep2 resumes under one process like continuing under dp2 + ep2 (1e-5).
 # QK-clip (optimizer.qk_clip_threshold) under dp2 + ep2, tp2 and dp2 x tp2 + ep2
 # with ZeRO-1 against one process: the same losses, heads clipped and largest logits.
@@ -65,8 +66,10 @@ print(f"ok: muon trains: loss {first:.4f} -> {last:.4f} in 20 steps")
 PY
 
 # Resume: stopped at step 5 and resumed, bit-identical to the uninterrupted run:
-# Muon with BF16 momentum and BF16 master weights rounded stochastically, and
-# AdamW with the same master weights.
+# Muon with BF16 momentum and BF16 master weights rounded stochastically, AdamW
+# with the same master weights, and Muon with those under 4 bytes a parameter
+# (FP4 gradients, rounded stochastically too; FP8 momentum and second moments:
+# 3.99 bytes on the micro model, whose embedding and head keep AdamW).
 resume_check() {  # tag, extra flags...
   local tag=$1; shift
   local args=(--set training.steps=10 --set training.checkpoint_interval=5 "$@")
@@ -80,6 +83,14 @@ resume_check() {  # tag, extra flags...
 SR=(--set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true)
 resume_check muon_bf16_sr "${MUON[@]}" --set optimizer.exp_avg_dtype=bf16 "${SR[@]}"
 resume_check adamw_bf16_sr "${SR[@]}"
+resume_check muon_fp4_grads "${MUON[@]}" "${SR[@]}" --set optimizer.grad_dtype=fp4 --set optimizer.exp_avg_dtype=fp8 \
+  --set optimizer.exp_avg_sq_dtype=fp8
+python3 - "$W/full_muon_fp4_grads/metrics.jsonl" <<'PY' || fail "the FP4-gradient run's state is not under 4 bytes a parameter"
+import json, sys
+last = [json.loads(l) for l in open(sys.argv[1])][-1]
+assert last["state_bytes_per_param"] < 4.0, last["state_bytes_per_param"]
+print("ok: Muon with FP4 gradients holds %.2f bytes of state a parameter" % last["state_bytes_per_param"])
+PY
 # Stochastic rounding changes what a BF16 master keeps: the runs differ from round-to-nearest.
 rm -rf "$W/rn"
 "$TRAIN" $(micro_args "$W/rn") --set training.steps=10 --set training.checkpoint_interval=0 --set optimizer.main_params_dtype=bf16 > "$W/rn.log" 2>&1 ||

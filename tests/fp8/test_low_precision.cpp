@@ -124,6 +124,19 @@ TEST(LowPrecisionTensor, Fp4IsE2M1InTilesPackedTwoCodesAByte) {
   EXPECT_EQ(parts.at("data")[1].item<uint8_t>(), (0x2 | 0x8) | (0x3 << 4));  // -0.5: sign bit 8 and code 2; 0.75: code 3
   EXPECT_FLOAT_EQ(parts.at("scales")[0].item<float>(), 0.5f);
   EXPECT_EQ(t.bytes(), 64 + 4);
+  // Every magnitude on a fine grid of [0, 6] and just below each E2M1 value rounds
+  // to the nearest E2M1 value (ties, checked above, left out): tiles led by a 6, so the scale is 1.
+  const at::Tensor grid = at::tensor({0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f});
+  at::Tensor a = at::cat({at::linspace(0, 6, 127 * 200), at::nextafter(grid.narrow(0, 1, 7), at::zeros({7}))});
+  a = at::constant_pad_nd(a, {0, 127 - a.numel() % 127}, 0.0).view({-1, 127});
+  const at::Tensor tiles = at::cat({at::full({a.size(0), 1}, 6.0f), a}, 1);
+  const at::Tensor got = LowPrecisionTensor::round_trip(tiles, StorageDtype::kFp4).narrow(1, 1, 127).reshape({-1});
+  const at::Tensor dist = (a.reshape({-1, 1}) - grid).abs();
+  const auto sorted = dist.sort(1);
+  const at::Tensor not_tie = std::get<0>(sorted).select(1, 0) < std::get<0>(sorted).select(1, 1);
+  const at::Tensor nearest = grid.index_select(0, std::get<1>(sorted).select(1, 0));
+  EXPECT_TRUE(at::equal(got.masked_select(not_tie), nearest.masked_select(not_tie)));
+  EXPECT_GT(not_tie.sum().item<int64_t>(), 25000);
   // An odd count over several tiles keeps its shape and each tile's own scale.
   const at::Tensor odd = at::cat({at::full({128}, 6.0f), at::tensor({-0.75f, -0.375f, 0.1875f})}).view({131});  // scale 0.125
   EXPECT_TRUE(at::equal(LowPrecisionTensor::round_trip(odd, StorageDtype::kFp4), odd));

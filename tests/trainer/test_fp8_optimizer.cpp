@@ -39,8 +39,11 @@ TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
   EXPECT_NEAR(c.exp_avg_sq, 2.0, 0.01);
   EXPECT_NEAR(c.training_state(), 6.0625, 0.01);
   EXPECT_NEAR(bytes(recipe("fp16", "fp8", "fp8", "fp8")).training_state(), 5.09, 0.01);
-  // FP4 gradients: two codes a byte plus a 4-byte scale per 128.
-  EXPECT_NEAR(bytes(recipe("bf16", "fp4", "fp8", "fp8")).grads, 0.5 + 4.0 / 128, 1e-9);
+  // FP4 gradients (Muon's matrices): two codes a byte plus a 4-byte scale per 128;
+  // the AdamW parameters' (here the norm's 128) stay FP8.
+  OptimizerConfig fp4 = recipe("bf16", "fp4", "fp8", "fp8");
+  fp4.name = "muon";
+  EXPECT_NEAR(bytes(fp4).grads, (512 * 128 * (0.5 + 4.0 / 128) + 128 * (1.0 + 4.0 / 128)) / (512 * 128 + 128), 1e-9);
 }
 
 TEST(Fp8Optimizer, FirstStepMatchesClosedFormUpToStorageRounding) {
@@ -74,7 +77,9 @@ TEST(Fp8Optimizer, Fp8GradientsAreRoundedBeforeTheUpdate) {
 TEST(Fp8Optimizer, Fp4GradientsRoundStochasticallyAndReproducibly) {
   const auto rounded = [](int steps_before) {
     auto ps = params(64);
-    Optimizer adam(ps, recipe("fp32", "fp4", "fp32", "fp32"));
+    OptimizerConfig o = recipe("fp32", "fp4", "fp32", "fp32");
+    o.name = "muon";
+    Optimizer adam(ps, o);
     for (int step = 0; step < steps_before; ++step) {
       ps[0].tensor.mutable_grad() = at::zeros({64, 128});
       ps[1].tensor.mutable_grad() = at::zeros({128});
@@ -84,11 +89,11 @@ TEST(Fp8Optimizer, Fp4GradientsRoundStochasticallyAndReproducibly) {
     ps[0].tensor.mutable_grad() = at::randn({64, 128}) * 1e-3;
     ps[1].tensor.mutable_grad() = at::randn({128});
     adam.quantize_gradients();
-    return ps[0].tensor.grad().clone();
+    return std::make_pair(ps[0].tensor.grad().clone(), ps[1].tensor.grad().clone());
   };
   torch::manual_seed(5);
   const at::Tensor before = at::randn({64, 128}) * 1e-3;
-  const at::Tensor once = rounded(0);
+  const auto [once, norm_grad] = rounded(0);
   // On E2M1's grid of its tile's scale (max-abs / 6): |g| / scale in {0, 0.5, 1, 1.5, 2, 3, 4, 6}.
   const at::Tensor scale = before.view({-1, 128}).abs().amax(1, true) / 6.0;
   const at::Tensor units = (once.view({-1, 128}).abs() / scale);
@@ -98,8 +103,14 @@ TEST(Fp8Optimizer, Fp4GradientsRoundStochasticallyAndReproducibly) {
   EXPECT_LE(((once - before).abs() / scale.expand({-1, 128}).reshape({64, 128})).max().item<double>(), 2.0 + 1e-5);
   EXPECT_LT(std::abs((once - before).sum().item<double>()) / before.abs().sum().item<double>(), 0.02);
   // Seeded by name and step: the same step rounds to the same bits, the next one to others.
-  EXPECT_TRUE(at::equal(rounded(0), once));
-  EXPECT_FALSE(at::equal(rounded(1), once));
+  EXPECT_TRUE(at::equal(rounded(0).first, once));
+  EXPECT_FALSE(at::equal(rounded(1).first, once));
+  // The norm's gradient (an AdamW parameter) is FP8's round to nearest, the same at every step.
+  torch::manual_seed(5);
+  at::randn({64, 128});
+  const at::Tensor norm_before = at::randn({128});
+  EXPECT_TRUE(at::equal(norm_grad, fmoe::fp8::LowPrecisionTensor::round_trip(norm_before, fmoe::fp8::StorageDtype::kFp8)));
+  EXPECT_TRUE(at::equal(rounded(1).second, norm_grad));
 }
 
 TEST(Fp8Optimizer, StateRestoresExactly) {
