@@ -111,6 +111,8 @@ std::string spend_text(const BudgetConfig& budget, const BudgetSpend& spend, int
 // The warning when configured steps will outrun a limit, or empty: before the
 // run for a token limit, after some steps for GPU-hours or dollars projected at their rate.
 std::string token_limit_warning(const BudgetConfig& budget, int64_t steps, int64_t tokens_per_step);
+// budget.max_tokens in whole steps (at least 1), or 0 without a token limit.
+int64_t token_limit_steps(const BudgetConfig& budget, int64_t tokens_per_step);
 std::string projection_warning(const BudgetConfig& budget, const BudgetSpend& spend, int64_t steps_done, int64_t steps);
 
 // "step=S,eval=E" (seconds; the FMOE_CALIBRATION test hook): replaces the

@@ -164,7 +164,7 @@ void Trainer::Impl::fix_schedule(double step_seconds, double eval_seconds, int64
   in.limit_seconds = budget_seconds(b, world_size);
   in.decided_at_step = state.step;
   in.eval_interval = config.training.eval_interval;
-  in.token_limit_steps = b.max_tokens > 0 ? std::max<int64_t>(1, b.max_tokens / tokens_per_step) : 0;
+  in.token_limit_steps = token_limit_steps(b, tokens_per_step);
   state.total_steps = size_schedule(in);
   state.calibrated_step_seconds = in.step_seconds;
   state.calibrated_eval_seconds = in.eval_seconds;
@@ -223,7 +223,7 @@ TrainResult Trainer::Impl::run() {
   }
   TrainResult result;
   LoopState loop(device);
-  if (config.budget.max_tokens > 0) loop.token_limit_steps = std::max<int64_t>(1, config.budget.max_tokens / figures.tokens_per_step);
+  loop.token_limit_steps = token_limit_steps(config.budget, figures.tokens_per_step);
   parallel::reset_peak_device_memory(device);
   for (int64_t step = state.step; step < total_steps(); ++step) {
     StepOutcome outcome = train_step(step, figures, loop);

@@ -111,6 +111,13 @@ TEST(Budget, ScheduleFillsThePlannedFraction) {
   ScheduleInputs tokens_only;
   tokens_only.token_limit_steps = 123;
   EXPECT_EQ(size_schedule(tokens_only), 123);
+  // A token limit in steps: whole steps, at least one; none without a limit.
+  BudgetConfig b;
+  EXPECT_EQ(token_limit_steps(b, 1024), 0);
+  b.max_tokens = 126'000;
+  EXPECT_EQ(token_limit_steps(b, 1024), 123);
+  b.max_tokens = 100;
+  EXPECT_EQ(token_limit_steps(b, 1024), 1);
 }
 
 TEST(Budget, AScheduleThatSlowsDownIsShortenedToFitItsLimit) {
