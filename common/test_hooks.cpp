@@ -24,7 +24,7 @@ constexpr std::array<TestHookInfo, 15> kTestHooks{{
     {"FMOE_TEST_MPI_PROGRESS", "1: the multi-rank GoogleTest binaries run with the MPI progress thread driving every request"},
     {"FMOE_GROUPED_MM", "on|off: forces the grouped-GEMM expert path on (any device, checked against the loop) or off"},
     {"FMOE_PROFILE", "trace.json: bench_step records its timed steps with LibTorch's profiler there"},
-    {"FMOE_FUSED_CPU_KERNELS", "0: CPU tensors take the unfused ATen compositions instead of the fused kernels (moe/cpu_kernels.h, fp8/fake_quant_cpu.h)"},
+    {"FMOE_FUSED_CPU_KERNELS", "0: CPU tensors take the unfused ATen compositions instead of the fused kernels (moe/cpu_kernels.h, fp8/fake_quant_cpu.h, FP4 coding in fp8/low_precision_tensor.cpp)"},
     {"FMOE_CPU_ALLOCATOR_CACHE_MB", "MiB: the caching CPU allocator's limit (default 4096); 0 keeps LibTorch's own allocator"},
 }};
 

@@ -93,6 +93,7 @@ void visit(V& v, OptimizerConfig& c) {
   v.field("wsd_decay_fraction", c.wsd_decay_fraction);
   v.field("main_params_dtype", c.main_params_dtype);
   v.field("stochastic_rounding", c.stochastic_rounding);
+  v.field("grad_stochastic_rounding", c.grad_stochastic_rounding);
   v.field("exp_avg_dtype", c.exp_avg_dtype);
   v.field("exp_avg_sq_dtype", c.exp_avg_sq_dtype);
   v.field("grad_dtype", c.grad_dtype);
@@ -400,14 +401,19 @@ std::string OptimizerConfig::validate() const {
   if (!one_of(exp_avg_sq_dtype, {"fp32", "bf16", "fp16", "fp8"})) {
     return "exp_avg_sq_dtype: must be fp32, bf16, fp16 or fp8, got '" + exp_avg_sq_dtype + "'";
   }
-  if (!one_of(grad_dtype, {"fp32", "bf16", "fp8", "fp4"})) return "grad_dtype: must be fp32, bf16, fp8 or fp4, got '" + grad_dtype + "'";
+  if (!one_of(grad_dtype, {"fp32", "bf16", "fp8", "fp4", "nvfp4"})) {
+    return "grad_dtype: must be fp32, bf16, fp8, fp4 or nvfp4, got '" + grad_dtype + "'";
+  }
   if (state_block_size < 1) return "state_block_size: must be >= 1";
   if (stochastic_rounding && main_params_dtype != "bf16") {
     return "stochastic_rounding: rounds BF16 master weights; main_params_dtype is '" + main_params_dtype + "'";
   }
   if (name != "adamw" && name != "muon") return "name: must be adamw or muon, got '" + name + "'";
-  if (grad_dtype == "fp4" && name != "muon") {
-    return "grad_dtype: fp4 is for Muon's matrices (name: muon); AdamW's second moment would take its rounding noise for signal";
+  if (!grad_stochastic_rounding && grad_dtype != "fp4" && grad_dtype != "nvfp4") {
+    return "grad_stochastic_rounding: rounds fp4 and nvfp4 gradients; grad_dtype is '" + grad_dtype + "'";
+  }
+  if ((grad_dtype == "fp4" || grad_dtype == "nvfp4") && name != "muon") {
+    return "grad_dtype: " + grad_dtype + " is for Muon's matrices (name: muon); AdamW's second moment would take its rounding noise for signal";
   }
   if (!(adamw_lr >= 0)) return "adamw_lr: must be >= 0 (0: lr)";
   if (!(muon_momentum >= 0 && muon_momentum < 1)) return "muon_momentum: must be in [0, 1)";

@@ -50,9 +50,10 @@ struct OptimizerConfig {
   // Storage precision of the training state (fp8/low_precision_tensor.h).
   std::string main_params_dtype = "fp32";  // fp32 | bf16 | fp16 (the master weights)
   bool stochastic_rounding = false;        // BF16 master weights rounded stochastically (seeded by step and parameter)
+  bool grad_stochastic_rounding = true;    // fp4 / nvfp4 gradients: stochastically (true) or to nearest
   std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8
   std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
-  std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8 | fp4 (Muon's matrices, stochastically rounded; the rest fp8)
+  std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8 | fp4 | nvfp4 (Muon's matrices, stochastically rounded; the rest fp8)
   int64_t state_block_size = 128;          // FP8 state tiles
   // Muon (name: muon). Its momentum is stored like exp_avg (exp_avg_dtype).
   double adamw_lr = 0;               // peak learning rate of the AdamW-updated parameters; 0: lr

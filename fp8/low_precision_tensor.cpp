@@ -2,10 +2,16 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <stdexcept>
 #include <tuple>
 #include <utility>
 
+#include "common/test_hooks.h"
 #include "fp8/block_quant.h"
 
 namespace fmoe::fp8 {
@@ -31,6 +37,8 @@ at::Tensor hash_bits16(int64_t n, uint32_t seed, const at::TensorOptions& option
 }
 
 constexpr double kFp4Max = 6.0;
+constexpr double kE4m3Max = 448.0;
+constexpr int64_t kNvfp4Block = 16;
 
 // E2M1's magnitude of each 3-bit code (bit 3 is the sign), as FP32 arithmetic
 // on the codes (no table to copy to the device): codes 0 and 1 are 0 and 0.5
@@ -51,34 +59,132 @@ at::Tensor fp4_code_below(const at::Tensor& a) {
   return code.to(at::kLong);
 }
 
-// flat (FP32, n elements) in 1 x block tiles -> {packed codes (uint8, ceil(n / 2)),
-// scales (FP32, one per tile: max-abs / 6)}. Each magnitude over its scale
+std::atomic<bool> fp4_tensor_ops_on_cpu{false};
+
+// CPU tensors take the fused pass unless a test asks for the composition or the
+// FMOE_FUSED_CPU_KERNELS=0 hook turns every fused CPU kernel off.
+bool fused_on_cpu(const at::Tensor& t) {
+  return t.device().is_cpu() && !fp4_tensor_ops_on_cpu.load() && common::test_hooks().fused_cpu_kernels;
+}
+
+// hash_bits16's value for one index, in the same 32-bit arithmetic.
+inline uint32_t hash16(int64_t index, uint32_t seed) {
+  uint64_t x = static_cast<uint64_t>(index + static_cast<int64_t>(seed)) & 0xFFFFFFFFULL;
+  for (int round = 0; round < 2; ++round) x = ((x ^ (x >> 16)) * 0x45d9f3bULL) & 0xFFFFFFFFULL;
+  return static_cast<uint32_t>((x ^ (x >> 16)) & 0xFFFF);
+}
+
+constexpr float kE2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+
+// fp4_codes for a CPU tensor: the composition's FP32 arithmetic, in its order,
+// one element at a time (parallel over bytes), so the two agree bit for bit.
+at::Tensor fp4_codes_cpu(const at::Tensor& flat, const at::Tensor& scales, int64_t block, std::optional<uint32_t> seed) {
+  const at::Tensor x = flat.contiguous(), s = scales.contiguous();
+  const int64_t n = x.numel(), bytes = (n + 1) / 2;
+  at::Tensor packed = at::empty({bytes}, x.options().dtype(at::kByte));
+  const float* xp = x.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, bytes, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      uint32_t byte = 0;
+      for (int64_t i = 2 * b; i < std::min(n, 2 * b + 2); ++i) {
+        const float scale = sp[i / block];
+        const float a = std::min(std::fabs(xp[i]) / (scale > 0.0f ? scale : 1.0f), static_cast<float>(kFp4Max));
+        uint32_t lo = 0;
+        while (lo < 7 && kE2m1[lo + 1] <= a) ++lo;
+        const float below = kE2m1[lo], step = kE2m1[std::min<uint32_t>(lo + 1, 7)] - below;
+        const float frac = step > 0.0f ? (a - below) / std::max(step, 1e-30f) : 0.0f;
+        const bool up = seed ? static_cast<float>(hash16(i, *seed)) / 65536.0f < frac
+                             : frac > 0.5f || (frac == 0.5f && lo % 2 == 1);
+        const uint32_t magnitude = lo + (up ? 1 : 0);
+        const uint32_t sign = xp[i] < 0.0f && magnitude > 0 ? 8 : 0;
+        byte |= (magnitude | sign) << (4 * (i - 2 * b));
+      }
+      out[b] = static_cast<uint8_t>(byte);
+    }
+  });
+  return packed;
+}
+
+// decode_fp4 for a CPU tensor.
+at::Tensor decode_fp4_cpu(const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t block) {
+  const at::Tensor p = packed.contiguous(), s = scales.to(at::kFloat).contiguous();
+  at::Tensor value = at::empty({n}, s.options());
+  const uint8_t* in = p.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* out = value.data_ptr<float>();
+  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t code = (in[i / 2] >> (4 * (i % 2))) & 15;
+      const float magnitude = kE2m1[code & 7];
+      out[i] = (code & 8 ? -magnitude : magnitude) * sp[i / block];
+    }
+  });
+  return value;
+}
+
+// flat (FP32, n elements) over per-tile scales (FP32, one per 1 x block tile,
+// each at least the tile's max-abs / 6; 0 for a tile of zeros) -> packed E2M1
+// codes (uint8, ceil(n / 2), low nibble first). Each magnitude over its scale
 // rounds to a neighbouring E2M1 value: to nearest (ties to the even code), or
-// up with the probability of its distance from the lower one when noise
-// (uniform in [0, 1), one per element) is given.
-std::pair<at::Tensor, at::Tensor> encode_fp4(const at::Tensor& flat, int64_t block, const at::Tensor& noise) {
-  const int64_t n = flat.numel(), tiles = (n + block - 1) / block;
+// up with the probability of its distance from the lower one when a seed is
+// given (the noise, uniform in [0, 1), hash_bits16 of the element's index / 2^16).
+// CPU tensors take one fused pass (fp4_codes_cpu), others this composition.
+at::Tensor fp4_codes(const at::Tensor& flat, const at::Tensor& scales, int64_t block, std::optional<uint32_t> seed) {
+  if (fused_on_cpu(flat)) return fp4_codes_cpu(flat, scales, block, seed);
+  const int64_t n = flat.numel(), tiles = scales.numel();
   at::Tensor padded = flat;
   if (tiles * block != n) padded = at::constant_pad_nd(flat, {0, tiles * block - n}, 0.0);
-  const at::Tensor amax = padded.view({tiles, block}).abs().amax(1);
-  const at::Tensor scales = at::where(amax > 0, amax / kFp4Max, at::ones_like(amax));
-  const at::Tensor a = (padded.view({tiles, block}).abs() / scales.unsqueeze(1)).clamp_max_(kFp4Max).reshape({-1}).narrow(0, 0, n);
+  const at::Tensor divisor = at::where(scales > 0, scales, at::ones_like(scales));
+  const at::Tensor a = (padded.view({tiles, block}).abs() / divisor.unsqueeze(1)).clamp_max_(kFp4Max).reshape({-1}).narrow(0, 0, n);
   const at::Tensor lo = fp4_code_below(a);
   const at::Tensor hi = (lo + 1).clamp_max_(7);
   const at::Tensor below = fp4_magnitude(lo), step = fp4_magnitude(hi) - below;
   const at::Tensor frac = at::where(step > 0, (a - below) / step.clamp_min(1e-30), at::zeros_like(a));
-  const at::Tensor up = noise.defined() ? noise < frac
-                                        : at::logical_or(frac > 0.5, at::logical_and(frac == 0.5, lo.remainder(2) == 1));
+  const at::Tensor up = seed ? hash_bits16(n, *seed, flat.options()).to(at::kFloat).div_(65536.0) < frac
+                            : at::logical_or(frac > 0.5, at::logical_and(frac == 0.5, lo.remainder(2) == 1));
   const at::Tensor magnitude = lo + up.to(at::kLong);
   const at::Tensor sign = at::logical_and(flat < 0, magnitude > 0).to(at::kLong);  // zero is always +0
   at::Tensor codes = magnitude.bitwise_or(sign.bitwise_left_shift(3));
   if (n % 2 == 1) codes = at::constant_pad_nd(codes, {0, 1}, 0);
   const at::Tensor pairs = codes.view({-1, 2});
-  const at::Tensor packed = pairs.select(1, 0).bitwise_or(pairs.select(1, 1).bitwise_left_shift(4)).to(at::kByte);
-  return {packed.contiguous(), scales.contiguous()};
+  return pairs.select(1, 0).bitwise_or(pairs.select(1, 1).bitwise_left_shift(4)).to(at::kByte).contiguous();
+}
+
+// Each 1 x block tile's max-abs (FP32, one per tile; padding counts as zero).
+at::Tensor tile_amax(const at::Tensor& flat, int64_t block) {
+  const int64_t n = flat.numel(), tiles = (n + block - 1) / block;
+  at::Tensor padded = flat;
+  if (tiles * block != n) padded = at::constant_pad_nd(flat, {0, tiles * block - n}, 0.0);
+  return padded.view({tiles, block}).abs().amax(1);
+}
+
+// fp4: {packed codes, FP32 scales = each 1 x block tile's max-abs / 6 (1 for a tile of zeros)}.
+std::pair<at::Tensor, at::Tensor> encode_fp4(const at::Tensor& flat, int64_t block, std::optional<uint32_t> seed) {
+  const at::Tensor amax = tile_amax(flat, block);
+  const at::Tensor scales = at::where(amax > 0, amax / kFp4Max, at::ones_like(amax)).contiguous();
+  return {fp4_codes(flat, scales, block, seed), scales};
+}
+
+// nvfp4: the tensor's FP32 scale g = max-abs / (6 x 448) puts the largest tile
+// scale at E4M3's largest value; each 1 x 16 tile's scale, max-abs / (6 g), is
+// stored in E4M3 rounded up to the next E4M3 value (so no magnitude exceeds 6
+// and none saturates). {packed codes, E4M3 tile scales as uint8, g (FP32, one)}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_nvfp4(const at::Tensor& flat, std::optional<uint32_t> seed) {
+  const at::Tensor amax = tile_amax(flat, kNvfp4Block);
+  const at::Tensor tensor_amax = amax.amax();
+  const at::Tensor g = at::where(tensor_amax > 0, tensor_amax / (kFp4Max * kE4m3Max), at::ones_like(tensor_amax));
+  const at::Tensor wanted = (amax / (g * kFp4Max)).clamp_max_(kE4m3Max);
+  at::Tensor codes = wanted.to(at::kFloat8_e4m3fn).view(at::kByte);
+  // Round to nearest went below the wanted scale: one code up (positive E4M3 codes order as their values).
+  codes = at::where(codes.view(at::kFloat8_e4m3fn).to(at::kFloat) < wanted, codes + 1, codes).to(at::kByte).contiguous();
+  const at::Tensor scales = codes.view(at::kFloat8_e4m3fn).to(at::kFloat) * g;
+  return {fp4_codes(flat, scales, kNvfp4Block, seed), codes, g.reshape({1}).contiguous()};
 }
 
 at::Tensor decode_fp4(const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t block) {
+  if (fused_on_cpu(packed)) return decode_fp4_cpu(packed, scales, n, block);
   const at::Tensor bytes = packed.to(at::kLong);
   const at::Tensor codes = at::stack({bytes.bitwise_and(15), bytes.bitwise_right_shift(4)}, 1).reshape({-1}).narrow(0, 0, n);
   const at::Tensor magnitude = fp4_magnitude(codes.bitwise_and(7));
@@ -88,13 +194,16 @@ at::Tensor decode_fp4(const at::Tensor& packed, const at::Tensor& scales, int64_
 
 }  // namespace
 
+void use_fp4_tensor_ops_on_cpu(bool on) { fp4_tensor_ops_on_cpu.store(on); }
+
 StorageDtype parse_storage_dtype(const std::string& name) {
   if (name == "fp32") return StorageDtype::kFp32;
   if (name == "bf16") return StorageDtype::kBf16;
   if (name == "fp16") return StorageDtype::kFp16;
   if (name == "fp8") return StorageDtype::kFp8;
   if (name == "fp4") return StorageDtype::kFp4;
-  throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16, fp8 or fp4)");
+  if (name == "nvfp4") return StorageDtype::kNvfp4;
+  throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16, fp8, fp4 or nvfp4)");
 }
 
 std::string storage_dtype_name(StorageDtype dtype) {
@@ -104,6 +213,7 @@ std::string storage_dtype_name(StorageDtype dtype) {
     case StorageDtype::kFp16: return "fp16";
     case StorageDtype::kFp8: return "fp8";
     case StorageDtype::kFp4: return "fp4";
+    case StorageDtype::kNvfp4: return "nvfp4";
   }
   return "?";
 }
@@ -134,7 +244,8 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
       scales_ = q.scales;
       break;
     }
-    case StorageDtype::kFp4: std::tie(data_, scales_) = encode_fp4(v.reshape({-1}), block_size_, at::Tensor()); break;
+    case StorageDtype::kFp4: std::tie(data_, scales_) = encode_fp4(v.reshape({-1}), block_size_, std::nullopt); break;
+    case StorageDtype::kNvfp4: std::tie(data_, scales_, tensor_scale_) = encode_nvfp4(v.reshape({-1}), std::nullopt); break;
   }
 }
 
@@ -151,12 +262,15 @@ at::Tensor LowPrecisionTensor::stochastic_round_bf16(const at::Tensor& value, ui
 void LowPrecisionTensor::store_stochastic(const at::Tensor& value, uint32_t seed) {
   if (dtype_ == StorageDtype::kBf16) {
     data_ = stochastic_round_bf16(value, seed);
-  } else if (dtype_ == StorageDtype::kFp4) {
+  } else if (dtype_ == StorageDtype::kFp4 || dtype_ == StorageDtype::kNvfp4) {
     const at::Tensor flat = value.to(at::kFloat).reshape({-1});
-    const at::Tensor noise = hash_bits16(flat.numel(), seed, flat.options()).to(at::kFloat).div_(65536.0);
-    std::tie(data_, scales_) = encode_fp4(flat, block_size_, noise);
+    if (dtype_ == StorageDtype::kFp4) {
+      std::tie(data_, scales_) = encode_fp4(flat, block_size_, seed);
+    } else {
+      std::tie(data_, scales_, tensor_scale_) = encode_nvfp4(flat, seed);
+    }
   } else {
-    throw std::logic_error("stochastic rounding stores BF16 and FP4 only");
+    throw std::logic_error("stochastic rounding stores BF16, FP4 and NVFP4 only");
   }
 }
 
@@ -174,6 +288,12 @@ at::Tensor LowPrecisionTensor::load() const {
       int64_t n = 1;
       for (const int64_t d : shape_) n *= d;
       return decode_fp4(data_, scales_, n, block_size_).view(shape_);
+    }
+    case StorageDtype::kNvfp4: {
+      int64_t n = 1;
+      for (const int64_t d : shape_) n *= d;
+      const at::Tensor scales = scales_.view(at::kFloat8_e4m3fn).to(at::kFloat) * tensor_scale_;
+      return decode_fp4(data_, scales, n, kNvfp4Block).view(shape_);
     }
   }
   return {};
@@ -194,12 +314,14 @@ at::Tensor LowPrecisionTensor::round_trip(const at::Tensor& value, StorageDtype 
 }
 
 int64_t LowPrecisionTensor::bytes() const {
-  return data_.numel() * data_.element_size() + (scales_.defined() ? scales_.numel() * 4 : 0);
+  const auto size = [](const at::Tensor& t) { return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0; };
+  return size(data_) + size(scales_) + size(tensor_scale_);
 }
 
 std::map<std::string, at::Tensor> LowPrecisionTensor::parts() const {
   std::map<std::string, at::Tensor> out{{"data", data_}};
   if (scales_.defined()) out["scales"] = scales_;
+  if (tensor_scale_.defined()) out["tensor_scale"] = tensor_scale_;
   return out;
 }
 
@@ -211,10 +333,17 @@ void LowPrecisionTensor::restore(const std::map<std::string, at::Tensor>& parts,
   data_ = data->second.to(data_.device(), /*non_blocking=*/false, /*copy=*/true);
   if (scales_.defined()) {
     const auto scales = parts.find("scales");
-    if (scales == parts.end() || !scales->second.sizes().equals(scales_.sizes())) {
+    if (scales == parts.end() || scales->second.scalar_type() != scales_.scalar_type() || !scales->second.sizes().equals(scales_.sizes())) {
       throw std::runtime_error(source + ": stored " + storage_dtype_name(dtype_) + " state is missing its scales");
     }
     scales_ = scales->second.to(scales_.device(), /*non_blocking=*/false, /*copy=*/true);
+  }
+  if (tensor_scale_.defined()) {
+    const auto scale = parts.find("tensor_scale");
+    if (scale == parts.end() || scale->second.numel() != 1 || scale->second.scalar_type() != at::kFloat) {
+      throw std::runtime_error(source + ": stored " + storage_dtype_name(dtype_) + " state is missing its tensor scale");
+    }
+    tensor_scale_ = scale->second.to(tensor_scale_.device(), /*non_blocking=*/false, /*copy=*/true);
   }
 }
 

@@ -5,7 +5,10 @@
 //   flattened tensor, FP32 scale per tile; optionally square-root transformed,
 //   which halves the dynamic range of second moments) | fp4 (E2M1, two codes a
 //   byte, 1 x block tiles with an FP32 scale per tile = the tile's max-abs / 6,
-//   as MXFP4/NVFP4 hold values: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6).
+//   as MXFP4/NVFP4 hold values: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6) | nvfp4
+//   (E2M1 as fp4, in NVFP4's layout: 1 x 16 tiles whatever the block size, an
+//   E4M3 scale per tile, rounded up so no value saturates, and one FP32 scale
+//   per tensor: 0.5625 bytes a value).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,11 +20,15 @@
 
 namespace fmoe::fp8 {
 
-enum class StorageDtype { kFp32, kBf16, kFp16, kFp8, kFp4 };
+enum class StorageDtype { kFp32, kBf16, kFp16, kFp8, kFp4, kNvfp4 };
 
-// "fp32" | "bf16" | "fp16" | "fp8" | "fp4"; throws std::invalid_argument otherwise.
+// "fp32" | "bf16" | "fp16" | "fp8" | "fp4" | "nvfp4"; throws std::invalid_argument otherwise.
 StorageDtype parse_storage_dtype(const std::string& name);
 std::string storage_dtype_name(StorageDtype dtype);
+
+// FP4 and NVFP4 code CPU tensors in one fused pass; on (for tests) CPU tensors
+// take the tensor composition CUDA tensors take instead. Both store the same bits.
+void use_fp4_tensor_ops_on_cpu(bool on);
 
 class LowPrecisionTensor {
  public:
@@ -31,7 +38,7 @@ class LowPrecisionTensor {
                      c10::Device device = c10::kCPU);
 
   void store(const at::Tensor& value);  // any float tensor of the shape
-  // BF16 and FP4 only: stochastic rounding (each value rounds up with the
+  // BF16, FP4 and NVFP4 only: stochastic rounding (each value rounds up with the
   // probability of its distance from the lower neighbour, so small updates
   // survive on average and the stored value is unbiased), the noise a hash of
   // seed and the element's index: the same seed stores the same bits
@@ -45,7 +52,7 @@ class LowPrecisionTensor {
   // value rounded stochastically to BF16 (returned in BF16), as store_stochastic does.
   static at::Tensor stochastic_round_bf16(const at::Tensor& value, uint32_t seed);
   // value as it reads back after a store in dtype (for gradients kept in a narrow
-  // dtype); with a seed, after store_stochastic (BF16 and FP4).
+  // dtype); with a seed, after store_stochastic (BF16, FP4 and NVFP4).
   static at::Tensor round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size = 128,
                                std::optional<uint32_t> seed = std::nullopt);
 
@@ -59,7 +66,8 @@ class LowPrecisionTensor {
   int64_t block_size_ = 128;
   bool sqrt_transform_ = false;
   at::Tensor data_;    // fp32 / bf16 / fp16 values, uint8 E4M3 codes, or uint8 pairs of E2M1 codes (low nibble first)
-  at::Tensor scales_;  // fp16: one power-of-two scale; fp8, fp4: one per tile
+  at::Tensor scales_;  // fp16: one power-of-two scale; fp8, fp4: one per tile (FP32); nvfp4: one per tile (E4M3 as uint8)
+  at::Tensor tensor_scale_;  // nvfp4: the tensor's FP32 scale
 };
 
 }  // namespace fmoe::fp8

@@ -4,7 +4,8 @@
 # AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
 # Muon with FP32 state, Muon with BF16 master weights (stochastic rounding) and
 # FP8 gradients, momentum and AdamW second moments, and the same with FP4
-# gradients (stochastically rounded): under 4 bytes per parameter.
+# gradients (stochastically rounded; 1 x 128 tiles with FP32 scales, and
+# NVFP4's 1 x 16 tiles with E4M3 scales): under 4 bytes per parameter.
 # Prints a markdown table (state bytes per parameter as the metrics report it,
 # final validation loss, gap to its FP32 self, tokens to reach AdamW FP32's final
 # validation loss, seconds per step) and draws the validation-loss curves with
@@ -12,11 +13,13 @@
 #   scripts/optimizer_study.sh [CONFIG]   (default configs/tiny.yaml)
 #   STEPS (300), EVERY (validation interval, 25), PRECISION (fp32: the GEMMs of
 #   every run alike, on any CPU), MUON_LR (the matrices' peak lr; default three
-#   times the config's, the better of 1x and 3x on tiny), ONLY=<run name>.
+#   times the config's, the better of 1x and 3x on tiny), ONLY=<run name>,
+#   SEED (training.seed: the initialization and the data order; the runs go to
+#   runs/optimizer_study/<config>_seed<SEED>/, the config's own seed to <config>/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-configs/tiny.yaml}
-NAME=$(basename "$CONFIG" .yaml)
+NAME=$(basename "$CONFIG" .yaml)${SEED:+_seed$SEED}
 OUT=runs/optimizer_study/$NAME
 mkdir -p "$OUT"
 scripts/build.sh moe-train moe-data moe-report >/dev/null
@@ -25,7 +28,8 @@ lr=$(python3 -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['optim
      sed -n 's/^  lr: *//p' "$CONFIG" | head -1)
 MUON_LR=${MUON_LR:-$(python3 -c "print(3 * $lr)")}
 COMMON=(--config "$CONFIG" --set training.steps="${STEPS:-300}" --set training.eval_interval="${EVERY:-25}"
-        --set training.checkpoint_interval=0 --set budget.max_minutes=0 --set training.precision="${PRECISION:-fp32}")
+        --set training.checkpoint_interval=0 --set budget.max_minutes=0 --set training.precision="${PRECISION:-fp32}"
+        ${SEED:+--set training.seed="$SEED"})
 SMALL=(--set optimizer.grad_dtype=fp8 --set optimizer.exp_avg_dtype=fp8 --set optimizer.exp_avg_sq_dtype=fp8)
 MUON=(--set optimizer.name=muon --set optimizer.lr="$MUON_LR" --set optimizer.min_lr="$(python3 -c "print($MUON_LR / 10)")" --set optimizer.adamw_lr="$lr")
 declare -A runs=(
@@ -34,8 +38,10 @@ declare -A runs=(
   [muon_fp32]="${MUON[*]}"
   [muon_small]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]}"
   [muon_fp4_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp4"
+  [muon_nvfp4_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4"
+  [muon_nvfp4_nearest]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false"
 )
-order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_small muon_fp4_grads)
+order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_small muon_fp4_grads muon_nvfp4_grads muon_nvfp4_nearest)
 for run in "${order[@]}"; do
   [ -n "${ONLY:-}" ] && [ "$ONLY" != "$run" ] && continue
   echo "== $NAME $run" >&2
@@ -51,7 +57,7 @@ import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
 rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in names if os.path.exists(f"{out}/{n}/metrics.jsonl")}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
-own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32"}
+own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32"}
 print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
 print("|---|---|---|---|---|---|")
 for name, lines in rows.items():

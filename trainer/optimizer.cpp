@@ -130,7 +130,7 @@ void Optimizer::refresh_master(const at::Tensor& param) {
 }
 
 fp8::StorageDtype Optimizer::grad_dtype_of(size_t i) const {
-  return grad_dtype_ == fp8::StorageDtype::kFp4 && !muon_[i].matrix ? fp8::StorageDtype::kFp8 : grad_dtype_;
+  return fp4_gradients() && !muon_[i].matrix ? fp8::StorageDtype::kFp8 : grad_dtype_;
 }
 
 void Optimizer::quantize_gradients() {
@@ -140,11 +140,13 @@ void Optimizer::quantize_gradients() {
     at::Tensor grad = params_[i].tensor.grad();
     if (!grad.defined()) continue;
     const fp8::StorageDtype dtype = grad_dtype_of(i);
-    // FP4's steps (a third to a half of a value) would swallow every small
-    // component under rounding to nearest: its gradients round stochastically,
-    // so each stored gradient is unbiased.
+    // FP4's steps (a third to a half of a value) would swallow the small
+    // components of a wide tile under rounding to nearest: its gradients round
+    // stochastically by default, so each stored gradient is unbiased.
     const std::optional<uint32_t> seed =
-        dtype == fp8::StorageDtype::kFp4 ? std::optional<uint32_t>(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
+        (dtype == fp8::StorageDtype::kFp4 || dtype == fp8::StorageDtype::kNvfp4) && config_.grad_stochastic_rounding
+            ? std::optional<uint32_t>(rounding_seed(i, 0x85EBCA6Bu))
+            : std::nullopt;
     grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, dtype, config_.state_block_size, seed));
   }
 }
@@ -317,6 +319,7 @@ StateBytes Optimizer::bytes_per_parameter() const {
     if (!muon_[i].matrix) v += static_cast<double>(exp_avg_sq_[i].bytes());
     switch (grad_dtype_of(i)) {
       case fp8::StorageDtype::kFp4: grads += n * (0.5 + scale_bytes); break;
+      case fp8::StorageDtype::kNvfp4: grads += n * (0.5 + 1.0 / 16) + 4; break;  // E4M3 per 16, FP32 per tensor
       case fp8::StorageDtype::kFp8: grads += n * (1.0 + scale_bytes); break;
       case fp8::StorageDtype::kFp32: grads += n * 4; break;
       default: grads += n * 2; break;

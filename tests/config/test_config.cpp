@@ -75,7 +75,16 @@ TEST(Config, RangesAreValidated) {
             "run.yaml: optimizer.grad_dtype: fp4 is for Muon's matrices (name: muon); AdamW's second moment would take its "
             "rounding noise for signal");
   EXPECT_EQ(error_of("optimizer:\n  exp_avg_dtype: fp4\n"), "run.yaml: optimizer.exp_avg_dtype: must be fp32, bf16 or fp8, got 'fp4'");
-  EXPECT_EQ(error_of("optimizer:\n  grad_dtype: int4\n"), "run.yaml: optimizer.grad_dtype: must be fp32, bf16, fp8 or fp4, got 'int4'");
+  EXPECT_EQ(error_of("optimizer:\n  grad_dtype: int4\n"),
+            "run.yaml: optimizer.grad_dtype: must be fp32, bf16, fp8, fp4 or nvfp4, got 'int4'");
+  EXPECT_EQ(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n", "run.yaml").optimizer.grad_dtype, "nvfp4");
+  EXPECT_FALSE(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n  grad_stochastic_rounding: false\n", "run.yaml")
+                   .optimizer.grad_stochastic_rounding);
+  EXPECT_EQ(error_of("optimizer:\n  grad_dtype: fp8\n  grad_stochastic_rounding: false\n"),
+            "run.yaml: optimizer.grad_stochastic_rounding: rounds fp4 and nvfp4 gradients; grad_dtype is 'fp8'");
+  EXPECT_EQ(error_of("optimizer:\n  grad_dtype: nvfp4\n"),
+            "run.yaml: optimizer.grad_dtype: nvfp4 is for Muon's matrices (name: muon); AdamW's second moment would take its "
+            "rounding noise for signal");
   EXPECT_EQ(error_of("optimizer:\n  name: muon\n  muon_scale: spectral\n"),
             "run.yaml: optimizer.muon_scale: must be rms or shape, got 'spectral'");
   EXPECT_EQ(error_of("optimizer:\n  muon_ns_steps: 0\n"), "run.yaml: optimizer.muon_ns_steps: must be in [1, 20], got 0");

@@ -69,7 +69,8 @@ PY
 # Muon with BF16 momentum and BF16 master weights rounded stochastically, AdamW
 # with the same master weights, and Muon with those under 4 bytes a parameter
 # (FP4 gradients, rounded stochastically too; FP8 momentum and second moments:
-# 3.99 bytes on the micro model, whose embedding and head keep AdamW).
+# 3.99 bytes on the micro model, whose embedding and head keep AdamW), and the
+# same with NVFP4 gradients (16-value tiles with E4M3 scales).
 resume_check() {  # tag, extra flags...
   local tag=$1; shift
   local args=(--set training.steps=10 --set training.checkpoint_interval=5 "$@")
@@ -91,6 +92,10 @@ last = [json.loads(l) for l in open(sys.argv[1])][-1]
 assert last["state_bytes_per_param"] < 4.0, last["state_bytes_per_param"]
 print("ok: Muon with FP4 gradients holds %.2f bytes of state a parameter" % last["state_bytes_per_param"])
 PY
+resume_check muon_nvfp4_grads "${MUON[@]}" "${SR[@]}" --set optimizer.grad_dtype=nvfp4 --set optimizer.exp_avg_dtype=fp8 \
+  --set optimizer.exp_avg_sq_dtype=fp8
+[ "$(losses "$W/full_muon_nvfp4_grads/metrics.jsonl")" != "$(losses "$W/full_muon_fp4_grads/metrics.jsonl")" ] ||
+  fail "NVFP4 gradients trained exactly as FP4 ones"
 # Stochastic rounding changes what a BF16 master keeps: the runs differ from round-to-nearest.
 rm -rf "$W/rn"
 "$TRAIN" $(micro_args "$W/rn") --set training.steps=10 --set training.checkpoint_interval=0 --set optimizer.main_params_dtype=bf16 > "$W/rn.log" 2>&1 ||

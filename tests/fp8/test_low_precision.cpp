@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <optional>
 
 #include "fp8/low_precision_tensor.h"
 
@@ -20,7 +21,7 @@ TEST(LowPrecisionTensor, RoundTripErrorAndBytesPerDtype) {
   };
   for (const Case& c : {Case{StorageDtype::kFp32, 0.0, 4.0}, Case{StorageDtype::kBf16, 4e-3, 2.0},
                         Case{StorageDtype::kFp16, 5e-4, 2.0}, Case{StorageDtype::kFp8, 0.06, 1.0 + 4.0 / 128},
-                        Case{StorageDtype::kFp4, 0.12, 0.5 + 4.0 / 128}}) {
+                        Case{StorageDtype::kFp4, 0.12, 0.5 + 4.0 / 128}, Case{StorageDtype::kNvfp4, 0.105, 0.5 + 1.0 / 16}}) {
     LowPrecisionTensor t(value.sizes(), c.dtype);
     t.store(value);
     const at::Tensor back = t.load();
@@ -44,7 +45,8 @@ TEST(LowPrecisionTensor, SqrtTransformKeepsSmallSecondMoments) {
 
 TEST(LowPrecisionTensor, PartsRestoreExactly) {
   const at::Tensor value = at::randn({5, 300});
-  for (StorageDtype dtype : {StorageDtype::kFp32, StorageDtype::kBf16, StorageDtype::kFp16, StorageDtype::kFp8, StorageDtype::kFp4}) {
+  for (StorageDtype dtype :
+       {StorageDtype::kFp32, StorageDtype::kBf16, StorageDtype::kFp16, StorageDtype::kFp8, StorageDtype::kFp4, StorageDtype::kNvfp4}) {
     LowPrecisionTensor a(value.sizes(), dtype);
     a.store(value);
     LowPrecisionTensor b(value.sizes(), dtype);
@@ -53,7 +55,17 @@ TEST(LowPrecisionTensor, PartsRestoreExactly) {
   }
   LowPrecisionTensor c(value.sizes(), StorageDtype::kFp8);
   EXPECT_THROW(c.restore({{"data", at::zeros({3})}}, "x"), std::runtime_error);
+  // NVFP4 needs its E4M3 tile scales (not FP32 ones) and its tensor scale.
+  LowPrecisionTensor nv(value.sizes(), StorageDtype::kNvfp4);
+  nv.store(value);
+  auto parts = nv.parts();
+  parts.at("scales") = parts.at("scales").to(at::kFloat);
+  EXPECT_THROW(LowPrecisionTensor(value.sizes(), StorageDtype::kNvfp4).restore(parts, "x"), std::runtime_error);
+  parts = nv.parts();
+  parts.erase("tensor_scale");
+  EXPECT_THROW(LowPrecisionTensor(value.sizes(), StorageDtype::kNvfp4).restore(parts, "x"), std::runtime_error);
   EXPECT_EQ(parse_storage_dtype("fp4"), StorageDtype::kFp4);
+  EXPECT_EQ(parse_storage_dtype("nvfp4"), StorageDtype::kNvfp4);
   EXPECT_THROW(parse_storage_dtype("fp6"), std::invalid_argument);
 }
 
@@ -163,4 +175,98 @@ TEST(LowPrecisionTensor, Fp4StochasticRoundingIsUnbiasedAndSeeded) {
   EXPECT_THROW(fp8_state.store_stochastic(v, 1), std::logic_error);
 }
 
+TEST(LowPrecisionTensor, Nvfp4IsE2M1In16ValueTilesWithE4m3ScalesRoundedUp) {
+  // The tensor's max-abs 2688 = 6 x 448 makes its scale g = 1, so each tile's scale is its own max-abs / 6 in E4M3.
+  std::vector<float> v(5 * 16, 0.0f);
+  const float grid[] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  for (int i = 0; i < 8; ++i) {
+    v[i] = 448.0f * grid[i] * (i % 2 == 0 ? 1.0f : -1.0f);  // tile 0: scale 448, on its grid
+    v[16 + i] = 0.5f * grid[i];                             // tile 1: max-abs 3, scale 0.5
+  }
+  // Tile 2: max-abs 6.3 wants a scale of 1.05; E4M3's nearest is 1 (which would clip 6.3 to 6),
+  // so it takes the next one up, 1.125: 6.3 is 5.6 units, nearest 6 (6.75); 4.5 is exactly 4 units.
+  v[32] = 6.3f;
+  v[33] = -4.5f;
+  // Tile 3 stays zero. Tile 4: max-abs 6 x 2^-12 wants 2^-12, below E4M3's smallest value 2^-9:
+  // the scale is 2^-9 and 0.75 units ties to the even code, 1 unit.
+  v[64] = 6.0f * std::ldexp(1.0f, -12);
+  const at::Tensor value = at::tensor(v);
+  LowPrecisionTensor t(value.sizes(), StorageDtype::kNvfp4, /*block_size=*/128);  // the tile stays 16
+  t.store(value);
+  const at::Tensor back = t.load();
+  EXPECT_TRUE(at::equal(back.narrow(0, 0, 32), value.narrow(0, 0, 32)));
+  EXPECT_EQ(back[32].item<float>(), 6.75f);
+  EXPECT_EQ(back[33].item<float>(), -4.5f);
+  EXPECT_TRUE(at::equal(back.narrow(0, 34, 30), at::zeros({30})));
+  EXPECT_EQ(back[64].item<float>(), std::ldexp(1.0f, -9));
+  const auto parts = t.parts();
+  EXPECT_EQ(parts.at("data").numel(), 40);
+  EXPECT_EQ(parts.at("scales").scalar_type(), at::kByte);
+  const at::Tensor scales = parts.at("scales").view(at::kFloat8_e4m3fn).to(at::kFloat);
+  EXPECT_TRUE(at::equal(scales, at::tensor({448.0f, 0.5f, 1.125f, 0.0f, std::ldexp(1.0f, -9)})));
+  EXPECT_EQ(parts.at("tensor_scale").item<float>(), 1.0f);
+  EXPECT_EQ(t.bytes(), 40 + 5 + 4);
+  // Another tensor scale: the values x 2^-20 keep their codes and tile scales, g = 2^-20.
+  const at::Tensor small = value.narrow(0, 0, 32) * std::ldexp(1.0f, -20);
+  EXPECT_TRUE(at::equal(LowPrecisionTensor::round_trip(small, StorageDtype::kNvfp4), small));
+}
+
+TEST(LowPrecisionTensor, Nvfp4StochasticRoundingIsUnbiasedAndBeatsWideTilesOnSpreadValues) {
+  // Tiles of 16 led by 6 (the tensor's max-abs: every tile's scale is 1): 2.2 rounds to 3 one time in five.
+  const int64_t n = 16 * 10000;
+  at::Tensor v = at::full({n}, 2.2f);
+  v.view({-1, 16}).select(1, 0).fill_(6.0f);
+  const at::Tensor r = LowPrecisionTensor::round_trip(v, StorageDtype::kNvfp4, 128, 11u).view({-1, 16}).narrow(1, 1, 15);
+  EXPECT_TRUE(at::logical_or(r == 2.0f, r == 3.0f).all().item<bool>());
+  EXPECT_NEAR((r == 3.0f).to(at::kDouble).mean().item<double>(), 0.2, 0.005);
+  EXPECT_TRUE(at::equal(LowPrecisionTensor::round_trip(-v, StorageDtype::kNvfp4, 128, 11u).view({-1, 16}).narrow(1, 1, 15), -r));
+  EXPECT_FALSE(at::equal(LowPrecisionTensor::round_trip(v, StorageDtype::kNvfp4, 128, 12u), LowPrecisionTensor::round_trip(v, StorageDtype::kNvfp4, 128, 11u)));
+  // Values whose size varies along the row in runs of 16 (1 to 128 times a unit, as gradients'
+  // do from one input feature to the next): 16-value tiles keep the smallest runs to their own
+  // precision, where 128-value tiles, scaled by the largest run, round them to 0 or their first step.
+  torch::manual_seed(3);
+  const at::Tensor size = at::exp2(at::randint(0, 8, {64, 64}).to(at::kFloat)).repeat_interleave(16, 1);
+  const at::Tensor spread = at::randn({64, 1024}) * size;
+  const at::Tensor smallest = size == 1.0f;
+  const auto error = [&](StorageDtype dtype) {
+    const at::Tensor e = LowPrecisionTensor::round_trip(spread, dtype, 128, 7u) - spread;
+    return (e.masked_select(smallest).norm() / spread.masked_select(smallest).norm()).item<double>();
+  };
+  EXPECT_LT(error(StorageDtype::kNvfp4), 0.3);
+  EXPECT_GT(error(StorageDtype::kFp4), 1.0);
+}
+
+TEST(LowPrecisionTensor, Fp4CpuKernelStoresTheCompositionsBits) {
+  // The fused CPU pass and the tensor composition (what CUDA runs) store the same codes and
+  // read back the same values: both dtypes, to nearest and stochastically, over an odd count
+  // with a zero tile, values on the grid and at its midpoints, and a wide spread of sizes.
+  torch::manual_seed(21);
+  at::Tensor v = at::randn({6001}) * at::exp2(at::randint(-12, 12, {6001}).to(at::kFloat));
+  v.narrow(0, 128, 128).zero_();
+  v.narrow(0, 256, 16).copy_(at::tensor({6.0f, 0.25f, 1.25f, 2.5f, 5.0f, -3.5f, 0.75f, -1.75f, 4.0f, 3.0f, 2.0f, 1.5f, 1.0f, 0.5f, 0.0f, -6.0f}));
+  for (StorageDtype dtype : {StorageDtype::kFp4, StorageDtype::kNvfp4}) {
+    for (std::optional<uint32_t> seed : {std::optional<uint32_t>(), std::optional<uint32_t>(77u)}) {
+      const auto stored = [&](bool tensor_ops) {
+        use_fp4_tensor_ops_on_cpu(tensor_ops);
+        LowPrecisionTensor t(v.sizes(), dtype);
+        if (seed) {
+          t.store_stochastic(v, *seed);
+        } else {
+          t.store(v);
+        }
+        auto parts = t.parts();
+        parts["loaded"] = t.load();
+        use_fp4_tensor_ops_on_cpu(false);
+        return parts;
+      };
+      const auto fused = stored(false), composed = stored(true);
+      ASSERT_EQ(fused.size(), composed.size());
+      for (const auto& [name, tensor] : fused) {
+        EXPECT_TRUE(at::equal(tensor, composed.at(name))) << storage_dtype_name(dtype) << " " << name << (seed ? " stochastic" : "");
+      }
+    }
+  }
+}
+
 }  // namespace
+

@@ -44,6 +44,9 @@ TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
   OptimizerConfig fp4 = recipe("bf16", "fp4", "fp8", "fp8");
   fp4.name = "muon";
   EXPECT_NEAR(bytes(fp4).grads, (512 * 128 * (0.5 + 4.0 / 128) + 128 * (1.0 + 4.0 / 128)) / (512 * 128 + 128), 1e-9);
+  // NVFP4: a byte of E4M3 scale per 16 values and 4 bytes of tensor scale.
+  fp4.grad_dtype = "nvfp4";
+  EXPECT_NEAR(bytes(fp4).grads, (512 * 128 * (0.5 + 1.0 / 16) + 4 + 128 * (1.0 + 4.0 / 128)) / (512 * 128 + 128), 1e-9);
 }
 
 TEST(Fp8Optimizer, FirstStepMatchesClosedFormUpToStorageRounding) {
