@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "common/test_hooks.h"
 #include "fp8/block_quant.h"
@@ -67,58 +68,66 @@ bool fused_on_cpu(const at::Tensor& t) {
   return t.device().is_cpu() && !fp4_tensor_ops_on_cpu.load() && common::test_hooks().fused_cpu_kernels;
 }
 
-// hash_bits16's value for one index, in the same 32-bit arithmetic.
+// hash_bits16's value for one index: its arithmetic modulo 2^32 is uint32's.
 inline uint32_t hash16(int64_t index, uint32_t seed) {
-  uint64_t x = static_cast<uint64_t>(index + static_cast<int64_t>(seed)) & 0xFFFFFFFFULL;
-  for (int round = 0; round < 2; ++round) x = ((x ^ (x >> 16)) * 0x45d9f3bULL) & 0xFFFFFFFFULL;
-  return static_cast<uint32_t>((x ^ (x >> 16)) & 0xFFFF);
+  uint32_t x = static_cast<uint32_t>(index) + seed;
+  for (int round = 0; round < 2; ++round) x = (x ^ (x >> 16)) * 0x45d9f3bu;
+  return (x ^ (x >> 16)) & 0xFFFFu;
 }
 
 constexpr float kE2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
 
 // fp4_codes for a CPU tensor: the composition's FP32 arithmetic, in its order,
-// one element at a time (parallel over bytes), so the two agree bit for bit.
+// without branches on the values, a tile at a time (parallel over tiles), then
+// packed two codes a byte; the two agree bit for bit.
 at::Tensor fp4_codes_cpu(const at::Tensor& flat, const at::Tensor& scales, int64_t block, std::optional<uint32_t> seed) {
   const at::Tensor x = flat.contiguous(), s = scales.contiguous();
-  const int64_t n = x.numel(), bytes = (n + 1) / 2;
-  at::Tensor packed = at::empty({bytes}, x.options().dtype(at::kByte));
+  const int64_t n = x.numel(), bytes = (n + 1) / 2, tiles = s.numel();
+  std::vector<uint8_t> codes(static_cast<size_t>(2 * bytes), 0);
   const float* xp = x.data_ptr<float>();
   const float* sp = s.data_ptr<float>();
-  uint8_t* out = packed.data_ptr<uint8_t>();
-  at::parallel_for(0, bytes, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      uint32_t byte = 0;
-      for (int64_t i = 2 * b; i < std::min(n, 2 * b + 2); ++i) {
-        const float scale = sp[i / block];
-        const float a = std::min(std::fabs(xp[i]) / (scale > 0.0f ? scale : 1.0f), static_cast<float>(kFp4Max));
-        uint32_t lo = 0;
-        while (lo < 7 && kE2m1[lo + 1] <= a) ++lo;
-        const float below = kE2m1[lo], step = kE2m1[std::min<uint32_t>(lo + 1, 7)] - below;
+  const bool stochastic = seed.has_value();
+  const uint32_t seed_value = seed.value_or(0);
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 16384 / block), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float divisor = sp[t] > 0.0f ? sp[t] : 1.0f;
+      for (int64_t i = t * block; i < std::min(n, (t + 1) * block); ++i) {
+        const float a = std::min(std::fabs(xp[i]) / divisor, static_cast<float>(kFp4Max));
+        const uint32_t lo = static_cast<uint32_t>(a >= 0.5f) + static_cast<uint32_t>(a >= 1.0f) + static_cast<uint32_t>(a >= 1.5f) +
+                            static_cast<uint32_t>(a >= 2.0f) + static_cast<uint32_t>(a >= 3.0f) + static_cast<uint32_t>(a >= 4.0f) +
+                            static_cast<uint32_t>(a >= 6.0f);
+        const float below = kE2m1[lo], step = kE2m1[lo < 7 ? lo + 1 : 7] - below;
         const float frac = step > 0.0f ? (a - below) / std::max(step, 1e-30f) : 0.0f;
-        const bool up = seed ? static_cast<float>(hash16(i, *seed)) / 65536.0f < frac
-                             : frac > 0.5f || (frac == 0.5f && lo % 2 == 1);
-        const uint32_t magnitude = lo + (up ? 1 : 0);
-        const uint32_t sign = xp[i] < 0.0f && magnitude > 0 ? 8 : 0;
-        byte |= (magnitude | sign) << (4 * (i - 2 * b));
+        const bool up = stochastic ? static_cast<float>(hash16(i, seed_value)) / 65536.0f < frac
+                                   : (frac > 0.5f) | ((frac == 0.5f) & ((lo & 1u) == 1u));
+        const uint32_t magnitude = lo + static_cast<uint32_t>(up);
+        codes[static_cast<size_t>(i)] = static_cast<uint8_t>(magnitude | (static_cast<uint32_t>((xp[i] < 0.0f) & (magnitude > 0)) << 3));
       }
-      out[b] = static_cast<uint8_t>(byte);
     }
+  });
+  at::Tensor packed = at::empty({bytes}, x.options().dtype(at::kByte));
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, bytes, 65536, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) out[b] = static_cast<uint8_t>(codes[static_cast<size_t>(2 * b)] | (codes[static_cast<size_t>(2 * b + 1)] << 4));
   });
   return packed;
 }
 
-// decode_fp4 for a CPU tensor.
+// decode_fp4 for a CPU tensor, a tile at a time.
 at::Tensor decode_fp4_cpu(const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t block) {
   const at::Tensor p = packed.contiguous(), s = scales.to(at::kFloat).contiguous();
   at::Tensor value = at::empty({n}, s.options());
   const uint8_t* in = p.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
   float* out = value.data_ptr<float>();
-  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint32_t code = (in[i / 2] >> (4 * (i % 2))) & 15;
-      const float magnitude = kE2m1[code & 7];
-      out[i] = (code & 8 ? -magnitude : magnitude) * sp[i / block];
+  at::parallel_for(0, (n + block - 1) / block, std::max<int64_t>(1, 32768 / block), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float scale = sp[t];
+      for (int64_t i = t * block; i < std::min(n, (t + 1) * block); ++i) {
+        const uint32_t code = (in[i >> 1] >> ((i & 1) << 2)) & 15u;
+        const float magnitude = kE2m1[code & 7u];
+        out[i] = ((code & 8u) != 0 ? -magnitude : magnitude) * scale;
+      }
     }
   });
   return value;

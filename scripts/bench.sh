@@ -13,7 +13,7 @@
 # Needs the corpus (moe-data prepare) and a build. Results go to docs/benchmarks.md by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/build.sh bench_step bench_collectives moe-data moe-train >/dev/null
+scripts/build.sh bench_step bench_state bench_collectives moe-data moe-train >/dev/null
 build/launch/moe-data prepare --config configs/tiny.yaml >/dev/null
 isa=$(grep -o -w 'avx512_bf16\|amx_bf16\|avx512f\|avx2' /proc/cpuinfo | sort -u | xargs)
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), ISA: $isa"
@@ -67,6 +67,8 @@ fi
 echo "-- FP8 emulated on CPU (precision.fp8: true: E4M3 operands with block scales, FP32 GEMMs), with the fused kernels, then without"
 step --set precision.fp8=true
 FMOE_FUSED_CPU_KERNELS=0 step --set precision.fp8=true | tail -1
+echo "-- low-precision optimizer state and gradients (fused CPU pass against the tensor composition)"
+build/tests/bench/bench_state
 [ -z "${SKIP_PARALLEL:-}" ] || exit 0
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 echo "== MPI collectives (bus bandwidth as nccl-tests defines it)"
