@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The optimizer study of docs/optimizer.md: one config trained five ways from the
+# The optimizer study of docs/optimizer.md: one config trained seven ways from the
 # same seed and data, at equal steps: AdamW with FP32 state (the reference),
 # AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
 # Muon with FP32 state, Muon with BF16 master weights (stochastic rounding) and
 # FP8 gradients, momentum and AdamW second moments, and the same with FP4
 # gradients (stochastically rounded; 1 x 128 tiles with FP32 scales, and
-# NVFP4's 1 x 16 tiles with E4M3 scales): under 4 bytes per parameter.
+# NVFP4's 1 x 16 tiles with E4M3 scales, also rounded to nearest): under 4
+# bytes per parameter.
 # Prints a markdown table (state bytes per parameter as the metrics report it,
 # final validation loss, gap to its FP32 self, tokens to reach AdamW FP32's final
 # validation loss, seconds per step) and draws the validation-loss curves with
