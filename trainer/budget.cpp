@@ -148,9 +148,7 @@ std::string spend_text(const BudgetConfig& b, const BudgetSpend& spend, int64_t 
   return text;
 }
 
-int64_t token_limit_steps(const BudgetConfig& b, int64_t tokens_per_step) {
-  return b.max_tokens > 0 ? std::max<int64_t>(1, b.max_tokens / tokens_per_step) : 0;
-}
+int64_t token_limit_steps(const BudgetConfig& b, int64_t tokens) { return b.max_tokens > 0 ? std::max<int64_t>(1, b.max_tokens / tokens) : 0; }
 
 std::string token_limit_warning(const BudgetConfig& b, int64_t steps, int64_t tokens_per_step) {
   if (steps <= 0 || b.max_tokens <= 0 || b.max_tokens >= steps * tokens_per_step) return "";

@@ -140,13 +140,9 @@ void Optimizer::quantize_gradients() {
     at::Tensor grad = params_[i].tensor.grad();
     if (!grad.defined()) continue;
     const fp8::StorageDtype dtype = grad_dtype_of(i);
-    // FP4's steps (a third to a half of a value) would swallow the small
-    // components of a wide tile under rounding to nearest: its gradients round
-    // stochastically by default, so each stored gradient is unbiased.
-    const std::optional<uint32_t> seed =
-        (dtype == fp8::StorageDtype::kFp4 || dtype == fp8::StorageDtype::kNvfp4) && config_.grad_stochastic_rounding
-            ? std::optional<uint32_t>(rounding_seed(i, 0x85EBCA6Bu))
-            : std::nullopt;
+    // FP4 rounds stochastically by default (unbiased: rounding to nearest would flush a wide tile's small values).
+    const bool fp4 = dtype == fp8::StorageDtype::kFp4 || dtype == fp8::StorageDtype::kNvfp4;
+    const std::optional<uint32_t> seed = fp4 && config_.grad_stochastic_rounding ? std::optional(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
     grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, dtype, config_.state_block_size, seed));
   }
 }

@@ -116,6 +116,35 @@ TEST(Fp8Optimizer, Fp4GradientsRoundStochasticallyAndReproducibly) {
   EXPECT_TRUE(at::equal(rounded(1).second, norm_grad));
 }
 
+TEST(Fp8Optimizer, Nvfp4GradientsRoundToNearestWhenAsked) {
+  // grad_stochastic_rounding: false: NVFP4's round to nearest, the same bits at every step;
+  // true (the default): stochastic, other bits at the next step.
+  const auto rounded = [](bool stochastic, int steps_before) {
+    auto ps = params(64);
+    OptimizerConfig o = recipe("fp32", "nvfp4", "fp32", "fp32");
+    o.name = "muon";
+    o.grad_stochastic_rounding = stochastic;
+    Optimizer muon(ps, o);
+    for (int step = 0; step < steps_before; ++step) {
+      ps[0].tensor.mutable_grad() = at::zeros({64, 128});
+      ps[1].tensor.mutable_grad() = at::zeros({128});
+      muon.step(0.0);
+    }
+    torch::manual_seed(5);
+    ps[0].tensor.mutable_grad() = at::randn({64, 128}) * 1e-3;
+    ps[1].tensor.mutable_grad() = at::randn({128});
+    muon.quantize_gradients();
+    return ps[0].tensor.grad().clone();
+  };
+  torch::manual_seed(5);
+  const at::Tensor before = at::randn({64, 128}) * 1e-3;
+  const at::Tensor nearest = fmoe::fp8::LowPrecisionTensor::round_trip(before, fmoe::fp8::StorageDtype::kNvfp4);
+  EXPECT_TRUE(at::equal(rounded(false, 0), nearest));
+  EXPECT_TRUE(at::equal(rounded(false, 1), nearest));
+  EXPECT_FALSE(at::equal(rounded(true, 0), nearest));
+  EXPECT_FALSE(at::equal(rounded(true, 1), rounded(true, 0)));
+}
+
 TEST(Fp8Optimizer, StateRestoresExactly) {
   const OptimizerConfig o = recipe("fp16", "fp8", "fp8", "fp8");
   auto ps = params(128);
