@@ -409,10 +409,11 @@ std::string OptimizerConfig::validate() const {
     return "stochastic_rounding: rounds BF16 master weights; main_params_dtype is '" + main_params_dtype + "'";
   }
   if (name != "adamw" && name != "muon") return "name: must be adamw or muon, got '" + name + "'";
-  if (!grad_stochastic_rounding && grad_dtype != "fp4" && grad_dtype != "nvfp4") {
+  const bool fp4_grads = grad_dtype == "fp4" || grad_dtype == "nvfp4";
+  if (!grad_stochastic_rounding && !fp4_grads) {
     return "grad_stochastic_rounding: rounds fp4 and nvfp4 gradients; grad_dtype is '" + grad_dtype + "'";
   }
-  if ((grad_dtype == "fp4" || grad_dtype == "nvfp4") && name != "muon") {
+  if (fp4_grads && name != "muon") {
     return "grad_dtype: " + grad_dtype + " is for Muon's matrices (name: muon); AdamW's second moment would take its rounding noise for signal";
   }
   if (!(adamw_lr >= 0)) return "adamw_lr: must be >= 0 (0: lr)";

@@ -133,6 +133,12 @@ at::Tensor decode_fp4_cpu(const at::Tensor& packed, const at::Tensor& scales, in
   return value;
 }
 
+// flat zero-padded to whole 1 x block tiles: [tiles, block].
+at::Tensor as_tiles(const at::Tensor& flat, int64_t block) {
+  const int64_t n = flat.numel(), tiles = (n + block - 1) / block;
+  return (tiles * block == n ? flat : at::constant_pad_nd(flat, {0, tiles * block - n}, 0.0)).view({tiles, block});
+}
+
 // flat (FP32, n elements) over per-tile scales (FP32, one per 1 x block tile,
 // each at least the tile's max-abs / 6; 0 for a tile of zeros) -> packed E2M1
 // codes (uint8, ceil(n / 2), low nibble first). Each magnitude over its scale
@@ -142,11 +148,9 @@ at::Tensor decode_fp4_cpu(const at::Tensor& packed, const at::Tensor& scales, in
 // CPU tensors take one fused pass (fp4_codes_cpu), others this composition.
 at::Tensor fp4_codes(const at::Tensor& flat, const at::Tensor& scales, int64_t block, std::optional<uint32_t> seed) {
   if (fused_on_cpu(flat)) return fp4_codes_cpu(flat, scales, block, seed);
-  const int64_t n = flat.numel(), tiles = scales.numel();
-  at::Tensor padded = flat;
-  if (tiles * block != n) padded = at::constant_pad_nd(flat, {0, tiles * block - n}, 0.0);
+  const int64_t n = flat.numel();
   const at::Tensor divisor = at::where(scales > 0, scales, at::ones_like(scales));
-  const at::Tensor a = (padded.view({tiles, block}).abs() / divisor.unsqueeze(1)).clamp_max_(kFp4Max).reshape({-1}).narrow(0, 0, n);
+  const at::Tensor a = (as_tiles(flat, block).abs() / divisor.unsqueeze(1)).clamp_max_(kFp4Max).reshape({-1}).narrow(0, 0, n);
   const at::Tensor lo = fp4_code_below(a);
   const at::Tensor hi = (lo + 1).clamp_max_(7);
   const at::Tensor below = fp4_magnitude(lo), step = fp4_magnitude(hi) - below;
@@ -162,12 +166,7 @@ at::Tensor fp4_codes(const at::Tensor& flat, const at::Tensor& scales, int64_t b
 }
 
 // Each 1 x block tile's max-abs (FP32, one per tile; padding counts as zero).
-at::Tensor tile_amax(const at::Tensor& flat, int64_t block) {
-  const int64_t n = flat.numel(), tiles = (n + block - 1) / block;
-  at::Tensor padded = flat;
-  if (tiles * block != n) padded = at::constant_pad_nd(flat, {0, tiles * block - n}, 0.0);
-  return padded.view({tiles, block}).abs().amax(1);
-}
+at::Tensor tile_amax(const at::Tensor& flat, int64_t block) { return as_tiles(flat, block).abs().amax(1); }
 
 // fp4: {packed codes, FP32 scales = each 1 x block tile's max-abs / 6 (1 for a tile of zeros)}.
 std::pair<at::Tensor, at::Tensor> encode_fp4(const at::Tensor& flat, int64_t block, std::optional<uint32_t> seed) {
@@ -271,7 +270,7 @@ at::Tensor LowPrecisionTensor::stochastic_round_bf16(const at::Tensor& value, ui
 void LowPrecisionTensor::store_stochastic(const at::Tensor& value, uint32_t seed) {
   if (dtype_ == StorageDtype::kBf16) {
     data_ = stochastic_round_bf16(value, seed);
-  } else if (dtype_ == StorageDtype::kFp4 || dtype_ == StorageDtype::kNvfp4) {
+  } else if (is_fp4(dtype_)) {
     const at::Tensor flat = value.to(at::kFloat).reshape({-1});
     if (dtype_ == StorageDtype::kFp4) {
       std::tie(data_, scales_) = encode_fp4(flat, block_size_, seed);
@@ -293,16 +292,11 @@ at::Tensor LowPrecisionTensor::load() const {
       const at::Tensor v = dequantize_blocks(q).view(shape_);
       return sqrt_transform_ ? v.square() : v;
     }
-    case StorageDtype::kFp4: {
-      int64_t n = 1;
-      for (const int64_t d : shape_) n *= d;
-      return decode_fp4(data_, scales_, n, block_size_).view(shape_);
-    }
+    case StorageDtype::kFp4:
     case StorageDtype::kNvfp4: {
-      int64_t n = 1;
-      for (const int64_t d : shape_) n *= d;
-      const at::Tensor scales = scales_.view(at::kFloat8_e4m3fn).to(at::kFloat) * tensor_scale_;
-      return decode_fp4(data_, scales, n, kNvfp4Block).view(shape_);
+      const bool nv = dtype_ == StorageDtype::kNvfp4;
+      const at::Tensor scales = nv ? scales_.view(at::kFloat8_e4m3fn).to(at::kFloat) * tensor_scale_ : scales_;
+      return decode_fp4(data_, scales, c10::multiply_integers(shape_), nv ? kNvfp4Block : block_size_).view(shape_);
     }
   }
   return {};

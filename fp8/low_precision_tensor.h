@@ -25,6 +25,8 @@ enum class StorageDtype { kFp32, kBf16, kFp16, kFp8, kFp4, kNvfp4 };
 // "fp32" | "bf16" | "fp16" | "fp8" | "fp4" | "nvfp4"; throws std::invalid_argument otherwise.
 StorageDtype parse_storage_dtype(const std::string& name);
 std::string storage_dtype_name(StorageDtype dtype);
+// The two E2M1 layouts.
+inline bool is_fp4(StorageDtype dtype) { return dtype == StorageDtype::kFp4 || dtype == StorageDtype::kNvfp4; }
 
 // FP4 and NVFP4 code CPU tensors in one fused pass; on (for tests) CPU tensors
 // take the tensor composition CUDA tensors take instead. Both store the same bits.

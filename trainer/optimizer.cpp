@@ -130,7 +130,7 @@ void Optimizer::refresh_master(const at::Tensor& param) {
 }
 
 fp8::StorageDtype Optimizer::grad_dtype_of(size_t i) const {
-  return fp4_gradients() && !muon_[i].matrix ? fp8::StorageDtype::kFp8 : grad_dtype_;
+  return fp8::is_fp4(grad_dtype_) && !muon_[i].matrix ? fp8::StorageDtype::kFp8 : grad_dtype_;
 }
 
 void Optimizer::quantize_gradients() {
@@ -141,8 +141,8 @@ void Optimizer::quantize_gradients() {
     if (!grad.defined()) continue;
     const fp8::StorageDtype dtype = grad_dtype_of(i);
     // FP4 rounds stochastically by default (unbiased: rounding to nearest would flush a wide tile's small values).
-    const bool fp4 = dtype == fp8::StorageDtype::kFp4 || dtype == fp8::StorageDtype::kNvfp4;
-    const std::optional<uint32_t> seed = fp4 && config_.grad_stochastic_rounding ? std::optional(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
+    const bool stochastic = fp8::is_fp4(dtype) && config_.grad_stochastic_rounding;
+    const std::optional<uint32_t> seed = stochastic ? std::optional(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
     grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, dtype, config_.state_block_size, seed));
   }
 }

@@ -114,9 +114,6 @@ class Optimizer {
   uint32_t rounding_seed(size_t i, uint32_t salt) const;
   // Parameter i's gradient dtype: grad_dtype, except FP8 for the AdamW parameters under FP4 / NVFP4.
   fp8::StorageDtype grad_dtype_of(size_t i) const;
-  bool fp4_gradients() const {
-    return grad_dtype_ == fp8::StorageDtype::kFp4 || grad_dtype_ == fp8::StorageDtype::kNvfp4;
-  }
   at::Tensor muon_update(const at::Tensor& u, const moe::WeightMatrices& m) const;
 
   std::vector<NamedParameter> params_;
