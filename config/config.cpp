@@ -94,6 +94,7 @@ void visit(V& v, OptimizerConfig& c) {
   v.field("main_params_dtype", c.main_params_dtype);
   v.field("stochastic_rounding", c.stochastic_rounding);
   v.field("grad_stochastic_rounding", c.grad_stochastic_rounding);
+  v.field("grad_hadamard", c.grad_hadamard);
   v.field("exp_avg_dtype", c.exp_avg_dtype);
   v.field("exp_avg_sq_dtype", c.exp_avg_sq_dtype);
   v.field("grad_dtype", c.grad_dtype);
@@ -412,6 +413,9 @@ std::string OptimizerConfig::validate() const {
   const bool fp4_grads = grad_dtype == "fp4" || grad_dtype == "nvfp4";
   if (!grad_stochastic_rounding && !fp4_grads) {
     return "grad_stochastic_rounding: rounds fp4 and nvfp4 gradients; grad_dtype is '" + grad_dtype + "'";
+  }
+  if (grad_hadamard && !fp4_grads) {
+    return "grad_hadamard: rotates fp4 and nvfp4 gradients; grad_dtype is '" + grad_dtype + "'";
   }
   if (fp4_grads && name != "muon") {
     return "grad_dtype: " + grad_dtype + " is for Muon's matrices (name: muon); AdamW's second moment would take its rounding noise for signal";

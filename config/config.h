@@ -51,6 +51,7 @@ struct OptimizerConfig {
   std::string main_params_dtype = "fp32";  // fp32 | bf16 | fp16 (the master weights)
   bool stochastic_rounding = false;        // BF16 master weights rounded stochastically (seeded by step and parameter)
   bool grad_stochastic_rounding = true;    // fp4 / nvfp4 gradients: stochastically (true) or to nearest
+  bool grad_hadamard = false;              // fp4 / nvfp4 gradients: random Hadamard rotation of 16-value tiles first
   std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8
   std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
   std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8 | fp4 | nvfp4 (Muon's matrices, stochastically rounded; the rest fp8)

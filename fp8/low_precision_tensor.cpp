@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <stdexcept>
 #include <tuple>
@@ -73,6 +74,19 @@ inline uint32_t hash16(int64_t index, uint32_t seed) {
   uint32_t x = static_cast<uint32_t>(index) + seed;
   for (int round = 0; round < 2; ++round) x = (x ^ (x >> 16)) * 0x45d9f3bu;
   return (x ^ (x >> 16)) & 0xFFFFu;
+}
+
+// diag(signs) x H16 / 4 (H16 the Sylvester Hadamard matrix, entries +-1):
+// orthogonal, its inverse its transpose; the 16 signs from hash16 of the seed.
+at::Tensor random_hadamard16(uint32_t seed, c10::Device device) {
+  std::vector<float> r(static_cast<size_t>(kNvfp4Block * kNvfp4Block));
+  for (int64_t i = 0; i < kNvfp4Block; ++i) {
+    const float sign = (hash16(i, seed) & 1u) ? -0.25f : 0.25f;
+    for (int64_t j = 0; j < kNvfp4Block; ++j) {
+      r[static_cast<size_t>(i * kNvfp4Block + j)] = (std::popcount(static_cast<uint32_t>(i & j)) & 1) ? -sign : sign;
+    }
+  }
+  return at::tensor(r, at::kFloat).view({kNvfp4Block, kNvfp4Block}).to(device);
 }
 
 constexpr float kE2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
@@ -303,7 +317,17 @@ at::Tensor LowPrecisionTensor::load() const {
 }
 
 at::Tensor LowPrecisionTensor::round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size,
-                                          std::optional<uint32_t> seed) {
+                                          std::optional<uint32_t> seed, std::optional<uint32_t> rotation_seed) {
+  if (rotation_seed) {
+    if (!is_fp4(dtype)) throw std::invalid_argument("round_trip: a Hadamard rotation is for fp4 and nvfp4 values");
+    const int64_t n = value.numel(), padded = (n + kNvfp4Block - 1) / kNvfp4Block * kNvfp4Block;
+    at::Tensor flat = value.to(at::kFloat).reshape({-1});
+    if (padded != n) flat = at::constant_pad_nd(flat, {0, padded - n});
+    const at::Tensor r = random_hadamard16(*rotation_seed, value.device());
+    const at::Tensor rotated = at::matmul(flat.view({-1, kNvfp4Block}), r);
+    const at::Tensor back = at::matmul(round_trip(rotated, dtype, block_size, seed).view({-1, kNvfp4Block}), r.t());
+    return back.reshape({-1}).narrow(0, 0, n).view(value.sizes()).to(value.scalar_type());
+  }
   LowPrecisionTensor stored;
   stored.shape_ = value.sizes().vec();
   stored.dtype_ = dtype;

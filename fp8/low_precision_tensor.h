@@ -55,8 +55,16 @@ class LowPrecisionTensor {
   static at::Tensor stochastic_round_bf16(const at::Tensor& value, uint32_t seed);
   // value as it reads back after a store in dtype (for gradients kept in a narrow
   // dtype); with a seed, after store_stochastic (BF16, FP4 and NVFP4).
+  // With a rotation_seed (FP4 and NVFP4 only), each 16-value tile of the flattened
+  // value is rotated first by a random Hadamard transform (the 16 x 16 Sylvester
+  // matrix / 4, its rows' signs drawn from the seed) and rotated back after the
+  // load. The rotation is orthogonal: the rounding's error keeps its size but is
+  // spread over the tile, and with a new seed each step rounding to nearest's
+  // bias (a tile's small values flushed alike every step) becomes noise whose
+  // mean over steps is zero.
   static at::Tensor round_trip(const at::Tensor& value, StorageDtype dtype, int64_t block_size = 128,
-                               std::optional<uint32_t> seed = std::nullopt);
+                               std::optional<uint32_t> seed = std::nullopt,
+                               std::optional<uint32_t> rotation_seed = std::nullopt);
 
   // The exact stored bytes (data and scales) for checkpoints, and their restore.
   std::map<std::string, at::Tensor> parts() const;

@@ -143,7 +143,8 @@ void Optimizer::quantize_gradients() {
     // FP4 rounds stochastically by default (unbiased: rounding to nearest would flush a wide tile's small values).
     const bool stochastic = fp8::is_fp4(dtype) && config_.grad_stochastic_rounding;
     const std::optional<uint32_t> seed = stochastic ? std::optional(rounding_seed(i, 0x85EBCA6Bu)) : std::nullopt;
-    grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, dtype, config_.state_block_size, seed));
+    const std::optional<uint32_t> rotation = fp8::is_fp4(dtype) && config_.grad_hadamard ? std::optional(rounding_seed(i, 0x27D4EB2Fu)) : std::nullopt;
+    grad.copy_(fp8::LowPrecisionTensor::round_trip(grad, dtype, config_.state_block_size, seed, rotation));
   }
 }
 

@@ -80,6 +80,9 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n", "run.yaml").optimizer.grad_dtype, "nvfp4");
   EXPECT_FALSE(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n  grad_stochastic_rounding: false\n", "run.yaml")
                    .optimizer.grad_stochastic_rounding);
+  EXPECT_TRUE(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n  grad_hadamard: true\n", "run.yaml").optimizer.grad_hadamard);
+  EXPECT_EQ(error_of("optimizer:\n  grad_dtype: fp8\n  grad_hadamard: true\n"),
+            "run.yaml: optimizer.grad_hadamard: rotates fp4 and nvfp4 gradients; grad_dtype is 'fp8'");
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: fp8\n  grad_stochastic_rounding: false\n"),
             "run.yaml: optimizer.grad_stochastic_rounding: rounds fp4 and nvfp4 gradients; grad_dtype is 'fp8'");
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: nvfp4\n"),

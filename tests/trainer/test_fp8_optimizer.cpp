@@ -119,11 +119,12 @@ TEST(Fp8Optimizer, Fp4GradientsRoundStochasticallyAndReproducibly) {
 TEST(Fp8Optimizer, Nvfp4GradientsRoundToNearestWhenAsked) {
   // grad_stochastic_rounding: false: NVFP4's round to nearest, the same bits at every step;
   // true (the default): stochastic, other bits at the next step.
-  const auto rounded = [](bool stochastic, int steps_before) {
+  const auto rounded = [](bool stochastic, int steps_before, bool hadamard = false) {
     auto ps = params(64);
     OptimizerConfig o = recipe("fp32", "nvfp4", "fp32", "fp32");
     o.name = "muon";
     o.grad_stochastic_rounding = stochastic;
+    o.grad_hadamard = hadamard;
     Optimizer muon(ps, o);
     for (int step = 0; step < steps_before; ++step) {
       ps[0].tensor.mutable_grad() = at::zeros({64, 128});
@@ -143,6 +144,13 @@ TEST(Fp8Optimizer, Nvfp4GradientsRoundToNearestWhenAsked) {
   EXPECT_TRUE(at::equal(rounded(false, 1), nearest));
   EXPECT_FALSE(at::equal(rounded(true, 0), nearest));
   EXPECT_FALSE(at::equal(rounded(true, 1), rounded(true, 0)));
+  // grad_hadamard: rotated by a seed of the step and the name: other bits than plain rounding
+  // and at the next step, the same bits when the step is replayed, within FP4's error.
+  const at::Tensor rotated = rounded(false, 0, true);
+  EXPECT_FALSE(at::equal(rotated, nearest));
+  EXPECT_TRUE(at::equal(rounded(false, 0, true), rotated));
+  EXPECT_FALSE(at::equal(rounded(false, 1, true), rotated));
+  EXPECT_LT((rotated - before).norm().item<double>(), 0.2 * before.norm().item<double>());
 }
 
 TEST(Fp8Optimizer, StateRestoresExactly) {
