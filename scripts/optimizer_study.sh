@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The optimizer study of docs/optimizer.md: one config trained seven ways from the
+# The optimizer study of docs/optimizer.md: one config trained nine ways from the
 # same seed and data, at equal steps: AdamW with FP32 state (the reference),
 # AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
 # Muon with FP32 state, Muon with BF16 master weights (stochastic rounding) and
 # FP8 gradients, momentum and AdamW second moments, and the same with FP4
 # gradients (stochastically rounded; 1 x 128 tiles with FP32 scales, and
-# NVFP4's 1 x 16 tiles with E4M3 scales, also rounded to nearest): under 4
-# bytes per parameter.
+# NVFP4's 1 x 16 tiles with E4M3 scales, also rounded to nearest, and to
+# nearest after a random Hadamard rotation of each tile): under 4 bytes per
+# parameter. And Muon FP32 once more with a schedule SHORT (0.8) times
+# as long: whether it reaches AdamW FP32's final loss in that fraction of its
+# tokens when its learning rate decays over them (a run that decays over the
+# full length is still at a high rate at 0.8x, so its curve understates this).
 # Prints a markdown table (state bytes per parameter as the metrics report it,
 # final validation loss, gap to its FP32 self, tokens to reach AdamW FP32's final
 # validation loss, seconds per step) and draws the validation-loss curves with
@@ -15,6 +19,7 @@
 #   STEPS (300), EVERY (validation interval, 25), PRECISION (fp32: the GEMMs of
 #   every run alike, on any CPU), MUON_LR (the matrices' peak lr; default three
 #   times the config's, the better of 1x and 3x on tiny), ONLY=<run name>,
+#   SHORT (0.8: the short run's fraction of STEPS),
 #   SEED (training.seed: the initialization and the data order; the runs go to
 #   runs/optimizer_study/<config>_seed<SEED>/, the config's own seed to <config>/).
 set -euo pipefail
@@ -37,12 +42,14 @@ declare -A runs=(
   [adamw_fp32]=""
   [adamw_5_bytes]="--set optimizer.main_params_dtype=fp16 ${SMALL[*]}"
   [muon_fp32]="${MUON[*]}"
+  [muon_fp32_short]="${MUON[*]} --set training.steps=$(python3 -c "print(round(${SHORT:-0.8} * ${STEPS:-300}))")"
   [muon_small]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]}"
   [muon_fp4_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp4"
   [muon_nvfp4_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4"
   [muon_nvfp4_nearest]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false"
+  [muon_nvfp4_hadamard]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false --set optimizer.grad_hadamard=true"
 )
-order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_small muon_fp4_grads muon_nvfp4_grads muon_nvfp4_nearest)
+order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_fp32_short muon_small muon_fp4_grads muon_nvfp4_grads muon_nvfp4_nearest muon_nvfp4_hadamard)
 for run in "${order[@]}"; do
   [ -n "${ONLY:-}" ] && [ "$ONLY" != "$run" ] && continue
   echo "== $NAME $run" >&2
@@ -58,7 +65,8 @@ import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
 rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in names if os.path.exists(f"{out}/{n}/metrics.jsonl")}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
-own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32"}
+ref_tokens = rows["adamw_fp32"][-1]["tokens_seen"] if "adamw_fp32" in rows else None
+own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32"}
 print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
 print("|---|---|---|---|---|---|")
 for name, lines in rows.items():
@@ -66,7 +74,7 @@ for name, lines in rows.items():
     base = own.get(name)
     gap = f"{100 * (last['val_loss'] - rows[base][-1]['val_loss']) / rows[base][-1]['val_loss']:+.2f}%" if base in rows else "—"
     reach = next((l["tokens_seen"] for l in lines if "val_loss" in l and ref is not None and l["val_loss"] <= ref), None)
-    reach_text = "not reached" if reach is None else f"{reach / 1e6:.3f}M ({reach / lines[-1]['tokens_seen']:.2f}x)"
+    reach_text = "not reached" if reach is None else f"{reach / 1e6:.3f}M ({reach / ref_tokens:.2f}x)"
     step = sum(l["step_seconds"] for l in lines[3:]) / max(1, len(lines[3:]))
     print(f"| {name} | {last['state_bytes_per_param']:.2f} | {last['val_loss']:.4f} | {gap} | {reach_text} | {step:.3f} |")
 PY
