@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <stdexcept>
 #include <tuple>
@@ -76,17 +75,17 @@ inline uint32_t hash16(int64_t index, uint32_t seed) {
   return (x ^ (x >> 16)) & 0xFFFFu;
 }
 
-// diag(signs) x H16 / 4 (H16 the Sylvester Hadamard matrix, entries +-1):
-// orthogonal, its inverse its transpose; the 16 signs from hash16 of the seed.
-at::Tensor random_hadamard16(uint32_t seed, c10::Device device) {
-  std::vector<float> r(static_cast<size_t>(kNvfp4Block * kNvfp4Block));
-  for (int64_t i = 0; i < kNvfp4Block; ++i) {
-    const float sign = (hash16(i, seed) & 1u) ? -0.25f : 0.25f;
-    for (int64_t j = 0; j < kNvfp4Block; ++j) {
-      r[static_cast<size_t>(i * kNvfp4Block + j)] = (std::popcount(static_cast<uint32_t>(i & j)) & 1) ? -sign : sign;
-    }
-  }
-  return at::tensor(r, at::kFloat).view({kNvfp4Block, kNvfp4Block}).to(device);
+// diag(signs) x H16 / 4, H16 the Sylvester Hadamard matrix ((i, j) entry
+// (-1)^popcount(i & j)): orthogonal, its inverse its transpose; row i's sign bit
+// 0 of hash_bits16 at i. Built on options' device from index arithmetic: nothing
+// is copied from the host.
+at::Tensor random_hadamard16(uint32_t seed, const at::TensorOptions& options) {
+  const at::Tensor i = at::arange(kNvfp4Block, options.dtype(at::kLong));
+  at::Tensor parity = i.unsqueeze(1).bitwise_and(i.unsqueeze(0));  // 4-bit values: fold bits 2, 3 onto 0, 1, then 1 onto 0
+  parity = parity.bitwise_xor(parity.bitwise_right_shift(2));
+  parity = parity.bitwise_xor(parity.bitwise_right_shift(1)).bitwise_and(1);
+  const at::Tensor row_sign = hash_bits16(kNvfp4Block, seed, options).bitwise_and(1).unsqueeze(1);
+  return 0.25 - 0.5 * parity.bitwise_xor(row_sign).to(at::kFloat);
 }
 
 constexpr float kE2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
@@ -320,13 +319,10 @@ at::Tensor LowPrecisionTensor::round_trip(const at::Tensor& value, StorageDtype 
                                           std::optional<uint32_t> seed, std::optional<uint32_t> rotation_seed) {
   if (rotation_seed) {
     if (!is_fp4(dtype)) throw std::invalid_argument("round_trip: a Hadamard rotation is for fp4 and nvfp4 values");
-    const int64_t n = value.numel(), padded = (n + kNvfp4Block - 1) / kNvfp4Block * kNvfp4Block;
-    at::Tensor flat = value.to(at::kFloat).reshape({-1});
-    if (padded != n) flat = at::constant_pad_nd(flat, {0, padded - n});
-    const at::Tensor r = random_hadamard16(*rotation_seed, value.device());
-    const at::Tensor rotated = at::matmul(flat.view({-1, kNvfp4Block}), r);
-    const at::Tensor back = at::matmul(round_trip(rotated, dtype, block_size, seed).view({-1, kNvfp4Block}), r.t());
-    return back.reshape({-1}).narrow(0, 0, n).view(value.sizes()).to(value.scalar_type());
+    const at::Tensor tiles = as_tiles(value.to(at::kFloat).reshape({-1}), kNvfp4Block);
+    const at::Tensor r = random_hadamard16(*rotation_seed, tiles.options());
+    const at::Tensor back = at::matmul(round_trip(at::matmul(tiles, r), dtype, block_size, seed).view({-1, kNvfp4Block}), r.t());
+    return back.reshape({-1}).narrow(0, 0, value.numel()).view(value.sizes()).to(value.scalar_type());
   }
   LowPrecisionTensor stored;
   stored.shape_ = value.sizes().vec();
