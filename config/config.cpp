@@ -402,8 +402,8 @@ std::string OptimizerConfig::validate() const {
   if (!one_of(exp_avg_sq_dtype, {"fp32", "bf16", "fp16", "fp8"})) {
     return "exp_avg_sq_dtype: must be fp32, bf16, fp16 or fp8, got '" + exp_avg_sq_dtype + "'";
   }
-  if (!one_of(grad_dtype, {"fp32", "bf16", "fp8", "fp4", "nvfp4"})) {
-    return "grad_dtype: must be fp32, bf16, fp8, fp4 or nvfp4, got '" + grad_dtype + "'";
+  if (!one_of(grad_dtype, {"fp32", "bf16", "fp8", "fp6", "fp4", "nvfp4"})) {
+    return "grad_dtype: must be fp32, bf16, fp8, fp6, fp4 or nvfp4, got '" + grad_dtype + "'";
   }
   if (state_block_size < 1) return "state_block_size: must be >= 1";
   if (stochastic_rounding && main_params_dtype != "bf16") {

@@ -204,6 +204,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_nvfp4(const at::Tensor& fl
   return {fp4_codes(flat, scales, kNvfp4Block, seed), codes, g.reshape({1}).contiguous()};
 }
 
+// fp6: E2M3 (sign, 2 exponent bits, 3 mantissa bits: magnitudes 0 to 7.5, the
+// subnormals 0.125 apart below 1) in 1 x 32 tiles with a power-of-two scale
+// per tile stored as an E8M0 byte (exponent + 127; 255, NaN, for a tile with a
+// NaN or an infinity), as MXFP6 holds values. The
+// scale is the tile's max-abs / 7.5 rounded up to a power of two, so nothing
+// saturates. Rounded to nearest (ties to even) by a cast: E2M3's grid is E4M3's
+// scaled by 2^6 below E4M3's 2^-6 (the same 3 mantissa bits, the same
+// subnormal step), so an E4M3 cast of value / scale / 2^6 rounds to E2M3, and
+// its byte's low 5 bits and sign are the 6-bit code. Four codes pack into 3
+// bytes: 0.75 + 1 / 32 bytes a value.
+constexpr double kFp6Max = 7.5;
+constexpr int64_t kFp6Block = 32;
+
+std::pair<at::Tensor, at::Tensor> encode_fp6(const at::Tensor& flat) {
+  const at::Tensor tiles = as_tiles(flat, kFp6Block);
+  const at::Tensor amax = tiles.abs().amax(1);
+  at::Tensor exponent = at::where(amax > 0, at::ceil(at::log2(amax / kFp6Max)), at::zeros_like(amax)).clamp_(-126.0, 127.0);
+  // log2 can round down just above a power of two: one up where the tile would saturate.
+  exponent = at::where(amax / at::exp2(exponent) > kFp6Max, exponent + 1.0, exponent).clamp_(-126.0, 127.0);
+  // A tile holding a NaN or an infinity gets E8M0's NaN (255): it loads as NaN, so non-finite gradients stay visible.
+  exponent = at::where(at::isfinite(amax), exponent, at::full_like(exponent, 128.0));
+  const at::Tensor scaled = tiles / at::exp2(exponent + 6.0).unsqueeze(1);
+  const at::Tensor bytes = scaled.to(at::kFloat8_e4m3fn).view(at::kByte).to(at::kInt);
+  const at::Tensor codes = bytes.bitwise_and(0x1F).bitwise_or(bytes.bitwise_right_shift(7).bitwise_left_shift(5)).view({-1, 4});
+  const at::Tensor word = codes.select(1, 0)
+                              .bitwise_or(codes.select(1, 1).bitwise_left_shift(6))
+                              .bitwise_or(codes.select(1, 2).bitwise_left_shift(12))
+                              .bitwise_or(codes.select(1, 3).bitwise_left_shift(18));
+  const at::Tensor packed = at::stack({word.bitwise_and(0xFF), word.bitwise_right_shift(8).bitwise_and(0xFF), word.bitwise_right_shift(16)}, 1);
+  return {packed.to(at::kByte).reshape({-1}).contiguous(), (exponent + 127.0).to(at::kByte).contiguous()};
+}
+
+at::Tensor decode_fp6(const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
+  const at::Tensor b = packed.to(at::kInt).view({-1, 3});
+  const at::Tensor word = b.select(1, 0).bitwise_or(b.select(1, 1).bitwise_left_shift(8)).bitwise_or(b.select(1, 2).bitwise_left_shift(16));
+  const at::Tensor codes = at::stack({word, word.bitwise_right_shift(6), word.bitwise_right_shift(12), word.bitwise_right_shift(18)}, 1)
+                               .bitwise_and(0x3F);
+  const at::Tensor e4m3 = codes.bitwise_and(0x1F).bitwise_or(codes.bitwise_right_shift(5).bitwise_left_shift(7)).to(at::kByte);
+  const at::Tensor values = e4m3.view(at::kFloat8_e4m3fn).to(at::kFloat).view({-1, kFp6Block});
+  const at::Tensor e8m0 = scales.to(at::kFloat);
+  const at::Tensor scale = at::where(e8m0 == 255.0, at::full_like(e8m0, NAN), at::exp2(e8m0 - (127.0 - 6.0))).unsqueeze(1);
+  return (values * scale).reshape({-1}).narrow(0, 0, n);
+}
+
 at::Tensor decode_fp4(const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t block) {
   if (fused_on_cpu(packed)) return decode_fp4_cpu(packed, scales, n, block);
   const at::Tensor bytes = packed.to(at::kLong);
@@ -224,7 +268,8 @@ StorageDtype parse_storage_dtype(const std::string& name) {
   if (name == "fp8") return StorageDtype::kFp8;
   if (name == "fp4") return StorageDtype::kFp4;
   if (name == "nvfp4") return StorageDtype::kNvfp4;
-  throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16, fp8, fp4 or nvfp4)");
+  if (name == "fp6") return StorageDtype::kFp6;
+  throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16, fp8, fp6, fp4 or nvfp4)");
 }
 
 std::string storage_dtype_name(StorageDtype dtype) {
@@ -235,6 +280,7 @@ std::string storage_dtype_name(StorageDtype dtype) {
     case StorageDtype::kFp8: return "fp8";
     case StorageDtype::kFp4: return "fp4";
     case StorageDtype::kNvfp4: return "nvfp4";
+    case StorageDtype::kFp6: return "fp6";
   }
   return "?";
 }
@@ -267,6 +313,7 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
     }
     case StorageDtype::kFp4: std::tie(data_, scales_) = encode_fp4(v.reshape({-1}), block_size_, std::nullopt); break;
     case StorageDtype::kNvfp4: std::tie(data_, scales_, tensor_scale_) = encode_nvfp4(v.reshape({-1}), std::nullopt); break;
+    case StorageDtype::kFp6: std::tie(data_, scales_) = encode_fp6(v.reshape({-1})); break;
   }
 }
 
@@ -311,6 +358,7 @@ at::Tensor LowPrecisionTensor::load() const {
       const at::Tensor scales = nv ? scales_.view(at::kFloat8_e4m3fn).to(at::kFloat) * tensor_scale_ : scales_;
       return decode_fp4(data_, scales, c10::multiply_integers(shape_), nv ? kNvfp4Block : block_size_).view(shape_);
     }
+    case StorageDtype::kFp6: return decode_fp6(data_, scales_, c10::multiply_integers(shape_)).view(shape_);
   }
   return {};
 }

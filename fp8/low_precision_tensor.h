@@ -8,7 +8,9 @@
 //   as MXFP4/NVFP4 hold values: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6) | nvfp4
 //   (E2M1 as fp4, in NVFP4's layout: 1 x 16 tiles whatever the block size, an
 //   E4M3 scale per tile, rounded up so no value saturates, and one FP32 scale
-//   per tensor: 0.5625 bytes a value).
+//   per tensor: 0.5625 bytes a value) | fp6 (E2M3, MXFP6's element: 1 x 32
+//   tiles whatever the block size, a power-of-two E8M0 scale per tile, four
+//   codes in three bytes: 0.78 bytes a value; rounded to nearest only).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,9 +22,9 @@
 
 namespace fmoe::fp8 {
 
-enum class StorageDtype { kFp32, kBf16, kFp16, kFp8, kFp4, kNvfp4 };
+enum class StorageDtype { kFp32, kBf16, kFp16, kFp8, kFp4, kNvfp4, kFp6 };
 
-// "fp32" | "bf16" | "fp16" | "fp8" | "fp4" | "nvfp4"; throws std::invalid_argument otherwise.
+// "fp32" | "bf16" | "fp16" | "fp8" | "fp6" | "fp4" | "nvfp4"; throws std::invalid_argument otherwise.
 StorageDtype parse_storage_dtype(const std::string& name);
 std::string storage_dtype_name(StorageDtype dtype);
 // The two E2M1 layouts.
@@ -75,8 +77,8 @@ class LowPrecisionTensor {
   StorageDtype dtype_ = StorageDtype::kFp32;
   int64_t block_size_ = 128;
   bool sqrt_transform_ = false;
-  at::Tensor data_;    // fp32 / bf16 / fp16 values, uint8 E4M3 codes, or uint8 pairs of E2M1 codes (low nibble first)
-  at::Tensor scales_;  // fp16: one power-of-two scale; fp8, fp4: one per tile (FP32); nvfp4: one per tile (E4M3 as uint8)
+  at::Tensor data_;    // fp32 / bf16 / fp16 values, uint8 E4M3 codes, uint8 pairs of E2M1 codes (low nibble first), or E2M3 codes 4 in 3 bytes
+  at::Tensor scales_;  // fp16: one power-of-two scale; fp8, fp4: one per tile (FP32); nvfp4: one per tile (E4M3 as uint8); fp6: E8M0 per tile
   at::Tensor tensor_scale_;  // nvfp4: the tensor's FP32 scale
 };
 

@@ -28,6 +28,7 @@ double dtype_bytes(const std::string& dtype, int64_t block) {
   if (dtype == "fp8") return 1 + 4.0 / static_cast<double>(block);
   if (dtype == "fp4") return 0.5 + 4.0 / static_cast<double>(block);
   if (dtype == "nvfp4") return 0.5 + 1.0 / 16;  // an E4M3 scale per 16 values
+  if (dtype == "fp6") return 0.75 + 1.0 / 32;   // an E8M0 scale per 32 values
   return 2;  // bf16, fp16
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The optimizer study of docs/optimizer.md: one config trained nine ways from the
+# The optimizer study of docs/optimizer.md: one config trained ten ways from the
 # same seed and data, at equal steps: AdamW with FP32 state (the reference),
 # AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
 # Muon with FP32 state, Muon with BF16 master weights (stochastic rounding) and
@@ -7,7 +7,8 @@
 # gradients (stochastically rounded; 1 x 128 tiles with FP32 scales, and
 # NVFP4's 1 x 16 tiles with E4M3 scales, also rounded to nearest, and to
 # nearest after a random Hadamard rotation of each tile): under 4 bytes per
-# parameter. And Muon FP32 once more with a schedule SHORT (0.8) times
+# parameter; and with every gradient in FP6 (E2M3 in 1 x 32 tiles, to
+# nearest). And Muon FP32 once more with a schedule SHORT (0.8) times
 # as long: whether it reaches AdamW FP32's final loss in that fraction of its
 # tokens when its learning rate decays over them (a run that decays over the
 # full length is still at a high rate at 0.8x, so its curve understates this).
@@ -21,11 +22,14 @@
 #   times the config's, the better of 1x and 3x on tiny), ONLY=<run name>,
 #   SHORT (0.8: the short run's fraction of STEPS),
 #   SEED (training.seed: the initialization and the data order; the runs go to
-#   runs/optimizer_study/<config>_seed<SEED>/, the config's own seed to <config>/).
+#   runs/optimizer_study/<config>_seed<SEED>/, the config's own seed to <config>/),
+#   ADAMW_LR (the AdamW runs' peak lr and Muon's adamw_lr; default the config's),
+#   TAG (appended to the runs' folder name: a learning-rate search keeps each
+#   setting apart, e.g. TAG=muon6x MUON_LR=0.009 ONLY=muon_fp32_short).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-configs/tiny.yaml}
-NAME=$(basename "$CONFIG" .yaml)${SEED:+_seed$SEED}
+NAME=$(basename "$CONFIG" .yaml)${SEED:+_seed$SEED}${TAG:+_$TAG}
 OUT=runs/optimizer_study/$NAME
 mkdir -p "$OUT"
 scripts/build.sh moe-train moe-data moe-report >/dev/null
@@ -33,9 +37,10 @@ build/launch/moe-data prepare --config "$CONFIG" >/dev/null
 lr=$(python3 -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['optimizer']['lr'])" "$CONFIG" 2>/dev/null ||
      sed -n 's/^  lr: *//p' "$CONFIG" | head -1)
 MUON_LR=${MUON_LR:-$(python3 -c "print(3 * $lr)")}
+lr=${ADAMW_LR:-$lr}
 COMMON=(--config "$CONFIG" --set training.steps="${STEPS:-300}" --set training.eval_interval="${EVERY:-25}"
         --set training.checkpoint_interval=0 --set budget.max_minutes=0 --set training.precision="${PRECISION:-fp32}"
-        ${SEED:+--set training.seed="$SEED"})
+        ${SEED:+--set training.seed="$SEED"} --set optimizer.lr="$lr" --set optimizer.min_lr="$(python3 -c "print($lr / 10)")")
 SMALL=(--set optimizer.grad_dtype=fp8 --set optimizer.exp_avg_dtype=fp8 --set optimizer.exp_avg_sq_dtype=fp8)
 MUON=(--set optimizer.name=muon --set optimizer.lr="$MUON_LR" --set optimizer.min_lr="$(python3 -c "print($MUON_LR / 10)")" --set optimizer.adamw_lr="$lr")
 declare -A runs=(
@@ -48,8 +53,10 @@ declare -A runs=(
   [muon_nvfp4_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4"
   [muon_nvfp4_nearest]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false"
   [muon_nvfp4_hadamard]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false --set optimizer.grad_hadamard=true"
+  [muon_fp6_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp6"
 )
-order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_fp32_short muon_small muon_fp4_grads muon_nvfp4_grads muon_nvfp4_nearest muon_nvfp4_hadamard)
+order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_fp32_short muon_small muon_fp4_grads muon_nvfp4_grads muon_nvfp4_nearest muon_nvfp4_hadamard
+       muon_fp6_grads)
 for run in "${order[@]}"; do
   [ -n "${ONLY:-}" ] && [ "$ONLY" != "$run" ] && continue
   echo "== $NAME $run" >&2
@@ -66,7 +73,7 @@ out, names = sys.argv[1], sys.argv[2:]
 rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in names if os.path.exists(f"{out}/{n}/metrics.jsonl")}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
 ref_tokens = rows["adamw_fp32"][-1]["tokens_seen"] if "adamw_fp32" in rows else None
-own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32"}
+own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32", "muon_fp6_grads": "muon_fp32"}
 print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
 print("|---|---|---|---|---|---|")
 for name, lines in rows.items():

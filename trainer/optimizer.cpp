@@ -317,6 +317,7 @@ StateBytes Optimizer::bytes_per_parameter() const {
     switch (grad_dtype_of(i)) {
       case fp8::StorageDtype::kFp4: grads += n * (0.5 + scale_bytes); break;
       case fp8::StorageDtype::kNvfp4: grads += n * (0.5 + 1.0 / 16) + 4; break;  // E4M3 per 16, FP32 per tensor
+      case fp8::StorageDtype::kFp6: grads += n * (0.75 + 1.0 / 32); break;  // E8M0 per 32
       case fp8::StorageDtype::kFp8: grads += n * (1.0 + scale_bytes); break;
       case fp8::StorageDtype::kFp32: grads += n * 4; break;
       default: grads += n * 2; break;

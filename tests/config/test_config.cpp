@@ -76,7 +76,10 @@ TEST(Config, RangesAreValidated) {
             "rounding noise for signal");
   EXPECT_EQ(error_of("optimizer:\n  exp_avg_dtype: fp4\n"), "run.yaml: optimizer.exp_avg_dtype: must be fp32, bf16 or fp8, got 'fp4'");
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: int4\n"),
-            "run.yaml: optimizer.grad_dtype: must be fp32, bf16, fp8, fp4 or nvfp4, got 'int4'");
+            "run.yaml: optimizer.grad_dtype: must be fp32, bf16, fp8, fp6, fp4 or nvfp4, got 'int4'");
+  EXPECT_EQ(parse_config("optimizer:\n  grad_dtype: fp6\n", "run.yaml").optimizer.grad_dtype, "fp6");  // AdamW too
+  EXPECT_EQ(error_of("optimizer:\n  grad_dtype: fp6\n  grad_hadamard: true\n"),
+            "run.yaml: optimizer.grad_hadamard: rotates fp4 and nvfp4 gradients; grad_dtype is 'fp6'");
   EXPECT_EQ(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n", "run.yaml").optimizer.grad_dtype, "nvfp4");
   EXPECT_FALSE(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n  grad_stochastic_rounding: false\n", "run.yaml")
                    .optimizer.grad_stochastic_rounding);

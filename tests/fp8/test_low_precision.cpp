@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "fp8/low_precision_tensor.h"
@@ -21,7 +22,8 @@ TEST(LowPrecisionTensor, RoundTripErrorAndBytesPerDtype) {
   };
   for (const Case& c : {Case{StorageDtype::kFp32, 0.0, 4.0}, Case{StorageDtype::kBf16, 4e-3, 2.0},
                         Case{StorageDtype::kFp16, 5e-4, 2.0}, Case{StorageDtype::kFp8, 0.06, 1.0 + 4.0 / 128},
-                        Case{StorageDtype::kFp4, 0.12, 0.5 + 4.0 / 128}, Case{StorageDtype::kNvfp4, 0.105, 0.5 + 1.0 / 16}}) {
+                        Case{StorageDtype::kFp4, 0.12, 0.5 + 4.0 / 128}, Case{StorageDtype::kNvfp4, 0.105, 0.5 + 1.0 / 16},
+                        Case{StorageDtype::kFp6, 0.035, 0.75 + 1.0 / 32}}) {
     LowPrecisionTensor t(value.sizes(), c.dtype);
     t.store(value);
     const at::Tensor back = t.load();
@@ -46,7 +48,8 @@ TEST(LowPrecisionTensor, SqrtTransformKeepsSmallSecondMoments) {
 TEST(LowPrecisionTensor, PartsRestoreExactly) {
   const at::Tensor value = at::randn({5, 300});
   for (StorageDtype dtype :
-       {StorageDtype::kFp32, StorageDtype::kBf16, StorageDtype::kFp16, StorageDtype::kFp8, StorageDtype::kFp4, StorageDtype::kNvfp4}) {
+       {StorageDtype::kFp32, StorageDtype::kBf16, StorageDtype::kFp16, StorageDtype::kFp8, StorageDtype::kFp4, StorageDtype::kNvfp4,
+        StorageDtype::kFp6}) {
     LowPrecisionTensor a(value.sizes(), dtype);
     a.store(value);
     LowPrecisionTensor b(value.sizes(), dtype);
@@ -66,7 +69,8 @@ TEST(LowPrecisionTensor, PartsRestoreExactly) {
   EXPECT_THROW(LowPrecisionTensor(value.sizes(), StorageDtype::kNvfp4).restore(parts, "x"), std::runtime_error);
   EXPECT_EQ(parse_storage_dtype("fp4"), StorageDtype::kFp4);
   EXPECT_EQ(parse_storage_dtype("nvfp4"), StorageDtype::kNvfp4);
-  EXPECT_THROW(parse_storage_dtype("fp6"), std::invalid_argument);
+  EXPECT_EQ(parse_storage_dtype("fp6"), StorageDtype::kFp6);
+  EXPECT_THROW(parse_storage_dtype("fp5"), std::invalid_argument);
 }
 
 }  // namespace
@@ -173,6 +177,59 @@ TEST(LowPrecisionTensor, Fp4StochasticRoundingIsUnbiasedAndSeeded) {
   // FP8 has no stochastic store.
   LowPrecisionTensor fp8_state(v.sizes(), StorageDtype::kFp8);
   EXPECT_THROW(fp8_state.store_stochastic(v, 1), std::logic_error);
+}
+
+TEST(LowPrecisionTensor, Fp6IsE2M3In32ValueTilesWithPowerOfTwoScalesRoundedUp) {
+  // E2M3's 32 magnitudes: 0 to 0.875 by 0.125, 1 to 1.875 by 0.125, 2 to 3.75 by 0.25, 4 to 7.5 by 0.5.
+  std::vector<float> grid;
+  for (int i = 0; i < 16; ++i) grid.push_back(0.125f * static_cast<float>(i));
+  for (int i = 0; i < 8; ++i) grid.push_back(2.0f + 0.25f * static_cast<float>(i));
+  for (int i = 0; i < 8; ++i) grid.push_back(4.0f + 0.5f * static_cast<float>(i));
+  ASSERT_EQ(grid.size(), 32u);
+  std::vector<float> v(4 * 32 + 5, 0.0f);
+  for (int i = 0; i < 32; ++i) {
+    v[i] = grid[i] * (i % 3 == 0 ? -1.0f : 1.0f) * 8.0f;  // tile 0: max-abs 60 -> scale 2^3, every code once
+    v[32 + i] = grid[i] * std::ldexp(1.0f, -20);           // tile 1: scale 2^-20, the grid exactly
+  }
+  // Tile 2: max-abs 7.6 wants a scale of 7.6 / 7.5, rounded up to 2: 7.6 is 3.8 units (nearest 3.75),
+  // 2.25 is 1.125 units (exact), 0.0625 is 0.03125 units (under half the subnormal step: 0),
+  // 0.1875 is 0.09375 units (nearest 0.125), and 1.0625 x 2 is a tie between 1 and 1.125 (to even: 1).
+  v[64] = 7.6f;
+  v[65] = -2.25f;
+  v[66] = 0.0625f;
+  v[67] = 0.1875f;
+  v[68] = 2.125f;
+  // Tile 3 stays zero; the last 5 values are a partial tile of max-abs 1: scale 2^-2.
+  v[128] = 1.0f;
+  v[129] = -0.3f;
+  const at::Tensor value = at::tensor(v);
+  LowPrecisionTensor t(value.sizes(), StorageDtype::kFp6, /*block_size=*/128);  // the tile stays 32
+  t.store(value);
+  const at::Tensor back = t.load();
+  EXPECT_TRUE(at::equal(back.narrow(0, 0, 64), value.narrow(0, 0, 64)));
+  EXPECT_EQ(back[64].item<float>(), 7.5f);
+  EXPECT_EQ(back[65].item<float>(), -2.25f);
+  EXPECT_EQ(back[66].item<float>(), 0.0f);
+  EXPECT_EQ(back[67].item<float>(), 0.25f);
+  EXPECT_EQ(back[68].item<float>(), 2.0f);
+  EXPECT_TRUE(at::equal(back.narrow(0, 69, 59), at::zeros({59})));
+  EXPECT_EQ(back[128].item<float>(), 1.0f);
+  EXPECT_EQ(back[129].item<float>(), -0.3125f);  // -1.2 units: nearest -1.25
+  const auto parts = t.parts();
+  EXPECT_EQ(parts.at("data").numel(), 5 * 32 * 3 / 4);  // 4 codes in 3 bytes, the last tile padded
+  EXPECT_TRUE(at::equal(parts.at("scales"), at::tensor({127 + 3, 127 - 20, 127 + 1, 127, 127 - 2}, at::kByte)));
+  EXPECT_EQ(t.bytes(), 120 + 5);
+  // Round to nearest: the worst relative error of a value in a tile's top binade is E2M3's half step, 1/16.
+  torch::manual_seed(4);
+  const at::Tensor r = at::rand({4096}) * 4.0 + 4.0;
+  EXPECT_LE(((LowPrecisionTensor::round_trip(r, StorageDtype::kFp6) - r).abs() / r).max().item<float>(), 1.0f / 16 + 1e-6f);
+  // A tile with a NaN or an infinity loads as NaN (E8M0's 255); the other tiles are untouched.
+  at::Tensor bad = value.clone();
+  bad[3] = std::numeric_limits<float>::infinity();
+  const at::Tensor bad_back = LowPrecisionTensor::round_trip(bad, StorageDtype::kFp6);
+  EXPECT_TRUE(at::isnan(bad_back.narrow(0, 0, 32)).all().item<bool>());
+  EXPECT_TRUE(at::equal(bad_back.narrow(0, 32, 32), value.narrow(0, 32, 32)));
+  EXPECT_THROW(t.store_stochastic(value, 1u), std::logic_error);
 }
 
 TEST(LowPrecisionTensor, Nvfp4IsE2M1In16ValueTilesWithE4m3ScalesRoundedUp) {

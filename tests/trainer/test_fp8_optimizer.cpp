@@ -47,6 +47,26 @@ TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
   // NVFP4: a byte of E4M3 scale per 16 values and 4 bytes of tensor scale.
   fp4.grad_dtype = "nvfp4";
   EXPECT_NEAR(bytes(fp4).grads, (512 * 128 * (0.5 + 1.0 / 16) + 4 + 128 * (1.0 + 4.0 / 128)) / (512 * 128 + 128), 1e-9);
+  // FP6: every parameter's gradient (the AdamW ones' too), 0.75 bytes and an E8M0 scale per 32.
+  fp4.grad_dtype = "fp6";
+  EXPECT_NEAR(bytes(fp4).grads, 0.75 + 1.0 / 32, 1e-9);
+  EXPECT_NEAR(bytes(recipe("bf16", "fp6", "fp8", "fp8")).training_state(), 2.0 + 0.78125 + 2.0 * (1.0 + 4.0 / 128), 0.01);
+}
+
+TEST(Fp8Optimizer, Fp6GradientsAreRoundedToNearestBeforeTheUpdate) {
+  auto ps = params(64);
+  ps[0].tensor.mutable_grad() = at::randn({64, 128}) * 1e-3;
+  ps[1].tensor.mutable_grad() = at::randn({128});
+  const at::Tensor before0 = ps[0].tensor.grad().clone(), before1 = ps[1].tensor.grad().clone();
+  OptimizerConfig o = recipe("bf16", "fp6", "fp8", "fp8");
+  o.name = "muon";
+  Optimizer opt(ps, o);
+  opt.quantize_gradients();
+  // Both the Muon matrix and the AdamW norm weight: exactly what an FP6 store reads back, no seed involved.
+  EXPECT_TRUE(at::equal(ps[0].tensor.grad(), fmoe::fp8::LowPrecisionTensor::round_trip(before0, fmoe::fp8::StorageDtype::kFp6)));
+  EXPECT_TRUE(at::equal(ps[1].tensor.grad(), fmoe::fp8::LowPrecisionTensor::round_trip(before1, fmoe::fp8::StorageDtype::kFp6)));
+  EXPECT_FALSE(at::equal(ps[0].tensor.grad(), before0));
+  EXPECT_LE(((ps[0].tensor.grad() - before0).norm() / before0.norm()).item<double>(), 0.035);
 }
 
 TEST(Fp8Optimizer, FirstStepMatchesClosedFormUpToStorageRounding) {
