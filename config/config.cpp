@@ -398,7 +398,7 @@ std::string OptimizerConfig::validate() const {
     return false;
   };
   if (!one_of(main_params_dtype, {"fp32", "bf16", "fp16"})) return "main_params_dtype: must be fp32, bf16 or fp16, got '" + main_params_dtype + "'";
-  if (!one_of(exp_avg_dtype, {"fp32", "bf16", "fp8"})) return "exp_avg_dtype: must be fp32, bf16 or fp8, got '" + exp_avg_dtype + "'";
+  if (!one_of(exp_avg_dtype, {"fp32", "bf16", "fp8", "fp6"})) return "exp_avg_dtype: must be fp32, bf16, fp8 or fp6, got '" + exp_avg_dtype + "'";
   if (!one_of(exp_avg_sq_dtype, {"fp32", "bf16", "fp16", "fp8"})) {
     return "exp_avg_sq_dtype: must be fp32, bf16, fp16 or fp8, got '" + exp_avg_sq_dtype + "'";
   }

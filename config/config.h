@@ -52,7 +52,7 @@ struct OptimizerConfig {
   bool stochastic_rounding = false;        // BF16 master weights rounded stochastically (seeded by step and parameter)
   bool grad_stochastic_rounding = true;    // fp4 / nvfp4 gradients: stochastically (true) or to nearest
   bool grad_hadamard = false;              // fp4 / nvfp4 gradients: random Hadamard rotation of 16-value tiles first
-  std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8
+  std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8 | fp6
   std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
   std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8 | fp6 (every parameter's) | fp4 | nvfp4 (Muon's matrices, stochastically rounded; the rest fp8)
   int64_t state_block_size = 128;          // FP8 state tiles

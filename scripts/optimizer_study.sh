@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The optimizer study of docs/optimizer.md: one config trained ten ways from the
+# The optimizer study of docs/optimizer.md: one config trained eleven ways from the
 # same seed and data, at equal steps: AdamW with FP32 state (the reference),
 # AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
 # Muon with FP32 state, Muon with BF16 master weights (stochastic rounding) and
@@ -8,7 +8,7 @@
 # NVFP4's 1 x 16 tiles with E4M3 scales, also rounded to nearest, and to
 # nearest after a random Hadamard rotation of each tile): under 4 bytes per
 # parameter; and with every gradient in FP6 (E2M3 in 1 x 32 tiles, to
-# nearest). And Muon FP32 once more with a schedule SHORT (0.8) times
+# nearest), then the first moments (Muon's momentum) too. And Muon FP32 once more with a schedule SHORT (0.8) times
 # as long: whether it reaches AdamW FP32's final loss in that fraction of its
 # tokens when its learning rate decays over them (a run that decays over the
 # full length is still at a high rate at 0.8x, so its curve understates this).
@@ -54,9 +54,10 @@ declare -A runs=(
   [muon_nvfp4_nearest]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false"
   [muon_nvfp4_hadamard]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false --set optimizer.grad_hadamard=true"
   [muon_fp6_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp6"
+  [muon_fp6]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp6 --set optimizer.exp_avg_dtype=fp6"
 )
 order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_fp32_short muon_small muon_fp4_grads muon_nvfp4_grads muon_nvfp4_nearest muon_nvfp4_hadamard
-       muon_fp6_grads)
+       muon_fp6_grads muon_fp6)
 for run in "${order[@]}"; do
   [ -n "${ONLY:-}" ] && [ "$ONLY" != "$run" ] && continue
   echo "== $NAME $run" >&2
@@ -73,7 +74,7 @@ out, names = sys.argv[1], sys.argv[2:]
 rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in names if os.path.exists(f"{out}/{n}/metrics.jsonl")}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
 ref_tokens = rows["adamw_fp32"][-1]["tokens_seen"] if "adamw_fp32" in rows else None
-own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32", "muon_fp6_grads": "muon_fp32"}
+own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32", "muon_fp6_grads": "muon_fp32", "muon_fp6": "muon_fp32"}
 print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
 print("|---|---|---|---|---|---|")
 for name, lines in rows.items():

@@ -55,7 +55,8 @@ int64_t split_dim(const parallel::ShardSpec& spec, const parallel::MeshShape& sh
 // stored values are moved, never converted. FP32 and BF16 data are shaped like
 // the parameter. FP16 data carries one scale for the whole tensor: it splits
 // (each shard keeps the scale) but shards with different scales do not join.
-// FP8 codes [numel] and per-tile scales [1, tiles] are flat; they split and join
+// FP8 codes [numel] and per-tile scales [1, tiles] are flat (FP6 momentum: 3 bytes
+// per 4 codes, scales [tiles], tiles of 32); they split and join
 // along the parameter's dimensions when no tile crosses a shard boundary, i.e.
 // when the elements past the split dimension d fill whole tiles: then codes
 // viewed as shape[:d+1] + [inner] and scales as shape[:d+1] + [inner / block]
@@ -75,18 +76,19 @@ StateView Trainer::Impl::state_view(const std::string& key, at::ScalarType dtype
     view.splits = view.joins = true;
     return view;
   }
-  // FP8: whole tiles of `block` elements past the split dimension.
-  const int64_t block = config.optimizer.state_block_size;
+  // FP8 (FP6 momentum: tiles of 32, 3 bytes per 4 codes, E8M0 scales [tiles]): whole tiles past the split dimension.
+  const bool fp6 = key.rfind("exp_avg.", 0) == 0 && config.optimizer.exp_avg_dtype == "fp6";
+  const int64_t block = fp6 ? 32 : config.optimizer.state_block_size;
   int64_t inner = 1;
   for (size_t i = static_cast<size_t>(dim) + 1; i < param_shape.size(); ++i) inner *= param_shape[i];
   if (inner % block != 0) {
-    view.why = "its FP8 tiles of " + std::to_string(block) + " values would cross the shard boundaries (" + std::to_string(inner) +
-               " values past the split dimension)";
+    view.why = "its " + std::string(fp6 ? "FP6" : "FP8") + " tiles of " + std::to_string(block) + " values would cross the shard boundaries (" +
+               std::to_string(inner) + " values past the split dimension)";
     return view;
   }
   view.shape.assign(param_shape.begin(), param_shape.begin() + dim + 1);
-  view.shape.push_back(part == "data" ? inner : inner / block);
-  view.flat = part == "data" ? std::vector<int64_t>{-1} : std::vector<int64_t>{1, -1};
+  view.shape.push_back(part == "data" ? inner / (fp6 ? 4 : 1) * (fp6 ? 3 : 1) : inner / block);
+  view.flat = part == "data" || fp6 ? std::vector<int64_t>{-1} : std::vector<int64_t>{1, -1};
   view.splits = view.joins = true;
   return view;
 }

@@ -74,7 +74,8 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: fp4\n"),
             "run.yaml: optimizer.grad_dtype: fp4 is for Muon's matrices (name: muon); AdamW's second moment would take its "
             "rounding noise for signal");
-  EXPECT_EQ(error_of("optimizer:\n  exp_avg_dtype: fp4\n"), "run.yaml: optimizer.exp_avg_dtype: must be fp32, bf16 or fp8, got 'fp4'");
+  EXPECT_EQ(error_of("optimizer:\n  exp_avg_dtype: fp4\n"), "run.yaml: optimizer.exp_avg_dtype: must be fp32, bf16, fp8 or fp6, got 'fp4'");
+  EXPECT_EQ(parse_config("optimizer:\n  exp_avg_dtype: fp6\n", "run.yaml").optimizer.exp_avg_dtype, "fp6");
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: int4\n"),
             "run.yaml: optimizer.grad_dtype: must be fp32, bf16, fp8, fp6, fp4 or nvfp4, got 'int4'");
   EXPECT_EQ(parse_config("optimizer:\n  grad_dtype: fp6\n", "run.yaml").optimizer.grad_dtype, "fp6");  // AdamW too

@@ -69,8 +69,9 @@ PY
 # Muon with BF16 momentum and BF16 master weights rounded stochastically, AdamW
 # with the same master weights, and Muon with those under 4 bytes a parameter
 # (FP4 gradients, rounded stochastically too; FP8 momentum and second moments:
-# 3.99 bytes on the micro model, whose embedding and head keep AdamW), and the
-# same with NVFP4 gradients (16-value tiles with E4M3 scales).
+# 3.99 bytes on the micro model, whose embedding and head keep AdamW), the
+# same with NVFP4 gradients (16-value tiles with E4M3 scales), and FP6
+# gradients with FP6 momentum.
 resume_check() {  # tag, extra flags...
   local tag=$1; shift
   local args=(--set training.steps=10 --set training.checkpoint_interval=5 "$@")
@@ -96,6 +97,14 @@ resume_check muon_nvfp4_grads "${MUON[@]}" "${SR[@]}" --set optimizer.grad_dtype
   --set optimizer.exp_avg_sq_dtype=fp8
 [ "$(losses "$W/full_muon_nvfp4_grads/metrics.jsonl")" != "$(losses "$W/full_muon_fp4_grads/metrics.jsonl")" ] ||
   fail "NVFP4 gradients trained exactly as FP4 ones"
+# FP6 gradients and FP6 momentum (E2M3, 32-value tiles, E8M0 scales), FP8 second moments: under 4 bytes a parameter.
+resume_check muon_fp6 "${MUON[@]}" "${SR[@]}" --set optimizer.grad_dtype=fp6 --set optimizer.exp_avg_dtype=fp6 --set optimizer.exp_avg_sq_dtype=fp8
+python3 - "$W/full_muon_fp6/metrics.jsonl" <<'PY' || fail "the FP6 run's state is not the expected bytes a parameter"
+import json, sys
+last = [json.loads(l) for l in open(sys.argv[1])][-1]
+assert 3.5 < last["state_bytes_per_param"] < 4.0, last["state_bytes_per_param"]
+print("ok: Muon with FP6 gradients and momentum holds %.2f bytes of state a parameter" % last["state_bytes_per_param"])
+PY
 # Stochastic rounding changes what a BF16 master keeps: the runs differ from round-to-nearest.
 rm -rf "$W/rn"
 "$TRAIN" $(micro_args "$W/rn") --set training.steps=10 --set training.checkpoint_interval=0 --set optimizer.main_params_dtype=bf16 > "$W/rn.log" 2>&1 ||

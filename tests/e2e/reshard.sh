@@ -9,7 +9,8 @@
 # pp2 x dp2 with ZeRO-1, pp2 under DualPipeV (two stages a rank) -> dp2+ep2 and
 # back with its F&B pairs overlapped (parallel.fb_overlap),
 # dp2+ep2 -> dp4+ep4 with the expert exchanges overlapped (parallel.ep_overlap). Low precision: FP8 moments with BF16 master weights
-# dp2+ep2 -> one process and BF16 moments dp2+ep2 -> dp4+ep4; the FP8 state
+# dp2+ep2 -> one process, BF16 moments dp2+ep2 -> dp4+ep4, and Muon's FP6
+# momentum (with FP8 second moments) dp2+ep2 -> one process; the FP8 state
 # written again by `moe-train --reshard` under one process and under dp4+ep4 is
 # byte-identical to what dp2+ep2 wrote (the loaded tensors are the stored ones).
 # Refused in one line: FP8 state under a tp split that would cut its tiles, and
@@ -74,6 +75,7 @@ reshard dp2_ep2 dp4_ep4 _overlap --set parallel.ep_overlap=true  # expert exchan
 FP8=(--set optimizer.exp_avg_dtype=fp8 --set optimizer.exp_avg_sq_dtype=fp8 --set optimizer.main_params_dtype=bf16)
 reshard dp2_ep2 one _fp8 "${FP8[@]}"
 reshard dp2_ep2 dp4_ep4 _bf16 --set optimizer.exp_avg_dtype=bf16 --set optimizer.exp_avg_sq_dtype=bf16
+reshard dp2_ep2 one _fp6 --set optimizer.name=muon --set optimizer.exp_avg_dtype=fp6 --set optimizer.grad_dtype=fp6 "${FP8[@]:2}"
 
 # The FP8 state as loaded under other layouts, written again: the same bytes.
 src="$WORK_DIR/reshard_dp2_ep2_to_one_fp8.a/checkpoints/step_00000005"

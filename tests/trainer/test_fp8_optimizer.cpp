@@ -51,6 +51,13 @@ TEST(Fp8Optimizer, BytesPerParameterOfTheRecipes) {
   fp4.grad_dtype = "fp6";
   EXPECT_NEAR(bytes(fp4).grads, 0.75 + 1.0 / 32, 1e-9);
   EXPECT_NEAR(bytes(recipe("bf16", "fp6", "fp8", "fp8")).training_state(), 2.0 + 0.78125 + 2.0 * (1.0 + 4.0 / 128), 0.01);
+  // FP6 first moments (Muon's momentum): stored packed, so measured from the stored bytes.
+  OptimizerConfig fp6 = recipe("bf16", "fp6", "fp6", "fp8");
+  fp6.name = "muon";
+  const StateBytes b = bytes(fp6);
+  EXPECT_NEAR(b.exp_avg, 0.75 + 1.0 / 32, 1e-9);
+  EXPECT_NEAR(b.exp_avg_sq, 128 * (1.0 + 4.0 / 128) / (512 * 128 + 128), 1e-9);  // the norm's alone
+  EXPECT_LT(b.training_state(), 3.6);
 }
 
 TEST(Fp8Optimizer, Fp6GradientsAreRoundedToNearestBeforeTheUpdate) {
