@@ -72,6 +72,8 @@ python3 - "$OUT" "${order[@]}" <<'PY'
 import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
 rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in names if os.path.exists(f"{out}/{n}/metrics.jsonl")}
+# A run stopped before its last validation has no final loss: it is left out of the table.
+rows = {n: lines[:max(i + 1 for i, l in enumerate(lines) if "val_loss" in l)] for n, lines in rows.items() if any("val_loss" in l for l in lines)}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
 ref_tokens = rows["adamw_fp32"][-1]["tokens_seen"] if "adamw_fp32" in rows else None
 own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32", "muon_fp6_grads": "muon_fp32", "muon_fp6": "muon_fp32"}
