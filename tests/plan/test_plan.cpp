@@ -44,6 +44,9 @@ TEST(Plan, MemoryAndCommunicationByHand) {
   // Every gradient stored in FP6 (E2M3 with an E8M0 scale per 32 values).
   muon.optimizer.grad_dtype = "fp6";
   EXPECT_DOUBLE_EQ(make_plan(muon, h100, layout(1, 1, 8, 8, 1, 4, true), 1e12, Assumptions()).memory.grads, (0.75 + 1.0 / 32) * local);
+  muon.optimizer.exp_avg_dtype = "fp6";  // the momentum too: the second moment stays FP32 here
+  EXPECT_DOUBLE_EQ(make_plan(muon, h100, layout(1, 1, 8, 8, 1, 4, true), 1e12, Assumptions()).memory.optimizer,
+                   (0.75 + 1.0 / 32) * (dense / 8 + experts / 8) + 4 * adamw / 8);
   // All-to-all: 32 MoE layers x 4 exchanges (dispatch, combine; forward, backward) x 4 micro-batches
   // x 4096 tokens x top-2 x 4096 hidden x 2 bytes x 7/8 leaving the GPU.
   EXPECT_DOUBLE_EQ(p.comm.ep_bytes, 32.0 * 4 * 4 * 4096 * 2 * 4096 * 2 * 7 / 8);
