@@ -3,10 +3,12 @@
 #include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <tuple>
 #include <utility>
@@ -60,12 +62,12 @@ at::Tensor fp4_code_below(const at::Tensor& a) {
   return code.to(at::kLong);
 }
 
-std::atomic<bool> fp4_tensor_ops_on_cpu{false};
+std::atomic<bool> codec_tensor_ops_on_cpu{false};
 
 // CPU tensors take the fused pass unless a test asks for the composition or the
 // FMOE_FUSED_CPU_KERNELS=0 hook turns every fused CPU kernel off.
 bool fused_on_cpu(const at::Tensor& t) {
-  return t.device().is_cpu() && !fp4_tensor_ops_on_cpu.load() && common::test_hooks().fused_cpu_kernels;
+  return t.device().is_cpu() && !codec_tensor_ops_on_cpu.load() && common::test_hooks().fused_cpu_kernels;
 }
 
 // hash_bits16's value for one index: its arithmetic modulo 2^32 is uint32's.
@@ -207,25 +209,118 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_nvfp4(const at::Tensor& fl
 // fp6: E2M3 (sign, 2 exponent bits, 3 mantissa bits: magnitudes 0 to 7.5, the
 // subnormals 0.125 apart below 1) in 1 x 32 tiles with a power-of-two scale
 // per tile stored as an E8M0 byte (exponent + 127; 255, NaN, for a tile with a
-// NaN or an infinity), as MXFP6 holds values. The
-// scale is the tile's max-abs / 7.5 rounded up to a power of two, so nothing
-// saturates. Rounded to nearest (ties to even) by a cast: E2M3's grid is E4M3's
-// scaled by 2^6 below E4M3's 2^-6 (the same 3 mantissa bits, the same
-// subnormal step), so an E4M3 cast of value / scale / 2^6 rounds to E2M3, and
+// NaN or an infinity, whose codes are stored as zeros), as MXFP6 holds values.
+// The scale is the smallest power of two 2^e with max-abs / 2^e <= 7.5, so
+// nothing saturates. Rounded to nearest (ties to even) by a cast: E2M3's grid is
+// E4M3's scaled by 2^6 below E4M3's 2^-6 (the same 3 mantissa bits, the same
+// subnormal step), so an E4M3 cast of value x 2^-e x 2^-6 rounds to E2M3, and
 // its byte's low 5 bits and sign are the 6-bit code. Four codes pack into 3
-// bytes: 0.75 + 1 / 32 bytes a value.
+// bytes (low code in the low bits): 0.75 + 1 / 32 bytes a value. The scale
+// and the scaling are exact powers of two (frexp, not log2; multiplications,
+// never a division by 2^(e + 6), which overflows FP32 for e >= 122).
 constexpr double kFp6Max = 7.5;
 constexpr int64_t kFp6Block = 32;
 
+// 2^e as an FP32 value, exactly (e in [-149, 127]).
+inline float pow2f(int e) { return std::ldexp(1.0f, e); }
+
+// E2M3's magnitude of a 5-bit code: codes 0 to 7 are 0 to 0.875 by 0.125
+// (subnormal), code c >= 8 is 2^(c / 8 - 1) x (1 + (c mod 8) / 8).
+constexpr float e2m3_magnitude(uint32_t c) {
+  return c < 8 ? 0.125f * static_cast<float>(c) : static_cast<float>(1u << (c / 8 - 1)) * (1.0f + 0.125f * static_cast<float>(c % 8));
+}
+
+// encode_fp6 for a CPU tensor: one pass over each tile (its max-abs, its
+// exponent, its codes straight into the packed bytes), parallel over tiles.
+// Its arithmetic is the composition's, so the two store the same bits.
+std::pair<at::Tensor, at::Tensor> encode_fp6_cpu(const at::Tensor& flat) {
+  const at::Tensor x = flat.contiguous();
+  const int64_t n = x.numel(), tiles = (n + kFp6Block - 1) / kFp6Block;
+  at::Tensor packed = at::empty({tiles * kFp6Block * 3 / 4}, x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({tiles}, x.options().dtype(at::kByte));
+  const float* xp = x.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  uint8_t* sp = scales.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 512, [&](int64_t begin, int64_t end) {
+    float tile[kFp6Block];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * kFp6Block, count = std::min(kFp6Block, n - first);
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t i = 0; i < kFp6Block; ++i) {
+        tile[i] = i < count ? xp[first + i] : 0.0f;
+        finite &= std::isfinite(tile[i]);
+        amax = std::max(amax, std::fabs(tile[i]));
+      }
+      uint8_t* bytes = out + t * kFp6Block * 3 / 4;
+      if (!finite) {
+        sp[t] = 255;
+        std::fill(bytes, bytes + kFp6Block * 3 / 4, uint8_t{0});
+        continue;
+      }
+      int exponent = 0;
+      if (amax > 0.0f) {
+        int k = 0;
+        const float m = std::frexp(amax / static_cast<float>(kFp6Max), &k);
+        exponent = std::max(-126, m == 0.5f ? k - 1 : k);
+        if (amax / pow2f(exponent) > static_cast<float>(kFp6Max)) ++exponent;
+      }
+      sp[t] = static_cast<uint8_t>(exponent + 127);
+      const float down = pow2f(-exponent);
+      for (int64_t q = 0; q < kFp6Block / 4; ++q) {
+        uint32_t word = 0;
+        for (int64_t j = 0; j < 4; ++j) {
+          const uint32_t e4m3 = c10::Float8_e4m3fn(tile[4 * q + j] * down * (1.0f / 64.0f)).x;
+          word |= ((e4m3 & 0x1Fu) | ((e4m3 >> 7) << 5)) << (6 * j);
+        }
+        bytes[3 * q] = static_cast<uint8_t>(word);
+        bytes[3 * q + 1] = static_cast<uint8_t>(word >> 8);
+        bytes[3 * q + 2] = static_cast<uint8_t>(word >> 16);
+      }
+    }
+  });
+  return {packed, scales};
+}
+
+// decode_fp6 for a CPU tensor, a tile at a time.
+at::Tensor decode_fp6_cpu(const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
+  const at::Tensor p = packed.contiguous(), s = scales.contiguous();
+  at::Tensor value = at::empty({n}, p.options().dtype(at::kFloat));
+  const uint8_t* in = p.data_ptr<uint8_t>();
+  const uint8_t* sp = s.data_ptr<uint8_t>();
+  float* out = value.data_ptr<float>();
+  at::parallel_for(0, (n + kFp6Block - 1) / kFp6Block, 512, [&](int64_t begin, int64_t end) {
+    float magnitude[32];
+    for (uint32_t c = 0; c < 32; ++c) magnitude[c] = e2m3_magnitude(c);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * kFp6Block, count = std::min(kFp6Block, n - first);
+      const float scale = sp[t] == 255 ? std::numeric_limits<float>::quiet_NaN() : pow2f(static_cast<int>(sp[t]) - 127);
+      const uint8_t* bytes = in + t * kFp6Block * 3 / 4;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t q = i / 4;
+        const uint32_t word = bytes[3 * q] | (static_cast<uint32_t>(bytes[3 * q + 1]) << 8) | (static_cast<uint32_t>(bytes[3 * q + 2]) << 16);
+        const uint32_t code = (word >> (6 * (i % 4))) & 0x3Fu;
+        out[first + i] = ((code & 0x20u) != 0 ? -magnitude[code & 0x1Fu] : magnitude[code & 0x1Fu]) * scale;
+      }
+    }
+  });
+  return value;
+}
+
+// CPU tensors take one fused pass (encode_fp6_cpu), others this composition.
 std::pair<at::Tensor, at::Tensor> encode_fp6(const at::Tensor& flat) {
+  if (fused_on_cpu(flat)) return encode_fp6_cpu(flat);
   const at::Tensor tiles = as_tiles(flat, kFp6Block);
   const at::Tensor amax = tiles.abs().amax(1);
-  at::Tensor exponent = at::where(amax > 0, at::ceil(at::log2(amax / kFp6Max)), at::zeros_like(amax)).clamp_(-126.0, 127.0);
-  // log2 can round down just above a power of two: one up where the tile would saturate.
-  exponent = at::where(amax / at::exp2(exponent) > kFp6Max, exponent + 1.0, exponent).clamp_(-126.0, 127.0);
-  // A tile holding a NaN or an infinity gets E8M0's NaN (255): it loads as NaN, so non-finite gradients stay visible.
-  exponent = at::where(at::isfinite(amax), exponent, at::full_like(exponent, 128.0));
-  const at::Tensor scaled = tiles / at::exp2(exponent + 6.0).unsqueeze(1);
+  // ceil(log2(y)) exactly, y = max-abs / 7.5 = m 2^k with m in [0.5, 1): k, or k - 1 where y is 2^(k - 1).
+  const auto [mantissa, k] = at::frexp(amax / kFp6Max);
+  at::Tensor exponent = at::where(amax > 0, (k - (mantissa == 0.5).to(k.scalar_type())).to(at::kFloat), at::zeros_like(amax)).clamp_min_(-126.0);
+  // max-abs / 7.5 rounds to 2^e just above it: one up where the tile would saturate.
+  exponent = at::where(amax / at::exp2(exponent) > kFp6Max, exponent + 1.0, exponent);
+  // A tile holding a NaN or an infinity gets E8M0's NaN (255) and zero codes: it loads as NaN, so non-finite gradients stay visible.
+  const at::Tensor finite = at::isfinite(amax);
+  exponent = at::where(finite, exponent, at::full_like(exponent, 128.0));
+  const at::Tensor scaled = at::where(finite.unsqueeze(1), tiles * at::exp2(-exponent).unsqueeze(1) * (1.0 / 64.0), at::zeros_like(tiles));
   const at::Tensor bytes = scaled.to(at::kFloat8_e4m3fn).view(at::kByte).to(at::kInt);
   const at::Tensor codes = bytes.bitwise_and(0x1F).bitwise_or(bytes.bitwise_right_shift(7).bitwise_left_shift(5)).view({-1, 4});
   const at::Tensor word = codes.select(1, 0)
@@ -237,14 +332,15 @@ std::pair<at::Tensor, at::Tensor> encode_fp6(const at::Tensor& flat) {
 }
 
 at::Tensor decode_fp6(const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
+  if (fused_on_cpu(packed)) return decode_fp6_cpu(packed, scales, n);
   const at::Tensor b = packed.to(at::kInt).view({-1, 3});
   const at::Tensor word = b.select(1, 0).bitwise_or(b.select(1, 1).bitwise_left_shift(8)).bitwise_or(b.select(1, 2).bitwise_left_shift(16));
   const at::Tensor codes = at::stack({word, word.bitwise_right_shift(6), word.bitwise_right_shift(12), word.bitwise_right_shift(18)}, 1)
                                .bitwise_and(0x3F);
   const at::Tensor e4m3 = codes.bitwise_and(0x1F).bitwise_or(codes.bitwise_right_shift(5).bitwise_left_shift(7)).to(at::kByte);
-  const at::Tensor values = e4m3.view(at::kFloat8_e4m3fn).to(at::kFloat).view({-1, kFp6Block});
+  const at::Tensor values = e4m3.view(at::kFloat8_e4m3fn).to(at::kFloat).mul_(64.0).view({-1, kFp6Block});  // E2M3's magnitudes, exactly
   const at::Tensor e8m0 = scales.to(at::kFloat);
-  const at::Tensor scale = at::where(e8m0 == 255.0, at::full_like(e8m0, NAN), at::exp2(e8m0 - (127.0 - 6.0))).unsqueeze(1);
+  const at::Tensor scale = at::where(e8m0 == 255.0, at::full_like(e8m0, NAN), at::exp2(e8m0 - 127.0)).unsqueeze(1);
   return (values * scale).reshape({-1}).narrow(0, 0, n);
 }
 
@@ -259,7 +355,7 @@ at::Tensor decode_fp4(const at::Tensor& packed, const at::Tensor& scales, int64_
 
 }  // namespace
 
-void use_fp4_tensor_ops_on_cpu(bool on) { fp4_tensor_ops_on_cpu.store(on); }
+void use_codec_tensor_ops_on_cpu(bool on) { codec_tensor_ops_on_cpu.store(on); }
 
 StorageDtype parse_storage_dtype(const std::string& name) {
   if (name == "fp32") return StorageDtype::kFp32;
@@ -270,6 +366,20 @@ StorageDtype parse_storage_dtype(const std::string& name) {
   if (name == "nvfp4") return StorageDtype::kNvfp4;
   if (name == "fp6") return StorageDtype::kFp6;
   throw std::invalid_argument("unknown storage dtype '" + name + "' (fp32, bf16, fp16, fp8, fp6, fp4 or nvfp4)");
+}
+
+double storage_bytes_per_value(StorageDtype dtype, int64_t block) {
+  const double tile_scale = 4.0 / static_cast<double>(block);
+  switch (dtype) {
+    case StorageDtype::kFp32: return 4;
+    case StorageDtype::kBf16:
+    case StorageDtype::kFp16: return 2;
+    case StorageDtype::kFp8: return 1 + tile_scale;
+    case StorageDtype::kFp4: return 0.5 + tile_scale;
+    case StorageDtype::kNvfp4: return 0.5 + 1.0 / static_cast<double>(kNvfp4Block);
+    case StorageDtype::kFp6: return 0.75 + 1.0 / static_cast<double>(kFp6Block);
+  }
+  return 4;
 }
 
 std::string storage_dtype_name(StorageDtype dtype) {

@@ -30,9 +30,15 @@ std::string storage_dtype_name(StorageDtype dtype);
 // The two E2M1 layouts.
 inline bool is_fp4(StorageDtype dtype) { return dtype == StorageDtype::kFp4 || dtype == StorageDtype::kNvfp4; }
 
-// FP4 and NVFP4 code CPU tensors in one fused pass; on (for tests) CPU tensors
-// take the tensor composition CUDA tensors take instead. Both store the same bits.
-void use_fp4_tensor_ops_on_cpu(bool on);
+// Bytes one value of dtype takes in storage, its tile scales included (fp8 and
+// fp4: an FP32 scale per 1 x block tile; nvfp4: an E4M3 per 16 values; fp6: an
+// E8M0 per 32); a per-tensor scale (fp16's, nvfp4's FP32) is not counted.
+double storage_bytes_per_value(StorageDtype dtype, int64_t block);
+
+// FP4, NVFP4 and FP6 code CPU tensors in one fused pass; on (for tests and
+// benchmarks) CPU tensors take the tensor composition CUDA tensors take
+// instead. Both store the same bits.
+void use_codec_tensor_ops_on_cpu(bool on);
 
 class LowPrecisionTensor {
  public:

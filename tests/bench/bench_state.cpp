@@ -48,12 +48,13 @@ int main(int argc, char** argv) {
     bool stochastic;
   };
   for (const Row& row : {Row{"fp8", StorageDtype::kFp8, false}, Row{"fp4", StorageDtype::kFp4, false},
-                         Row{"fp4 stochastic", StorageDtype::kFp4, true}, Row{"nvfp4 stochastic", StorageDtype::kNvfp4, true}}) {
-    fmoe::fp8::use_fp4_tensor_ops_on_cpu(false);
+                         Row{"fp4 stochastic", StorageDtype::kFp4, true}, Row{"nvfp4 stochastic", StorageDtype::kNvfp4, true},
+                         Row{"fp6", StorageDtype::kFp6, false}}) {
+    fmoe::fp8::use_codec_tensor_ops_on_cpu(false);
     const double fused = median_ms(value, row.dtype, row.stochastic);
-    fmoe::fp8::use_fp4_tensor_ops_on_cpu(true);
+    fmoe::fp8::use_codec_tensor_ops_on_cpu(true);
     const double composed = median_ms(value, row.dtype, row.stochastic);
-    fmoe::fp8::use_fp4_tensor_ops_on_cpu(false);
+    fmoe::fp8::use_codec_tensor_ops_on_cpu(false);
     if (row.dtype == StorageDtype::kFp8) {
       std::printf("%-24s %10.1f %14s\n", row.name, fused, "-");  // its composition: FMOE_FUSED_CPU_KERNELS=0
     } else {

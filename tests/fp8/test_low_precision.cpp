@@ -223,6 +223,20 @@ TEST(LowPrecisionTensor, Fp6IsE2M3In32ValueTilesWithPowerOfTwoScalesRoundedUp) {
   torch::manual_seed(4);
   const at::Tensor r = at::rand({4096}) * 4.0 + 4.0;
   EXPECT_LE(((LowPrecisionTensor::round_trip(r, StorageDtype::kFp6) - r).abs() / r).max().item<float>(), 1.0f / 16 + 1e-6f);
+  // Scales at FP32's ends: tiles of max-abs 3e38 (scale 2^126, whose scaling by 2^-(e + 6) would
+  // overflow as one factor) and 1e-37 (2^-126, the smallest E8M0 scale it takes) load within half
+  // a step of E2M3's top binade (0.25 x 2^e).
+  for (const float top : {3e38f, 1e38f, 1e-37f}) {
+    const at::Tensor wide = at::rand({64}) * top;
+    const at::Tensor wide_back = LowPrecisionTensor::round_trip(wide, StorageDtype::kFp6);
+    ASSERT_TRUE(at::isfinite(wide_back).all().item<bool>()) << top;
+    for (int64_t t = 0; t < 2; ++t) {
+      const at::Tensor tile = wide.narrow(0, 32 * t, 32);
+      const float step = std::ldexp(0.25f, static_cast<int>(std::ceil(std::log2(tile.abs().max().item<double>() / 7.5))));
+      EXPECT_LE((wide_back.narrow(0, 32 * t, 32) - tile).abs().max().item<float>(), step) << top;
+      EXPECT_GT(wide_back.narrow(0, 32 * t, 32).abs().max().item<float>(), 0.0f) << top;
+    }
+  }
   // A tile with a NaN or an infinity loads as NaN (E8M0's 255); the other tiles are untouched.
   at::Tensor bad = value.clone();
   bad[3] = std::numeric_limits<float>::infinity();
@@ -335,18 +349,39 @@ TEST(LowPrecisionTensor, Nvfp4HadamardRotationTurnsNearestRoundingsBiasIntoNoise
   EXPECT_THROW(LowPrecisionTensor::round_trip(v, StorageDtype::kFp8, 128, std::nullopt, 5u), std::invalid_argument);
 }
 
-TEST(LowPrecisionTensor, Fp4CpuKernelStoresTheCompositionsBits) {
-  // The fused CPU pass and the tensor composition (what CUDA runs) store the same codes and
-  // read back the same values: both dtypes, to nearest and stochastically, over an odd count
-  // with a zero tile, values on the grid and at its midpoints, and a wide spread of sizes.
+TEST(LowPrecisionTensor, CpuKernelsStoreTheCompositionsBits) {
+  // The fused CPU passes and the tensor composition (what CUDA runs) store the same codes and
+  // read back the same values: FP4 and NVFP4 to nearest and stochastically, FP6 to nearest,
+  // over an odd count with a zero tile, values on the grids and at their midpoints (FP4's, then
+  // FP6's ties), a wide spread of sizes, and tiles at FP32's extremes (max-abs near FLT_MAX,
+  // scales of 2^126 and 2^-126, subnormals).
   torch::manual_seed(21);
   at::Tensor v = at::randn({6001}) * at::exp2(at::randint(-12, 12, {6001}).to(at::kFloat));
   v.narrow(0, 128, 128).zero_();
   v.narrow(0, 256, 16).copy_(at::tensor({6.0f, 0.25f, 1.25f, 2.5f, 5.0f, -3.5f, 0.75f, -1.75f, 4.0f, 3.0f, 2.0f, 1.5f, 1.0f, 0.5f, 0.0f, -6.0f}));
-  for (StorageDtype dtype : {StorageDtype::kFp4, StorageDtype::kNvfp4}) {
-    for (std::optional<uint32_t> seed : {std::optional<uint32_t>(), std::optional<uint32_t>(77u)}) {
+  for (int i = 0; i < 31; ++i) {  // a tile of scale 1 (max-abs 7.5): every midpoint between E2M3 neighbours
+    const auto e2m3 = [](int c) { return c < 16 ? 0.125f * static_cast<float>(c) : c < 24 ? 2.0f + 0.25f * static_cast<float>(c - 16) : 4.0f + 0.5f * static_cast<float>(c - 24); };
+    v[288 + i] = (e2m3(i) + e2m3(i + 1)) / 2.0f * (i % 2 == 0 ? 1.0f : -1.0f);
+  }
+  v[319] = -7.5f;
+  v.narrow(0, 320, 32).copy_(at::randn({32}) * at::exp2(at::randint(100, 127, {32}).to(at::kFloat)));
+  v[320] = std::numeric_limits<float>::max();
+  v.narrow(0, 352, 32).copy_(at::randn({32}) * std::numeric_limits<float>::min());
+  v.narrow(0, 384, 32).copy_(at::randn({32}) * std::numeric_limits<float>::denorm_min() * 1000.0f);
+  v.narrow(0, 416, 32 * 64).mul_(at::exp2(at::randint(-100, 100, {64}).to(at::kFloat)).repeat_interleave(32));
+  v[416] = -0.0f;
+  v[417] = 1e-30f;  // flushes to a signed zero code in its tile
+  v[418] = -1e-30f;
+  struct Case {
+    StorageDtype dtype;
+    std::optional<uint32_t> seed;
+  };
+  for (const Case& c : {Case{StorageDtype::kFp4, std::nullopt}, Case{StorageDtype::kFp4, 77u}, Case{StorageDtype::kNvfp4, std::nullopt},
+                        Case{StorageDtype::kNvfp4, 77u}, Case{StorageDtype::kFp6, std::nullopt}}) {
+    {
+      const auto [dtype, seed] = c;
       const auto stored = [&](bool tensor_ops) {
-        use_fp4_tensor_ops_on_cpu(tensor_ops);
+        use_codec_tensor_ops_on_cpu(tensor_ops);
         LowPrecisionTensor t(v.sizes(), dtype);
         if (seed) {
           t.store_stochastic(v, *seed);
@@ -355,7 +390,7 @@ TEST(LowPrecisionTensor, Fp4CpuKernelStoresTheCompositionsBits) {
         }
         auto parts = t.parts();
         parts["loaded"] = t.load();
-        use_fp4_tensor_ops_on_cpu(false);
+        use_codec_tensor_ops_on_cpu(false);
         return parts;
       };
       const auto fused = stored(false), composed = stored(true);
