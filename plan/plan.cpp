@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fp8/low_precision_tensor.h"
 #include "moe/model_config.h"
 #include "moe/stage_split.h"
 #include "parallel/pipeline_schedule.h"
@@ -24,12 +25,7 @@ namespace {
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 double dtype_bytes(const std::string& dtype, int64_t block) {
-  if (dtype == "fp32") return 4;
-  if (dtype == "fp8") return 1 + 4.0 / static_cast<double>(block);
-  if (dtype == "fp4") return 0.5 + 4.0 / static_cast<double>(block);
-  if (dtype == "nvfp4") return 0.5 + 1.0 / 16;  // an E4M3 scale per 16 values
-  if (dtype == "fp6") return 0.75 + 1.0 / 32;   // an E8M0 scale per 32 values
-  return 2;  // bf16, fp16
+  return fp8::storage_bytes_per_value(fp8::parse_storage_dtype(dtype), block);
 }
 
 // Activation bytes one token leaves for backward in one layer, before

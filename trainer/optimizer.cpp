@@ -307,21 +307,14 @@ void Optimizer::step_stored(double lr, double bias_correction1, double bias_corr
 StateBytes Optimizer::bytes_per_parameter() const {
   StateBytes b;
   double numel = 0, master = 0, m = 0, v = 0, grads = 0;
-  const double scale_bytes = 4.0 / static_cast<double>(config_.state_block_size);
   for (size_t i = 0; i < params_.size(); ++i) {
     const double n = static_cast<double>(params_[i].tensor.numel());
     numel += n;
     if (!master_.empty()) master += static_cast<double>(master_[i].bytes());
     m += static_cast<double>(exp_avg_[i].bytes());
     if (!muon_[i].matrix) v += static_cast<double>(exp_avg_sq_[i].bytes());
-    switch (grad_dtype_of(i)) {
-      case fp8::StorageDtype::kFp4: grads += n * (0.5 + scale_bytes); break;
-      case fp8::StorageDtype::kNvfp4: grads += n * (0.5 + 1.0 / 16) + 4; break;  // E4M3 per 16, FP32 per tensor
-      case fp8::StorageDtype::kFp6: grads += n * (0.75 + 1.0 / 32); break;  // E8M0 per 32
-      case fp8::StorageDtype::kFp8: grads += n * (1.0 + scale_bytes); break;
-      case fp8::StorageDtype::kFp32: grads += n * 4; break;
-      default: grads += n * 2; break;
-    }
+    const fp8::StorageDtype grad_dtype = grad_dtype_of(i);
+    grads += n * fp8::storage_bytes_per_value(grad_dtype, config_.state_block_size) + (grad_dtype == fp8::StorageDtype::kNvfp4 ? 4 : 0);
   }
   if (numel == 0) return b;
   b.weights = 4;
