@@ -3,11 +3,13 @@
 #include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <tuple>
@@ -224,15 +226,38 @@ constexpr int64_t kFp6Block = 32;
 // 2^e as an FP32 value, exactly (e in [-149, 127]).
 inline float pow2f(int e) { return std::ldexp(1.0f, e); }
 
-// E2M3's magnitude of a 5-bit code: codes 0 to 7 are 0 to 0.875 by 0.125
-// (subnormal), code c >= 8 is 2^(c / 8 - 1) x (1 + (c mod 8) / 8).
-constexpr float e2m3_magnitude(uint32_t c) {
-  return c < 8 ? 0.125f * static_cast<float>(c) : static_cast<float>(1u << (c / 8 - 1)) * (1.0f + 0.125f * static_cast<float>(c % 8));
+// E2M3's value of a 6-bit code (bit 5 the sign): codes 0 to 7 are 0 to 0.875 by
+// 0.125 (subnormal), code c >= 8 is 2^(c / 8 - 1) x (1 + (c mod 8) / 8).
+constexpr float e2m3_value(uint32_t code) {
+  const uint32_t c = code & 0x1Fu;
+  const float magnitude = c < 8 ? 0.125f * static_cast<float>(c) : static_cast<float>(1u << (c / 8 - 1)) * (1.0f + 0.125f * static_cast<float>(c % 8));
+  return (code & 0x20u) != 0 ? -magnitude : magnitude;
+}
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// The 6-bit E2M3 code of x x 2^-e rounded to nearest, ties to even, where
+// |x| x 2^-e <= 7.5 (down = 2^-e): what the E4M3 cast of x x 2^-e x 2^-6 gives
+// the composition, without branches on the value. Below 1 the grid is the
+// subnormals' 0.125 step: r x 8 rounded to an integer by adding 2^23; from 1 on
+// it is FP32's own exponent with the mantissa rounded to 3 bits.
+inline uint32_t e2m3_code(float x, float down) {
+  const float r = std::fabs(x) * down;
+  const uint32_t subnormal = float_bits(r * 8.0f + 8388608.0f) - 0x4B000000u;  // 0 to 8 (8 is 1.0: code 8)
+  const uint32_t b = float_bits(r);
+  const uint32_t rounded = (b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20;  // sign 0, exponent and 3 mantissa bits
+  const uint32_t normal = ((((rounded >> 3) - 127u + 1u) << 3) | (rounded & 7u)) & 0x1Fu;
+  const uint32_t below_one = 0u - static_cast<uint32_t>(r < 1.0f);  // a mask, not a branch: the values' order is random
+  return (subnormal & below_one) | (normal & ~below_one) | ((float_bits(x) >> 31) << 5);
 }
 
 // encode_fp6 for a CPU tensor: one pass over each tile (its max-abs, its
 // exponent, its codes straight into the packed bytes), parallel over tiles.
-// Its arithmetic is the composition's, so the two store the same bits.
+// It stores the composition's bits.
 std::pair<at::Tensor, at::Tensor> encode_fp6_cpu(const at::Tensor& flat) {
   const at::Tensor x = flat.contiguous();
   const int64_t n = x.numel(), tiles = (n + kFp6Block - 1) / kFp6Block;
@@ -246,14 +271,14 @@ std::pair<at::Tensor, at::Tensor> encode_fp6_cpu(const at::Tensor& flat) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t first = t * kFp6Block, count = std::min(kFp6Block, n - first);
       float amax = 0.0f;
-      bool finite = true;
+      uint32_t nonfinite = 0;
       for (int64_t i = 0; i < kFp6Block; ++i) {
         tile[i] = i < count ? xp[first + i] : 0.0f;
-        finite &= std::isfinite(tile[i]);
+        nonfinite |= static_cast<uint32_t>((float_bits(tile[i]) & 0x7F800000u) == 0x7F800000u);
         amax = std::max(amax, std::fabs(tile[i]));
       }
       uint8_t* bytes = out + t * kFp6Block * 3 / 4;
-      if (!finite) {
+      if (nonfinite != 0) {
         sp[t] = 255;
         std::fill(bytes, bytes + kFp6Block * 3 / 4, uint8_t{0});
         continue;
@@ -267,12 +292,10 @@ std::pair<at::Tensor, at::Tensor> encode_fp6_cpu(const at::Tensor& flat) {
       }
       sp[t] = static_cast<uint8_t>(exponent + 127);
       const float down = pow2f(-exponent);
+      uint32_t codes[kFp6Block];
+      for (int64_t i = 0; i < kFp6Block; ++i) codes[i] = e2m3_code(tile[i], down);
       for (int64_t q = 0; q < kFp6Block / 4; ++q) {
-        uint32_t word = 0;
-        for (int64_t j = 0; j < 4; ++j) {
-          const uint32_t e4m3 = c10::Float8_e4m3fn(tile[4 * q + j] * down * (1.0f / 64.0f)).x;
-          word |= ((e4m3 & 0x1Fu) | ((e4m3 >> 7) << 5)) << (6 * j);
-        }
+        const uint32_t word = codes[4 * q] | (codes[4 * q + 1] << 6) | (codes[4 * q + 2] << 12) | (codes[4 * q + 3] << 18);
         bytes[3 * q] = static_cast<uint8_t>(word);
         bytes[3 * q + 1] = static_cast<uint8_t>(word >> 8);
         bytes[3 * q + 2] = static_cast<uint8_t>(word >> 16);
@@ -282,7 +305,7 @@ std::pair<at::Tensor, at::Tensor> encode_fp6_cpu(const at::Tensor& flat) {
   return {packed, scales};
 }
 
-// decode_fp6 for a CPU tensor, a tile at a time.
+// decode_fp6 for a CPU tensor, a tile at a time: a table of the 64 signed values, times the tile's scale.
 at::Tensor decode_fp6_cpu(const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
   const at::Tensor p = packed.contiguous(), s = scales.contiguous();
   at::Tensor value = at::empty({n}, p.options().dtype(at::kFloat));
@@ -290,18 +313,80 @@ at::Tensor decode_fp6_cpu(const at::Tensor& packed, const at::Tensor& scales, in
   const uint8_t* sp = s.data_ptr<uint8_t>();
   float* out = value.data_ptr<float>();
   at::parallel_for(0, (n + kFp6Block - 1) / kFp6Block, 512, [&](int64_t begin, int64_t end) {
-    float magnitude[32];
-    for (uint32_t c = 0; c < 32; ++c) magnitude[c] = e2m3_magnitude(c);
+    float table[64];
+    for (uint32_t c = 0; c < 64; ++c) table[c] = e2m3_value(c);
+    float tile[kFp6Block];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t first = t * kFp6Block, count = std::min(kFp6Block, n - first);
       const float scale = sp[t] == 255 ? std::numeric_limits<float>::quiet_NaN() : pow2f(static_cast<int>(sp[t]) - 127);
       const uint8_t* bytes = in + t * kFp6Block * 3 / 4;
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t q = i / 4;
+      for (int64_t q = 0; q < kFp6Block / 4; ++q) {
         const uint32_t word = bytes[3 * q] | (static_cast<uint32_t>(bytes[3 * q + 1]) << 8) | (static_cast<uint32_t>(bytes[3 * q + 2]) << 16);
-        const uint32_t code = (word >> (6 * (i % 4))) & 0x3Fu;
-        out[first + i] = ((code & 0x20u) != 0 ? -magnitude[code & 0x1Fu] : magnitude[code & 0x1Fu]) * scale;
+        for (int64_t j = 0; j < 4; ++j) tile[4 * q + j] = table[(word >> (6 * j)) & 0x3Fu] * scale;
       }
+      std::copy(tile, tile + count, out + first);
+    }
+  });
+  return value;
+}
+
+// The E4M3 byte of v clamped to +-448 (NaN stays NaN, 0x7F with v's sign), rounded to
+// nearest, ties to even, as the composition's clamp and cast give it, without
+// branches on the value: below 2^-6 the subnormals' 2^-9 step (v x 2^9 rounded to
+// an integer by adding 2^23), from 2^-6 on FP32's exponent, rebiased from 127 to
+// 7, with the mantissa rounded to 3 bits.
+inline uint8_t e4m3_code_saturated(float v) {
+  const uint32_t sign = (float_bits(v) >> 24) & 0x80u;
+  const float a = std::min(std::fabs(v), static_cast<float>(kE4m3Max));  // a NaN stays NaN
+  const uint32_t subnormal = float_bits(a * 512.0f + 8388608.0f) - 0x4B000000u;
+  const uint32_t b = float_bits(a);
+  const uint32_t normal = ((b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20) - (120u << 3);
+  const uint32_t below = 0u - static_cast<uint32_t>(a < 0.015625f), nan = 0u - static_cast<uint32_t>(a != a);
+  return static_cast<uint8_t>((((subnormal & below) | (normal & ~below)) & ~nan) | (0x7Fu & nan) | sign);
+}
+
+// FP8 state for a CPU tensor: quantize_blocks' 1 x block tiles of a flat
+// tensor (E4M3, FP32 scale = max-abs / 448, 1 for a tile of zeros or one
+// holding a NaN; saturated at 448) in one pass a tile, the same bits:
+// {codes [n], scales [1, tiles]}.
+std::pair<at::Tensor, at::Tensor> encode_fp8_cpu(const at::Tensor& flat, int64_t block) {
+  const at::Tensor x = flat.contiguous();
+  const int64_t n = x.numel(), tiles = (n + block - 1) / block;
+  at::Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({1, tiles}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 16384 / block), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * block, last = std::min(n, first + block);
+      float amax = 0.0f;
+      bool nan = false;
+      for (int64_t i = first; i < last; ++i) {
+        nan |= std::isnan(xp[i]);
+        amax = std::max(amax, std::fabs(xp[i]));
+      }
+      const float scale = !nan && amax > 0.0f ? amax / static_cast<float>(kE4m3Max) : 1.0f;  // amax's NaN fails "> 0"
+      sp[t] = scale;
+      for (int64_t i = first; i < last; ++i) cp[i] = e4m3_code_saturated(xp[i] / scale);
+    }
+  });
+  return {codes, scales};
+}
+
+at::Tensor decode_fp8_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block) {
+  const at::Tensor c = codes.contiguous(), s = scales.contiguous();
+  const int64_t n = c.numel(), tiles = (n + block - 1) / block;
+  at::Tensor value = at::empty({n}, s.options());
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* out = value.data_ptr<float>();
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 32768 / block), [&](int64_t begin, int64_t end) {
+    float table[256];
+    for (int code = 0; code < 256; ++code) table[code] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(code), c10::Float8_e4m3fn::from_bits()));
+    for (int64_t t = begin; t < end; ++t) {
+      const float scale = sp[t];
+      for (int64_t i = t * block; i < std::min(n, (t + 1) * block); ++i) out[i] = table[cp[i]] * scale;
     }
   });
   return value;
@@ -416,6 +501,10 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
     }
     case StorageDtype::kFp8: {
       const at::Tensor flat = (sqrt_transform_ ? v.clamp_min(0).sqrt() : v).reshape({-1});
+      if (fused_on_cpu(flat)) {
+        std::tie(data_, scales_) = encode_fp8_cpu(flat, block_size_);
+        break;
+      }
       const BlockQuantized q = quantize_blocks(flat, state_tiles(block_size_));
       data_ = q.codes;
       scales_ = q.scales;
@@ -429,6 +518,22 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
 
 at::Tensor LowPrecisionTensor::stochastic_round_bf16(const at::Tensor& value, uint32_t seed) {
   const at::Tensor v = value.to(at::kFloat).contiguous();
+  if (fused_on_cpu(v)) {
+    // One pass: the composition's integer arithmetic modulo 2^32 (its int64 sum's low 32 bits), the
+    // noise hash16 of the element's index; the BF16 is the rounded float's high half (NaNs as the cast makes them).
+    at::Tensor out = at::empty(v.sizes(), v.options().dtype(at::kBFloat16));
+    const uint32_t* in = reinterpret_cast<const uint32_t*>(v.data_ptr<float>());
+    c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, v.numel(), 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const uint32_t rounded = (in[i] + hash16(i, seed)) & 0xFFFF0000u;
+        float f;
+        std::memcpy(&f, &rounded, sizeof f);
+        op[i] = std::isnan(f) ? c10::BFloat16(f) : c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
+      }
+    });
+    return out;
+  }
   const at::Tensor noise = hash_bits16(v.numel(), seed, v.options());
   // Adding the noise below BF16's last bit, then truncating, rounds the magnitude
   // up with probability (its dropped bits) / 2^16; the sign bit is untouched.
@@ -458,8 +563,8 @@ at::Tensor LowPrecisionTensor::load() const {
     case StorageDtype::kBf16: return data_.to(at::kFloat).view(shape_);
     case StorageDtype::kFp16: return (data_.to(at::kFloat) * scales_).view(shape_);
     case StorageDtype::kFp8: {
-      BlockQuantized q{data_, scales_, state_tiles(block_size_)};
-      const at::Tensor v = dequantize_blocks(q).view(shape_);
+      const at::Tensor v = fused_on_cpu(data_) ? decode_fp8_cpu(data_, scales_, block_size_).view(shape_)
+                                               : dequantize_blocks(BlockQuantized{data_, scales_, state_tiles(block_size_)}).view(shape_);
       return sqrt_transform_ ? v.square() : v;
     }
     case StorageDtype::kFp4:

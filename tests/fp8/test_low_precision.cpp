@@ -351,7 +351,8 @@ TEST(LowPrecisionTensor, Nvfp4HadamardRotationTurnsNearestRoundingsBiasIntoNoise
 
 TEST(LowPrecisionTensor, CpuKernelsStoreTheCompositionsBits) {
   // The fused CPU passes and the tensor composition (what CUDA runs) store the same codes and
-  // read back the same values: FP4 and NVFP4 to nearest and stochastically, FP6 to nearest,
+  // read back the same values: FP4 and NVFP4 to nearest and stochastically, FP6 to nearest, BF16 stochastically,
+  // FP8 (E4M3 in 1 x 128 tiles, and its square-root form for second moments),
   // over an odd count with a zero tile, values on the grids and at their midpoints (FP4's, then
   // FP6's ties), a wide spread of sizes, and tiles at FP32's extremes (max-abs near FLT_MAX,
   // scales of 2^126 and 2^-126, subnormals).
@@ -375,14 +376,16 @@ TEST(LowPrecisionTensor, CpuKernelsStoreTheCompositionsBits) {
   struct Case {
     StorageDtype dtype;
     std::optional<uint32_t> seed;
+    bool sqrt_transform = false;
   };
   for (const Case& c : {Case{StorageDtype::kFp4, std::nullopt}, Case{StorageDtype::kFp4, 77u}, Case{StorageDtype::kNvfp4, std::nullopt},
-                        Case{StorageDtype::kNvfp4, 77u}, Case{StorageDtype::kFp6, std::nullopt}}) {
+                        Case{StorageDtype::kNvfp4, 77u}, Case{StorageDtype::kFp6, std::nullopt}, Case{StorageDtype::kBf16, 77u},
+                        Case{StorageDtype::kFp8, std::nullopt}, Case{StorageDtype::kFp8, std::nullopt, true}}) {
     {
-      const auto [dtype, seed] = c;
+      const auto [dtype, seed, sqrt_transform] = c;
       const auto stored = [&](bool tensor_ops) {
         use_codec_tensor_ops_on_cpu(tensor_ops);
-        LowPrecisionTensor t(v.sizes(), dtype);
+        LowPrecisionTensor t(v.sizes(), dtype, 128, sqrt_transform);
         if (seed) {
           t.store_stochastic(v, *seed);
         } else {
@@ -396,10 +399,27 @@ TEST(LowPrecisionTensor, CpuKernelsStoreTheCompositionsBits) {
       const auto fused = stored(false), composed = stored(true);
       ASSERT_EQ(fused.size(), composed.size());
       for (const auto& [name, tensor] : fused) {
-        EXPECT_TRUE(at::equal(tensor, composed.at(name))) << storage_dtype_name(dtype) << " " << name << (seed ? " stochastic" : "");
+        EXPECT_TRUE(at::equal(tensor, composed.at(name))) << storage_dtype_name(dtype) << " " << name << (seed ? " stochastic" : "")
+                                                          << (sqrt_transform ? " sqrt" : "");
       }
     }
   }
+  // FP8 codes of a NaN (either sign) and of the values beside it in its tile agree too (its loaded values are NaN-free elsewhere).
+  at::Tensor with_nan = v.narrow(0, 0, 256).clone();
+  with_nan[5] = std::numeric_limits<float>::quiet_NaN();
+  with_nan[200] = -std::numeric_limits<float>::quiet_NaN();
+  std::map<std::string, at::Tensor> parts[2];
+  for (const bool tensor_ops : {false, true}) {
+    use_codec_tensor_ops_on_cpu(tensor_ops);
+    LowPrecisionTensor t(with_nan.sizes(), StorageDtype::kFp8);
+    t.store(with_nan);
+    parts[tensor_ops ? 1 : 0] = t.parts();
+    use_codec_tensor_ops_on_cpu(false);
+  }
+  EXPECT_TRUE(at::equal(parts[0].at("data"), parts[1].at("data")));
+  EXPECT_TRUE(at::equal(parts[0].at("scales"), parts[1].at("scales")));
+  EXPECT_EQ(parts[0].at("data")[5].item<uint8_t>(), 0x7F);
+  EXPECT_EQ(parts[0].at("data")[200].item<uint8_t>(), 0xFF);
 }
 
 }  // namespace
