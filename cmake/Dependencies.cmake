@@ -39,6 +39,14 @@ target_include_directories(fmoe_torch_cpu SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS}
 target_link_libraries(fmoe_torch_cpu INTERFACE
   ${FMOE_TORCH_LIB_DIR}/libtorch_cpu.so ${FMOE_TORCH_LIB_DIR}/libc10.so)
 target_link_options(fmoe_torch_cpu INTERFACE "-Wl,-rpath,${FMOE_TORCH_LIB_DIR}")
+# at::parallel_for is a header template: without OpenMP in our own compiles
+# (_OPENMP undefined) it runs its whole range on the calling thread, so every
+# fused CPU kernel would use one core. LibTorch's OpenMP runtime is GCC's
+# libgomp (torch/lib/libgomp.so.1); ours resolves to the same library by its
+# soname through the rpath above, so one thread pool serves both and
+# at::set_num_threads governs ours too.
+target_compile_options(fmoe_torch_cpu INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-fopenmp>)
+target_link_options(fmoe_torch_cpu INTERFACE $<$<LINK_LANGUAGE:CXX>:-fopenmp>)
 if(FMOE_CUDA)
   # LibTorch's CUDA libraries for the binaries that make CUDA tensors themselves
   # (the GPU tests and benchmarks), without the compile definitions of
