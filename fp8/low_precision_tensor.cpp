@@ -240,6 +240,10 @@ inline uint32_t float_bits(float f) {
   return u;
 }
 
+// FP32 bits b with the mantissa rounded to 3 bits (to nearest, ties to even),
+// shifted down to sign, exponent and those 3 bits: E2M3's and E4M3's normals.
+inline uint32_t round_mantissa_to_3_bits(uint32_t b) { return (b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20; }
+
 // The 6-bit E2M3 code of x x 2^-e rounded to nearest, ties to even, where
 // |x| x 2^-e <= 7.5 (down = 2^-e): what the E4M3 cast of x x 2^-e x 2^-6 gives
 // the composition, without branches on the value. Below 1 the grid is the
@@ -249,7 +253,7 @@ inline uint32_t e2m3_code(float x, float down) {
   const float r = std::fabs(x) * down;
   const uint32_t subnormal = float_bits(r * 8.0f + 8388608.0f) - 0x4B000000u;  // 0 to 8 (8 is 1.0: code 8)
   const uint32_t b = float_bits(r);
-  const uint32_t rounded = (b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20;  // sign 0, exponent and 3 mantissa bits
+  const uint32_t rounded = round_mantissa_to_3_bits(b);  // sign 0
   const uint32_t normal = ((((rounded >> 3) - 127u + 1u) << 3) | (rounded & 7u)) & 0x1Fu;
   const uint32_t below_one = 0u - static_cast<uint32_t>(r < 1.0f);  // a mask, not a branch: the values' order is random
   return (subnormal & below_one) | (normal & ~below_one) | ((float_bits(x) >> 31) << 5);
@@ -340,7 +344,7 @@ inline uint8_t e4m3_code_saturated(float v) {
   const float a = std::min(std::fabs(v), static_cast<float>(kE4m3Max));  // a NaN stays NaN
   const uint32_t subnormal = float_bits(a * 512.0f + 8388608.0f) - 0x4B000000u;
   const uint32_t b = float_bits(a);
-  const uint32_t normal = ((b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20) - (120u << 3);
+  const uint32_t normal = round_mantissa_to_3_bits(b) - (120u << 3);
   const uint32_t below = 0u - static_cast<uint32_t>(a < 0.015625f), nan = 0u - static_cast<uint32_t>(a != a);
   return static_cast<uint8_t>((((subnormal & below) | (normal & ~below)) & ~nan) | (0x7Fu & nan) | sign);
 }

@@ -35,10 +35,10 @@ inline bool is_fp4(StorageDtype dtype) { return dtype == StorageDtype::kFp4 || d
 // E8M0 per 32); a per-tensor scale (fp16's, nvfp4's FP32) is not counted.
 double storage_bytes_per_value(StorageDtype dtype, int64_t block);
 
-// FP4, NVFP4 and FP6 code CPU tensors in one fused pass, and BF16's stochastic
-// rounding is one pass; on (for tests and
-// benchmarks) CPU tensors take the tensor composition CUDA tensors take
-// instead. Both store the same bits.
+// FP8 state tiles, FP6, FP4 and NVFP4 code CPU tensors in one fused pass each,
+// and BF16's stochastic rounding is one pass; on (for tests and benchmarks) CPU
+// tensors take the tensor composition CUDA tensors take instead. Both store the
+// same bits.
 void use_codec_tensor_ops_on_cpu(bool on);
 
 class LowPrecisionTensor {
