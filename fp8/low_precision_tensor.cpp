@@ -493,7 +493,7 @@ LowPrecisionTensor::LowPrecisionTensor(at::IntArrayRef shape, StorageDtype dtype
 void LowPrecisionTensor::store(const at::Tensor& value) {
   const at::Tensor v = value.to(at::kFloat);
   switch (dtype_) {
-    case StorageDtype::kFp32: data_ = v.clone(); break;
+    case StorageDtype::kFp32: data_ = v.is_same(data_) ? data_ : v.clone(); break;  // load()'s tensor, updated in place: kept
     case StorageDtype::kBf16: data_ = v.to(at::kBFloat16); break;
     case StorageDtype::kFp16: {
       // A power-of-two scale from the max-abs, computed where the data lives (no host read-back).

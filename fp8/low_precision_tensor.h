@@ -56,7 +56,10 @@ class LowPrecisionTensor {
   // (reproducible, bit-exact on resume), with no state to keep. (FP4 rounds the
   // value over its tile's scale.)
   void store_stochastic(const at::Tensor& value, uint32_t seed);
-  at::Tensor load() const;              // fp32, the shape
+  // FP32, the shape. FP32 storage returns the stored tensor itself (a caller may
+  // update it in place; storing it back then costs nothing), every other dtype a
+  // fresh decoding the caller owns: neither needs a clone to be updated.
+  at::Tensor load() const;
   int64_t bytes() const;                // storage including scales
   StorageDtype dtype() const { return dtype_; }
 

@@ -218,8 +218,8 @@ void Optimizer::step_muon(double lr) {
     const at::Tensor& grad = params_[i].tensor.grad();
     if (!grad.defined()) continue;
     const at::Tensor g = grad.to(at::kFloat);
-    // FP32 storage: load() is the stored momentum itself, updated in place.
-    at::Tensor momentum = exp_avg_[i].dtype() == fp8::StorageDtype::kFp32 ? exp_avg_[i].load() : exp_avg_[i].load().clone();
+    // FP32 storage: load() is the stored momentum itself, updated in place; else a fresh decoding.
+    at::Tensor momentum = exp_avg_[i].load();
     momentum.lerp_(g, 1.0 - mu);
     const at::Tensor u = config_.muon_nesterov ? g.lerp(momentum, mu) : momentum;
     momenta[i] = momentum;
@@ -248,7 +248,7 @@ void Optimizer::step_muon(double lr) {
   for (size_t i : muon_members_) {
     if (!updates[i].defined()) continue;
     at::Tensor& param = params_[i].tensor;
-    at::Tensor master = master_.empty() ? param : master_[i].load().clone();
+    at::Tensor master = master_.empty() ? param : master_[i].load();  // updated in place, stored below
     if (config_.weight_decay > 0) master.mul_(1.0 - lr * config_.weight_decay);
     master.add_(updates[i], -lr);
     if (exp_avg_[i].dtype() != fp8::StorageDtype::kFp32) exp_avg_[i].store(momenta[i]);
@@ -287,11 +287,12 @@ void Optimizer::step_stored(double lr, double bias_correction1, double bias_corr
       at::Tensor& param = params_[i].tensor;
       const at::Tensor& grad = param.grad();
       if (!grad.defined()) continue;
-      at::Tensor m = exp_avg_[i].load().clone();
-      at::Tensor v = exp_avg_sq_[i].load().clone();
+      // Each load() is the stored FP32 tensor itself or a fresh decoding: updated in place, stored back.
+      at::Tensor m = exp_avg_[i].load();
+      at::Tensor v = exp_avg_sq_[i].load();
       m.lerp_(grad, 1.0 - config_.beta1);
       v.mul_(config_.beta2).addcmul_(grad, grad, 1.0 - config_.beta2);
-      at::Tensor master = master_.empty() ? param : master_[i].load().clone();
+      at::Tensor master = master_.empty() ? param : master_[i].load();
       if (group.weight_decay > 0) master.mul_(1.0 - lr * group.weight_decay);
       master.addcdiv_(m, v.sqrt().div_(std::sqrt(bias_correction2)).add_(config_.eps), -lr / bias_correction1);
       exp_avg_[i].store(m);

@@ -33,6 +33,34 @@ TEST(LowPrecisionTensor, RoundTripErrorAndBytesPerDtype) {
   }
 }
 
+TEST(LowPrecisionTensor, LoadIsTheFp32TensorItselfOrAFreshDecoding) {
+  // The optimizers update load()'s tensor in place and store it back, with no clone.
+  const at::Tensor value = at::randn({4, 64});
+  LowPrecisionTensor fp32(value.sizes(), StorageDtype::kFp32);
+  fp32.store(value);
+  at::Tensor caller = value.clone();
+  fp32.store(caller);
+  caller.fill_(7.0);  // a stored tensor is copied: the caller's later writes do not reach it
+  EXPECT_TRUE(at::equal(fp32.load(), value));
+  at::Tensor loaded = fp32.load();
+  EXPECT_TRUE(loaded.is_same(fp32.load()));
+  loaded.mul_(2.0);
+  fp32.store(loaded);  // storing load()'s own tensor keeps it
+  EXPECT_TRUE(loaded.is_same(fp32.load()));
+  EXPECT_TRUE(at::equal(fp32.load(), value * 2.0));
+  for (StorageDtype dtype : {StorageDtype::kBf16, StorageDtype::kFp16, StorageDtype::kFp8, StorageDtype::kFp6, StorageDtype::kFp4,
+                             StorageDtype::kNvfp4}) {
+    LowPrecisionTensor t(value.sizes(), dtype);
+    t.store(value);
+    const at::Tensor first = t.load();
+    at::Tensor second = t.load();
+    second.fill_(7.0);  // a decoding the caller owns: the store and the other decodings are untouched
+    EXPECT_TRUE(at::equal(t.load(), first)) << storage_dtype_name(dtype);
+    EXPECT_FALSE(at::equal(first, second)) << storage_dtype_name(dtype);
+    EXPECT_NE(first.data_ptr(), second.data_ptr()) << storage_dtype_name(dtype);
+  }
+}
+
 TEST(LowPrecisionTensor, SqrtTransformKeepsSmallSecondMoments) {
   // Second moments span many decades; storing the square root halves the range.
   const at::Tensor v = at::exp2(at::linspace(-30, 0, 128));
