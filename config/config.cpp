@@ -97,6 +97,7 @@ void visit(V& v, OptimizerConfig& c) {
   v.field("grad_hadamard", c.grad_hadamard);
   v.field("exp_avg_dtype", c.exp_avg_dtype);
   v.field("exp_avg_sq_dtype", c.exp_avg_sq_dtype);
+  v.field("exp_avg_sq_stochastic_rounding", c.exp_avg_sq_stochastic_rounding);
   v.field("grad_dtype", c.grad_dtype);
   v.field("state_block_size", c.state_block_size);
   v.field("adamw_lr", c.adamw_lr);
@@ -408,6 +409,9 @@ std::string OptimizerConfig::validate() const {
   if (state_block_size < 1) return "state_block_size: must be >= 1";
   if (stochastic_rounding && main_params_dtype != "bf16") {
     return "stochastic_rounding: rounds BF16 master weights; main_params_dtype is '" + main_params_dtype + "'";
+  }
+  if (exp_avg_sq_stochastic_rounding && exp_avg_sq_dtype != "fp8") {
+    return "exp_avg_sq_stochastic_rounding: rounds fp8 second moments; exp_avg_sq_dtype is '" + exp_avg_sq_dtype + "'";
   }
   if (name != "adamw" && name != "muon") return "name: must be adamw or muon, got '" + name + "'";
   const bool fp4_grads = grad_dtype == "fp4" || grad_dtype == "nvfp4";

@@ -54,6 +54,7 @@ struct OptimizerConfig {
   bool grad_hadamard = false;              // fp4 / nvfp4 gradients: random Hadamard rotation of 16-value tiles first
   std::string exp_avg_dtype = "fp32";      // fp32 | bf16 | fp8 | fp6
   std::string exp_avg_sq_dtype = "fp32";   // fp32 | bf16 | fp16 | fp8 (stored as its square root)
+  bool exp_avg_sq_stochastic_rounding = false;  // fp8 second moments: stochastically (true) or to nearest
   std::string grad_dtype = "fp32";         // fp32 | bf16 | fp8 | fp6 (every parameter's) | fp4 | nvfp4 (Muon's matrices, stochastically rounded; the rest fp8)
   int64_t state_block_size = 128;          // FP8 state tiles
   // Muon (name: muon). Its momentum is stored like exp_avg (exp_avg_dtype).

@@ -349,11 +349,31 @@ inline uint8_t e4m3_code_saturated(float v) {
   return static_cast<uint8_t>((((subnormal & below) | (normal & ~below)) & ~nan) | (0x7Fu & nan) | sign);
 }
 
+// The E4M3 byte of v clamped to +-448, rounded stochastically with 16 bits of
+// noise (0 to 65535): up to the next E4M3 value with the probability of v's
+// distance from the one below, in steps of 2^-16 of the gap. From 2^-6 on the
+// noise fills FP32's 20 bits below E4M3's 3 mantissa bits before they are cut
+// (a carry is the round up; 448 has those bits zero, so nothing passes it);
+// below it v x 2^9 plus noise / 2^16 is cut to an integer, the subnormal code
+// (8 is 2^-6, the first normal). NaN stays NaN (0x7F with v's sign).
+inline uint8_t e4m3_code_stochastic(float v, uint32_t noise) {
+  const uint32_t sign = (float_bits(v) >> 24) & 0x80u;
+  const float a = std::min(std::fabs(v), static_cast<float>(kE4m3Max));  // a NaN stays NaN
+  const uint32_t nan = 0u - static_cast<uint32_t>(a != a);
+  const float finite = a == a ? a : 0.0f;  // no NaN reaches the integer conversion
+  const uint32_t subnormal = static_cast<uint32_t>(finite * 512.0f + static_cast<float>(noise) * (1.0f / 65536.0f));
+  const uint32_t normal = ((float_bits(finite) + (noise << 4)) >> 20) - (120u << 3);
+  const uint32_t below = 0u - static_cast<uint32_t>(finite < 0.015625f);
+  return static_cast<uint8_t>((((subnormal & below) | (normal & ~below)) & ~nan) | (0x7Fu & nan) | sign);
+}
+
 // FP8 state for a CPU tensor: quantize_blocks' 1 x block tiles of a flat
 // tensor (E4M3, FP32 scale = max-abs / 448, 1 for a tile of zeros or one
 // holding a NaN; saturated at 448) in one pass a tile, the same bits:
-// {codes [n], scales [1, tiles]}.
-std::pair<at::Tensor, at::Tensor> encode_fp8_cpu(const at::Tensor& flat, int64_t block) {
+// {codes [n], scales [1, tiles]}. With a seed, rounded stochastically
+// (e4m3_code_stochastic, element i's noise hash16(i, seed)), as encode_fp8's
+// composition rounds it.
+std::pair<at::Tensor, at::Tensor> encode_fp8_cpu(const at::Tensor& flat, int64_t block, std::optional<uint32_t> seed) {
   const at::Tensor x = flat.contiguous();
   const int64_t n = x.numel(), tiles = (n + block - 1) / block;
   at::Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
@@ -372,7 +392,11 @@ std::pair<at::Tensor, at::Tensor> encode_fp8_cpu(const at::Tensor& flat, int64_t
       }
       const float scale = !nan && amax > 0.0f ? amax / static_cast<float>(kE4m3Max) : 1.0f;  // amax's NaN fails "> 0"
       sp[t] = scale;
-      for (int64_t i = first; i < last; ++i) cp[i] = e4m3_code_saturated(xp[i] / scale);
+      if (seed) {
+        for (int64_t i = first; i < last; ++i) cp[i] = e4m3_code_stochastic(xp[i] / scale, hash16(i, *seed));
+      } else {
+        for (int64_t i = first; i < last; ++i) cp[i] = e4m3_code_saturated(xp[i] / scale);
+      }
     }
   });
   return {codes, scales};
@@ -394,6 +418,30 @@ at::Tensor decode_fp8_cpu(const at::Tensor& codes, const at::Tensor& scales, int
     }
   });
   return value;
+}
+
+// FP8 state rounded stochastically: CPU tensors take one fused pass
+// (encode_fp8_cpu with the seed), others this composition of the same
+// arithmetic: each value over its tile's scale (as quantize_blocks computes it)
+// is moved onto E4M3's grid by e4m3_code_stochastic's rule, where the cast to
+// E4M3 is exact. {codes [n], scales [1, tiles]}.
+std::pair<at::Tensor, at::Tensor> encode_fp8_stochastic(const at::Tensor& flat, int64_t block, uint32_t seed) {
+  if (fused_on_cpu(flat)) return encode_fp8_cpu(flat, block, seed);
+  const int64_t n = flat.numel();
+  const at::Tensor tiles = as_tiles(flat.contiguous(), block);
+  const at::Tensor amax = tiles.abs().amax(1);
+  const at::Tensor scale = at::where(amax > 0, amax / kE4m3Max, at::ones_like(amax));  // a NaN tile's amax fails "> 0": 1
+  const at::Tensor scaled = (tiles / scale.unsqueeze(1)).reshape({-1}).narrow(0, 0, n).contiguous();
+  const at::Tensor noise = hash_bits16(n, seed, flat.options());
+  const at::Tensor a = scaled.abs().clamp_max(kE4m3Max);
+  const at::Tensor finite = at::where(at::isnan(a), at::zeros_like(a), a);
+  const at::Tensor normal =
+      finite.view(at::kInt).to(at::kLong).add(noise.mul(16)).bitwise_right_shift(20).bitwise_left_shift(20).to(at::kInt).view(at::kFloat);
+  const at::Tensor subnormal = at::floor(finite * 512.0 + noise.to(at::kFloat) * (1.0 / 65536.0)) * (1.0 / 512.0);
+  at::Tensor value = at::where(finite < 0.015625, subnormal, normal);
+  value = at::where(at::isnan(a), a, value);
+  value = at::where(at::signbit(scaled), -value, value);
+  return {value.to(at::kFloat8_e4m3fn).view(at::kByte).contiguous(), scale.reshape({1, -1}).contiguous()};
 }
 
 // CPU tensors take one fused pass (encode_fp6_cpu), others this composition.
@@ -506,7 +554,7 @@ void LowPrecisionTensor::store(const at::Tensor& value) {
     case StorageDtype::kFp8: {
       const at::Tensor flat = (sqrt_transform_ ? v.clamp_min(0).sqrt() : v).reshape({-1});
       if (fused_on_cpu(flat)) {
-        std::tie(data_, scales_) = encode_fp8_cpu(flat, block_size_);
+        std::tie(data_, scales_) = encode_fp8_cpu(flat, block_size_, std::nullopt);
         break;
       }
       const BlockQuantized q = quantize_blocks(flat, state_tiles(block_size_));
@@ -556,8 +604,11 @@ void LowPrecisionTensor::store_stochastic(const at::Tensor& value, uint32_t seed
     } else {
       std::tie(data_, scales_, tensor_scale_) = encode_nvfp4(flat, seed);
     }
+  } else if (dtype_ == StorageDtype::kFp8) {
+    const at::Tensor v = value.to(at::kFloat);
+    std::tie(data_, scales_) = encode_fp8_stochastic((sqrt_transform_ ? v.clamp_min(0).sqrt() : v).reshape({-1}), block_size_, seed);
   } else {
-    throw std::logic_error("stochastic rounding stores BF16, FP4 and NVFP4 only");
+    throw std::logic_error("stochastic rounding stores BF16, FP8, FP4 and NVFP4 only");
   }
 }
 

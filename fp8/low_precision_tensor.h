@@ -49,12 +49,15 @@ class LowPrecisionTensor {
                      c10::Device device = c10::kCPU);
 
   void store(const at::Tensor& value);  // any float tensor of the shape
-  // BF16, FP4 and NVFP4 only: stochastic rounding (each value rounds up with the
+  // BF16, FP8, FP4 and NVFP4 only: stochastic rounding (each value rounds up with the
   // probability of its distance from the lower neighbour, so small updates
   // survive on average and the stored value is unbiased), the noise a hash of
   // seed and the element's index: the same seed stores the same bits
-  // (reproducible, bit-exact on resume), with no state to keep. (FP4 rounds the
-  // value over its tile's scale.)
+  // (reproducible, bit-exact on resume), with no state to keep. (FP8, FP4 and
+  // NVFP4 round the value over its tile's scale; FP8 with the square-root
+  // transform rounds the square root, unbiased there. Rounded to nearest, a
+  // value that moved less than half a step keeps its old code, so a second
+  // moment whose gradients shrink stays too large.)
   void store_stochastic(const at::Tensor& value, uint32_t seed);
   // FP32, the shape. FP32 storage returns the stored tensor itself (a caller may
   // update it in place; storing it back then costs nothing), every other dtype a
@@ -66,7 +69,7 @@ class LowPrecisionTensor {
   // value rounded stochastically to BF16 (returned in BF16), as store_stochastic does.
   static at::Tensor stochastic_round_bf16(const at::Tensor& value, uint32_t seed);
   // value as it reads back after a store in dtype (for gradients kept in a narrow
-  // dtype); with a seed, after store_stochastic (BF16, FP4 and NVFP4).
+  // dtype); with a seed, after store_stochastic (BF16, FP8, FP4 and NVFP4).
   // With a rotation_seed (FP4 and NVFP4 only), each 16-value tile of the flattened
   // value is rotated first by a random Hadamard transform (the 16 x 16 Sylvester
   // matrix / 4, its rows' signs drawn from the seed) and rotated back after the

@@ -296,7 +296,11 @@ void Optimizer::step_stored(double lr, double bias_correction1, double bias_corr
       if (group.weight_decay > 0) master.mul_(1.0 - lr * group.weight_decay);
       master.addcdiv_(m, v.sqrt().div_(std::sqrt(bias_correction2)).add_(config_.eps), -lr / bias_correction1);
       exp_avg_[i].store(m);
-      exp_avg_sq_[i].store(v);
+      if (config_.exp_avg_sq_stochastic_rounding) {
+        exp_avg_sq_[i].store_stochastic(v, rounding_seed(i, 0xC2B2AE35u));
+      } else {
+        exp_avg_sq_[i].store(v);
+      }
       if (!master_.empty()) {
         store_master(i, master);
         param.copy_(master_[i].load());

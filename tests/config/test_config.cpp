@@ -79,6 +79,10 @@ TEST(Config, RangesAreValidated) {
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: int4\n"),
             "run.yaml: optimizer.grad_dtype: must be fp32, bf16, fp8, fp6, fp4 or nvfp4, got 'int4'");
   EXPECT_EQ(parse_config("optimizer:\n  grad_dtype: fp6\n", "run.yaml").optimizer.grad_dtype, "fp6");  // AdamW too
+  EXPECT_TRUE(parse_config("optimizer:\n  exp_avg_sq_dtype: fp8\n  exp_avg_sq_stochastic_rounding: true\n", "run.yaml")
+                  .optimizer.exp_avg_sq_stochastic_rounding);
+  EXPECT_EQ(error_of("optimizer:\n  exp_avg_sq_dtype: bf16\n  exp_avg_sq_stochastic_rounding: true\n"),
+            "run.yaml: optimizer.exp_avg_sq_stochastic_rounding: rounds fp8 second moments; exp_avg_sq_dtype is 'bf16'");
   EXPECT_EQ(error_of("optimizer:\n  grad_dtype: fp6\n  grad_hadamard: true\n"),
             "run.yaml: optimizer.grad_hadamard: rotates fp4 and nvfp4 gradients; grad_dtype is 'fp6'");
   EXPECT_EQ(parse_config("optimizer:\n  name: muon\n  grad_dtype: nvfp4\n", "run.yaml").optimizer.grad_dtype, "nvfp4");

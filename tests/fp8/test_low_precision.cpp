@@ -202,9 +202,11 @@ TEST(LowPrecisionTensor, Fp4StochasticRoundingIsUnbiasedAndSeeded) {
   EXPECT_TRUE(at::equal(neg, -r));
   const at::Tensor on_grid = at::tensor({6.0f, -4.0f, 3.0f, 1.5f, 0.5f, 0.0f});
   EXPECT_TRUE(at::equal(LowPrecisionTensor::round_trip(on_grid, StorageDtype::kFp4, 128, 3u), on_grid));
-  // FP8 has no stochastic store.
-  LowPrecisionTensor fp8_state(v.sizes(), StorageDtype::kFp8);
-  EXPECT_THROW(fp8_state.store_stochastic(v, 1), std::logic_error);
+  // FP6 and FP16 have no stochastic store.
+  for (StorageDtype dtype : {StorageDtype::kFp6, StorageDtype::kFp16}) {
+    LowPrecisionTensor state(v.sizes(), dtype);
+    EXPECT_THROW(state.store_stochastic(v, 1), std::logic_error) << storage_dtype_name(dtype);
+  }
 }
 
 TEST(LowPrecisionTensor, Fp6IsE2M3In32ValueTilesWithPowerOfTwoScalesRoundedUp) {
@@ -380,7 +382,7 @@ TEST(LowPrecisionTensor, Nvfp4HadamardRotationTurnsNearestRoundingsBiasIntoNoise
 TEST(LowPrecisionTensor, CpuKernelsStoreTheCompositionsBits) {
   // The fused CPU passes and the tensor composition (what CUDA runs) store the same codes and
   // read back the same values: FP4 and NVFP4 to nearest and stochastically, FP6 to nearest, BF16 stochastically,
-  // FP8 (E4M3 in 1 x 128 tiles, and its square-root form for second moments),
+  // FP8 (E4M3 in 1 x 128 tiles, and its square-root form for second moments) to nearest and stochastically,
   // over an odd count with a zero tile, values on the grids and at their midpoints (FP4's, then
   // FP6's ties), a wide spread of sizes, and tiles at FP32's extremes (max-abs near FLT_MAX,
   // scales of 2^126 and 2^-126, subnormals).
@@ -408,7 +410,8 @@ TEST(LowPrecisionTensor, CpuKernelsStoreTheCompositionsBits) {
   };
   for (const Case& c : {Case{StorageDtype::kFp4, std::nullopt}, Case{StorageDtype::kFp4, 77u}, Case{StorageDtype::kNvfp4, std::nullopt},
                         Case{StorageDtype::kNvfp4, 77u}, Case{StorageDtype::kFp6, std::nullopt}, Case{StorageDtype::kBf16, 77u},
-                        Case{StorageDtype::kFp8, std::nullopt}, Case{StorageDtype::kFp8, std::nullopt, true}}) {
+                        Case{StorageDtype::kFp8, std::nullopt}, Case{StorageDtype::kFp8, std::nullopt, true},
+                        Case{StorageDtype::kFp8, 77u}, Case{StorageDtype::kFp8, 77u, true}}) {
     {
       const auto [dtype, seed, sqrt_transform] = c;
       const auto stored = [&](bool tensor_ops) {
@@ -436,18 +439,70 @@ TEST(LowPrecisionTensor, CpuKernelsStoreTheCompositionsBits) {
   at::Tensor with_nan = v.narrow(0, 0, 256).clone();
   with_nan[5] = std::numeric_limits<float>::quiet_NaN();
   with_nan[200] = -std::numeric_limits<float>::quiet_NaN();
-  std::map<std::string, at::Tensor> parts[2];
-  for (const bool tensor_ops : {false, true}) {
-    use_codec_tensor_ops_on_cpu(tensor_ops);
-    LowPrecisionTensor t(with_nan.sizes(), StorageDtype::kFp8);
-    t.store(with_nan);
-    parts[tensor_ops ? 1 : 0] = t.parts();
-    use_codec_tensor_ops_on_cpu(false);
+  for (const bool stochastic : {false, true}) {
+    std::map<std::string, at::Tensor> parts[2];
+    for (const bool tensor_ops : {false, true}) {
+      use_codec_tensor_ops_on_cpu(tensor_ops);
+      LowPrecisionTensor t(with_nan.sizes(), StorageDtype::kFp8);
+      if (stochastic) {
+        t.store_stochastic(with_nan, 5);
+      } else {
+        t.store(with_nan);
+      }
+      parts[tensor_ops ? 1 : 0] = t.parts();
+      use_codec_tensor_ops_on_cpu(false);
+    }
+    EXPECT_TRUE(at::equal(parts[0].at("data"), parts[1].at("data"))) << stochastic;
+    EXPECT_TRUE(at::equal(parts[0].at("scales"), parts[1].at("scales"))) << stochastic;
+    EXPECT_EQ(parts[0].at("data")[5].item<uint8_t>(), 0x7F) << stochastic;
+    EXPECT_EQ(parts[0].at("data")[200].item<uint8_t>(), 0xFF) << stochastic;
   }
-  EXPECT_TRUE(at::equal(parts[0].at("data"), parts[1].at("data")));
-  EXPECT_TRUE(at::equal(parts[0].at("scales"), parts[1].at("scales")));
-  EXPECT_EQ(parts[0].at("data")[5].item<uint8_t>(), 0x7F);
-  EXPECT_EQ(parts[0].at("data")[200].item<uint8_t>(), 0xFF);
+}
+
+TEST(LowPrecisionTensor, Fp8StochasticRoundingIsUnbiasedAndKeepsShrinkingSecondMomentsRight) {
+  // Tiles of scale 1 (max-abs 448): 1 + 2^-5 lies a quarter of the way from E4M3's 1 to
+  // 1.125, and 2^-10 half way from 0 to the smallest subnormal 2^-9.
+  at::Tensor v = at::full({2000, 128}, 1.0 + std::ldexp(1.0, -5), at::kFloat);
+  v.select(1, 0).fill_(448.0);
+  v.narrow(1, 64, 64).fill_(std::ldexp(1.0, -10));
+  v.narrow(1, 96, 32).neg_();
+  LowPrecisionTensor t(v.sizes(), StorageDtype::kFp8);
+  t.store_stochastic(v, 3);
+  const at::Tensor r = t.load().to(at::kDouble);
+  EXPECT_TRUE(at::equal(r.select(1, 0), v.select(1, 0).to(at::kDouble)));  // values on the grid stay
+  const at::Tensor normal = r.narrow(1, 1, 63), subnormal = r.narrow(1, 64, 32), negative = r.narrow(1, 96, 32);
+  EXPECT_TRUE(at::logical_or(normal == 1.0, normal == 1.125).all().item<bool>());
+  EXPECT_NEAR((normal == 1.125).to(at::kDouble).mean().item<double>(), 0.25, 0.005);
+  EXPECT_NEAR(normal.mean().item<double>(), 1.0 + std::ldexp(1.0, -5), 1e-3);
+  EXPECT_TRUE(at::logical_or(subnormal == 0.0, subnormal == std::ldexp(1.0, -9)).all().item<bool>());
+  EXPECT_NEAR(subnormal.mean().item<double>(), std::ldexp(1.0, -10), std::ldexp(1.0, -15));
+  EXPECT_NEAR(negative.mean().item<double>(), -std::ldexp(1.0, -10), std::ldexp(1.0, -15));
+  t.store(v);
+  EXPECT_TRUE((t.load().narrow(1, 1, 63) == 1.0).all().item<bool>());  // to nearest: every one down, biased by 2^-5
+  // The same seed stores the same bits, another seed other bits.
+  LowPrecisionTensor again(v.sizes(), StorageDtype::kFp8), other(v.sizes(), StorageDtype::kFp8);
+  again.store_stochastic(v, 3);
+  other.store_stochastic(v, 4);
+  EXPECT_TRUE(at::equal(again.load(), r.to(at::kFloat)));
+  EXPECT_FALSE(at::equal(other.load(), r.to(at::kFloat)));
+
+  // A second moment (stored as its square root) whose gradients shrink 3x over 300 steps of
+  // v = 0.95 v + 0.05 g^2: rounded to nearest, a root that moved less than half a step keeps
+  // its code, so the stored moment ends well above FP32's; rounded stochastically it follows it.
+  torch::manual_seed(4);
+  const int64_t n = 128 * 64;
+  at::Tensor exact = at::zeros({n}), nearest_v = at::zeros({n}), stochastic_v = at::zeros({n});
+  LowPrecisionTensor nearest(exact.sizes(), StorageDtype::kFp8, 128, true), stochastic(exact.sizes(), StorageDtype::kFp8, 128, true);
+  for (int step = 0; step < 300; ++step) {
+    const at::Tensor g = at::randn({n}) * (1.0 - 2.0 / 3.0 * step / 300.0);
+    exact = exact * 0.95 + g * g * 0.05;
+    nearest.store(nearest.load() * 0.95 + g * g * 0.05);
+    stochastic.store_stochastic(stochastic.load() * 0.95 + g * g * 0.05, static_cast<uint32_t>(step));
+  }
+  const double nearest_ratio = (nearest.load() / exact).median().item<double>();
+  const double stochastic_ratio = (stochastic.load() / exact).median().item<double>();
+  EXPECT_GT(nearest_ratio, 1.1);
+  EXPECT_NEAR(stochastic_ratio, 1.0, 0.02);
 }
 
 }  // namespace
