@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The optimizer study of docs/optimizer.md: one config trained eleven ways from the
+# The optimizer study of docs/optimizer.md: one config trained eighteen ways from the
 # same seed and data, at equal steps: AdamW with FP32 state (the reference),
 # AdamW at 5.09 bytes per parameter (FP16 master, FP8 gradients and moments),
 # Muon with FP32 state, Muon with BF16 master weights (stochastic rounding) and
@@ -8,7 +8,12 @@
 # NVFP4's 1 x 16 tiles with E4M3 scales, also rounded to nearest, and to
 # nearest after a random Hadamard rotation of each tile): under 4 bytes per
 # parameter; and with every gradient in FP6 (E2M3 in 1 x 32 tiles, to
-# nearest), then the first moments (Muon's momentum) too. And Muon FP32 once more with a schedule SHORT (0.8) times
+# nearest), then the first moments (Muon's momentum) too, with BF16 master weights and with
+# FP32 ones (which part of the small state's gap is the master's), and with one
+# state in low precision at a time beside an FP32 master (FP6 gradients, FP6
+# momentum, FP8 second moments: which of them costs the loss), and FP6 state with
+# the AdamW parameters' second moments in BF16 instead of FP8, or in FP8 rounded
+# stochastically (muon_fp6_sr; adamw_5_bytes_sr the same for AdamW's recipe). And Muon FP32 once more with a schedule SHORT (0.8) times
 # as long: whether it reaches AdamW FP32's final loss in that fraction of its
 # tokens when its learning rate decays over them (a run that decays over the
 # full length is still at a high rate at 0.8x, so its curve understates this).
@@ -55,9 +60,17 @@ declare -A runs=(
   [muon_nvfp4_hadamard]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=nvfp4 --set optimizer.grad_stochastic_rounding=false --set optimizer.grad_hadamard=true"
   [muon_fp6_grads]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp6"
   [muon_fp6]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp6 --set optimizer.exp_avg_dtype=fp6"
+  [muon_fp6_fp32_master]="${MUON[*]} ${SMALL[*]} --set optimizer.grad_dtype=fp6 --set optimizer.exp_avg_dtype=fp6"
+  [muon_fp32_fp6_grads_only]="${MUON[*]} --set optimizer.grad_dtype=fp6"
+  [muon_fp32_fp6_momentum_only]="${MUON[*]} --set optimizer.exp_avg_dtype=fp6"
+  [muon_fp32_fp8_second_moments_only]="${MUON[*]} --set optimizer.exp_avg_sq_dtype=fp8"
+  [muon_fp6_bf16_second_moments]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true --set optimizer.grad_dtype=fp6 --set optimizer.exp_avg_dtype=fp6 --set optimizer.exp_avg_sq_dtype=bf16"
+  [muon_fp6_sr]="${MUON[*]} --set optimizer.main_params_dtype=bf16 --set optimizer.stochastic_rounding=true ${SMALL[*]} --set optimizer.grad_dtype=fp6 --set optimizer.exp_avg_dtype=fp6 --set optimizer.exp_avg_sq_stochastic_rounding=true"
+  [adamw_5_bytes_sr]="--set optimizer.main_params_dtype=fp16 ${SMALL[*]} --set optimizer.exp_avg_sq_stochastic_rounding=true"
 )
 order=(adamw_fp32 adamw_5_bytes muon_fp32 muon_fp32_short muon_small muon_fp4_grads muon_nvfp4_grads muon_nvfp4_nearest muon_nvfp4_hadamard
-       muon_fp6_grads muon_fp6)
+       muon_fp6_grads muon_fp6 muon_fp6_fp32_master muon_fp32_fp6_grads_only muon_fp32_fp6_momentum_only
+       muon_fp32_fp8_second_moments_only muon_fp6_bf16_second_moments muon_fp6_sr adamw_5_bytes_sr)
 for run in "${order[@]}"; do
   [ -n "${ONLY:-}" ] && [ "$ONLY" != "$run" ] && continue
   echo "== $NAME $run" >&2
@@ -76,7 +89,9 @@ rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in na
 rows = {n: lines[:max(i + 1 for i, l in enumerate(lines) if "val_loss" in l)] for n, lines in rows.items() if any("val_loss" in l for l in lines)}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
 ref_tokens = rows["adamw_fp32"][-1]["tokens_seen"] if "adamw_fp32" in rows else None
-own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32", "muon_fp6_grads": "muon_fp32", "muon_fp6": "muon_fp32"}
+own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32", "muon_fp6_grads": "muon_fp32", "muon_fp6": "muon_fp32", "muon_fp6_fp32_master": "muon_fp32",
+       "muon_fp32_fp6_grads_only": "muon_fp32", "muon_fp32_fp6_momentum_only": "muon_fp32", "muon_fp32_fp8_second_moments_only": "muon_fp32",
+       "muon_fp6_bf16_second_moments": "muon_fp32", "muon_fp6_sr": "muon_fp32", "adamw_5_bytes_sr": "adamw_fp32"}
 print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
 print("|---|---|---|---|---|---|")
 for name, lines in rows.items():
