@@ -19,6 +19,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace fmoe::fp8 {
 
@@ -86,6 +87,8 @@ class LowPrecisionTensor {
   void restore(const std::map<std::string, at::Tensor>& parts, const std::string& source);
 
  private:
+  at::Tensor fp8_input(const at::Tensor& v) const;  // what FP8 codes: v (or its square root), flattened
+
   std::vector<int64_t> shape_;
   StorageDtype dtype_ = StorageDtype::kFp32;
   int64_t block_size_ = 128;

@@ -251,7 +251,7 @@ void Optimizer::step_muon(double lr) {
     at::Tensor master = master_.empty() ? param : master_[i].load();  // updated in place, stored below
     if (config_.weight_decay > 0) master.mul_(1.0 - lr * config_.weight_decay);
     master.add_(updates[i], -lr);
-    if (exp_avg_[i].dtype() != fp8::StorageDtype::kFp32) exp_avg_[i].store(momenta[i]);
+    exp_avg_[i].store(momenta[i]);  // FP32: momenta[i] is the stored tensor, updated in place (no copy)
     if (!master_.empty()) {
       store_master(i, master);
       param.copy_(master_[i].load());

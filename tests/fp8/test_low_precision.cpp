@@ -491,7 +491,7 @@ TEST(LowPrecisionTensor, Fp8StochasticRoundingIsUnbiasedAndKeepsShrinkingSecondM
   // its code, so the stored moment ends well above FP32's; rounded stochastically it follows it.
   torch::manual_seed(4);
   const int64_t n = 128 * 64;
-  at::Tensor exact = at::zeros({n}), nearest_v = at::zeros({n}), stochastic_v = at::zeros({n});
+  at::Tensor exact = at::zeros({n});
   LowPrecisionTensor nearest(exact.sizes(), StorageDtype::kFp8, 128, true), stochastic(exact.sizes(), StorageDtype::kFp8, 128, true);
   for (int step = 0; step < 300; ++step) {
     const at::Tensor g = at::randn({n}) * (1.0 - 2.0 / 3.0 * step / 300.0);

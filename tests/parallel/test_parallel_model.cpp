@@ -176,7 +176,9 @@ TEST_P(ParallelModel, OneStepGradientsAndTwentyStepLossesMatchOneProcess) {
       } else {
         sync.sync();
         // Buckets of the last layers start reducing while backward still runs.
-        if (dp > 1) EXPECT_GT(sync.launched_in_backward(), 0);
+        if (dp > 1) {
+          EXPECT_GT(sync.launched_in_backward(), 0);
+        }
       }
       at::Tensor loss = out.loss.detach().clone().view({1});
       mesh.dp().all_reduce(loss, {parallel::ReduceOp::kAvg})->wait();

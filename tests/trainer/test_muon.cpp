@@ -62,14 +62,18 @@ TEST(Muon, NewtonSchulzKeepsTheDirectionsAndFlattensTheSpectrum) {
       // The quintic's coefficients leave singular values near, not at, 1; five
       // steps lift a direction by at most 3.4445^5 (about 480), so the smallest
       // of a spread spectrum stay below.
-      if (!spread) EXPECT_GE(s.min().item<double>(), 0.6);
+      if (!spread) {
+        EXPECT_GE(s.min().item<double>(), 0.6);
+      }
       EXPECT_LE(s.max().item<double>(), 1.25);
       // Along each direction of G, O's gain is its singular value's: O's component
       // U^T O V is close to diagonal.
       const at::Tensor in_basis = at::bmm(at::bmm(U.transpose(1, 2), O), Vh.transpose(1, 2));
       const at::Tensor off = in_basis - at::diag_embed(at::diagonal(in_basis, 0, 1, 2));
       EXPECT_LE(off.abs().max().item<double>(), 1e-3);
-      if (!spread) EXPECT_LE((O - polar).norm().item<double>() / polar.norm().item<double>(), 0.35);
+      if (!spread) {
+        EXPECT_LE((O - polar).norm().item<double>() / polar.norm().item<double>(), 0.35);
+      }
       // In BF16, as the run's GEMMs may be: the same result to BF16's precision.
       const at::Tensor O16 = newton_schulz(G, 5, at::kBFloat16);
       EXPECT_EQ(O16.scalar_type(), at::kFloat);
