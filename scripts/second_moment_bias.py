@@ -6,7 +6,10 @@ Emulates the optimizer's FP8 second-moment store (the square root of v, E4M3 in
 b2 = 0.95, against FP32, BF16 and the same FP8 store rounded stochastically. The
 gradients are Gaussian and shrink 3x over the run (dense), or reach each value
 with probability 0.05 a step (sparse, like a rare token's row). Prints the
-median of v_stored / v_fp32. Deterministic (seed 0); CPU PyTorch only.
+median of v_stored / v_fp32 (the bias of the moment), and the mean and the
+standard deviation over elements of sqrt(v_fp32 / v_stored), each element's
+AdamW step size over FP32's (its bias, and the noise the store adds to it).
+Deterministic (seed 0); CPU PyTorch only.
     python3 scripts/second_moment_bias.py
 """
 import torch
@@ -45,10 +48,11 @@ def run(kind, sparse):
         else:
             v = fp8_tiles(nxt, kind == "fp8_stochastic", gen)
     seen = v32 > 0
-    return (v[seen] / v32[seen]).median().item()
+    step = (v32[seen] / v[seen].clamp_min(1e-30)).sqrt()  # each element's step size over FP32's
+    return f"{(v[seen] / v32[seen]).median().item():.3f} | {step.mean().item():.3f} ± {step.std().item():.3f}"
 
 
-print("| store of v | dense, shrinking gradients | sparse gradients |")
-print("|---|---|---|")
+print("| store of v | dense: median v / v_fp32 | dense: step size / FP32's | sparse: median v / v_fp32 | sparse: step size / FP32's |")
+print("|---|---|---|---|---|")
 for kind in ("bf16", "fp8_nearest", "fp8_stochastic"):
-    print(f"| {kind} | {run(kind, False):.3f} | {run(kind, True):.3f} |")
+    print(f"| {kind} | {run(kind, False)} | {run(kind, True)} |")
