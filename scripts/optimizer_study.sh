@@ -89,14 +89,15 @@ rows = {n: [json.loads(l) for l in open(f"{out}/{n}/metrics.jsonl")] for n in na
 rows = {n: lines[:max(i + 1 for i, l in enumerate(lines) if "val_loss" in l)] for n, lines in rows.items() if any("val_loss" in l for l in lines)}
 ref = rows["adamw_fp32"][-1]["val_loss"] if "adamw_fp32" in rows else None
 ref_tokens = rows["adamw_fp32"][-1]["tokens_seen"] if "adamw_fp32" in rows else None
-own = {"adamw_5_bytes": "adamw_fp32", "muon_small": "muon_fp32", "muon_fp4_grads": "muon_fp32", "muon_nvfp4_grads": "muon_fp32", "muon_nvfp4_nearest": "muon_fp32", "muon_nvfp4_hadamard": "muon_fp32", "muon_fp6_grads": "muon_fp32", "muon_fp6": "muon_fp32", "muon_fp6_fp32_master": "muon_fp32",
-       "muon_fp32_fp6_grads_only": "muon_fp32", "muon_fp32_fp6_momentum_only": "muon_fp32", "muon_fp32_fp8_second_moments_only": "muon_fp32",
-       "muon_fp6_bf16_second_moments": "muon_fp32", "muon_fp6_sr": "muon_fp32", "adamw_5_bytes_sr": "adamw_fp32"}
+def own(name):  # each run's FP32 self: its optimizer's FP32 run (none for those and the shorter run)
+    if name in ("adamw_fp32", "muon_fp32", "muon_fp32_short"):
+        return None
+    return "adamw_fp32" if name.startswith("adamw") else "muon_fp32"
 print(f"| run | state B/param | final val loss | gap to its FP32 self | tokens to AdamW FP32's final loss | s/step |")
 print("|---|---|---|---|---|---|")
 for name, lines in rows.items():
     last = lines[-1]
-    base = own.get(name)
+    base = own(name)
     gap = f"{100 * (last['val_loss'] - rows[base][-1]['val_loss']) / rows[base][-1]['val_loss']:+.2f}%" if base in rows else "—"
     reach = next((l["tokens_seen"] for l in lines if "val_loss" in l and ref is not None and l["val_loss"] <= ref), None)
     reach_text = "not reached" if reach is None else f"{reach / 1e6:.3f}M ({reach / ref_tokens:.2f}x)"
