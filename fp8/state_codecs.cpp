@@ -379,7 +379,7 @@ inline uint8_t e4m3_code_stochastic(float v, uint32_t noise) {
 // tensor (E4M3, FP32 scale = max-abs / 448, 1 for a tile of zeros or one
 // holding a NaN; saturated at 448) in one pass a tile, the same bits:
 // {codes [n], scales [1, tiles]}. With a seed, rounded stochastically
-// (e4m3_code_stochastic, element i's noise hash16(i, seed)), as encode_fp8's
+// (e4m3_code_stochastic, element i's noise hash16(i, seed)), as encode_fp8_stochastic's
 // composition rounds it.
 std::pair<at::Tensor, at::Tensor> encode_fp8_cpu(const at::Tensor& flat, int64_t block, std::optional<uint32_t> seed) {
   const at::Tensor x = flat.contiguous();
